@@ -1,0 +1,171 @@
+"""Calibration: token samples, and a layer-by-layer walk that captures what methods need.
+
+The walk embeds the calibration samples once, then for each decoder layer: runs it on
+its inputs with hooks that record every quantized linear's input (and the keyword
+arguments of the modules AWQ re-runs), hands that to the method, and moves on with the
+layer's outputs as the next inputs. Only one layer's activations live at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import LowbitError
+from .models.families import Family, ScalingGroup, discover_groups
+
+
+def calib_samples(tokenizer, text: str, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` distinct, non-overlapping windows of ``seq_len`` tokens, chosen at random (seeded)."""
+    if n_samples < 1 or seq_len < 2:
+        raise LowbitError(f"need at least 1 calibration sample of 2+ tokens, got {n_samples} x {seq_len}")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n_windows = ids.numel() // seq_len
+    if n_windows < n_samples:
+        raise LowbitError(
+            f"calibration text has {ids.numel()} tokens: enough for {n_windows} samples of {seq_len}, "
+            f"but {n_samples} were requested; use a longer --calib-data or fewer --calib-samples"
+        )
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_windows, generator=g)[:n_samples].sort().values
+    return ids[: n_windows * seq_len].view(n_windows, seq_len)[pick].clone()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _main_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _static_kwargs(kwargs: dict) -> dict:
+    """Arguments that are the same for every sample batch (positions, masks), minus caches."""
+    drop = {"hidden_states", "past_key_value", "past_key_values", "use_cache", "output_attentions"}
+    return {k: v for k, v in kwargs.items() if k not in drop}
+
+
+@torch.no_grad()
+def first_layer_inputs(model: nn.Module, family: Family, samples: torch.Tensor, batch_size: int = 16):
+    """Hidden states entering the first decoder layer, and that layer's keyword arguments."""
+    layers = model.get_submodule(family.layers)
+    captured: list[torch.Tensor] = []
+    kwargs_box: dict = {}
+
+    def hook(_m, args, kwargs):
+        captured.append(_main_input(args, kwargs).detach())
+        if not kwargs_box:
+            kwargs_box.update(_static_kwargs(kwargs))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in samples.split(batch_size):
+            try:
+                model(batch.to(_device(model)), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured), kwargs_box
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _output(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+@dataclass
+class LayerContext:
+    """What a method sees of one decoder layer during calibration."""
+
+    index: int
+    layer: nn.Module
+    inputs: torch.Tensor  # [n_samples, seq_len, hidden] entering the layer
+    layer_kwargs: dict
+    linear_inputs: dict[str, torch.Tensor]  # quantized linear name -> its input [n, seq, in]
+    module_kwargs: dict[str, dict]  # inspected module -> static keyword arguments
+    groups: tuple[ScalingGroup, ...]
+    batch_size: int = 16
+    _cache: dict = field(default_factory=dict)
+
+    def run(self, module_name: str, x: torch.Tensor) -> torch.Tensor:
+        """Output of a submodule of the layer on ``x``, batched to bound memory."""
+        mod = self.layer.get_submodule(module_name) if module_name else self.layer
+        kw = self.module_kwargs.get(module_name, {})
+        return torch.cat([_output(mod(xb, **kw)) for xb in x.split(self.batch_size)])
+
+
+@torch.no_grad()
+def walk_layers(
+    model: nn.Module,
+    family: Family,
+    samples: torch.Tensor,
+    process: Callable[[LayerContext], None],
+    *,
+    batch_size: int = 16,
+    propagate: str = "float",
+    desc: str = "calibrating",
+) -> None:
+    """Call ``process`` on each decoder layer with its captured calibration inputs.
+
+    ``propagate="float"`` feeds the next layer with this layer's outputs before ``process``
+    changed it (llm-awq's choice); ``"quantized"`` recomputes them afterwards (GPTQ's).
+    """
+    hidden, layer_kwargs = first_layer_inputs(model, family, samples, batch_size)
+    layers = model.get_submodule(family.layers)
+    groups = family.groups
+    for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", leave=False)):
+        if not groups and family.name.startswith("discovered"):
+            groups = discover_groups(layer, family.linears, lambda: layer(hidden[:1], **layer_kwargs))
+        sources: dict[int, tuple[str, torch.Tensor]] = {}  # tensor id -> first linear given it (kept alive)
+        alias: dict[str, str] = {}
+        chunks: dict[str, list[torch.Tensor]] = {}
+        module_kwargs: dict[str, dict] = {}
+
+        def linear_hook(name):
+            def hook(_m, args):
+                x = args[0]
+                first = sources.setdefault(id(x), (name, x))[0]
+                alias[name] = first
+                if first == name:
+                    chunks.setdefault(name, []).append(x.detach())
+
+            return hook
+
+        def kwargs_hook(name):
+            def hook(_m, args, kwargs):
+                if name not in module_kwargs:
+                    module_kwargs[name] = _static_kwargs(kwargs)
+
+            return hook
+
+        handles = [layer.get_submodule(n).register_forward_pre_hook(linear_hook(n)) for n in family.linears]
+        handles += [
+            layer.get_submodule(g.inspect).register_forward_pre_hook(kwargs_hook(g.inspect), with_kwargs=True)
+            for g in groups
+        ]
+        outs = []
+        try:
+            for xb in hidden.split(batch_size):
+                sources.clear()
+                outs.append(_output(layer(xb, **layer_kwargs)))
+        finally:
+            for h in handles:
+                h.remove()
+        feats = {n: torch.cat(c) for n, c in chunks.items()}
+        linear_inputs = {n: feats[alias[n]] for n in family.linears if n in alias}
+        ctx = LayerContext(index, layer, hidden, layer_kwargs, linear_inputs, module_kwargs, groups, batch_size)
+        process(ctx)
+        del ctx, feats, linear_inputs
+        if propagate == "quantized":
+            hidden = torch.cat([_output(layer(xb, **layer_kwargs)) for xb in hidden.split(batch_size)])
+        else:
+            hidden = torch.cat(outs)
+        del outs

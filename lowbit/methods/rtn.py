@@ -1,0 +1,28 @@
+"""Round-to-nearest: every quantized linear rounded on its own grid, no data needed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..quantizer import QuantSpec, fake_quantize
+from .base import QuantReport, prepare
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    spec: QuantSpec
+
+
+@torch.no_grad()
+def round_linears(linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
+    """Replace each linear's weight by its fake-quantized value, in place."""
+    for lin in linears.values():
+        lin.weight.copy_(fake_quantize(lin.weight, spec))
+
+
+def apply_rtn(model: nn.Module, config: RTNConfig, calib=None) -> QuantReport:
+    _, linears = prepare(model, config.spec)
+    round_linears(linears, config.spec)
+    return QuantReport("rtn", config.spec, config.spec.bits_per_weight(), info={"linears": len(linears)})

@@ -1,0 +1,45 @@
+"""The quantizable linears of a model, and checks that a spec can be applied to them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from ..quantizer import QuantSpec, fitting_group_sizes
+from .families import Family
+
+
+def quantizable_linears(model: nn.Module, family: Family) -> dict[str, nn.Linear]:
+    """Full name -> module for every linear the family quantizes, layer by layer."""
+    layers = model.get_submodule(family.layers)
+    out = {}
+    for i, layer in enumerate(layers):
+        for rel in family.linears:
+            mod = layer.get_submodule(rel)
+            if not isinstance(mod, nn.Linear):
+                raise LowbitError(f"{family.layers}.{i}.{rel} is {type(mod).__name__}, not a Linear")
+            out[f"{family.layers}.{i}.{rel}"] = mod
+    return out
+
+
+def check_spec_fits(linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
+    """Refuse a group size that does not divide some layer's input width, naming them."""
+    bad = {n: m.in_features for n, m in linears.items() if not spec.fits(m.in_features)}
+    if not bad:
+        return
+    widths = sorted(set(m.in_features for m in linears.values()))
+    ok = sorted(set.intersection(*(set(fitting_group_sizes(w)) for w in widths)))
+    names = sorted({n.split(".")[-1] for n in bad})
+    raise LowbitError(
+        f"group size {spec.group_size} does not divide the input width of {len(bad)} layers "
+        f"({', '.join(names)}: width {', '.join(map(str, sorted(set(bad.values()))))}); "
+        f"group sizes that fit every layer: {', '.join(map(str, ok)) or 'none (use per-channel)'}"
+    )
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse NaN or infinite weights, naming the tensors that have them."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise LowbitError(f"non-finite (NaN or inf) weights in {', '.join(bad[:5])}{more}")
