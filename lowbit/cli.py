@@ -104,14 +104,16 @@ def _method_options(args, save_search: str | None = None):
     )
 
 
-def _session(args, with_eval: bool = True):
+def _session(args):
+    from .data import eval_text
     from .experiment import CalibOptions, Session
     from .models import load_model
 
+    text = eval_text(args.data, args.data_dir)  # bad data fails before the slow model load
     model, tok = load_model(args.model)
     calib = CalibOptions(args.calib_samples, args.calib_seq_len, args.seed, args.calib_data) \
         if hasattr(args, "calib_samples") else None
-    return Session(model, tok, data=args.data, data_dir=args.data_dir, seq_len=args.seq_len,
+    return Session(model, tok, text=text, data_dir=args.data_dir, seq_len=args.seq_len,
                    max_windows=args.max_windows, calib=calib)
 
 
@@ -134,9 +136,13 @@ RESULT_COLUMNS = [
 
 
 def cmd_eval(args) -> int:
+    from .experiment import make_config
+
     spec = None if args.method == "fp" else _spec(args)
+    opts = _method_options(args)
+    make_config(args.method, spec, opts)  # refuse bad options before the slow part
     session = _session(args)
-    result = session.run(args.method, spec, _method_options(args), progress=not args.json)
+    result = session.run(args.method, spec, opts, progress=not args.json)
     row = result.row()
     if args.json:
         print(json.dumps(row))
@@ -152,10 +158,13 @@ def cmd_quantize(args) -> int:
         raise LowbitError("lowbit quantize needs --save-search FILE (packed model export is not built yet)")
     if args.method != "awq":
         raise LowbitError("only --method awq has a search to save")
+    from .experiment import make_config
+
     check_writable(args.save_search, args.force)
+    opts = _method_options(args, save_search=args.save_search)
+    make_config(args.method, _spec(args), opts)
     session = _session(args)
-    result = session.run(args.method, _spec(args), _method_options(args, save_search=args.save_search),
-                         progress=not args.json)
+    result = session.run(args.method, _spec(args), opts, progress=not args.json)
     row = result.row()
     print(json.dumps(row) if args.json else _table([row], RESULT_COLUMNS))
     print(f"search saved to {args.save_search}", file=sys.stderr)
@@ -164,13 +173,18 @@ def cmd_quantize(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import COMPARE_METHODS, run_compare, save_chart
+    from .quantizer import QuantSpec
 
     methods = args.methods or list(COMPARE_METHODS)
     unknown = [m for m in methods if m not in COMPARE_METHODS]
     if unknown:
         raise LowbitError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(COMPARE_METHODS)}")
+    from .experiment import make_config
+
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    make_config("salient", QuantSpec(bits=args.bits[0]), _method_options(args))
+    make_config("awq", QuantSpec(bits=args.bits[0]), _method_options(args))
     session = _session(args)
     rows = run_compare(session, methods, args.bits, args.group_size, args.sym, _method_options(args),
                        log=lambda r: print(_table([r], RESULT_COLUMNS).splitlines()[-1], file=sys.stderr, flush=True))
@@ -190,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="quantize a model with one method and measure its perplexity")
     _add_model_args(p)
-    p.add_argument("--method", default="fp", help="fp, rtn, salient or awq (default fp)")
+    p.add_argument("--method", default="fp", choices=("fp", "rtn", "salient", "awq"),
+                   help="fp (no quantization), rtn, salient (keep some channels in FP) or awq (default fp)")
     _add_spec_args(p)
     _add_data_args(p)
     _add_method_args(p)
@@ -199,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="run a method and save its search (AWQ scales and clips)")
     _add_model_args(p)
-    p.add_argument("--method", default="awq", help="awq (default)")
+    p.add_argument("--method", default="awq", choices=("awq",), help="awq (default; the method with a search)")
     _add_spec_args(p)
     _add_data_args(p)
     _add_method_args(p)

@@ -55,6 +55,12 @@ def _from_hub(name: str, config: str | None, split: str, column: str = "text") -
             "no local data directory (set LOWBIT_DATA_DIR or --data-dir) and the `datasets` package "
             "is not installed to fetch it from the Hugging Face hub"
         ) from None
+    import logging
+
+    # The hub client logs every retry; the one message below says what went wrong.
+    for logger in ("huggingface_hub", "datasets", "fsspec"):
+        logging.getLogger(logger).setLevel(logging.CRITICAL)
+    datasets.logging.set_verbosity_error()
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the hub client raises many types for "offline"

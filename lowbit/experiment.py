@@ -95,12 +95,14 @@ class RunResult:
 class Session:
     """A loaded model with its float weights kept aside, so methods can be run one after another."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, data: str | None = None, data_dir: str | None = None,
+    def __init__(self, model: nn.Module, tokenizer, *, text: str | None = None, data_dir: str | None = None,
                  seq_len: int = 2048, max_windows: int | None = None, calib: CalibOptions | None = None):
+        """``text`` is the evaluation text (default: WikiText-2 test from ``data_dir`` or the hub)."""
         self.model = model
         self.tokenizer = tokenizer
         self.data_dir = data_dir
-        self.windows = tokenize_windows(tokenizer, eval_text(data, data_dir), seq_len, max_windows)
+        text = eval_text(None, data_dir) if text is None else text
+        self.windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
         self.calib_options = calib or CalibOptions()
         self._calib: torch.Tensor | None = None
         self._float_state = copy.deepcopy(model.state_dict())

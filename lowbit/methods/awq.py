@@ -36,7 +36,6 @@ class AWQConfig:
     clip_grid: int = 20
     max_shrink: float = 0.5  # smallest clip ratio tried is 1 - max_shrink
     search_samples: int = 32  # calibration sequences used to score α (statistics use all)
-    clip_tokens: int = 4096  # tokens used to score clip ratios
     load_search: str | None = None
     save_search: str | None = None
 
@@ -72,7 +71,7 @@ class AWQSearch:
 
     @classmethod
     def load(cls, path: str) -> "AWQSearch":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(path, framework="pt") as f:
@@ -80,7 +79,7 @@ class AWQSearch:
                 if raw is None:
                     raise LowbitError(f"{path} is not a lowbit AWQ search file")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, ValueError, RuntimeError) as e:  # safetensors reports bad files as these
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise LowbitError(f"cannot read search file {path}: {e}") from None
         meta = json.loads(raw)
         out = cls(alphas=meta.pop("alphas", {}), fallbacks=meta.pop("fallbacks", []), meta=meta)
@@ -159,15 +158,33 @@ def _tied_mean(x_mean: torch.Tensor, index: torch.Tensor, width: int) -> torch.T
     return (sums / counts.clamp(min=1))[index]
 
 
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X / T over all tokens: the mean squared output error of a weight change D is
+    sum((D @ G) * D) / out, so candidates can be scored on every token at the cost of one
+    [out, in] x [in, in] product instead of a pass over the data."""
+    xt = x.reshape(-1, x.shape[-1]).float()
+    return (xt.T @ xt) / xt.shape[0]
+
+
 @torch.no_grad()
 def search_scale(ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: torch.Tensor, width: int):
-    """Best α and its scale for ``group``; (None, None, reason) when no candidate is usable."""
+    """Best α and its scale for ``group``; (None, None, reason) when no candidate is usable.
+
+    A group whose inspected module is its single linear is scored exactly on all tokens
+    through the Gram matrix; other modules (attention, MLP) are re-run on
+    ``cfg.search_samples`` sequences.
+    """
     x = ctx.linear_inputs[group.linears[0]]
     x_mean = _tied_mean(x.abs().reshape(-1, x.shape[-1]).float().mean(0), index, width)
-    xs = x[: cfg.search_samples]
     linears = [ctx.layer.get_submodule(n) for n in group.linears]
     originals = [lin.weight.detach().clone() for lin in linears]
-    ref = ctx.run(group.inspect, xs)
+    single = len(linears) == 1 and group.inspect == group.linears[0]
+    if single:
+        g = gram(x)
+        w0 = originals[0].float()
+    else:
+        xs = x[: cfg.search_samples]
+        ref = ctx.run(group.inspect, xs)
     best = (math.inf, None, None)
     try:
         for i in range(cfg.n_grid):
@@ -176,9 +193,13 @@ def search_scale(ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: 
             s = s / (s.max() * s.min()).sqrt()
             if not torch.isfinite(s).all():
                 continue
-            for lin, w in zip(linears, originals):
-                lin.weight.copy_(fake_quantize(w * s, cfg.spec) / s)
-            loss = (ctx.run(group.inspect, xs) - ref).float().pow(2).mean().item()
+            if single:
+                d = fake_quantize(w0 * s, cfg.spec) / s - w0
+                loss = ((d @ g) * d).sum().item() / d.shape[0]
+            else:
+                for lin, w in zip(linears, originals):
+                    lin.weight.copy_(fake_quantize(w * s, cfg.spec) / s)
+                loss = (ctx.run(group.inspect, xs) - ref).float().pow(2).mean().item()
             if math.isfinite(loss) and loss < best[0]:
                 best = (loss, alpha, s)
     finally:
@@ -191,23 +212,25 @@ def search_scale(ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: 
 
 @torch.no_grad()
 def search_clip(lin: nn.Linear, x: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
-    """Per (output channel, group) shrink ratio of the range with the least output error."""
+    """Per (output channel, group) shrink ratio of the range with the least output error.
+
+    The error of group g of output o is d^T G_g d with G_g that group's input Gram matrix,
+    so every ratio is scored on all calibration tokens for O(out * in * group) work.
+    """
     spec = cfg.spec
     w = lin.weight.detach().float()
     out_f, in_f = w.shape
     gs = spec.group_size if spec.granularity == "group" else in_f
-    tokens = x.reshape(-1, in_f)
-    step = max(1, tokens.shape[0] // cfg.clip_tokens)
-    xt = tokens[::step][: cfg.clip_tokens].float().view(-1, in_f // gs, gs)  # [t, g, k]
+    xt = x.reshape(-1, in_f).float().view(-1, in_f // gs, gs)
+    grams = torch.einsum("tgk,tgl->gkl", xt, xt) / xt.shape[0]  # [groups, gs, gs]
     wg = w.view(out_f, in_f // gs, gs)
-    ref = torch.einsum("tgk,ogk->tog", xt, wg)
     n_steps = max(1, int(round(cfg.clip_grid * cfg.max_shrink)))
     best_err = torch.full((out_f, in_f // gs), math.inf)
     best_ratio = torch.ones(out_f, in_f // gs)
     for i in range(n_steps):
         ratio = 1.0 - i / cfg.clip_grid
-        wq = fake_quantize(w, spec, clip_ratio=ratio).view_as(wg)
-        err = (torch.einsum("tgk,ogk->tog", xt, wq) - ref).pow(2).mean(0)
+        d = fake_quantize(w, spec, clip_ratio=ratio).view_as(wg) - wg
+        err = torch.einsum("ogk,gkl,ogl->og", d, grams, d)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)

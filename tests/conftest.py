@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random Llama built here (no download) and the default model's paths."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if SHARED_DATA.is_dir():  # as the Makefile does, so subprocesses see the local copies too
+    os.environ.setdefault("LOWBIT_DATA_DIR", str(SHARED_DATA))
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 256):
+    """A randomly initialised Llama small enough to run many times a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = os.environ.get("LOWBIT_DATA_DIR") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
+    if d is None:
+        pytest.skip("no local data directory (set LOWBIT_DATA_DIR)")
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The default model and tokenizer, loaded once for the whole session (read-only use)."""
+    from lowbit.models import load_model
+
+    return load_model("smollm2-135m")

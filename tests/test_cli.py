@@ -1,0 +1,131 @@
+"""Every bad input gets one clear line on stderr and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+
+LOWBIT = [sys.executable, "-m", "lowbit.cli"]
+
+
+def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*LOWBIT, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "%|" not in l]
+    assert len(lines) == 1, proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["eval", "--w-bit", "9", "--method", "rtn"], ["bits must be from 2 to 8"]),
+    (["eval", "--w-bit", "1", "--method", "rtn"], ["bits must be from 2 to 8"]),
+    (["eval", "--max-windows", "0"], ["--max-windows", "at least 1"]),
+    (["eval", "--method", "magic"], ["invalid choice", "magic"]),
+    (["eval", "--method", "salient", "--salient-frac", "1.5"], ["--salient-frac must be in (0, 1)"]),
+    (["eval", "--method", "salient", "--salient-frac", "0"], ["--salient-frac must be in (0, 1)"]),
+    (["eval", "--method", "awq", "--n-grid", "0"], ["α grid needs at least 1 point"]),
+    (["eval", "--data", "/nonexistent/file.txt"], ["data file not found"]),
+    (["eval", "--model", "/nonexistent/model"], ["model path does not exist"]),
+    (["eval", "--model", "/nonexistent/model.gguf"], ["model file not found"]),
+    (["quantize", "--method", "awq"], ["needs --save-search"]),
+])
+def test_bad_input_fails_fast_with_one_line(args, fragments):
+    assert_clean_error(run(*args), *fragments)
+
+
+def test_non_utf8_data_file(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    assert_clean_error(run("eval", "--data", str(bad)), "not UTF-8")
+
+
+def test_hub_id_offline_says_so():
+    proc = run("eval", "--model", "some-org/some-model", env={"HF_HUB_OFFLINE": "1"})
+    assert_clean_error(proc, "some-org/some-model", "Offline?")
+
+
+def test_existing_search_file_is_not_overwritten(tmp_path):
+    target = tmp_path / "search.safetensors"
+    target.write_text("precious")
+    assert_clean_error(run("quantize", "--save-search", str(target)), "exists; pass --force")
+    assert target.read_text() == "precious"
+
+
+# ---- with a model on disk -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(default_model, tmp_path_factory) -> Path:
+    """The default model's tokenizer, saved once, so tiny checkpoints can be evaluated."""
+    _, tok = default_model
+    d = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(d)
+    return d
+
+
+def tiny_checkpoint(path: Path, tokenizer_dir: Path, nan_in: str | None = None) -> Path:
+    model = tiny_llama(vocab=49152, hidden=64)
+    if nan_in:
+        with torch.no_grad():
+            model.get_parameter(nan_in)[0, 0] = float("nan")
+    model.save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.mark.model
+def test_nan_weights_are_reported_by_layer(tmp_path, tokenizer_dir, data_dir):
+    ckpt = tiny_checkpoint(tmp_path / "nan", tokenizer_dir, nan_in="model.layers.1.mlp.up_proj.weight")
+    proc = run("eval", "--model", str(ckpt), "--method", "rtn", "--max-windows", "1", "--seq-len", "64")
+    assert_clean_error(proc, "non-finite", "model.layers.1.mlp.up_proj.weight")
+
+
+@pytest.mark.model
+def test_text_too_short_for_one_window(tmp_path, tokenizer_dir):
+    ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    assert_clean_error(run("eval", "--model", str(ckpt), "--data", str(short)), "fewer than one window of 2048")
+
+
+@pytest.mark.model
+def test_calibration_text_shorter_than_requested(tmp_path, tokenizer_dir, data_dir):
+    ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
+    short = tmp_path / "calib.txt"
+    short.write_text("A short calibration text. " * 50)
+    proc = run("eval", "--model", str(ckpt), "--method", "awq", "--calib-data", str(short), "--seq-len", "64",
+               "--max-windows", "1", "--group-size", "16")
+    assert_clean_error(proc, "calibration text has", "were requested")
+
+
+@pytest.mark.model
+def test_tiny_checkpoint_end_to_end_json(tmp_path, tokenizer_dir, data_dir):
+    ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
+    proc = run("eval", "--model", str(ckpt), "--method", "awq", "--w-bit", "4", "--group-size", "16",
+               "--calib-samples", "4", "--calib-seq-len", "64", "--n-grid", "3", "--seq-len", "128",
+               "--max-windows", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["method"] == "awq" and row["windows"] == 2 and row["tokens"] == 256
+    assert row["w_bit"] == 4 and row["group_size"] == 16 and row["ppl"] > 1
+
+
+@pytest.mark.model
+def test_group_size_that_does_not_divide_names_layers(data_dir):
+    proc = run("eval", "--method", "rtn", "--group-size", "128", "--max-windows", "1")
+    assert_clean_error(proc, "group size 128 does not divide", "q_proj", "width 576", "fit every layer: 16, 32, 64")

@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.errors import LowbitError
+from lowbit.quantizer import (
+    QuantSpec, decode, dequantize, encode, fake_quantize, fitting_group_sizes, qparams_from_range, quantize,
+)
+
+X = torch.tensor([1.1, 2.4, -0.3, 0.8])
+
+
+def test_lecture_symmetric_example():
+    """3 bits, symmetric, clip L=2: s = 2/3, q = [2, 3, 0, 1], x̂ = [1.33, 2.0, 0, 0.67]."""
+    spec = QuantSpec(bits=3, symmetric=True, granularity="tensor")
+    s, z = qparams_from_range(-2.0, 2.0, spec)
+    assert s.item() == pytest.approx(2 / 3)
+    q = encode(X, s, z, spec)
+    assert q.tolist() == [2, 3, 0, 1]
+    assert decode(q, s, z, spec).tolist() == pytest.approx([4 / 3, 2.0, 0.0, 2 / 3])
+
+
+def test_lecture_asymmetric_example():
+    """3 bits, asymmetric, clip [-0.5, 2]: s = 2.5/7, q = [4, 7, 1, 4], x̂ = s·q + min ≈ [0.93, 2.0, -0.14, 0.93]."""
+    spec = QuantSpec(bits=3, granularity="tensor", zero_point="float")
+    s, z = qparams_from_range(-0.5, 2.0, spec)
+    assert s.item() == pytest.approx(0.357, abs=1e-3)
+    q = encode(X, s, z, spec)
+    assert q.tolist() == [4, 7, 1, 4]
+    assert decode(q, s, z, spec).tolist() == pytest.approx([0.929, 2.0, -0.143, 0.929], abs=1e-3)
+
+
+def test_integer_zero_point_by_hand():
+    """Integer zero point: s = (max-min)/7, z = round(-min/s), q = clamp(round(x/s)+z, 0, 7)."""
+    spec = QuantSpec(bits=3, granularity="tensor")
+    qt = quantize(X, spec)
+    s = (2.4 + 0.3) / 7
+    z = round(0.3 / s)
+    expected = [min(7, max(0, round(v / s) + z)) for v in X.tolist()]
+    assert qt.scale.item() == pytest.approx(s)
+    assert qt.zero.item() == z
+    assert qt.q.tolist() == expected
+    assert dequantize(qt).tolist() == pytest.approx([(q - z) * s for q in expected], abs=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_codes_in_range_and_error_bounded(bits, sym, granularity):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 128)
+    spec = QuantSpec(bits=bits, symmetric=sym, granularity=granularity, group_size=32)
+    qt = quantize(w, spec)
+    assert qt.q.min() >= spec.qmin and qt.q.max() <= spec.qmax
+    err = (dequantize(qt) - w).abs()
+    n_groups = {"tensor": 1, "channel": 16, "group": 16 * 4}[granularity]
+    assert qt.scale.numel() == n_groups
+    half_step = qt.scale.max() / 2 + 1e-6
+    # inside the range every value is within half a step; asymmetric integer zero points shift by < 1 step
+    assert err.max() <= (half_step if sym else 2 * half_step)
+    assert torch.equal(fake_quantize(w, spec), dequantize(qt))
+
+
+def test_fake_quantize_is_idempotent_and_keeps_dtype():
+    w = torch.randn(8, 64, dtype=torch.bfloat16)
+    spec = QuantSpec(bits=4, group_size=16)
+    once = fake_quantize(w, spec)
+    assert once.dtype == torch.bfloat16 and once.shape == w.shape
+    assert torch.allclose(fake_quantize(once.float(), spec), once.float(), atol=1e-2)
+
+
+def test_more_bits_less_error():
+    w = torch.randn(64, 256)
+    errs = [(fake_quantize(w, QuantSpec(bits=b, group_size=64)) - w).pow(2).mean().item() for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+
+
+def test_clip_ratio_shrinks_range():
+    w = torch.linspace(-1, 1, 64).view(1, 64)
+    full = quantize(w, QuantSpec(bits=4, granularity="channel", symmetric=True))
+    clipped = quantize(w, QuantSpec(bits=4, granularity="channel", symmetric=True, clip_ratio=0.5))
+    assert clipped.scale.item() == pytest.approx(full.scale.item() / 2)
+    assert dequantize(clipped).abs().max() <= 0.5 + 1e-6
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=8, max_size=8), st.integers(2, 8))
+def test_dequantized_values_lie_on_the_grid(values, bits):
+    w = torch.tensor(values).view(1, 8)
+    spec = QuantSpec(bits=bits, granularity="channel")
+    qt = quantize(w, spec)
+    recon = dequantize(qt)
+    steps = (recon / qt.scale.view(1, 1)) + qt.zero.view(1, 1)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    assert (qt.q.float().sub(steps.round()).abs() < 1e-3).all()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"bits": 1}, "bits must be"), ({"bits": 9}, "bits must be"), ({"group_size": 0}, "group size"),
+    ({"clip_ratio": 0.0}, "clip ratio"), ({"granularity": "row"}, "granularity"),
+])
+def test_bad_specs_are_refused(kwargs, message):
+    with pytest.raises(LowbitError, match=message):
+        QuantSpec(**kwargs)
+
+
+def test_group_size_must_divide_width():
+    with pytest.raises(LowbitError, match="does not divide the input width 576; sizes that fit: 16, 32, 64"):
+        quantize(torch.randn(4, 576), QuantSpec(group_size=128))
+    assert fitting_group_sizes(1536) == [16, 32, 64, 128, 256, 512]
+
+
+def test_bits_per_weight_counts_scales_and_zeros():
+    assert QuantSpec(bits=3, group_size=64).bits_per_weight() == pytest.approx(3 + 19 / 64)
+    assert QuantSpec(bits=4, group_size=128, symmetric=True).bits_per_weight() == pytest.approx(4 + 16 / 128)
+    assert QuantSpec(bits=8, granularity="channel").bits_per_weight() == 8
+    assert math.isclose(QuantSpec(bits=4).qmax, 15) and QuantSpec(bits=4, symmetric=True).qmin == -7
