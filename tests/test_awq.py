@@ -180,3 +180,26 @@ def test_a_search_with_no_finite_candidate_falls_back_to_unit_scale():
     assert len(proc.found.fallbacks) == 2 and "mlp.up_proj" in proc.found.fallbacks[0]
     assert torch.equal(proc.found.scales["0.mlp.up_proj"], torch.ones(128))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_per_channel_spec_scores_each_row_on_its_own():
+    """The batched α scoring must keep per-channel parameters per row, not per candidate."""
+    model = make_salient(tiny_llama())
+    spec = QuantSpec(bits=3, granularity="channel")
+    report = quantize_(model, AWQConfig(spec, n_grid=6), samples(8, 32))
+    rtn = make_salient(tiny_llama())
+    quantize_(rtn, RTNConfig(spec))
+    ref = make_salient(tiny_llama())
+    held = samples(4, 64, seed=3)
+    assert logits_error(model, ref, held) < logits_error(rtn, ref, held)
+    assert len(report.info["alphas"]) == 8
+
+
+def test_architecture_without_groups_is_refused():
+    model = tiny_llama()
+    model.config.model_type = "normless"
+    for layer in model.model.layers:
+        layer.input_layernorm = torch.nn.Identity()
+        layer.post_attention_layernorm = torch.nn.Identity()
+    with pytest.raises(LowbitError, match="no scaling groups declared or found"):
+        quantize_(model, AWQConfig(SPEC3, n_grid=2), samples(4, 32))

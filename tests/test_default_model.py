@@ -14,7 +14,7 @@ FP_FIRST_WINDOW = 15.233
 @pytest.fixture(scope="module")
 def session(default_model, data_dir):
     model, tok = default_model
-    s = Session(model, tok, data_dir=str(data_dir), max_windows=1, calib=CalibOptions(samples=8, seq_len=256))
+    s = Session(model, tok, data_dir=str(data_dir), max_windows=1, calib=CalibOptions(samples=4, seq_len=128))
     yield s
     s.restore()
 
@@ -30,7 +30,7 @@ def test_fewer_bits_higher_perplexity_and_awq_beats_rtn_at_w3(session):
     w4 = session.run("rtn", QuantSpec(bits=4, group_size=64), progress=False).ppl
     w3 = session.run("rtn", QuantSpec(bits=3, group_size=64), progress=False).ppl
     assert w3 > w4 > fp
-    awq = session.run("awq", QuantSpec(bits=3, group_size=64), MethodOptions(n_grid=10, search_samples=8),
+    awq = session.run("awq", QuantSpec(bits=3, group_size=64), MethodOptions(n_grid=5, search_samples=2),
                       progress=False)
     assert awq.ppl < w3
     assert not awq.info["fallbacks"]

@@ -185,27 +185,29 @@ def search_scale(ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: 
     else:
         xs = x[: cfg.search_samples]
         ref = ctx.run(group.inspect, xs)
-    best = (math.inf, None, None)
+    alphas = torch.arange(cfg.n_grid, dtype=torch.float32) / cfg.n_grid
+    scales = x_mean[None, :].pow(alphas[:, None]).clamp(min=1e-4)  # [n_grid, in], all candidates
+    scales = scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()
+    losses = torch.full((cfg.n_grid,), math.inf)
     try:
-        for i in range(cfg.n_grid):
-            alpha = i / cfg.n_grid
-            s = x_mean.pow(alpha).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            if not torch.isfinite(s).all():
-                continue
-            if single:
-                d = fake_quantize(w0 * s, cfg.spec) / s - w0
-                loss = ((d @ g) * d).sum().item() / d.shape[0]
-            else:
+        if single:  # every candidate at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
+            scaled = (w0[None] * scales[:, None, :]).reshape(-1, w0.shape[1])  # rows keep their own groups
+            d = fake_quantize(scaled, cfg.spec).view(cfg.n_grid, *w0.shape) / scales[:, None, :] - w0[None]
+            losses = ((d @ g) * d).sum((1, 2)) / d.shape[1]
+        else:
+            for i, s in enumerate(scales):
+                if not torch.isfinite(s).all():
+                    continue
                 for lin, w in zip(linears, originals):
                     lin.weight.copy_(fake_quantize(w * s, cfg.spec) / s)
-                loss = (ctx.run(group.inspect, xs) - ref).float().pow(2).mean().item()
-            if math.isfinite(loss) and loss < best[0]:
-                best = (loss, alpha, s)
+                losses[i] = (ctx.run(group.inspect, xs) - ref).float().pow(2).mean()
     finally:
         for lin, w in zip(linears, originals):
             lin.weight.copy_(w)
-    if best[1] is None:
+    losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, math.inf))
+    k = int(losses.argmin())
+    best = (losses[k].item(), alphas[k].item(), scales[k])
+    if not math.isfinite(best[0]):
         return None, None, "every α gave a non-finite error"
     return best[1], best[2], None
 
@@ -270,6 +272,11 @@ class _AWQLayerProcessor:
 
     def __call__(self, ctx: LayerContext) -> None:
         cfg, layer = self.cfg, ctx.layer
+        if not ctx.groups:
+            raise LowbitError(
+                f"{self.family.name}: no scaling groups declared or found (no norm feeds the linears); "
+                "declare them in lowbit/models/families.py"
+            )
         self.groups = ctx.groups
         for group in ctx.groups:
             key = f"{ctx.index}.{group.prev}"
@@ -333,8 +340,6 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
         "groups": [[g.prev, list(g.linears), g.inspect] for g in processor.groups],
         "config": {k: v for k, v in vars(config).items() if k not in ("spec", "load_search", "save_search")},
     }
-    if not found.scales:
-        raise LowbitError(f"no scaling groups found in {family.name}; declare them in lowbit/models/families.py")
     if config.save_search:
         found.save(config.save_search)
     info = {"alphas": found.alphas, "fallbacks": found.fallbacks, "groups": len(found.scales)}
