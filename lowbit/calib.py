@@ -7,7 +7,7 @@ layer's outputs as the next inputs. Only one layer's activations live at a time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -93,7 +93,6 @@ class LayerContext:
     module_kwargs: dict[str, dict]  # inspected module -> static keyword arguments
     groups: tuple[ScalingGroup, ...]
     batch_size: int = 16
-    _cache: dict = field(default_factory=dict)
 
     def run(self, module_name: str, x: torch.Tensor) -> torch.Tensor:
         """Output of a submodule of the layer on ``x``, batched to bound memory."""

@@ -164,8 +164,10 @@ def cmd_quantize(args) -> int:
     opts = _method_options(args, save_search=args.save_search)
     make_config(args.method, _spec(args), opts)
     session = _session(args)
-    result = session.run(args.method, _spec(args), opts, progress=not args.json)
+    result = session.run(args.method, _spec(args), opts, progress=not args.json, evaluate=args.eval)
     row = result.row()
+    if not args.eval:
+        row = {k: v for k, v in row.items() if k not in ("ppl", "windows", "tokens", "eval_seconds")}
     print(json.dumps(row) if args.json else _table([row], RESULT_COLUMNS))
     print(f"search saved to {args.save_search}", file=sys.stderr)
     return 0
@@ -219,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_method_args(p)
     p.add_argument("--save-search", help="write the AWQ search (safetensors) to FILE")
+    p.add_argument("--eval", action="store_true", help="also measure perplexity of the result")
     p.add_argument("--force", action="store_true", help="overwrite existing output")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_quantize)

@@ -58,8 +58,8 @@ def save_chart(rows: list[dict], path: Path, title: str = "") -> Path:
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['ppl']:.1f}\n{r['bits_per_weight']:.2f} b/w",
                     ha="center", va="bottom", fontsize=8)
         if fp is not None:
-            ax.axhline(fp, ls="--", color="gray", lw=1)
-            ax.text(len(names) - 0.5, fp, f"FP {fp:.2f}", ha="right", va="bottom", fontsize=8, color="gray")
+            ax.axhline(fp, ls="--", color="gray", lw=1, label=f"FP {fp:.2f}")
+            ax.legend(loc="upper right", fontsize=8)
         ax.set_title(f"W{b} g{sel[0]['group_size'] or 'ch'}")
         ax.set_ylabel("perplexity (lower is better)")
         ax.set_ylim(0, max(ppl) * 1.2)

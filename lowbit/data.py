@@ -25,7 +25,7 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LowbitError(f"data file {p} is not UTF-8 text (byte {e.start}); convert it or pass another --data") from None
+        raise LowbitError(f"data file {p} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
     except OSError as e:
         raise LowbitError(f"cannot read data file {p}: {e.strerror}") from None
     return text.replace("\r\n", "\n")

@@ -5,6 +5,7 @@ The CLI and the benchmarks call these; they hold no parsing and no printing.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -118,8 +119,8 @@ class Session:
         self.model.load_state_dict(self._float_state)
 
     def run(self, method: str, spec: QuantSpec | None, opts: MethodOptions | None = None,
-            progress: bool = True, label: str | None = None) -> RunResult:
-        """Quantize the float model with ``method`` and measure its perplexity."""
+            progress: bool = True, label: str | None = None, evaluate: bool = True) -> RunResult:
+        """Quantize the float model with ``method`` and (unless told not to) measure its perplexity."""
         self.restore()
         config = make_config(method, spec, opts or MethodOptions())
         quant_seconds, bpw, info, name = 0.0, 16.0, {}, method
@@ -129,5 +130,7 @@ class Session:
             report = quantize_(self.model, config, calib)
             quant_seconds, bpw, name = time.perf_counter() - start, report.bits_per_weight, report.method
             info = {k: v for k, v in report.info.items() if k != "search"}
+        if not evaluate:
+            return RunResult(label or name, spec, math.nan, 0, 0, bpw, quant_seconds, 0.0, info)
         res = perplexity(self.model, self.windows, progress=progress)
         return RunResult(label or name, spec, res.ppl, res.windows, res.tokens, bpw, quant_seconds, res.seconds, info)

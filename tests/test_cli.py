@@ -24,7 +24,7 @@ def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
 def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and "%|" not in l]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "%|" not in ln]
     assert len(lines) == 1, proc.stderr
     for f in fragments:
         assert f in lines[0], lines[0]

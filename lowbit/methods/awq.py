@@ -349,7 +349,7 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
 
 
 def _apply_without_calibration(model: nn.Module, family: Family, processor: _AWQLayerProcessor) -> None:
-    groups = tuple(ScalingGroup(p, tuple(l), i) for p, l, i in processor.loaded.meta.get("groups", []))
+    groups = tuple(ScalingGroup(prev, tuple(lins), insp) for prev, lins, insp in processor.loaded.meta.get("groups", []))
     for index, layer in enumerate(model.get_submodule(family.layers)):
         processor(LayerContext(index, layer, torch.empty(0), {}, {}, {}, groups))
 

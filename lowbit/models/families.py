@@ -127,7 +127,9 @@ def discover_groups(layer: nn.Module, linears: tuple[str, ...], run: Callable[[]
     norms = {n: m for n, m in layer.named_modules() if "norm" in type(m).__name__.lower()}
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # keeps outputs alive so ids stay unique
     consumers: dict[str, list[str]] = {}
-    hooks = [m.register_forward_hook(lambda m_, i, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in norms.items()]
+    hooks = [
+        m.register_forward_hook(lambda m_, i, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in norms.items()
+    ]
     for n in linears:
         hooks.append(
             layer.get_submodule(n).register_forward_pre_hook(
