@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 import time
 import warnings
@@ -34,16 +34,10 @@ def _cpu_pin_memory_workaround() -> bool:
 
 
 def _quiet() -> None:
-    """llm-compressor logs every layer at INFO; one JSON line is all the parent reads."""
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    try:
-        from loguru import logger
-
-        logger.remove()
-        logger.add(sys.stderr, level="WARNING")
-    except ImportError:
-        pass
+    """llm-compressor logs every layer at INFO; warnings and errors are what a log reader needs."""
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # read when llmcompressor is imported
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _recipe(method: str, bits: int, group_size: int) -> list:
@@ -95,6 +89,15 @@ def _check_quantized(model: torch.nn.Module, bits: int, group_size: int) -> int:
     return count
 
 
+def _gqa_skipped_mappings(model: torch.nn.Module) -> int:
+    """Layers whose v_proj -> o_proj AWQ mapping llm-compressor skips (shapes differ under GQA)."""
+    return sum(
+        1 for module in model.modules()
+        if hasattr(module, "v_proj") and hasattr(module, "o_proj")
+        and module.v_proj.out_features != module.o_proj.in_features
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--method", choices=("awq", "gptq", "fp"), required=True)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     row: dict = {"tool": "llm-compressor", "method": args.method, "bits": args.bits,
                  "group_size": args.group_size, "quant_seconds": None}
     if args.method == "fp":
-        row.update(tool="float", bits=32, group_size=None)
+        row.update(tool="float", bits=None, group_size=None)
     else:
         import llmcompressor
         import transformers
@@ -130,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         ids = calib_samples(tok, calib_text(None, None), args.calib_samples, args.calib_seq_len, seed=args.seed)
         n, seq_len = ids.shape
         ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * n})
+        if args.method == "awq":
+            row["awq_skipped_v_o"] = _gqa_skipped_mappings(model)
         start = time.perf_counter()
         model = oneshot(
             model=model, recipe=_recipe(args.method, args.bits, args.group_size), dataset=ds,
@@ -148,4 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as e:
+        from lowbit.errors import LowbitError
+
+        if not isinstance(e, LowbitError):
+            raise
+        print(f"error: {e}", file=sys.stderr)  # lowbit's own errors already say what to do
+        sys.exit(2)
