@@ -183,17 +183,22 @@ def cmd_compare(args) -> int:
         raise LowbitError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(COMPARE_METHODS)}")
     from .experiment import make_config
 
+    from .io import atomic_path, check_writable
+
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = (check_writable(out_dir / n, args.force) for n in ("compare.json", "compare.png"))
     make_config("salient", QuantSpec(bits=args.bits[0]), _method_options(args))
     make_config("awq", QuantSpec(bits=args.bits[0]), _method_options(args))
     session = _session(args)
     rows = run_compare(session, methods, args.bits, args.group_size, args.sym, _method_options(args),
                        log=lambda r: print(_table([r], RESULT_COLUMNS).splitlines()[-1], file=sys.stderr, flush=True))
     print(_table(rows, RESULT_COLUMNS))
-    (out_dir / "compare.json").write_text(json.dumps(rows, indent=1))
-    chart = save_chart(rows, out_dir / "compare.png", title=f"{args.model}, {rows[0]['windows']} windows")
-    print(f"\nchart: {chart}\nrows: {out_dir / 'compare.json'}")
+    with atomic_path(json_path) as tmp:
+        Path(tmp).write_text(json.dumps(rows, indent=1))
+    with atomic_path(png_path) as tmp:
+        save_chart(rows, Path(tmp), title=f"{args.model}, {rows[0]['windows']} windows")
+    print(f"\nchart: {png_path}\nrows: {json_path}")
     if args.json:
         print(json.dumps(rows))
     return 0
@@ -236,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_method_args(p)
     p.add_argument("--out-dir", default="results", help="where compare.png and compare.json go (default results/)")
+    p.add_argument("--force", action="store_true", help="overwrite compare.json and compare.png in --out-dir")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
     p.set_defaults(func=cmd_compare)
     return parser

@@ -66,6 +66,6 @@ def save_chart(rows: list[dict], path: Path, title: str = "") -> Path:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return path

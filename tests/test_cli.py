@@ -129,3 +129,22 @@ def test_tiny_checkpoint_end_to_end_json(tmp_path, tokenizer_dir, data_dir):
 def test_group_size_that_does_not_divide_names_layers(data_dir):
     proc = run("eval", "--method", "rtn", "--group-size", "128", "--max-windows", "1")
     assert_clean_error(proc, "group size 128 does not divide", "q_proj", "width 576", "fit every layer: 16, 32, 64")
+
+
+@pytest.mark.model
+def test_compare_writes_table_and_chart_and_keeps_them_without_force(tmp_path, tokenizer_dir, data_dir):
+    ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
+    out = tmp_path / "out"
+    args = ("compare", "--model", str(ckpt), "--methods", "fp", "rtn", "salient-random", "awq", "--bits", "3",
+            "--group-size", "16", "--calib-samples", "4", "--calib-seq-len", "64", "--n-grid", "3",
+            "--seq-len", "128", "--max-windows", "1", "--out-dir", str(out))
+    proc = run(*args)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in rows] == ["fp", "rtn", "salient-random", "awq"]
+    assert all(r["ppl"] > 1 for r in rows)
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*.tmp"))
+    before = (out / "compare.json").read_text()
+    assert_clean_error(run(*args), "compare.json exists; pass --force")
+    assert (out / "compare.json").read_text() == before
