@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowbit.experiment import CalibOptions, MethodOptions, Session  # noqa: E402
-from lowbit.models import load_model  # noqa: E402
-from lowbit.quantizer import QuantSpec  # noqa: E402
+from lowbit.experiment import CalibOptions, MethodOptions, Session
+from lowbit.models import load_model
+from lowbit.quantizer import QuantSpec
 
 
 def main() -> None:

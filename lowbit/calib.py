@@ -7,8 +7,9 @@ layer's outputs as the next inputs. Only one layer's activations live at a time.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -101,6 +102,38 @@ class LayerContext:
         return torch.cat([_output(mod(xb, **kw)) for xb in x.split(self.batch_size)])
 
 
+class _LayerCapture:
+    """Forward hooks for one layer: each linear's input (stored once when linears share it) and
+    the keyword arguments each inspected module is called with."""
+
+    def __init__(self) -> None:
+        self.sources: dict[int, tuple[str, torch.Tensor]] = {}  # tensor id -> first linear given it (kept alive)
+        self.alias: dict[str, str] = {}
+        self.chunks: dict[str, list[torch.Tensor]] = {}
+        self.module_kwargs: dict[str, dict] = {}
+
+    def linear_hook(self, name: str):
+        def hook(_m, args):
+            x = args[0]
+            first = self.sources.setdefault(id(x), (name, x))[0]
+            self.alias[name] = first
+            if first == name:
+                self.chunks.setdefault(name, []).append(x.detach())
+
+        return hook
+
+    def kwargs_hook(self, name: str):
+        def hook(_m, args, kwargs):
+            if name not in self.module_kwargs:
+                self.module_kwargs[name] = _static_kwargs(kwargs)
+
+        return hook
+
+    def linear_inputs(self, linears) -> dict[str, torch.Tensor]:
+        feats = {n: torch.cat(c) for n, c in self.chunks.items()}
+        return {n: feats[self.alias[n]] for n in linears if n in self.alias}
+
+
 @torch.no_grad()
 def walk_layers(
     model: nn.Module,
@@ -122,47 +155,26 @@ def walk_layers(
     groups = family.groups
     for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", leave=False)):
         if not groups and family.name.startswith("discovered"):
-            groups = discover_groups(layer, family.linears, lambda: layer(hidden[:1], **layer_kwargs))
-        sources: dict[int, tuple[str, torch.Tensor]] = {}  # tensor id -> first linear given it (kept alive)
-        alias: dict[str, str] = {}
-        chunks: dict[str, list[torch.Tensor]] = {}
-        module_kwargs: dict[str, dict] = {}
-
-        def linear_hook(name):
-            def hook(_m, args):
-                x = args[0]
-                first = sources.setdefault(id(x), (name, x))[0]
-                alias[name] = first
-                if first == name:
-                    chunks.setdefault(name, []).append(x.detach())
-
-            return hook
-
-        def kwargs_hook(name):
-            def hook(_m, args, kwargs):
-                if name not in module_kwargs:
-                    module_kwargs[name] = _static_kwargs(kwargs)
-
-            return hook
-
-        handles = [layer.get_submodule(n).register_forward_pre_hook(linear_hook(n)) for n in family.linears]
+            groups = discover_groups(layer, family.linears, partial(layer, hidden[:1], **layer_kwargs))
+        capture = _LayerCapture()
+        handles = [layer.get_submodule(n).register_forward_pre_hook(capture.linear_hook(n)) for n in family.linears]
         handles += [
-            layer.get_submodule(g.inspect).register_forward_pre_hook(kwargs_hook(g.inspect), with_kwargs=True)
+            layer.get_submodule(g.inspect).register_forward_pre_hook(capture.kwargs_hook(g.inspect), with_kwargs=True)
             for g in groups
         ]
         outs = []
         try:
             for xb in hidden.split(batch_size):
-                sources.clear()
+                capture.sources.clear()
                 outs.append(_output(layer(xb, **layer_kwargs)))
         finally:
             for h in handles:
                 h.remove()
-        feats = {n: torch.cat(c) for n, c in chunks.items()}
-        linear_inputs = {n: feats[alias[n]] for n in family.linears if n in alias}
-        ctx = LayerContext(index, layer, hidden, layer_kwargs, linear_inputs, module_kwargs, groups, batch_size)
+        linear_inputs = capture.linear_inputs(family.linears)
+        ctx = LayerContext(index, layer, hidden, layer_kwargs, linear_inputs, capture.module_kwargs, groups, batch_size)
+        del capture
         process(ctx)
-        del ctx, feats, linear_inputs
+        del ctx, linear_inputs
         if propagate == "quantized":
             hidden = torch.cat([_output(layer(xb, **layer_kwargs)) for xb in hidden.split(batch_size)])
         else:

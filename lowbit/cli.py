@@ -182,7 +182,6 @@ def cmd_compare(args) -> int:
     if unknown:
         raise LowbitError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(COMPARE_METHODS)}")
     from .experiment import make_config
-
     from .io import atomic_path, check_writable
 
     out_dir = Path(args.out_dir)

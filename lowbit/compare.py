@@ -1,9 +1,9 @@
 """The AWQ paper's three-way experiment: RTN vs salient channels kept in FP16 vs AWQ scaling."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from .experiment import MethodOptions, Session
 from .quantizer import QuantSpec

@@ -63,7 +63,7 @@ def _from_hub(name: str, config: str | None, split: str, column: str = "text") -
     datasets.logging.set_verbosity_error()
     try:
         ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # the hub client raises many types for "offline"
+    except Exception as e:  # noqa: BLE001 -- the hub client raises many types for "offline"
         raise LowbitError(
             f"could not fetch {name} ({split}) from the Hugging Face hub: {type(e).__name__}. "
             "Offline? Point LOWBIT_DATA_DIR or --data-dir at a local copy (see README)."

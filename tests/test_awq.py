@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from lowbit.calib import LayerContext, walk_layers
 from lowbit.errors import LowbitError
@@ -10,8 +11,6 @@ from lowbit.methods import AWQConfig, AWQSearch, RTNConfig, SalientConfig, quant
 from lowbit.methods.awq import fold_scale, tie_index
 from lowbit.models import family_for
 from lowbit.quantizer import QuantSpec
-
-from conftest import tiny_llama
 
 SPEC3 = QuantSpec(bits=3, group_size=16)
 

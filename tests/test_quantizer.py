@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -7,7 +8,14 @@ from hypothesis import strategies as st
 
 from lowbit.errors import LowbitError
 from lowbit.quantizer import (
-    QuantSpec, decode, dequantize, encode, fake_quantize, fitting_group_sizes, qparams_from_range, quantize,
+    QuantSpec,
+    decode,
+    dequantize,
+    encode,
+    fake_quantize,
+    fitting_group_sizes,
+    qparams_from_range,
+    quantize,
 )
 
 X = torch.tensor([1.1, 2.4, -0.3, 0.8])
@@ -75,7 +83,7 @@ def test_fake_quantize_is_idempotent_and_keeps_dtype():
 def test_more_bits_less_error():
     w = torch.randn(64, 256)
     errs = [(fake_quantize(w, QuantSpec(bits=b, group_size=64)) - w).pow(2).mean().item() for b in range(2, 9)]
-    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert all(a > b for a, b in itertools.pairwise(errs))
 
 
 def test_clip_ratio_shrinks_range():

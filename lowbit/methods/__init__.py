@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,6 +40,12 @@ def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> Qu
 
 
 __all__ = [
-    "AWQConfig", "AWQSearch", "HANDLERS", "QuantReport", "RTNConfig", "SalientConfig",
-    "needs_calibration", "quantize_",
+    "HANDLERS",
+    "AWQConfig",
+    "AWQSearch",
+    "QuantReport",
+    "RTNConfig",
+    "SalientConfig",
+    "needs_calibration",
+    "quantize_",
 ]

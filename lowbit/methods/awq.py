@@ -70,7 +70,7 @@ class AWQSearch:
             save_file(tensors, tmp, metadata=meta)
 
     @classmethod
-    def load(cls, path: str) -> "AWQSearch":
+    def load(cls, path: str) -> AWQSearch:
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -78,7 +78,7 @@ class AWQSearch:
                 raw = (f.metadata() or {}).get("lowbit_awq_search")
                 if raw is None:
                     raise LowbitError(f"{path} is not a lowbit AWQ search file")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not iterable
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise LowbitError(f"cannot read search file {path}: {e}") from None
         meta = json.loads(raw)
@@ -226,7 +226,7 @@ def search_clip(lin: nn.Linear, x: torch.Tensor, cfg: AWQConfig) -> torch.Tensor
     xt = x.reshape(-1, in_f).float().view(-1, in_f // gs, gs)
     grams = torch.einsum("tgk,tgl->gkl", xt, xt) / xt.shape[0]  # [groups, gs, gs]
     wg = w.view(out_f, in_f // gs, gs)
-    n_steps = max(1, int(round(cfg.clip_grid * cfg.max_shrink)))
+    n_steps = max(1, round(cfg.clip_grid * cfg.max_shrink))
     best_err = torch.full((out_f, in_f // gs), math.inf)
     best_ratio = torch.ones(out_f, in_f // gs)
     for i in range(n_steps):

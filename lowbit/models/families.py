@@ -11,8 +11,8 @@ list and the norm→linear groups by running one layer with hooks.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

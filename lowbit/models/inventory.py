@@ -27,7 +27,7 @@ def check_spec_fits(linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
     bad = {n: m.in_features for n, m in linears.items() if not spec.fits(m.in_features)}
     if not bad:
         return
-    widths = sorted(set(m.in_features for m in linears.values()))
+    widths = sorted({m.in_features for m in linears.values()})
     ok = sorted(set.intersection(*(set(fitting_group_sizes(w)) for w in widths)))
     names = sorted({n.split(".")[-1] for n in bad})
     raise LowbitError(
