@@ -84,6 +84,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
     g.add_argument("--search-samples", type=_positive, default=32,
                    help="calibration sequences that score each α (default 32; statistics use all)")
+    g.add_argument("--propagate", choices=("float", "quantized"), default="float",
+                   help="feed each layer the float outputs of the layer before (llm-awq, default) or its "
+                        "quantized outputs")
     g.add_argument("--load-search", help="apply a saved AWQ search instead of calibrating")
 
 
@@ -100,7 +103,8 @@ def _method_options(args, save_search: str | None = None):
 
     return MethodOptions(
         salient_frac=args.salient_frac, salient_by=args.salient_by, n_grid=args.n_grid, clip=not args.no_clip,
-        search_samples=args.search_samples, load_search=args.load_search, save_search=save_search, seed=args.seed,
+        search_samples=args.search_samples, propagate=args.propagate, load_search=args.load_search,
+        save_search=save_search, seed=args.seed,
     )
 
 

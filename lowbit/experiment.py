@@ -39,6 +39,7 @@ class MethodOptions:
     n_grid: int = 20
     clip: bool = True
     search_samples: int = 32
+    propagate: str = "float"
     load_search: str | None = None
     save_search: str | None = None
     seed: int = 0
@@ -57,7 +58,7 @@ def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
     if method == "awq":
         return AWQConfig(
             spec, n_grid=opts.n_grid, clip=opts.clip, search_samples=opts.search_samples,
-            load_search=opts.load_search, save_search=opts.save_search,
+            propagate=opts.propagate, load_search=opts.load_search, save_search=opts.save_search,
         )
     raise LowbitError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
 

@@ -36,6 +36,7 @@ class AWQConfig:
     clip_grid: int = 20
     max_shrink: float = 0.5  # smallest clip ratio tried is 1 - max_shrink
     search_samples: int = 32  # calibration sequences used to score α (statistics use all)
+    propagate: str = "float"  # next layer's inputs: from the float layer (llm-awq) or the quantized one
     load_search: str | None = None
     save_search: str | None = None
 
@@ -46,6 +47,8 @@ class AWQConfig:
             raise LowbitError(f"the clip grid needs at least 1 point, got {self.clip_grid}")
         if not 0.0 <= self.max_shrink < 1.0:
             raise LowbitError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+        if self.propagate not in ("float", "quantized"):
+            raise LowbitError(f"propagate must be 'float' or 'quantized', got {self.propagate!r}")
 
 
 @dataclass
@@ -333,7 +336,7 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
     else:
         if calib is None:
             raise LowbitError("AWQ needs calibration samples (or --load-search FILE)")
-        walk_layers(model, family, calib, processor, desc="awq")
+        walk_layers(model, family, calib, processor, propagate=config.propagate, desc="awq")
     found = processor.found
     found.meta = {
         "fingerprint": fingerprint,
