@@ -84,9 +84,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
     g.add_argument("--search-samples", type=_positive, default=32,
                    help="calibration sequences that score each α (default 32; statistics use all)")
-    g.add_argument("--propagate", choices=("float", "quantized"), default="float",
-                   help="feed each layer the float outputs of the layer before (llm-awq, default) or its "
-                        "quantized outputs")
+    g.add_argument("--propagate", choices=("float", "quantized"), default="quantized",
+                   help="search each layer on the outputs of the already quantized layers before it "
+                        "(default) or of the float ones (llm-awq)")
     g.add_argument("--load-search", help="apply a saved AWQ search instead of calibrating")
 
 

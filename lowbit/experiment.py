@@ -39,7 +39,7 @@ class MethodOptions:
     n_grid: int = 20
     clip: bool = True
     search_samples: int = 32
-    propagate: str = "float"
+    propagate: str = "quantized"
     load_search: str | None = None
     save_search: str | None = None
     seed: int = 0

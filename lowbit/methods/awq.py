@@ -36,7 +36,7 @@ class AWQConfig:
     clip_grid: int = 20
     max_shrink: float = 0.5  # smallest clip ratio tried is 1 - max_shrink
     search_samples: int = 32  # calibration sequences used to score α (statistics use all)
-    propagate: str = "float"  # next layer's inputs: from the float layer (llm-awq) or the quantized one
+    propagate: str = "quantized"  # next layer's inputs: from the quantized layer, or the float one (llm-awq)
     load_search: str | None = None
     save_search: str | None = None
 
