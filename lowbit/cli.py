@@ -112,8 +112,10 @@ def _session(args):
     from .data import eval_text
     from .experiment import CalibOptions, Session
     from .models import load_model
+    from .models.loading import model_source
 
-    text = eval_text(args.data, args.data_dir)  # bad data fails before the slow model load
+    model_source(args.model)  # a bad --model or bad data fails before the slow model load
+    text = eval_text(args.data, args.data_dir)
     model, tok = load_model(args.model)
     calib = CalibOptions(args.calib_samples, args.calib_seq_len, args.seed, args.calib_data) \
         if hasattr(args, "calib_samples") else None

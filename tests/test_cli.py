@@ -52,8 +52,10 @@ def test_non_utf8_data_file(tmp_path):
     assert_clean_error(run("eval", "--data", str(bad)), "not UTF-8")
 
 
-def test_hub_id_offline_says_so():
-    proc = run("eval", "--model", "some-org/some-model", env={"HF_HUB_OFFLINE": "1"})
+def test_hub_id_offline_says_so(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Some words to evaluate on. " * 2000)
+    proc = run("eval", "--model", "some-org/some-model", "--data", str(text), env={"HF_HUB_OFFLINE": "1"})
     assert_clean_error(proc, "some-org/some-model", "Offline?")
 
 

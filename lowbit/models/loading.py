@@ -113,32 +113,43 @@ def _from_hub(model_id: str):
     return model, tok
 
 
+def model_source(name_or_path: str) -> tuple[str, str | Path]:
+    """Where a model comes from: ("builtin" | "gguf" | "dir" | "hub", location). Cheap, so a bad
+    --model is reported before any slow work."""
+    if name_or_path in BUILTIN:
+        return "builtin", builtin_gguf(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LowbitError(f"model file not found: {path}")
+        return "gguf", path
+    if path.is_dir():
+        return "dir", path
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise LowbitError(f"model path does not exist or is not a checkpoint: {name_or_path}")
+    return "hub", name_or_path
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL) -> tuple[nn.Module, object]:
     """(model in float32, eval mode; tokenizer) for a built-in name, directory, .gguf file or hub id."""
     _quiet_transformers()
-    if name_or_path in BUILTIN:
-        gguf = builtin_gguf(name_or_path)
+    kind, where = model_source(name_or_path)
+    if kind == "builtin":
         cached = cache_dir() / name_or_path
         if not (cached / "config.json").is_file():
-            model, tok = _from_gguf(gguf)
+            model, tok = _from_gguf(where)
             try:
                 _save_atomically(model, tok, cached)
             except OSError:
                 pass  # a read-only cache only costs time
         else:
             model, tok = _from_dir(cached)
+    elif kind == "gguf":
+        model, tok = _from_gguf(where)
+    elif kind == "dir":
+        model, tok = _from_dir(where)
     else:
-        path = Path(name_or_path).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise LowbitError(f"model file not found: {path}")
-            model, tok = _from_gguf(path)
-        elif path.is_dir():
-            model, tok = _from_dir(path)
-        elif path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-            raise LowbitError(f"model path does not exist or is not a checkpoint: {name_or_path}")
-        else:
-            model, tok = _from_hub(name_or_path)
+        model, tok = _from_hub(where)
     model.eval()
     model.requires_grad_(False)
     return model, tok
