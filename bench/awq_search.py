@@ -1,16 +1,19 @@
 """AWQ search cost vs fidelity: quantization time and PPL for several --search-samples.
 
-The α grid re-runs attention and MLP blocks on ``search_samples`` calibration sequences
-(all other statistics use every sample). This prints how much that subset costs and
-whether it moves the final perplexity.
+The α grid re-runs attention blocks on ``search_samples`` calibration sequences and MLP
+blocks on as many tokens drawn from all sequences (all other statistics, the Gram-matrix
+scoring of single linears and the clip search use every token). This prints what that
+subset costs and how far it moves the final perplexity from the last (largest) setting;
+with ``--search-samples`` equal to ``--calib-samples`` that is scoring on every token.
 
-    python bench/awq_search.py --calib-samples 128 --search-samples 32 128 --bits 3 --max-windows 16
+    python bench/awq_search.py --calib-samples 16 --search-samples 4 16 --bits 3 4 --max-windows 16
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -25,11 +28,11 @@ from lowbit.quantizer import QuantSpec
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--bits", type=int, nargs="+", default=[3])
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--search-samples", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--search-samples", type=int, nargs="+", default=[4, 16])
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--out", default="results/awq_search.json")
     args = p.parse_args()
@@ -37,19 +40,24 @@ def main() -> None:
     model, tok = load_model(args.model)
     session = Session(model, tok, max_windows=args.max_windows,
                       calib=CalibOptions(args.calib_samples, args.calib_seq_len))
-    spec = QuantSpec(bits=args.bits, group_size=args.group_size)
     rows = []
-    for n in args.search_samples:
-        r = session.run("awq", spec, MethodOptions(search_samples=n), progress=False).row()
-        r["search_samples"] = n
-        rows.append(r)
-        print(f"search {n:4d}  quant {r['quant_seconds']:7.1f} s  PPL {r['ppl']:.3f}", flush=True)
-    base = rows[-1]["ppl"]
-    print(f"\n{args.model}, W{args.bits} g{args.group_size}, calibration {args.calib_samples} x {args.calib_seq_len}, "
-          f"{rows[0]['windows']} windows; {platform.processor() or platform.machine()}, {datetime.date.today()}")
-    print(f"{'search samples':>14}  {'quant s':>8}  {'PPL':>8}  {'vs last':>8}")
-    for r in rows:
-        print(f"{r['search_samples']:>14}  {r['quant_seconds']:>8.1f}  {r['ppl']:>8.3f}  {100 * (r['ppl'] / base - 1):>+7.2f}%")
+    for bits in args.bits:
+        spec = QuantSpec(bits=bits, group_size=args.group_size)
+        for n in args.search_samples:
+            r = session.run("awq", spec, MethodOptions(search_samples=n), progress=False).row()
+            r["search_samples"] = n
+            rows.append(r)
+            print(f"W{bits} search {n:4d}  quant {r['quant_seconds']:7.1f} s  PPL {r['ppl']:.3f}", flush=True)
+    print(f"\n{args.model}, g{args.group_size}, calibration {args.calib_samples} x {args.calib_seq_len}, "
+          f"{rows[0]['windows']} windows; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{datetime.date.today()}")
+    print(f"{'bits':>4}  {'search samples':>14}  {'quant s':>8}  {'PPL':>8}  {'vs last':>8}")
+    for bits in args.bits:
+        mine = [r for r in rows if r["w_bit"] == bits]
+        base = mine[-1]["ppl"]
+        for r in mine:
+            print(f"{bits:>4}  {r['search_samples']:>14}  {r['quant_seconds']:>8.1f}  {r['ppl']:>8.3f}  "
+                  f"{100 * (r['ppl'] / base - 1):>+7.2f}%")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
 

@@ -110,7 +110,7 @@ def _worker_cmd(python: Path, args: argparse.Namespace, method: str, bits: int) 
 def _lowbit_cmd(args: argparse.Namespace, bits: int) -> list[str]:
     return [str(LOWBIT_CLI), "eval", "--method", "awq", "--w-bit", str(bits), "--group-size", str(args.group_size),
             "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
-            "--search-samples", str(args.calib_samples), "--max-windows", str(args.max_windows),
+            "--max-windows", str(args.max_windows),
             "--model", args.model, "--seed", str(args.seed), "--json"]
 
 

@@ -82,8 +82,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("awq")
     g.add_argument("--n-grid", type=int, default=20, help="points of the α grid over [0, 1) (default 20)")
     g.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
-    g.add_argument("--search-samples", type=_positive, default=32,
-                   help="calibration sequences that score each α (default 32; statistics use all)")
+    g.add_argument("--search-samples", type=_positive, default=4,
+                   help="α is scored by re-running attention on this many calibration sequences and the MLP on as "
+                        "many sequences' worth of tokens drawn from all of them (default 4; scale statistics, "
+                        "single-linear groups and the clip search use every token)")
     g.add_argument("--propagate", choices=("float", "quantized"), default="quantized",
                    help="search each layer on the outputs of the already quantized layers before it "
                         "(default) or of the float ones (llm-awq)")

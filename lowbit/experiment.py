@@ -38,7 +38,7 @@ class MethodOptions:
     salient_by: str = "activation"
     n_grid: int = 20
     clip: bool = True
-    search_samples: int = 32
+    search_samples: int = 4
     propagate: str = "quantized"
     load_search: str | None = None
     save_search: str | None = None

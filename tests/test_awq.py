@@ -213,3 +213,33 @@ def test_architecture_without_groups_is_refused():
         layer.post_attention_layernorm = torch.nn.Identity()
     with pytest.raises(LowbitError, match="no scaling groups declared or found"):
         quantize_(model, AWQConfig(SPEC3, n_grid=2), samples(4, 32))
+
+
+def test_gram_blocks_follow_folded_scales():
+    """Blocks cut from a rescaled full Gram matrix equal those computed from the scaled inputs."""
+    from lowbit.methods.awq import _Grams
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, 32, generator=g)
+    s = torch.rand(32, generator=g) + 0.5
+    grams = _Grams()
+    grams.full(x)
+    x.div_(s)
+    grams.divided(x, s)
+    fresh = _Grams().blocks(x, 8)  # no full matrix: computed from the tokens
+    assert fresh.shape == (4, 8, 8)
+    assert torch.allclose(grams.blocks(x, 8), fresh, atol=1e-5)
+
+
+def test_token_wise_search_inputs_draw_from_every_sequence():
+    from lowbit.methods.awq import search_inputs
+
+    x = torch.arange(8 * 16, dtype=torch.float32).view(8, 16, 1).expand(8, 16, 3).contiguous()
+    seqs = search_inputs(x, 2, token_wise=False)
+    assert torch.equal(seqs, x[:2])
+    toks = search_inputs(x, 2, token_wise=True, seed=1)
+    assert toks.shape == (2, 16, 3)
+    ids = toks[..., 0].flatten().long()
+    assert ids.unique().numel() == 32  # distinct tokens
+    assert (ids // 16).unique().numel() > 2  # from more sequences than two whole ones would cover
+    assert torch.equal(search_inputs(x, 8, token_wise=True), x)

@@ -35,7 +35,7 @@ class AWQConfig:
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5  # smallest clip ratio tried is 1 - max_shrink
-    search_samples: int = 32  # calibration sequences used to score α (statistics use all)
+    search_samples: int = 4  # sequences' worth of calibration tokens that score α (statistics use all)
     propagate: str = "quantized"  # next layer's inputs: from the quantized layer, or the float one (llm-awq)
     load_search: str | None = None
     save_search: str | None = None
@@ -169,13 +169,66 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return (xt.T @ xt) / xt.shape[0]
 
 
+class _Grams:
+    """Gram matrices of one layer's linear inputs, each computed once.
+
+    Linears that share an input share its matrices; when a scale s is folded into an input
+    (x -> x / s) its full Gram matrix becomes G / (s s^T) without another pass over the tokens.
+    """
+
+    def __init__(self) -> None:
+        self._full: dict[int, torch.Tensor] = {}
+        self._blocks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        if id(x) not in self._full:
+            self._full[id(x)] = gram(x)
+        return self._full[id(x)]
+
+    def divided(self, x: torch.Tensor, s: torch.Tensor) -> None:
+        """Record that ``x`` was divided by ``s`` channel-wise."""
+        g = self._full.get(id(x))
+        if g is not None:
+            sf = s.float()
+            g.div_(sf[:, None] * sf[None, :])
+        self._blocks = {k: v for k, v in self._blocks.items() if k[0] != id(x)}
+
+    def blocks(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        """[n_groups, group, group]: the Gram matrix of each run of ``group`` input channels."""
+        key = (id(x), group)
+        if key not in self._blocks:
+            g = self._full.get(id(x))
+            n = x.shape[-1] // group
+            if g is not None:
+                self._blocks[key] = g.view(n, group, n, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+            else:
+                xt = x.reshape(-1, x.shape[-1]).float().view(-1, n, group)
+                self._blocks[key] = torch.einsum("tgk,tgl->gkl", xt, xt) / xt.shape[0]
+        return self._blocks[key]
+
+
+def search_inputs(x: torch.Tensor, n_samples: int, token_wise: bool, seed: int = 0) -> torch.Tensor:
+    """The inputs that score α: ``n_samples`` whole sequences for a module that mixes tokens
+    (attention), or as many tokens drawn from all sequences for a token-wise one (an MLP),
+    which estimates the error better for the same work since neighbouring tokens are alike."""
+    n, seq, width = x.shape
+    if n_samples >= n:
+        return x
+    if not token_wise:
+        return x[:n_samples]
+    pick = torch.randperm(n * seq, generator=torch.Generator().manual_seed(seed))[: n_samples * seq]
+    return x.reshape(-1, width)[pick.sort().values].view(n_samples, seq, width)
+
+
 @torch.no_grad()
-def search_scale(ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: torch.Tensor, width: int):
+def search_scale(
+    ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: torch.Tensor, width: int, grams: _Grams
+):
     """Best α and its scale for ``group``; (None, None, reason) when no candidate is usable.
 
     A group whose inspected module is its single linear is scored exactly on all tokens
-    through the Gram matrix; other modules (attention, MLP) are re-run on
-    ``cfg.search_samples`` sequences.
+    through the Gram matrix; other modules (attention, MLP) are re-run on the equivalent
+    of ``cfg.search_samples`` sequences (see :func:`search_inputs`).
     """
     x = ctx.linear_inputs[group.linears[0]]
     x_mean = _tied_mean(x.abs().reshape(-1, x.shape[-1]).float().mean(0), index, width)
@@ -183,10 +236,10 @@ def search_scale(ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: 
     originals = [lin.weight.detach().clone() for lin in linears]
     single = len(linears) == 1 and group.inspect == group.linears[0]
     if single:
-        g = gram(x)
+        g = grams.full(x)
         w0 = originals[0].float()
     else:
-        xs = x[: cfg.search_samples]
+        xs = search_inputs(x, cfg.search_samples, group.token_wise, seed=ctx.index)
         ref = ctx.run(group.inspect, xs)
     alphas = torch.arange(cfg.n_grid, dtype=torch.float32) / cfg.n_grid
     scales = x_mean[None, :].pow(alphas[:, None]).clamp(min=1e-4)  # [n_grid, in], all candidates
@@ -216,22 +269,20 @@ def search_scale(ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: 
 
 
 @torch.no_grad()
-def search_clip(lin: nn.Linear, x: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
+def search_clip(lin: nn.Linear, grams: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
     """Per (output channel, group) shrink ratio of the range with the least output error.
 
-    The error of group g of output o is d^T G_g d with G_g that group's input Gram matrix,
-    so every ratio is scored on all calibration tokens for O(out * in * group) work.
+    The error of group g of output o is d^T G_g d with ``grams[g]`` that group's input Gram
+    matrix, so every ratio is scored on all calibration tokens for O(out * in * group) work.
     """
     spec = cfg.spec
     w = lin.weight.detach().float()
     out_f, in_f = w.shape
-    gs = spec.group_size if spec.granularity == "group" else in_f
-    xt = x.reshape(-1, in_f).float().view(-1, in_f // gs, gs)
-    grams = torch.einsum("tgk,tgl->gkl", xt, xt) / xt.shape[0]  # [groups, gs, gs]
-    wg = w.view(out_f, in_f // gs, gs)
+    n_groups = grams.shape[0]
+    wg = w.view(out_f, n_groups, in_f // n_groups)
     n_steps = max(1, round(cfg.clip_grid * cfg.max_shrink))
-    best_err = torch.full((out_f, in_f // gs), math.inf)
-    best_ratio = torch.ones(out_f, in_f // gs)
+    best_err = torch.full((out_f, n_groups), math.inf)
+    best_ratio = torch.ones(out_f, n_groups)
     for i in range(n_steps):
         ratio = 1.0 - i / cfg.clip_grid
         d = fake_quantize(w, spec, clip_ratio=ratio).view_as(wg) - wg
@@ -242,13 +293,16 @@ def search_clip(lin: nn.Linear, x: torch.Tensor, cfg: AWQConfig) -> torch.Tensor
     return best_ratio
 
 
+def _group_width(spec: QuantSpec, in_features: int) -> int:
+    return spec.group_size if spec.granularity == "group" else in_features
+
+
 @torch.no_grad()
 def apply_clip(lin: nn.Linear, ratio: torch.Tensor, spec: QuantSpec) -> None:
     """Clamp each weight group to its shrunk range, so later rounding uses that range."""
     w = lin.weight
     out_f, in_f = w.shape
-    gs = spec.group_size if spec.granularity == "group" else in_f
-    wg = w.view(out_f, in_f // gs, gs)
+    wg = w.view(out_f, -1, _group_width(spec, in_f))
     r = ratio.to(w.dtype).unsqueeze(-1)
     if spec.symmetric:
         amax = wg.abs().amax(-1, keepdim=True) * r
@@ -281,6 +335,7 @@ class _AWQLayerProcessor:
                 "declare them in lowbit/models/families.py"
             )
         self.groups = ctx.groups
+        grams = _Grams()
         for group in ctx.groups:
             key = f"{ctx.index}.{group.prev}"
             prev = layer.get_submodule(group.prev)
@@ -292,7 +347,7 @@ class _AWQLayerProcessor:
                 if s is None:
                     raise LowbitError(f"search file has no scale for {key}; it was made for another model")
             else:
-                alpha, s, why = search_scale(ctx, group, cfg, index, width)
+                alpha, s, why = search_scale(ctx, group, cfg, index, width, grams)
                 if s is None:
                     self.found.fallbacks.append(f"{key}: {why}; kept s=1")
                     s = torch.ones(linears[0].in_features)
@@ -301,14 +356,16 @@ class _AWQLayerProcessor:
             self.found.scales[key] = s
             fold_scale(prev, linears, s, index)
             if ctx.linear_inputs:
-                ctx.linear_inputs[group.linears[0]].div_(s.to(ctx.linear_inputs[group.linears[0]].dtype))
+                x = ctx.linear_inputs[group.linears[0]]
+                x.div_(s.to(x.dtype))
+                grams.divided(x, s)
         for rel in self.family.linears:
             key = f"{ctx.index}.{rel}"
             lin = layer.get_submodule(rel)
             if self.loaded is not None:
                 ratio = self.loaded.clips.get(key)
             elif cfg.clip and not any(t in rel for t in _NO_CLIP):
-                ratio = search_clip(lin, ctx.linear_inputs[rel], cfg)
+                ratio = search_clip(lin, grams.blocks(ctx.linear_inputs[rel], _group_width(cfg.spec, lin.in_features)), cfg)
             else:
                 ratio = None
             if ratio is not None:

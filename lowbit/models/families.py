@@ -22,11 +22,16 @@ from ..errors import LowbitError
 
 @dataclass(frozen=True)
 class ScalingGroup:
-    """Linears that read the output of ``prev``; ``inspect`` is re-run to score a scale."""
+    """Linears that read the output of ``prev``; ``inspect`` is re-run to score a scale.
+
+    ``token_wise`` says ``inspect`` treats every token on its own (an MLP, unlike
+    attention), so a scale can be scored on tokens drawn from all calibration sequences.
+    """
 
     prev: str
     linears: tuple[str, ...]
     inspect: str
+    token_wise: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ LLAMA = Family(
         # With grouped-query attention v_proj is narrower than o_proj's input; the scale is
         # tied across the query heads that read one KV head (see methods/awq.py).
         ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
-        ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", token_wise=True),
         ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ),
 )
