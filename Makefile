@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 # The AWQ paper's comparison at W3 g64 on the default model, sized to finish in minutes.
 demo: $(STAMP)
-	$(BIN)/lowbit compare --bits 3 --calib-samples 16 --search-samples 8 --max-windows 4 --out-dir results/demo --force
+	$(BIN)/lowbit compare --bits 3 --calib-samples 16 --max-windows 4 --out-dir results/demo --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
