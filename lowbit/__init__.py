@@ -1,12 +1,12 @@
-"""lowbit: low-bit quantization of LLMs (RTN, salient FP16, AWQ) with honest measurements."""
+"""lowbit: low-bit quantization of LLMs (RTN, salient FP16, AWQ, GPTQ) with honest measurements."""
 from .errors import LowbitError
-from .methods import AWQConfig, AWQSearch, RTNConfig, SalientConfig, quantize_
+from .methods import AWQConfig, AWQGPTQConfig, AWQSearch, GPTQConfig, RTNConfig, SalientConfig, quantize_
 from .models import load_model
 from .quantizer import QTensor, QuantSpec, dequantize, fake_quantize, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWQConfig", "AWQSearch", "LowbitError", "QTensor", "QuantSpec", "RTNConfig", "SalientConfig",
-    "dequantize", "fake_quantize", "load_model", "quantize", "quantize_",
+    "AWQConfig", "AWQGPTQConfig", "AWQSearch", "GPTQConfig", "LowbitError", "QTensor", "QuantSpec", "RTNConfig",
+    "SalientConfig", "dequantize", "fake_quantize", "load_model", "quantize", "quantize_",
 ]

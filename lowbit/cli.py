@@ -69,7 +69,7 @@ def _add_spec_args(p: argparse.ArgumentParser, bits_default: int = 4) -> None:
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration (salient by activation, awq)")
+    g = p.add_argument_group("calibration (salient by activation, awq, gptq)")
     g.add_argument("--calib-data", help="calibration text file (default: WikiText-2 validation from the data dir, "
                                         "or pile-val from the hub)")
     g.add_argument("--calib-samples", type=_positive, default=128, help="calibration sequences (default 128)")
@@ -90,6 +90,13 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="search each layer on the outputs of the already quantized layers before it "
                         "(default) or of the float ones (llm-awq)")
     g.add_argument("--load-search", help="apply a saved AWQ search instead of calibrating")
+    g = p.add_argument_group("gptq (also the rounding step of awq+gptq)")
+    g.add_argument("--damp", type=float, default=0.01,
+                   help="dampening added to the Hessian diagonal, as a fraction of its mean (default 0.01)")
+    g.add_argument("--act-order", action="store_true",
+                   help="GPTQ-R: round columns by decreasing Hessian diagonal (groups stay contiguous)")
+    g.add_argument("--gptq-block-size", type=_positive, default=128,
+                   help="columns updated eagerly before one batched update of the rest (default 128)")
 
 
 def _spec(args):
@@ -106,7 +113,8 @@ def _method_options(args, save_search: str | None = None):
     return MethodOptions(
         salient_frac=args.salient_frac, salient_by=args.salient_by, n_grid=args.n_grid, clip=not args.no_clip,
         search_samples=args.search_samples, propagate=args.propagate, load_search=args.load_search,
-        save_search=save_search, seed=args.seed,
+        save_search=save_search, seed=args.seed, damp=args.damp, act_order=args.act_order,
+        gptq_block_size=args.gptq_block_size,
     )
 
 
@@ -212,14 +220,15 @@ def cmd_compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lowbit", description="Low-bit quantization of LLMs: RTN, salient FP16, AWQ, evaluated "
-                                                "by perplexity.")
+    parser = _Parser(prog="lowbit", description="Low-bit quantization of LLMs: RTN, salient FP16, AWQ, GPTQ, "
+                                                "evaluated by perplexity.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("eval", help="quantize a model with one method and measure its perplexity")
     _add_model_args(p)
-    p.add_argument("--method", default="fp", choices=("fp", "rtn", "salient", "awq"),
-                   help="fp (no quantization), rtn, salient (keep some channels in FP) or awq (default fp)")
+    p.add_argument("--method", default="fp", choices=("fp", "rtn", "salient", "awq", "gptq", "awq+gptq"),
+                   help="fp (no quantization), rtn, salient (keep some channels in FP), awq, gptq, or awq+gptq "
+                        "(AWQ scales, then GPTQ rounding) (default fp)")
     _add_spec_args(p)
     _add_data_args(p)
     _add_method_args(p)

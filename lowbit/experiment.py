@@ -16,10 +16,10 @@ from .calib import calib_samples
 from .data import calib_text, eval_text
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
-from .methods import AWQConfig, RTNConfig, SalientConfig, needs_calibration, quantize_
+from .methods import AWQConfig, AWQGPTQConfig, GPTQConfig, RTNConfig, SalientConfig, needs_calibration, quantize_
 from .quantizer import QuantSpec
 
-METHOD_NAMES = ("fp", "rtn", "salient", "awq")
+METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq")
 
 
 @dataclass
@@ -43,6 +43,9 @@ class MethodOptions:
     load_search: str | None = None
     save_search: str | None = None
     seed: int = 0
+    damp: float = 0.01
+    act_order: bool = False
+    gptq_block_size: int = 128
 
 
 def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
@@ -55,11 +58,16 @@ def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
         return RTNConfig(spec)
     if method == "salient":
         return SalientConfig(spec, frac=opts.salient_frac, by=opts.salient_by, seed=opts.seed)
-    if method == "awq":
-        return AWQConfig(
+    if method in ("awq", "awq+gptq"):
+        awq = AWQConfig(
             spec, n_grid=opts.n_grid, clip=opts.clip, search_samples=opts.search_samples,
             propagate=opts.propagate, load_search=opts.load_search, save_search=opts.save_search,
         )
+        if method == "awq":
+            return awq
+    if method in ("gptq", "awq+gptq"):
+        gptq = GPTQConfig(spec, damp=opts.damp, block_size=opts.gptq_block_size, act_order=opts.act_order)
+        return gptq if method == "gptq" else AWQGPTQConfig(awq, gptq)
     raise LowbitError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
 
 

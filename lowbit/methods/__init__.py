@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .awq import AWQConfig, AWQSearch, apply_awq
+from .awq_gptq import AWQGPTQConfig, apply_awq_gptq
 from .base import QuantReport
+from .gptq import GPTQConfig, apply_gptq
 from .rtn import RTNConfig, apply_rtn
 from .salient import SalientConfig, apply_salient
 
@@ -16,6 +18,8 @@ HANDLERS: dict[type, Callable[..., QuantReport]] = {
     RTNConfig: apply_rtn,
     SalientConfig: apply_salient,
     AWQConfig: apply_awq,
+    GPTQConfig: apply_gptq,
+    AWQGPTQConfig: apply_awq_gptq,
 }
 
 
@@ -25,7 +29,7 @@ def needs_calibration(config) -> bool:
         return config.by == "activation"
     if isinstance(config, AWQConfig):
         return config.load_search is None
-    return False
+    return isinstance(config, (GPTQConfig, AWQGPTQConfig))
 
 
 def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> QuantReport:
@@ -42,7 +46,9 @@ def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> Qu
 __all__ = [
     "HANDLERS",
     "AWQConfig",
+    "AWQGPTQConfig",
     "AWQSearch",
+    "GPTQConfig",
     "QuantReport",
     "RTNConfig",
     "SalientConfig",

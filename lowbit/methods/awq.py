@@ -25,7 +25,7 @@ from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..quantizer import QuantSpec, fake_quantize
 from .base import QuantReport, prepare
-from .rtn import round_linears
+from .rtn import Rounder, rtn_rounder
 
 
 @dataclass(frozen=True)
@@ -319,8 +319,10 @@ _NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
 
 
 class _AWQLayerProcessor:
-    def __init__(self, model: nn.Module, family: Family, cfg: AWQConfig, search: AWQSearch | None):
+    def __init__(self, model: nn.Module, family: Family, cfg: AWQConfig, search: AWQSearch | None,
+                 rounder: Rounder = rtn_rounder):
         self.cfg = cfg
+        self.rounder = rounder
         self.family = family
         self.head_dim = _head_dim(model)
         self.loaded = search
@@ -371,10 +373,13 @@ class _AWQLayerProcessor:
             if ratio is not None:
                 self.found.clips[key] = ratio
                 apply_clip(lin, ratio, cfg.spec)
-        round_linears({rel: layer.get_submodule(rel) for rel in self.family.linears}, cfg.spec)
+        self.rounder(ctx, {rel: layer.get_submodule(rel) for rel in self.family.linears}, cfg.spec)
 
 
-def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = None) -> QuantReport:
+def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = None,
+              rounder: Rounder | None = None) -> QuantReport:
+    """AWQ scales (+ clips), then ``rounder`` (default RTN) on each layer; a custom rounder
+    is given the captured inputs, so it calibrates even with a loaded search."""
     family, _ = prepare(model, config.spec)
     fingerprint = model_fingerprint(model, family, config.spec)
     loaded = None
@@ -387,8 +392,8 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
             )
     if not family.groups and not family.name.startswith("discovered"):
         raise LowbitError(f"{family.name} declares no scaling groups; AWQ needs them")
-    processor = _AWQLayerProcessor(model, family, config, loaded)
-    if loaded is not None:
+    processor = _AWQLayerProcessor(model, family, config, loaded, rounder or rtn_rounder)
+    if loaded is not None and rounder is None:
         _apply_without_calibration(model, family, processor)
     else:
         if calib is None:

@@ -1,13 +1,19 @@
 """Round-to-nearest: every quantized linear rounded on its own grid, no data needed."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..calib import LayerContext
 from ..quantizer import QuantSpec, fake_quantize
 from .base import QuantReport, prepare
+
+# The last step of a layer-by-layer method: round a layer's linears, possibly using the
+# captured inputs in the context (GPTQ does; plain rounding does not).
+Rounder = Callable[[LayerContext, dict[str, nn.Linear], QuantSpec], None]
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,11 @@ def round_linears(linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
     """Replace each linear's weight by its fake-quantized value, in place."""
     for lin in linears.values():
         lin.weight.copy_(fake_quantize(lin.weight, spec))
+
+
+def rtn_rounder(ctx: LayerContext, linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
+    """Round-to-nearest as a layer's rounding step; the context is not needed."""
+    round_linears(linears, spec)
 
 
 def apply_rtn(model: nn.Module, config: RTNConfig, calib=None) -> QuantReport:

@@ -1,0 +1,43 @@
+"""AWQ + GPTQ: AWQ's scales (and clips) folded in, then GPTQ rounding instead of RTN.
+
+The composition is AWQ's own layer walk with GPTQ's per-layer rounding plugged in as its
+last step; GPTQ sees the calibration inputs already divided by AWQ's scales, i.e. the
+inputs the scaled weights will meet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from .awq import AWQConfig, apply_awq
+from .base import QuantReport, prepare
+from .gptq import GPTQConfig, GPTQRounder, warn_if_few_tokens
+
+
+@dataclass(frozen=True)
+class AWQGPTQConfig:
+    awq: AWQConfig
+    gptq: GPTQConfig
+
+    def __post_init__(self) -> None:
+        if self.awq.spec != self.gptq.spec:
+            raise LowbitError(f"AWQ and GPTQ must share one spec, got {self.awq.spec} and {self.gptq.spec}")
+
+    @property
+    def spec(self):
+        return self.awq.spec
+
+
+def apply_awq_gptq(model: nn.Module, config: AWQGPTQConfig, calib: torch.Tensor | None = None) -> QuantReport:
+    if calib is None:
+        raise LowbitError("AWQ+GPTQ needs calibration samples (GPTQ reads them even with a loaded AWQ search)")
+    _, linears = prepare(model, config.spec)
+    warn_if_few_tokens(calib, linears)
+    rounder = GPTQRounder(config.gptq)
+    report = apply_awq(model, config.awq, calib, rounder=rounder)
+    report.method = "awq+gptq-r" if config.gptq.act_order else "awq+gptq"
+    report.info.update(rounder.info())
+    return report

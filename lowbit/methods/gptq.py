@@ -1,0 +1,212 @@
+"""GPTQ: rounding with second-order error feedback (Frantar et al., 2022).
+
+For a linear with calibration inputs X, GPTQ rounds the weight one input column at a
+time and moves each column's rounding error onto the columns not yet rounded, weighted
+by the inverse Hessian H⁻¹ (H = 2XXᵀ/T), so the layer's output on X moves as little as
+possible. Row i of the upper Cholesky factor of H⁻¹ is exactly the update that column i
+spreads to the columns after it, so no inverse is ever updated. Updates are applied
+inside blocks of 128 columns and, once a block is done, to all later columns in one
+matrix product (the paper's lazy batch form).
+
+Group scales and zero points come from the quantizer at each group's first column, on
+the weights as error feedback has left them. With ``act_order`` (GPTQ-R) columns are
+processed by decreasing Hessian diagonal; the groups stay the contiguous groups of the
+original columns, their parameters fixed beforehand from the weights ("static groups"),
+so a dequantizer needs no permutation.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..calib import LayerContext, walk_layers
+from ..errors import LowbitError
+from ..quantizer import QTensor, QuantSpec, compute_qparams, decode, dequantize, encode
+from .base import QuantReport, prepare
+
+DAMP_RETRIES = 4  # each retry multiplies the dampening by 10
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    spec: QuantSpec
+    damp: float = 0.01  # added to H's diagonal, as a fraction of its mean
+    block_size: int = 128  # columns updated eagerly; the rest once per block
+    act_order: bool = False  # GPTQ-R: columns by decreasing Hessian diagonal
+    static_groups: bool = False  # group parameters from the weights before any update (implied by act_order)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp > 0):
+            raise LowbitError(f"--damp must be a positive number (a fraction of the mean Hessian diagonal), "
+                              f"got {self.damp!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise LowbitError(f"--gptq-block-size must be a positive integer, got {self.block_size!r}")
+
+
+def hessian(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """H = 2XᵀX/T over all tokens of ``x`` [..., in], summed in float64 across token chunks."""
+    xt = x.reshape(-1, x.shape[-1])
+    h = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64)
+    for xb in xt.split(chunk):
+        xb = xb.float()
+        h += (xb.T @ xb).double()
+    return h.mul_(2.0 / max(1, xt.shape[0]))
+
+
+@dataclass
+class HessianFactor:
+    """What the rounding loop needs from H, shared by every linear that reads the same input."""
+
+    u: torch.Tensor  # upper Cholesky factor of H⁻¹ (float32), in processing order
+    dead: torch.Tensor  # input channels that never carried a nonzero activation
+    perm: torch.Tensor | None  # processing order (act_order), else None
+    damp: float  # the dampening that made H positive definite
+
+
+def factor_hessian(h: torch.Tensor, damp: float, act_order: bool = False, name: str = "") -> HessianFactor:
+    """Dampen H, handle dead channels, and factor H⁻¹; raise dampening ×10 until H is positive definite."""
+    if not torch.isfinite(h).all():
+        raise LowbitError(f"{name}: non-finite calibration activations; check the model and calibration text")
+    h = h.to(torch.float64).clone()
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0  # a channel that is always 0: its weights do not matter, so set them to 0
+    perm = None
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        h = h[perm][:, perm]
+    mean_diag = h.diagonal().mean()
+    for attempt in range(DAMP_RETRIES + 1):
+        d = damp * 10**attempt
+        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * torch.eye(h.shape[0], dtype=h.dtype))
+        if info == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info == 0 and torch.isfinite(u).all():
+                return HessianFactor(u.float(), dead, perm, d)
+    raise LowbitError(
+        f"{name}: the Hessian is not positive definite even with dampening {d:g} of its mean diagonal; "
+        "use more calibration data or a larger --damp"
+    )
+
+
+def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per (row, group) of ``w`` [out, in] as the quantizer sets them: [rows, n_groups]."""
+    if spec.granularity == "tensor":
+        wg = w.reshape(1, 1, -1)
+    elif spec.granularity == "channel":
+        wg = w.unsqueeze(1)
+    else:
+        wg = w.reshape(w.shape[0], -1, spec.group_size)
+    scale, zero = compute_qparams(wg, spec)
+    return scale.squeeze(-1), zero.squeeze(-1)
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block_size: int = 128,
+                  static_groups: bool = False) -> QTensor:
+    """Codes and parameters of ``w`` [out, in] rounded by GPTQ; groups are contiguous in the original columns."""
+    w = w.detach().float().clone()
+    n = w.shape[1]
+    w[:, factor.dead] = 0
+    gs = spec.group_size if spec.granularity == "group" else n
+    dynamic = spec.granularity == "group" and factor.perm is None and not static_groups
+    scale, zero = _qparams(w, spec)  # final for static groups; overwritten group by group otherwise
+    order = torch.arange(n) if factor.perm is None else factor.perm
+    if factor.perm is not None:
+        w = w[:, factor.perm]
+    col_scale, col_zero = scale[:, order // gs], zero[:, order // gs]  # parameters of each processed column
+    if dynamic:  # blocks hold whole groups, so a group's parameters see every update made before its start
+        block_size = max(gs, block_size - block_size % gs)
+    u = factor.u
+    codes = torch.empty_like(w)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]  # views: updates land in w
+        err = torch.empty_like(w1)
+        for i in range(i2 - i1):
+            c = i1 + i
+            if dynamic and c % gs == 0:
+                s, z = compute_qparams(w1[:, i : i + gs], spec)
+                scale[:, c // gs], zero[:, c // gs] = s[:, 0], z[:, 0]
+            elif not dynamic:
+                s, z = col_scale[:, c : c + 1], col_zero[:, c : c + 1]
+            col = w1[:, i : i + 1]
+            q = encode(col, s, z, spec)
+            codes[:, c : c + 1] = q
+            e = (col - decode(q, s, z, spec)).squeeze(1) / u1[i, i]
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
+            err[:, i] = e
+        w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1.0)
+    if factor.perm is not None:
+        codes = codes[:, torch.argsort(factor.perm)]
+    return QTensor(codes.to(torch.int16), scale, zero, spec, tuple(w.shape))
+
+
+@dataclass
+class GPTQRounder:
+    """The rounding step of one decoder layer: GPTQ on each linear's captured inputs.
+
+    Plain GPTQ calls it on the float layer; AWQ+GPTQ calls it after AWQ has folded its
+    scales (the captured inputs are divided by them too). Linears that read one input
+    share one Hessian and, unless the spec is per tensor, one pass over stacked rows.
+    """
+
+    config: GPTQConfig
+    damped: list[str] = field(default_factory=list)  # Hessians that needed more than config.damp
+    dead_columns: int = 0
+
+    def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
+        missing = [rel for rel in linears if rel not in ctx.linear_inputs]
+        if missing:
+            raise LowbitError(f"GPTQ needs the calibration inputs of {', '.join(missing)}; none were captured")
+        by_input: dict[int, list[str]] = {}
+        for rel in linears:
+            by_input.setdefault(id(ctx.linear_inputs[rel]), []).append(rel)
+        for rels in by_input.values():
+            name = f"layer {ctx.index} ({', '.join(rels)})"
+            factor = factor_hessian(hessian(ctx.linear_inputs[rels[0]]), self.config.damp, self.config.act_order, name)
+            if factor.damp > self.config.damp:
+                self.damped.append(f"{name}: damp {factor.damp:g}")
+            self.dead_columns += int(factor.dead.sum())
+            mods = [linears[r] for r in rels]
+            for batch in ([mods] if spec.granularity != "tensor" else [[m] for m in mods]):
+                w = torch.cat([m.weight for m in batch])
+                wq = dequantize(gptq_quantize(w, factor, spec, self.config.block_size, self.config.static_groups))
+                for m, part in zip(batch, wq.split([m.out_features for m in batch])):
+                    m.weight.copy_(part.to(m.weight.dtype))
+
+    def info(self) -> dict:
+        return {"damp": self.config.damp, "act_order": self.config.act_order, "damp_raised": len(self.damped),
+                "dead_columns": self.dead_columns}
+
+
+def warn_if_few_tokens(calib: torch.Tensor, linears: dict[str, nn.Linear]) -> None:
+    """A Hessian from T tokens has rank at most T: fewer tokens than input channels leaves it singular."""
+    width = max(m.in_features for m in linears.values())
+    tokens = calib.numel()
+    if tokens < width:
+        seq = calib.shape[-1]
+        warnings.warn(
+            f"{tokens} calibration tokens are fewer than the widest layer input ({width} channels), so its Hessian "
+            f"is singular and GPTQ leans on dampening; use at least {width} tokens "
+            f"(--calib-samples {math.ceil(width / seq)} at {seq} tokens), preferably many more",
+            stacklevel=3,
+        )
+
+
+def apply_gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor | None = None) -> QuantReport:
+    family, linears = prepare(model, config.spec)
+    if calib is None:
+        raise LowbitError("GPTQ needs calibration samples")
+    warn_if_few_tokens(calib, linears)
+    rounder = GPTQRounder(config)
+
+    def process(ctx: LayerContext) -> None:
+        rounder(ctx, {rel: ctx.layer.get_submodule(rel) for rel in family.linears}, config.spec)
+
+    walk_layers(model, family, calib, process, propagate="quantized", desc="gptq")
+    return QuantReport("gptq-r" if config.act_order else "gptq", config.spec, config.spec.bits_per_weight(),
+                       info=rounder.info())
