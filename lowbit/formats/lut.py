@@ -43,7 +43,7 @@ class TableFormat(Format):
     ties = "to the smaller magnitude"
 
     def __init__(self, values, name: str, bits: int | None = None):
-        v = torch.unique(torch.as_tensor(values, dtype=torch.float64))
+        v = torch.unique(torch.as_tensor(values, dtype=torch.float64).float().double())  # stored as float32
         if v.numel() < 2 or not torch.isfinite(v).all():
             raise LowbitError(f"{name}: a table needs at least two finite values")
         self.table = v
