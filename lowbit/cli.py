@@ -247,10 +247,10 @@ def _print_value(r: dict) -> None:
     if "exponent_field" in r:
         rows += [
             ("sign", f"{r['sign']}  ({'-' if r['sign'] else '+'})"),
-            ("exponent", f"{r['exponent_bits']}  field {r['exponent_field']}, bias {r['bias']}, "
-                         f"unbiased {r['exponent']}"),
-            ("mantissa", f"{r['mantissa_bits'] or '(none)'}  = {r['mantissa']:.10g} "
-                         f"(significand {r['significand']:.10g}, {r['kind']})"),
+            ("exponent", (f"{r['exponent_bits']}  field {r['exponent_field']}, bias {r['bias']}, "
+                          f"unbiased {r['exponent']}")),
+            ("mantissa", (f"{r['mantissa_bits'] or '(none)'}  = {r['mantissa']:.10g} "
+                          f"(significand {r['significand']:.10g}, {r['kind']})")),
         ]
     rows += [("code", f"{r['bits']}  ({r['code']:#x})"), ("stored", f"{r['stored']!r}")]
     if "error" in r:
