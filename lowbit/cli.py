@@ -9,6 +9,9 @@ from pathlib import Path
 from .errors import LowbitError
 
 GROUP_HELP = "group size along the input dimension (must divide every layer's input width); 0 = per output channel"
+FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf16, fp32, eXmY[_bZ] (custom float, bias Z), "
+               "nf4 (nf2-nf8), mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8_e4m3, mxfp8_e5m2, mxint8, bfp, log2, kmeans, "
+               "binary, ternary")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,10 +65,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per evaluation window (default 2048)")
 
 
-def _add_spec_args(p: argparse.ArgumentParser, bits_default: int = 4) -> None:
-    p.add_argument("--w-bit", type=_bits, default=bits_default, help=f"weight bits, 2-8 (default {bits_default})")
-    p.add_argument("--group-size", type=_non_negative, default=64, help=GROUP_HELP + " (default 64)")
-    p.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric, integer zero point)")
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--w-bit", type=_bits, help="weight bits, 2-8 (default 4, or the width the format's name fixes)")
+    p.add_argument("--group-size", type=_non_negative, help=GROUP_HELP + " (default 64; 32 for MX formats)")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric, integer zero point; "
+                                                      "formats other than int are always symmetric)")
+    p.add_argument("--format", default="int", help=f"number format: {FORMAT_HELP} (default int)")
+    p.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest",
+                   help="round to nearest (default) or stochastically (unbiased; seeded by --seed)")
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -100,11 +107,21 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(args):
+    from .formats import canonical
     from .quantizer import QuantSpec
 
+    fmt = canonical(args.format)
+    kw = {"format": fmt, "symmetric": args.sym, "rounding": args.rounding}
+    if args.w_bit is not None:
+        kw["bits"] = args.w_bit
+    if args.rounding == "stochastic":
+        import torch
+
+        torch.manual_seed(args.seed)  # methods draw from torch's generator; the CLI makes that reproducible
     if args.group_size == 0:
-        return QuantSpec(bits=args.w_bit, granularity="channel", symmetric=args.sym)
-    return QuantSpec(bits=args.w_bit, group_size=args.group_size, symmetric=args.sym)
+        return QuantSpec(granularity="channel", **kw)
+    default_group = 32 if fmt.startswith("mx") else 64
+    return QuantSpec(group_size=default_group if args.group_size is None else args.group_size, **kw)
 
 
 def _method_options(args, save_search: str | None = None):
@@ -219,6 +236,85 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _clip(text: str) -> tuple[float, float]:
+    vals = _floats(text)
+    if len(vals) == 1 and vals[0] > 0:
+        return -vals[0], vals[0]
+    if len(vals) == 2:
+        return vals[0], vals[1]
+    raise argparse.ArgumentTypeError(f"--clip takes L > 0 (range [-L, L]) or LOW,HIGH, got {text!r}")
+
+
+def _print_value(r: dict) -> None:
+    rows = [("format", r["format"]), ("input", f"{r['input']!r}")]
+    if "exponent_field" in r:
+        rows += [
+            ("sign", f"{r['sign']}  ({'-' if r['sign'] else '+'})"),
+            ("exponent", (f"{r['exponent_bits']}  field {r['exponent_field']}, bias {r['bias']}, "
+                          f"unbiased {r['exponent']}")),
+            ("mantissa", (f"{r['mantissa_bits'] or '(none)'}  = {r['mantissa']:.10g} "
+                          f"(significand {r['significand']:.10g}, {r['kind']})")),
+        ]
+    rows += [("code", f"{r['bits']}  ({r['code']:#x})"), ("stored", f"{r['stored']!r}")]
+    if "error" in r:
+        rel = f", relative {r['relative_error']:.3g}" if "relative_error" in r else ""
+        rows.append(("error", f"{r['error']:.6g}{rel}"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+
+
+def _print_values(r: dict) -> None:
+    head = f"{r['format']}, {r['bits']} bits, range [{r['range'][0]:g}, {r['range'][1]:g}]"
+    if "scale" in r:
+        head += "; scale " + ", ".join(f"{s:.6g}" for s in r["scale"])
+    if "zero_point" in r:
+        head += f"; zero point {', '.join(f'{z:.6g}' for z in r['zero_point'])} ({r['zero_point_kind']})"
+    if "codebook" in r:
+        head += "; codebook " + ", ".join(f"{c:.4g}" for c in r["codebook"])
+    print(head)
+    rows = [{"value": v, "code": c, "bits": b, "deq": d, "err": e} for v, c, b, d, e in
+            zip(r["values"], r["codes"], r.get("code_bits") or [""] * len(r["codes"]), r["dequantized"], r["error"])]
+    cols = [("value", "value", ".6g"), ("code", "integer" if "integers" in r else "code", "")]
+    if "code_bits" in r:
+        cols.append(("bits", "bits", ""))
+    cols += [("deq", "dequantized", ".6g"), ("err", "error", ".3g")]
+    print(_table(rows, cols))
+
+
+def cmd_format(args) -> int:
+    from .formats import canonical, get_format, is_block
+    from .formats.explain import explain_value, quantize_values
+
+    if (args.value is None) == (args.values is None):
+        raise LowbitError("lowbit format needs exactly one of --value X or --values X1,X2,...")
+    name = canonical(args.format)
+    if args.values is not None:
+        out = quantize_values(args.values, name, args.bits, args.clip, args.sym, args.zero_point, args.block)
+        printer = _print_values
+    else:
+        if is_block(name):
+            raise LowbitError(f"{name} stores blocks of numbers with a shared scale; use --values")
+        from .formats import fixed_width
+
+        bits = None if fixed_width(name) is not None else (args.bits or 4)
+        if args.bits is not None and fixed_width(name) not in (None, args.bits):
+            raise LowbitError(f"format {name} has {fixed_width(name)} bits; --bits {args.bits} contradicts it")
+        out = explain_value(get_format(name, bits), args.value)
+        printer = _print_value
+    if args.json:
+        print(json.dumps(out))
+    else:
+        printer(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description="Low-bit quantization of LLMs: RTN, salient FP16, AWQ, GPTQ, "
                                                 "evaluated by perplexity.")
@@ -260,6 +356,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite compare.json and compare.png in --out-dir")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("format", help="show how a number format stores a value (bits, fields, error) or "
+                                      "quantizes a list (scale, zero point, codes)")
+    p.add_argument("--format", default="fp32", help=f"{FORMAT_HELP} (default fp32)")
+    p.add_argument("--value", type=float, help="one number: print its sign, exponent and mantissa fields, code, "
+                                               "stored value and error")
+    p.add_argument("--values", type=_floats, help="numbers separated by commas (write --values=-1,2 when the first "
+                                                  "is negative): print scale, zero point, codes, dequantized values")
+    p.add_argument("--bits", type=_positive, help="bits for int, log2, kmeans, bfp (default 4)")
+    p.add_argument("--clip", type=_clip, help="clipping range: L for [-L, L] (symmetric) or LOW,HIGH "
+                                              "(write --clip=-0.5,2); default: the values' min and max")
+    p.add_argument("--sym", action="store_true", help="int: symmetric range ±max|x| when no --clip is given")
+    p.add_argument("--zero-point", choices=("float", "int"), default="float",
+                   help="asymmetric int: offset by the range's low end (float, the lecture's x̂ = s·q + min; "
+                        "default) or an integer zero point")
+    p.add_argument("--block", type=_positive, help="bfp block size (default: all the values)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_format)
     return parser
 
 

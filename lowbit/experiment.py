@@ -92,6 +92,7 @@ class RunResult:
             "windows": self.windows,
             "tokens": self.tokens,
             "w_bit": s.bits if s else 16,
+            "format": s.format if s else "fp",
             "group_size": s.group_size if s and s.granularity == "group" else None,
             "sym": s.symmetric if s else None,
             "bits_per_weight": round(self.bits_per_weight, 4),

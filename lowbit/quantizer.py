@@ -1,8 +1,14 @@
-"""Uniform integer quantization of a tensor: the spec, its parameters, and (fake-)quantization.
+"""Quantization of a tensor: the spec, its parameters, and (fake-)quantization.
 
 Weights are laid out as ``[out_features, in_features]``; groups run along the input
 dimension, as in GPTQ and AWQ, so one scale serves ``group_size`` consecutive inputs
 of one output channel.
+
+``format="int"`` (the default) is uniform integer quantization with optional zero points,
+computed here. Every other format (FP4, NF4, MX, log2, k-means, ...; see
+:mod:`lowbit.formats`) is scaled by the group's absolute maximum onto the format's range
+(MX and bfp by a shared power of two, k-means by a learned codebook) and rounded by the
+format itself.
 """
 from __future__ import annotations
 
@@ -12,8 +18,21 @@ from typing import Literal
 import torch
 
 from .errors import LowbitError
+from .formats import Format, canonical, fixed_width, get_format, is_block
+from .formats.base import stochastic_floor
 
 Granularity = Literal["tensor", "channel", "group"]
+
+
+class _DefaultBits(int):
+    """The default 4 bits, marked so a format whose name fixes its width (fp8_e4m3) can take over."""
+
+    def __repr__(self) -> str:
+        return "4"
+
+
+def _set(obj, name: str, value) -> None:
+    object.__setattr__(obj, name, value)
 
 
 @dataclass(frozen=True)
@@ -24,17 +43,35 @@ class QuantSpec:
     ``zero_point="float"`` offsets by the clipped minimum itself (x̂ = s·q + min), the
     convention of the lecture's worked example, which loses no precision to rounding z.
     ``clip_ratio`` shrinks the range (max|w|, or both ends) before the scale is set.
+
+    ``format`` names the number format (:func:`lowbit.formats.get_format`). A name that fixes
+    the width (``nf4``, ``fp8_e4m3``, ``mxfp4``) sets ``bits`` when it is left at its default;
+    ``int``, ``log2``, ``kmeans`` and ``bfp`` take ``bits``. Formats other than ``int`` are
+    scaled symmetrically (``symmetric`` becomes True; they have no zero point). MX formats
+    need groups of 32; ``kmeans`` learns a codebook per tensor or per group.
+    ``rounding="stochastic"`` rounds up or down at random with the probabilities that make
+    the result unbiased.
     """
 
-    bits: int = 4
+    bits: int = _DefaultBits(4)
     granularity: Granularity = "group"
     group_size: int = 64
     symmetric: bool = False
     clip_ratio: float = 1.0
     zero_point: Literal["int", "float"] = "int"
+    format: str = "int"
+    rounding: Literal["nearest", "stochastic"] = "nearest"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        name = canonical(self.format)
+        width = fixed_width(name)  # refuses unknown names
+        _set(self, "format", name)
+        if width is not None and type(self.bits) is _DefaultBits:
+            _set(self, "bits", width)
+        elif width is not None and self.bits != width:
+            raise LowbitError(f"format {name} has {width} bits, but bits={self.bits!r} was asked for; "
+                              "leave bits out or choose another format")
+        elif not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise LowbitError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
         if self.granularity not in ("tensor", "channel", "group"):
             raise LowbitError(f"granularity must be tensor, channel or group, got {self.granularity!r}")
@@ -44,6 +81,28 @@ class QuantSpec:
             raise LowbitError(f"clip ratio must be in (0, 1], got {self.clip_ratio!r}")
         if self.zero_point not in ("int", "float"):
             raise LowbitError(f"zero_point must be 'int' or 'float', got {self.zero_point!r}")
+        if self.rounding not in ("nearest", "stochastic"):
+            raise LowbitError(f"rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
+        if name != "int":
+            _set(self, "symmetric", True)
+        if is_block(name) and self.granularity != "group":
+            raise LowbitError(f"{name} shares one scale per block of the input dimension: use granularity 'group'")
+        if name.startswith("mx") and self.group_size != 32:
+            raise LowbitError(f"{name} uses blocks of 32 (OCP MX), so group_size must be 32, got {self.group_size}")
+        if name == "kmeans" and self.granularity == "channel":
+            raise LowbitError("kmeans codebooks are per tensor or per group (granularity 'tensor' or 'group')")
+        _set(self, "_format", get_format(name, None if width else self.bits,
+                                         self.group_size if name == "bfp" else None))
+
+    @property
+    def is_int(self) -> bool:
+        """Uniform integers with zero points, computed in this module (the original path)."""
+        return self.format == "int"
+
+    @property
+    def number_format(self) -> Format:
+        """The :class:`lowbit.formats.Format` this spec rounds to."""
+        return self._format
 
     @property
     def qmin(self) -> int:
@@ -57,26 +116,43 @@ class QuantSpec:
         return self.granularity != "group" or in_features % self.group_size == 0
 
     def bits_per_weight(self, scale_bits: int = 16) -> float:
-        """Storage cost including one fp16 scale (and a b-bit zero point) per group."""
+        """Storage cost per weight including the group's parameters.
+
+        int: one fp16 scale (and a b-bit zero point) per group. Other formats: what the format
+        stores per group, an fp16 scale (FP, NF, log2, binary, ternary), an 8-bit E8M0
+        exponent (MX, bfp) or 2^b fp16 centroids (kmeans). Per-channel and per-tensor
+        parameters are not counted (a few bits per row or tensor).
+        """
         if self.granularity != "group":
             return float(self.bits)
+        if not self.is_int:
+            return self.bits + self.number_format.group_bits(None if scale_bits == 16 else scale_bits) / self.group_size
         extra = scale_bits + (0 if self.symmetric else self.bits)
         return self.bits + extra / self.group_size
 
     def describe(self) -> str:
         gran = {"tensor": "per-tensor", "channel": "per-channel", "group": f"g{self.group_size}"}[self.granularity]
-        return f"W{self.bits} {gran} {'sym' if self.symmetric else 'asym'}"
+        sr = " stochastic" if self.rounding == "stochastic" else ""
+        if not self.is_int:
+            return f"{self.format} {gran}{sr}"
+        return f"W{self.bits} {gran} {'sym' if self.symmetric else 'asym'}{sr}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Fields as a plain dict; format and rounding only when not the defaults, so records of
+        integer specs made before formats existed still compare equal."""
+        d = asdict(self)
+        for key, default in (("format", "int"), ("rounding", "nearest")):
+            if d[key] == default:
+                del d[key]
+        return d
 
 
 @dataclass
 class QTensor:
     """Integers plus the per-group parameters that map them back to reals."""
 
-    q: torch.Tensor  # integer codes, same shape as the weight (int16 holds every width)
-    scale: torch.Tensor  # [out, n_groups] (or broadcastable)
+    q: torch.Tensor  # integer codes, same shape as the weight (int16 up to 15 bits, wider types above)
+    scale: torch.Tensor  # [out, n_groups] (or broadcastable); kmeans: the codebooks [out, n_groups, 2^b]
     zero: torch.Tensor  # integer zero point, or the float offset for zero_point="float"
     spec: QuantSpec
     shape: tuple[int, ...]
@@ -113,6 +189,8 @@ def compute_qparams(
     passes one ratio per group and candidate).
     """
     ratio = spec.clip_ratio if clip_ratio is None else clip_ratio
+    if not spec.is_int:
+        return spec.number_format.qparams(wg, ratio)
     if spec.symmetric:
         amax = wg.abs().amax(dim=-1, keepdim=True) * ratio
         return qparams_from_range(-amax, amax, spec)
@@ -126,6 +204,12 @@ def qparams_from_range(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map the clipping range [lo, hi] onto the integer grid."""
     lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+    if not spec.is_int:
+        fmt = spec.number_format
+        if getattr(fmt, "table_params", False):
+            raise LowbitError(f"{spec.format} learns its parameters from the values; use compute_qparams")
+        scale = fmt.scale_for(torch.maximum(hi.abs(), lo.abs()))
+        return scale, torch.zeros_like(scale)
     if spec.symmetric:
         scale = (torch.maximum(hi.abs(), lo.abs()) / spec.qmax).clamp(min=1e-8)
         return scale, torch.zeros_like(scale)
@@ -135,39 +219,67 @@ def qparams_from_range(
     return scale, torch.round(-lo / scale).clamp(0, spec.qmax)
 
 
-def encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (as floats) of ``wg``; values beyond the range saturate."""
+def _round(t: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None) -> torch.Tensor:
+    return stochastic_floor(t, generator) if spec.rounding == "stochastic" else torch.round(t)
+
+
+def encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Codes of ``wg``; values beyond the range saturate.
+
+    int: the integers, as floats. Other formats: the format's codes (int64), e.g. NF4 table
+    indices or FP4 bit patterns; for kmeans ``scale`` is the codebook.
+    """
+    if not spec.is_int:
+        return spec.number_format.encode_scaled(wg, scale, spec.rounding == "stochastic", generator)
     if spec.zero_point == "float" and not spec.symmetric:
-        return torch.clamp(torch.round((wg - zero) / scale), spec.qmin, spec.qmax)
-    return torch.clamp(torch.round(wg / scale) + zero, spec.qmin, spec.qmax)
+        return torch.clamp(_round((wg - zero) / scale, spec, generator), spec.qmin, spec.qmax)
+    return torch.clamp(_round(wg / scale, spec, generator) + zero, spec.qmin, spec.qmax)
 
 
 def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Reals represented by codes ``q``."""
+    if not spec.is_int:
+        return spec.number_format.decode_scaled(q, scale)
     if spec.zero_point == "float" and not spec.symmetric:
         return q * scale + zero
     return (q - zero) * scale
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:
+def _code_dtype(bits: int) -> torch.dtype:
+    return torch.int16 if bits <= 15 else (torch.int32 if bits <= 31 else torch.int64)
+
+
+def _table_params(spec: QuantSpec) -> bool:
+    return getattr(spec.number_format, "table_params", False)
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None) -> QTensor:
     """Integer codes and parameters of ``w`` under ``spec``."""
     wg = _grouped(w.float(), spec)
     scale, zero = compute_qparams(wg, spec)
-    q = encode(wg, scale, zero, spec)
-    return QTensor(q.to(torch.int16).reshape(w.shape), scale.squeeze(-1), zero.squeeze(-1), spec, tuple(w.shape))
+    q = encode(wg, scale, zero, spec, generator)
+    params = scale if _table_params(spec) else scale.squeeze(-1)  # a codebook keeps its last axis
+    return QTensor(q.to(_code_dtype(spec.bits)).reshape(w.shape), params, zero.squeeze(-1), spec, tuple(w.shape))
 
 
 def dequantize(qt: QTensor) -> torch.Tensor:
     """Reals represented by ``qt``."""
-    qg = _grouped(qt.q.float(), qt.spec)
-    return decode(qg, qt.scale.unsqueeze(-1), qt.zero.unsqueeze(-1), qt.spec).reshape(qt.shape)
+    codes = qt.q.float() if qt.spec.is_int else qt.q.long()
+    qg = _grouped(codes, qt.spec)
+    scale = qt.scale if _table_params(qt.spec) else qt.scale.unsqueeze(-1)
+    return decode(qg, scale, qt.zero.unsqueeze(-1), qt.spec).reshape(qt.shape)
 
 
 def fake_quantize(
-    w: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | float | None = None
+    w: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | float | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize in one step, keeping ``w``'s dtype and shape."""
     wg = _grouped(w.float(), spec)
     scale, zero = compute_qparams(wg, spec, clip_ratio)
-    out = decode(encode(wg, scale, zero, spec), scale, zero, spec)
+    if spec.is_int:
+        out = decode(encode(wg, scale, zero, spec, generator), scale, zero, spec)
+    else:
+        out = spec.number_format.round_scaled(wg, scale, spec.rounding == "stochastic", generator)
     return out.reshape(w.shape).to(w.dtype)
