@@ -11,8 +11,9 @@ Kernels, chosen per layer by :func:`choose_kernel` and recorded in the model's c
 - ``int4x2``: 5-8 bit codes with groups, as two int4 matmuls: u = 16·h + l, so
   (u - z)·s = (h - z_h)·16s + (l - z_l)·s with z = 16·z_h + z_l.
 - ``int8``: torch's int8 weight-only kernel ``aten._weight_int8pack_mm`` (one scale per
-  output row). Symmetric codes go in as they are; asymmetric ones as u - 128 with the
-  zero point folded into a per-row correction (128 - z)·s·Σx.
+  output row): u - z goes in as int8 (it fits for every width up to 7 bits and for
+  symmetric codes); 8-bit asymmetric codes go in as u - 128 with the zero point folded into a
+  per-row correction (128 - z)·s·Σx.
 - ``unpack``: any width and group size: unpack the bit stream and dequantize on each call,
   then a float matmul. Slow at decode; the fallback.
 - ``dequant``: the float weight itself (exact; no memory saved).
@@ -100,13 +101,16 @@ class QuantLinear(nn.Module):
             self.register_buffer("sz", _int4_params(16 * scale, torch.div(zero, 16, rounding_mode="floor")))
             self.register_buffer("sz_lo", _int4_params(scale, torch.remainder(zero, 16)))
         elif kernel == "int8":
+            # u - z fits int8 up to 7 bits (and for symmetric codes): no correction needed. Only 8-bit
+            # asymmetric codes go in as u - 128, with the zero point folded into a per-row correction.
             u = codes.to(torch.int16)
-            if pt.symmetric:
-                self.register_buffer("w", (u - pt.offset).to(torch.int8))
+            z = zero[:, :1].to(torch.int16)
+            if pt.bits <= 7 or pt.symmetric:
+                self.register_buffer("w", (u - z).to(torch.int8))
                 self.correction = None
             else:
                 self.register_buffer("w", (u - 128).to(torch.int8))
-                self.register_buffer("correction", ((128 - zero[:, 0]) * scale[:, 0]).to(COMPUTE_DTYPE))
+                self.register_buffer("correction", (128 - zero[:, 0]) * scale[:, 0])
             self.register_buffer("s", scale[:, 0].to(COMPUTE_DTYPE).contiguous())
         else:  # unpack
             self.register_buffer("qweight", pt.qweight)
@@ -125,20 +129,20 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "unpack":
-            y = F.linear(x2, self._dequantized(x2.dtype))
+        if self.kernel == "unpack":  # bias inside F.linear, as nn.Linear does: identical results
+            y = F.linear(x2, self._dequantized(x2.dtype), self.bias)
+            return y.reshape(*shape[:-1], self.out_features)
+        xc = x2.to(COMPUTE_DTYPE)
+        if self.kernel == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.w, self.group_size, self.sz)
+        elif self.kernel == "int4x2":  # the two halves are added in float32, not bf16
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.w, self.group_size, self.sz).float()
+            y = y + torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.w_lo, self.group_size, self.sz_lo)
         else:
-            xc = x2.to(COMPUTE_DTYPE)
-            if self.kernel == "int4":
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.w, self.group_size, self.sz)
-            elif self.kernel == "int4x2":
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.w, self.group_size, self.sz)
-                y = y + torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.w_lo, self.group_size, self.sz_lo)
-            else:
-                y = torch.ops.aten._weight_int8pack_mm(xc, self.w, self.s)
-                if self.correction is not None:
-                    y = y + xc.sum(-1, keepdim=True) * self.correction
-            y = y.to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(xc, self.w, self.s)
+            if self.correction is not None:
+                y = y.float() + xc.float().sum(-1, keepdim=True) * self.correction
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
