@@ -257,6 +257,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_gguf
+    from .models.loading import model_source
+
+    if model_source(args.model)[0] != "lowbit":
+        raise LowbitError(f"{args.model} is not a lowbit packed model directory; make one with lowbit quantize -o DIR")
+    info = export_gguf(args.model, args.output, force=args.force)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"{info['path']}: {info['bytes'] / 1e6:.1f} MB, {info['tensors']} tensors, types "
+              f"{', '.join(info['types'])}; float16 block scales move a weight by at most "
+              f"{info['max_change_steps']:.4f} quantization steps")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .compare import COMPARE_METHODS, run_compare, save_chart
     from .quantizer import QuantSpec
@@ -333,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the timing as one JSON object as the last line")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a packed model in another tool's format (GGUF for llama.cpp)")
+    p.add_argument("--model", required=True, help="a lowbit packed model directory (from lowbit quantize -o)")
+    p.add_argument("--to", choices=("gguf",), required=True, help="target format: gguf (W4 -> Q4_0/Q4_1, W8 -> Q8_0)")
+    p.add_argument("-o", "--output", required=True, help="output file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="RTN vs salient FP16 (by activation, weight, random) vs AWQ: table and chart")
     _add_model_args(p)

@@ -96,7 +96,7 @@ def pack_model_(model: nn.Module, spec: QuantSpec, *, method: str = "unknown", e
     set to exactly what the file will hold (hence the trailing underscore), so evaluating
     ``model`` afterwards measures the saved model.
     """
-    from .kernels import choose_kernel
+    from .kernels import KERNEL_OPS, choose_kernel
 
     if embed not in EMBED_CHOICES:
         raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
@@ -138,8 +138,10 @@ def pack_model_(model: nn.Module, spec: QuantSpec, *, method: str = "unknown", e
     for key, t in model.state_dict().items():
         if key not in done and key != tied_head:
             out.floats[key] = t.detach()
+    used = sorted({e["kernel"] for e in out.entries.values()})
     out.meta = {
         "method": method, "spec": spec.to_dict(), "embedding": embed_info, "tied_embeddings": _tied(model),
+        "kernels": {k: KERNEL_OPS[k] for k in used},
         "family": family.name, "weights_dtype": str(next(iter(linears.values())).weight.dtype).removeprefix("torch."),
     }
     return out
