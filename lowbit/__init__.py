@@ -2,11 +2,12 @@
 from .errors import LowbitError
 from .methods import AWQConfig, AWQGPTQConfig, AWQSearch, GPTQConfig, RTNConfig, SalientConfig, quantize_
 from .models import load_model
+from .pack import load
 from .quantizer import QTensor, QuantSpec, dequantize, fake_quantize, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AWQConfig", "AWQGPTQConfig", "AWQSearch", "GPTQConfig", "LowbitError", "QTensor", "QuantSpec", "RTNConfig",
-    "SalientConfig", "dequantize", "fake_quantize", "load_model", "quantize", "quantize_",
+    "SalientConfig", "dequantize", "fake_quantize", "load", "load_model", "quantize", "quantize_",
 ]

@@ -143,7 +143,8 @@ def _session(args):
 
     model_source(args.model)  # a bad --model or bad data fails before the slow model load
     text = eval_text(args.data, args.data_dir)
-    model, tok = load_model(args.model)
+    # Only eval reads a packed model with a chosen kernel; quantize's --kernel is what it records.
+    model, tok = load_model(args.model, kernel=args.kernel if args.command == "eval" else "dequant")
     calib = CalibOptions(args.calib_samples, args.calib_seq_len, args.seed, args.calib_data) \
         if hasattr(args, "calib_samples") else None
     return Session(model, tok, text=text, data_dir=args.data_dir, seq_len=args.seq_len,
@@ -170,13 +171,24 @@ RESULT_COLUMNS = [
 
 def cmd_eval(args) -> int:
     from .experiment import make_config
+    from .models.loading import model_source
 
     spec = None if args.method == "fp" else _spec(args)
     opts = _method_options(args)
     make_config(args.method, spec, opts)  # refuse bad options before the slow part
+    if args.method != "fp" and model_source(args.model)[0] == "lowbit":
+        raise LowbitError(f"{args.model} is already quantized (a lowbit packed model); evaluate it with --method fp")
     session = _session(args)
     result = session.run(args.method, spec, opts, progress=not args.json)
     row = result.row()
+    doc = getattr(session.model, "lowbit_config", None)
+    if doc is not None:  # a packed model: label the row with what the file holds
+        from .quantizer import QuantSpec
+
+        packed_spec = QuantSpec(**doc["spec"])
+        row.update(method=f"{doc['method']} (packed)", w_bit=packed_spec.bits, sym=packed_spec.symmetric,
+                   group_size=packed_spec.group_size if packed_spec.granularity == "group" else None,
+                   bits_per_weight=round(packed_spec.bits_per_weight(), 4), kernel=args.kernel)
     if args.json:
         print(json.dumps(row))
     else:
@@ -184,25 +196,107 @@ def cmd_eval(args) -> int:
     return 0
 
 
+QUANTIZE_METHODS = ("rtn", "awq")  # methods that round every weight of every linear: their output packs
+
+
 def cmd_quantize(args) -> int:
     from .io import check_writable
 
-    if not args.save_search:
-        raise LowbitError("lowbit quantize needs --save-search FILE (packed model export is not built yet)")
-    if args.method != "awq":
+    if not args.save_search and not args.output:
+        raise LowbitError("lowbit quantize needs -o DIR (a packed model) and/or --save-search FILE (AWQ scales "
+                          "and clips)")
+    if args.save_search and args.method != "awq":
         raise LowbitError("only --method awq has a search to save")
     from .experiment import make_config
 
-    check_writable(args.save_search, args.force)
+    if args.save_search:
+        check_writable(args.save_search, args.force)
+    if args.output:
+        from .pack.checkpoint import check_output_dir
+
+        check_output_dir(args.output, args.force)
+        if args.save_search and Path(args.save_search).resolve() == Path(args.output).resolve():
+            raise LowbitError("-o and --save-search must be different paths")
+    spec = _spec(args)
     opts = _method_options(args, save_search=args.save_search)
-    make_config(args.method, _spec(args), opts)
+    make_config(args.method, spec, opts)
     session = _session(args)
-    result = session.run(args.method, _spec(args), opts, progress=not args.json, evaluate=args.eval)
-    row = result.row()
-    if not args.eval:
-        row = {k: v for k, v in row.items() if k not in ("ppl", "windows", "tokens", "eval_seconds")}
+    result = session.run(args.method, spec, opts, progress=not args.json, evaluate=False)
+    row = {k: v for k, v in result.row().items() if k not in ("ppl", "windows", "tokens", "eval_seconds")}
+    if args.output:
+        row.update(_save_packed(session, spec, args))
+    if args.eval:
+        from .eval.perplexity import perplexity
+
+        res = perplexity(session.model, session.windows, progress=not args.json)
+        row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2))
     print(json.dumps(row) if args.json else _table([row], RESULT_COLUMNS))
-    print(f"search saved to {args.save_search}", file=sys.stderr)
+    if args.save_search:
+        print(f"search saved to {args.save_search}", file=sys.stderr)
+    if args.output:
+        print(f"packed model saved to {args.output}: {row['disk_mb']:.1f} MB on disk, "
+              f"{100 * row['disk_fraction_of_fp16']:.1f}% of the fp16 model ({row['fp16_mb']:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def _save_packed(session, spec, args) -> dict:
+    """Pack the quantized model in the session (its embedding set to what the file holds) and write it."""
+    from .pack.checkpoint import WEIGHTS_NAME, pack_model_, save_packed
+
+    model = session.model
+    packed = pack_model_(model, spec, method=args.method, embed=args.embed, kernel=args.kernel)
+    out = save_packed(packed, model.config, session.tokenizer, args.output, force=args.force,
+                      generation_config=getattr(model, "generation_config", None),
+                      extra={"source_model": args.model})
+    fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    disk = (out / WEIGHTS_NAME).stat().st_size
+    kernels = sorted({e["kernel"] for e in packed.entries.values() if e["role"] == "linear"})
+    return {"disk_mb": round(disk / 1e6, 2), "fp16_mb": round(fp16_bytes / 1e6, 2),
+            "disk_fraction_of_fp16": round(disk / fp16_bytes, 4), "kernel": ",".join(kernels),
+            "embedding": packed.meta["embedding"]["embedding"]["storage"],
+            "embedding_exact": packed.meta["embedding"]["embedding"]["exact"]}
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+    from .models.loading import load_model, model_source
+
+    model_source(args.model)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, kernel=args.kernel)
+    if tok is None:
+        raise LowbitError(f"{args.model} has no tokenizer")
+    g = generate(model, tok, args.prompt, args.max_new_tokens, chat=args.chat)
+    print(g.text)
+    stats = {"prompt_tokens": g.prompt_tokens, "new_tokens": g.new_tokens,
+             "prompt_tokens_per_s": round(g.prompt_tokens_per_s, 2),
+             "decode_tokens_per_s": round(g.decode_tokens_per_s, 2),
+             "seconds": round(g.prefill_seconds + g.decode_seconds, 3)}
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(f"\n{g.new_tokens} new tokens: {stats['decode_tokens_per_s']:.1f} tokens/s decode, "
+              f"{g.prompt_tokens} prompt tokens: {stats['prompt_tokens_per_s']:.1f} tokens/s "
+              f"({stats['seconds']:.2f} s in all)", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_gguf
+    from .models.loading import model_source
+
+    if model_source(args.model)[0] != "lowbit":
+        raise LowbitError(f"{args.model} is not a lowbit packed model directory; make one with lowbit quantize -o DIR")
+    info = export_gguf(args.model, args.output, force=args.force)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"{info['path']}: {info['bytes'] / 1e6:.1f} MB, {info['tensors']} tensors, types "
+              f"{', '.join(info['types'])}; float16 block scales move a weight by at most "
+              f"{info['max_change_steps']:.4f} quantization steps")
     return 0
 
 
@@ -328,20 +422,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     _add_data_args(p)
     _add_method_args(p)
+    p.add_argument("--kernel", choices=("dequant", "auto", "int4", "int4x2", "int8", "unpack"), default="dequant",
+                   help="for a packed model directory: dequant (default: float weights, exactly as quantized) or "
+                        "a packed CPU kernel")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("quantize", help="run a method and save its search (AWQ scales and clips)")
+    p = sub.add_parser("quantize", help="quantize a model and save it packed (-o DIR) and/or its AWQ search")
     _add_model_args(p)
-    p.add_argument("--method", default="awq", choices=("awq",), help="awq (default; the method with a search)")
+    p.add_argument("--method", default="awq", choices=QUANTIZE_METHODS, help="rtn or awq (default awq)")
     _add_spec_args(p)
     _add_data_args(p)
     _add_method_args(p)
+    p.add_argument("-o", "--output", metavar="DIR", help="write the packed model (safetensors + lowbit.json + "
+                                                          "tokenizer) to the directory DIR")
+    p.add_argument("--embed", choices=("int8", "fp16", "fp32"), default="int8",
+                   help="how -o stores the embedding and an untied head (default int8: 8-bit, one scale per 32)")
+    p.add_argument("--kernel", choices=("auto", "int4", "int4x2", "int8", "unpack", "dequant"), default="auto",
+                   help="CPU kernel recorded for each packed linear (default auto: the fastest that applies)")
     p.add_argument("--save-search", help="write the AWQ search (safetensors) to FILE")
-    p.add_argument("--eval", action="store_true", help="also measure perplexity of the result")
+    p.add_argument("--eval", action="store_true", help="also measure perplexity of the result (after packing)")
     p.add_argument("--force", action="store_true", help="overwrite existing output")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("generate", help="generate text with a model (e.g. a packed one) and report tokens/s")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-new-tokens", type=_positive, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--kernel", choices=("auto", "int4", "int4x2", "int8", "unpack", "dequant"), default="auto",
+                   help="for a packed model: kernel per linear (default auto: as recorded in the model)")
+    p.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the timing as one JSON object as the last line")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a packed model in another tool's format (GGUF for llama.cpp)")
+    p.add_argument("--model", required=True, help="a lowbit packed model directory (from lowbit quantize -o)")
+    p.add_argument("--to", choices=("gguf",), required=True, help="target format: gguf (W4 -> Q4_0/Q4_1, W8 -> Q8_0)")
+    p.add_argument("-o", "--output", required=True, help="output file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="RTN vs salient FP16 (by activation, weight, random) vs AWQ: table and chart")
     _add_model_args(p)

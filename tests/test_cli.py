@@ -43,7 +43,8 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     (["eval", "--data", "/nonexistent/file.txt"], ["data file not found"]),
     (["eval", "--model", "/nonexistent/model"], ["model path does not exist"]),
     (["eval", "--model", "/nonexistent/model.gguf"], ["model file not found"]),
-    (["quantize", "--method", "awq"], ["needs --save-search"]),
+    (["quantize", "--method", "awq"], ["needs -o DIR", "--save-search FILE"]),
+    (["quantize", "--method", "rtn", "--save-search", "s.safetensors"], ["only --method awq has a search"]),
 ])
 def test_bad_input_fails_fast_with_one_line(args, fragments):
     assert_clean_error(run(*args), *fragments)

@@ -114,7 +114,7 @@ def _from_hub(model_id: str):
 
 
 def model_source(name_or_path: str) -> tuple[str, str | Path]:
-    """Where a model comes from: ("builtin" | "gguf" | "dir" | "hub", location). Cheap, so a bad
+    """Where a model comes from: ("builtin" | "gguf" | "lowbit" | "dir" | "hub", location). Cheap, so a bad
     --model is reported before any slow work."""
     if name_or_path in BUILTIN:
         return "builtin", builtin_gguf(name_or_path)
@@ -124,14 +124,17 @@ def model_source(name_or_path: str) -> tuple[str, str | Path]:
             raise LowbitError(f"model file not found: {path}")
         return "gguf", path
     if path.is_dir():
-        return "dir", path
+        return ("lowbit" if (path / "lowbit.json").is_file() else "dir"), path
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise LowbitError(f"model path does not exist or is not a checkpoint: {name_or_path}")
     return "hub", name_or_path
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL) -> tuple[nn.Module, object]:
-    """(model in float32, eval mode; tokenizer) for a built-in name, directory, .gguf file or hub id."""
+def load_model(name_or_path: str = DEFAULT_MODEL, kernel: str = "dequant") -> tuple[nn.Module, object]:
+    """(model in float32, eval mode; tokenizer) for a built-in name, directory, .gguf file or hub id.
+
+    A lowbit packed directory loads with ``kernel`` (default: float weights, exactly as quantized).
+    """
     _quiet_transformers()
     kind, where = model_source(name_or_path)
     if kind == "builtin":
@@ -146,6 +149,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> tuple[nn.Module, object]:
             model, tok = _from_dir(cached)
     elif kind == "gguf":
         model, tok = _from_gguf(where)
+    elif kind == "lowbit":
+        from ..pack.checkpoint import load_packed
+
+        model, tok = load_packed(where, kernel=kernel)
     elif kind == "dir":
         model, tok = _from_dir(where)
     else:

@@ -1,0 +1,354 @@
+"""lowbit's packed model directory: write it atomically, read it back bit for bit.
+
+A directory holds
+
+- ``model.safetensors``: for each quantized linear ``NAME``, ``NAME.qweight`` (int32 bit
+  stream, see :mod:`lowbit.pack.bits`), ``NAME.scales`` and, if asymmetric, ``NAME.qzeros``;
+  the embedding (and an untied output head) the same way at 8 bits, or as float; every
+  other tensor (norms, biases) as it was;
+- ``lowbit.json``: format name and version, the method and spec, one entry per packed
+  tensor (shape, bits, group size, symmetry, role, kernel) and a SHA-256 of every file;
+- ``config.json`` (+ ``generation_config.json``) and the tokenizer, as Hugging Face writes them.
+
+Nothing is pickled. The directory is built under a temporary name beside the target and
+renamed into place only when complete, so a failed write (disk full, interrupt) leaves
+nothing behind and never half-replaces an existing model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from ..models.families import family_for
+from ..models.inventory import quantizable_linears
+from ..quantizer import QuantSpec, quantize
+from .codes import grid_codes
+from .tensor import PackedTensor
+
+FORMAT = "lowbit-packed"
+FORMAT_VERSION = 1
+CONFIG_NAME = "lowbit.json"
+WEIGHTS_NAME = "model.safetensors"
+EMBED_CHOICES = ("int8", "fp16", "fp32")
+EMBED_GROUP = 32  # llama.cpp's Q8_0 block: the default model's embedding is stored that way, so int8 g32 is exact
+
+
+@dataclass
+class PackedModel:
+    """A model's tensors ready to write: packed matrices, float leftovers, and the config entries."""
+
+    packed: dict[str, PackedTensor] = field(default_factory=dict)  # module name -> packed weight
+    floats: dict[str, torch.Tensor] = field(default_factory=dict)  # state-dict name -> tensor
+    entries: dict[str, dict] = field(default_factory=dict)  # module name -> role, kernel, ...
+    meta: dict = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.packed.values()) + sum(
+            t.numel() * t.element_size() for t in self.floats.values())
+
+
+def is_packed_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def _embed_spec(width: int) -> QuantSpec:
+    if width % EMBED_GROUP == 0:
+        return QuantSpec(bits=8, group_size=EMBED_GROUP, symmetric=True)
+    return QuantSpec(bits=8, granularity="channel", symmetric=True)
+
+
+@torch.no_grad()
+def _pack_embedding(weight: torch.Tensor, how: str, name: str) -> tuple[PackedTensor | None, torch.Tensor, dict]:
+    """(packed or None, the float weight the file will load as, config entry) for an embedding or head."""
+    if how == "int8":
+        spec = _embed_spec(weight.shape[1])
+        try:
+            qt, exact = grid_codes(weight, spec, name), True
+        except LowbitError:
+            qt, exact = quantize(weight, spec), False
+        pt = PackedTensor.from_qtensor(qt)
+        return pt, pt.dequantize(weight.dtype), {"storage": f"int8 {spec.describe()}", "exact": exact}
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[how]
+    stored = weight.to(dtype)
+    return None, stored.to(weight.dtype), {"storage": how, "exact": bool(torch.equal(stored.to(weight.dtype), weight))}
+
+
+def _tied(model: nn.Module) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+@torch.no_grad()
+def pack_model_(model: nn.Module, spec: QuantSpec, *, method: str = "unknown", embed: str = "int8",
+                kernel: str = "auto") -> PackedModel:
+    """Pack a model whose linears a method has rounded with ``spec``.
+
+    The embedding (and an untied head) is stored as ``embed`` says; the model's own copy is
+    set to exactly what the file will hold (hence the trailing underscore), so evaluating
+    ``model`` afterwards measures the saved model.
+    """
+    from .kernels import KERNEL_OPS, choose_kernel
+
+    if embed not in EMBED_CHOICES:
+        raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
+    family = family_for(model)
+    linears = quantizable_linears(model, family)
+    out = PackedModel()
+    for name, lin in linears.items():
+        pt = PackedTensor.from_qtensor(grid_codes(lin.weight, spec, name))
+        out.packed[name] = pt
+        out.entries[name] = {**pt.meta(), "role": "linear", "kernel": choose_kernel(pt, kernel)}
+        if lin.bias is not None:
+            out.floats[f"{name}.bias"] = lin.bias.detach()
+    embeddings = {"embedding": model.get_input_embeddings()}
+    if not _tied(model) and model.get_output_embeddings() is not None:
+        embeddings["lm_head"] = model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_info = {}
+    for role, mod in embeddings.items():
+        name = names[id(mod)]
+        pt, loaded, info = _pack_embedding(mod.weight.detach(), embed, name)
+        mod.weight.copy_(loaded)
+        embed_info[role] = info
+        if pt is None:
+            out.floats[f"{name}.weight"] = loaded.to({"fp16": torch.float16, "fp32": torch.float32}[embed])
+        else:
+            out.packed[name] = pt
+            # An embedding's own lookup always uses float rows; its kernel serves the tied output head.
+            head_use = role == "lm_head" or _tied(model)
+            out.entries[name] = {**pt.meta(), "role": role, "kernel": choose_kernel(pt, kernel) if head_use
+                                 else "dequant"}
+        if role == "lm_head" and getattr(mod, "bias", None) is not None:
+            out.floats[f"{name}.bias"] = mod.bias.detach()
+    if _tied(model):
+        head = model.get_output_embeddings()
+        if head is not None and getattr(head, "bias", None) is not None:
+            out.floats[f"{names[id(head)]}.bias"] = head.bias.detach()
+    done = {f"{n}.weight" for n in out.packed} | set(out.floats)
+    tied_head = f"{names[id(model.get_output_embeddings())]}.weight" if _tied(model) else None
+    for key, t in model.state_dict().items():
+        if key not in done and key != tied_head:
+            out.floats[key] = t.detach()
+    used = sorted({e["kernel"] for e in out.entries.values()})
+    out.meta = {
+        "method": method, "spec": spec.to_dict(), "embedding": embed_info, "tied_embeddings": _tied(model),
+        "kernels": {k: KERNEL_OPS[k] for k in used},
+        "family": family.name, "weights_dtype": str(next(iter(linears.values())).weight.dtype).removeprefix("torch."),
+    }
+    return out
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse an existing output without ``force``, and never replace a directory lowbit did not write."""
+    p = Path(path)
+    if p.exists():
+        if not force:
+            raise LowbitError(f"{p} exists; pass --force to overwrite it")
+        if not (p.is_dir() and is_packed_dir(p)):
+            raise LowbitError(f"{p} exists and is not a lowbit model directory; refusing to replace it even with --force")
+    if not p.parent.is_dir():
+        raise LowbitError(f"directory {p.parent} does not exist")
+    return p
+
+
+def save_packed(packed: PackedModel, config, tokenizer, path: str | os.PathLike, *, force: bool = False,
+                generation_config=None, extra: dict | None = None) -> Path:
+    """Write ``packed`` as a lowbit directory at ``path``, atomically."""
+    from safetensors.torch import save_file
+
+    dest = check_output_dir(path, force)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        tensors = {}
+        for name, pt in packed.packed.items():
+            tensors.update(pt.tensors(name))
+        tensors.update(packed.floats)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        doc = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "packing": "codes row-major, unsigned (symmetric shifted by 2^(bits-1)-1); every 32 codes fill `bits` "
+                       "int32 words, code i at bits [i*bits, (i+1)*bits) little-endian; w = (u - zero) * scale",
+            **packed.meta, **(extra or {}), "tensors": packed.entries, "files": files,
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; a model directory is an ordinary one
+        _replace_dir(tmp, dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LowbitError(f"could not write {dest}: {e.strerror or e}; nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished ``tmp`` to ``dest``; an old ``dest`` is set aside first and removed after."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
+    os.replace(dest, old / "x")
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        os.replace(old / "x", dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+
+def read_config(path: str | os.PathLike, verify: bool = True) -> dict:
+    """The directory's ``lowbit.json``, after checking format, version and (``verify``) every file's checksum."""
+    p = Path(path)
+    try:
+        doc = json.loads((p / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"cannot read {p / CONFIG_NAME}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise LowbitError(f"{p / CONFIG_NAME} is not a lowbit packed-model config")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise LowbitError(f"{p} has format version {version!r}; this lowbit reads version {FORMAT_VERSION} only "
+                          "(upgrade lowbit, or re-export the model)")
+    for name, want in doc.get("files", {}).items():
+        f = p / name
+        if not f.is_file():
+            raise LowbitError(f"{p} is incomplete: {name} is missing")
+        if f.stat().st_size != want["bytes"]:
+            raise LowbitError(f"{f} has {f.stat().st_size} bytes, expected {want['bytes']} (truncated or replaced)")
+        if verify and _sha256(f) != want["sha256"]:
+            raise LowbitError(f"{f} fails its SHA-256 check (corrupt or modified)")
+    if WEIGHTS_NAME not in doc.get("files", {}):
+        raise LowbitError(f"{p / CONFIG_NAME} lists no {WEIGHTS_NAME}")
+    return doc
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise LowbitError(f"cannot read {path}: {e}") from None
+
+
+def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"cannot read the model config in {path}: {e}") from None
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@torch.no_grad()
+def load_packed(path: str | os.PathLike, kernel: str = "auto", dtype: torch.dtype = torch.float32,
+                verify: bool = True) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a lowbit directory.
+
+    ``kernel="dequant"`` turns every packed weight back into float (exactly the weights that
+    were quantized and evaluated); ``"auto"`` keeps linears packed with the kernel recorded at
+    export; any other kernel name forces that kernel where it applies.
+    """
+    from transformers import AutoTokenizer
+
+    from ..models.loading import _quiet_transformers
+    from .kernels import KERNELS, QuantLinear, choose_kernel
+
+    if kernel not in ("auto", "dequant", *KERNELS):
+        raise LowbitError(f"unknown kernel {kernel!r}; choose from auto, dequant, {', '.join(KERNELS)}")
+    _quiet_transformers()
+    p = Path(path)
+    doc = read_config(p, verify=verify)
+    tensors = _read_tensors(p / WEIGHTS_NAME)
+    model = _skeleton(p, dtype)
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    modules = dict(model.named_modules())
+    replaced: set[str] = set()
+    for name, entry in doc["tensors"].items():
+        if name not in modules:
+            raise LowbitError(f"{p}: packed tensor {name} matches no module of the {doc.get('family')} model")
+        pt = PackedTensor.from_parts(name, entry, tensors)
+        used |= set(pt.tensors(name))
+        mod = modules[name]
+        want = tuple(mod.weight.shape)
+        if want != pt.shape:
+            raise LowbitError(f"{name}: packed shape {list(pt.shape)} does not match the model's {list(want)}")
+        chosen = entry.get("kernel", "dequant") if kernel == "auto" else kernel
+        if entry["role"] == "embedding":
+            state[f"{name}.weight"] = pt.dequantize(dtype)
+            if not doc.get("tied_embeddings") or chosen == "dequant":
+                continue
+            name = next(n for n, m in modules.items() if m is model.get_output_embeddings())  # the tied head
+        elif chosen == "dequant":
+            state[f"{name}.weight"] = pt.dequantize(dtype)
+            continue
+        parent, _, child = name.rpartition(".")
+        bias = tensors.get(f"{name}.bias")
+        qlin = QuantLinear(pt, choose_kernel(pt, chosen), bias=None if bias is None else bias.to(dtype))
+        used.add(f"{name}.bias")
+        setattr(model.get_submodule(parent) if parent else model, child, qlin)
+        replaced.add(name)
+    for key, t in tensors.items():
+        if key in used:
+            continue
+        if key.rpartition(".")[0] in replaced:
+            continue
+        state[key] = t.to(dtype) if t.is_floating_point() else t
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    if doc.get("tied_embeddings") and head is not None and head_name not in replaced:
+        head.weight = model.get_input_embeddings().weight
+        missing = [k for k in missing if k != f"{head_name}.weight"]
+    if doc.get("tied_embeddings") and head_name not in replaced and head is not None:
+        model.config.tie_word_embeddings = True
+    missing = [k for k in missing if k.rpartition(".")[0] not in replaced]
+    if missing or unexpected:
+        raise LowbitError(f"{p / WEIGHTS_NAME} does not match the model: "
+                          f"missing {', '.join(missing[:5]) or 'nothing'}; unexpected {', '.join(unexpected[:5]) or 'nothing'}")
+    model.eval().requires_grad_(False)
+    tok = None
+    if "tokenizer_config.json" in doc["files"]:  # written without a tokenizer (tests, bare models): None
+        try:
+            tok = AutoTokenizer.from_pretrained(p)
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"cannot load the tokenizer in {p}: {e}") from None
+    model.lowbit_config = doc
+    return model, tok

@@ -1,0 +1,113 @@
+"""Integer codes of a weight that a method has already rounded onto a quantization grid.
+
+Methods (RTN, AWQ, ...) leave each linear fake-quantized: float weights w = (q - z)·s.
+Packing needs q, z and s back, bit for bit, so that the file reloads to exactly the
+weights that were evaluated. Re-quantizing the rounded weights is not enough: the scale
+recomputed from the rounded range can differ from the original by an ulp, and when a
+rounding tie left the top code unused (range spans qmax - 1 steps) scale and zero point
+both come out wrong. :func:`grid_codes` therefore tries the step counts qmax, qmax - 1,
+qmax - 2 and, for each, estimates the scale as the middle of the interval that every
+weight allows (which also finds a scale when the weights were rounded to bf16 after
+dequantization), checks the float scales a few ulps around it, and keeps per group the first
+that reproduces every weight exactly; weights on no such grid are refused.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import LowbitError
+from ..quantizer import QTensor, QuantSpec, dequantize, encode, quantize
+
+ULP_STEPS = 4  # scale candidates tried on each side of the estimate
+SPAN_SLACK = 2  # also try ranges spanning qmax - 1 ... qmax - SPAN_SLACK steps
+
+
+def _ulp_candidates(x: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """x, then x moved 1..steps ulps up and down, nearest first."""
+    out, up, down = [x], x, x
+    inf = torch.full_like(x, torch.inf)
+    for _ in range(steps):
+        up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+        out += [up, down]
+    return out
+
+
+def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``w`` as [rows, n_groups, group]: the layout of QTensor's scale and zero ([rows, n_groups])."""
+    rows = w.reshape(w.shape[0], -1)
+    if spec.granularity == "tensor":
+        return rows.reshape(1, 1, -1)
+    if spec.granularity == "channel":
+        return rows.unsqueeze(1)
+    return rows.reshape(rows.shape[0], -1, spec.group_size)
+
+
+def _scale_estimate(d: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Per group, the middle of the interval of scales s with d_i·s rounding to w_i for all i."""
+    nz = d != 0
+    safe = torch.where(nz, d, 1.0)
+    a, b = w_lo / safe, w_hi / safe
+    lower = torch.where(nz, torch.minimum(a, b), -torch.inf).amax(-1)
+    upper = torch.where(nz, torch.maximum(a, b), torch.inf).amin(-1)
+    mid = ((lower + upper) / 2).float()
+    return torch.where(torch.isfinite(mid) & (mid > 0), mid, fallback)
+
+
+@torch.no_grad()
+def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> QTensor:
+    """The QTensor whose dequantization (in ``weight``'s dtype) equals ``weight`` exactly.
+
+    Raises :class:`LowbitError` if ``weight`` is not on a ``spec`` grid (it was never
+    quantized with this spec, or a method kept some weights in float).
+    """
+    if spec.zero_point == "float" and not spec.symmetric:
+        raise LowbitError("packing stores integer zero points; quantize with zero_point='int'")
+    w = weight.detach()
+    if not torch.isfinite(w).all():
+        raise LowbitError(f"{name} has non-finite values")
+    qt = quantize(w, spec)
+    if torch.equal(dequantize(qt).to(w.dtype), w):
+        return qt
+    wg = grouped(w.float(), spec)
+
+    def exact_in_dtype(approx: torch.Tensor) -> torch.Tensor:  # per group: every weight reproduced
+        return (approx.to(w.dtype).float() == wg).all(-1)
+
+    if spec.symmetric:
+        lo = hi = wg.abs().amax(-1)
+    else:
+        hi, lo = wg.amax(-1).clamp(min=0), wg.amin(-1).clamp(max=0)
+    # Each stored weight w_i stands for the reals that round to it; with d_i = q_i - z_i the scale must
+    # lie in [w_lo_i, w_hi_i] / d_i for every i. The middle of that intersection is the estimate.
+    inf = torch.full_like(w, torch.inf)
+    w_lo = grouped((w.double() + torch.nextafter(w, -inf).double()) / 2, spec)
+    w_hi = grouped((w.double() + torch.nextafter(w, inf).double()) / 2, spec)
+    q_best, z_best, s_best = grouped(qt.q, spec).clone(), qt.zero.expand(wg.shape[:2]).clone(), \
+        qt.scale.expand(wg.shape[:2]).clone()
+    done = exact_in_dtype((q_best - z_best.unsqueeze(-1)) * s_best.unsqueeze(-1))
+    for steps in range(spec.qmax, spec.qmax - SPAN_SLACK - 1, -1):
+        if spec.symmetric:
+            s = (hi / steps).clamp(min=1e-8)
+            z = torch.zeros_like(s)
+        else:
+            s = ((hi - lo) / steps).clamp(min=1e-8)
+            z = torch.round(-lo / s).clamp(0, spec.qmax)
+        q = encode(wg, s.unsqueeze(-1), z.unsqueeze(-1), spec)
+        d = q - z.unsqueeze(-1)  # exact small integers; products in float32, as the quantizer's decode
+        estimate = _scale_estimate(d.double(), w_lo, w_hi, s)
+        for cand in _ulp_candidates(estimate, ULP_STEPS):
+            ok = exact_in_dtype(d * cand.unsqueeze(-1)) & ~done & (cand > 0)
+            q_best = torch.where(ok.unsqueeze(-1), q, q_best)
+            z_best, s_best = torch.where(ok, z, z_best), torch.where(ok, cand, s_best)
+            done |= ok
+        if bool(done.all()):
+            break
+    if not bool(done.all()):
+        raise LowbitError(
+            f"{name} is not on a {spec.describe()} grid ({int((~done).sum())} of {done.numel()} groups fit no "
+            "scale); was it quantized with this spec by a method that rounds every weight?"
+        )
+    out = QTensor(q_best.to(torch.int16).reshape(w.shape), s_best, z_best, spec, tuple(w.shape))
+    if not torch.equal(dequantize(out).to(w.dtype), w):  # the checks above are the same arithmetic; be sure
+        raise LowbitError(f"{name}: recovered codes do not reproduce the weights exactly")
+    return out

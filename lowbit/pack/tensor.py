@@ -1,0 +1,130 @@
+"""A quantized matrix in its packed form: codes as a bit stream, per-group scales and zero points.
+
+The codes are stored unsigned, u = q - qmin (symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1] are
+shifted up by 2^(b-1) - 1), so every width packs the same way, and w = (u - z)·s with z the
+integer zero point (a constant 2^(b-1) - 1 for symmetric, not stored). Dequantization goes
+back through :class:`QTensor` and :func:`quantizer.dequantize`, so a packed weight reloads
+to exactly the float weights the quantizer produced.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LowbitError
+from ..quantizer import QTensor, QuantSpec, dequantize
+from .bits import pack_bits, packed_words, unpack_bits
+
+
+@dataclass
+class PackedTensor:
+    """A 2-D weight [rows, cols] with ``bits``-bit codes in groups of ``group_size`` along cols."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int  # == cols for one group per row
+    symmetric: bool
+    qweight: torch.Tensor  # int32 stream of rows*cols codes, row-major
+    scales: torch.Tensor  # [rows, n_groups], float32 (float16 when that holds every scale exactly)
+    qzeros: torch.Tensor | None  # int32 stream of rows*n_groups zero points; None when symmetric
+
+    @property
+    def n_groups(self) -> int:
+        return self.shape[1] // self.group_size
+
+    @property
+    def offset(self) -> int:
+        """What was added to the signed codes to store them unsigned."""
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else 0
+
+    @property
+    def spec(self) -> QuantSpec:
+        if self.group_size == self.shape[1]:
+            return QuantSpec(bits=self.bits, granularity="channel", symmetric=self.symmetric)
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor) -> PackedTensor:
+        """Pack the codes of a 2-D QTensor (per-tensor parameters are spread over the rows)."""
+        spec = qt.spec
+        if len(qt.shape) != 2:
+            raise LowbitError(f"only 2-D weights are packed, got shape {tuple(qt.shape)}")
+        if spec.zero_point == "float" and not spec.symmetric:
+            raise LowbitError("packing stores integer zero points; quantize with zero_point='int'")
+        rows, cols = qt.shape
+        group = spec.group_size if spec.granularity == "group" else cols
+        n_groups = cols // group
+        scales = qt.scale.float().expand(rows, n_groups).contiguous()
+        zeros = qt.zero.expand(rows, n_groups)
+        offset = -spec.qmin
+        codes = qt.q.to(torch.int64) + offset
+        qzeros = None if spec.symmetric else pack_bits(zeros.round().to(torch.int64), spec.bits)
+        half = scales.half()
+        if torch.equal(half.float(), scales):  # e.g. scales from a GGUF's fp16 block scales: store them small
+            scales = half
+        return cls((rows, cols), spec.bits, group, spec.symmetric, pack_bits(codes, spec.bits), scales, qzeros)
+
+    def check(self, name: str = "tensor") -> None:
+        """Refuse inconsistent parts (a corrupt or hand-edited file), naming what is wrong."""
+        rows, cols = self.shape
+        if not 1 <= self.bits <= 8 or self.group_size < 1 or cols % self.group_size:
+            raise LowbitError(f"{name}: bad packing parameters (bits {self.bits}, group {self.group_size}, "
+                              f"shape {list(self.shape)})")
+        expect = {
+            "qweight": (self.qweight, (packed_words(rows * cols, self.bits),), torch.int32),
+            "scales": (self.scales, (rows, self.n_groups), None),
+        }
+        if not self.symmetric:
+            expect["qzeros"] = (self.qzeros, (packed_words(rows * self.n_groups, self.bits),), torch.int32)
+        for part, (t, shape, dtype) in expect.items():
+            if t is None:
+                raise LowbitError(f"{name}: {part} is missing")
+            if tuple(t.shape) != shape:
+                raise LowbitError(f"{name}.{part}: shape {list(t.shape)} does not match the expected {list(shape)}")
+            if dtype is not None and t.dtype != dtype:
+                raise LowbitError(f"{name}.{part}: dtype {t.dtype} is not {dtype}")
+
+    def codes(self) -> torch.Tensor:
+        """Unsigned codes u [rows, cols] as uint8."""
+        return unpack_bits(self.qweight, self.bits, self.shape[0] * self.shape[1]).view(self.shape)
+
+    def zeros(self) -> torch.Tensor:
+        """Integer zero points z of the unsigned codes, [rows, n_groups] as uint8."""
+        if self.symmetric:
+            return torch.full((self.shape[0], self.n_groups), self.offset, dtype=torch.uint8)
+        return unpack_bits(self.qzeros, self.bits, self.shape[0] * self.n_groups).view(self.shape[0], self.n_groups)
+
+    def to_qtensor(self) -> QTensor:
+        """The quantizer's view: signed codes for symmetric, unsigned plus zero point otherwise."""
+        q = self.codes().to(torch.int16) - self.offset
+        zero = torch.zeros(self.shape[0], self.n_groups) if self.symmetric else self.zeros().float()
+        return QTensor(q, self.scales.float(), zero, self.spec, self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.to_qtensor()).to(dtype)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Named parts for a safetensors file."""
+        out = {f"{prefix}.qweight": self.qweight, f"{prefix}.scales": self.scales}
+        if self.qzeros is not None:
+            out[f"{prefix}.qzeros"] = self.qzeros
+        return out
+
+    def meta(self) -> dict:
+        return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric}
+
+    @classmethod
+    def from_parts(cls, prefix: str, meta: dict, tensors: dict[str, torch.Tensor]) -> PackedTensor:
+        """Rebuild from :meth:`meta` and the file's tensors, checking every shape."""
+        try:
+            pt = cls(tuple(meta["shape"]), int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]),
+                     tensors.get(f"{prefix}.qweight"), tensors.get(f"{prefix}.scales"), tensors.get(f"{prefix}.qzeros"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise LowbitError(f"{prefix}: bad entry in the quantization config ({e})") from None
+        pt.check(prefix)
+        return pt
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors("").values())
