@@ -108,10 +108,13 @@ def _worker_cmd(python: Path, args: argparse.Namespace, method: str, bits: int) 
 
 
 def _lowbit_cmd(args: argparse.Namespace, method: str, bits: int) -> list[str]:
+    # llm-compressor's GPTQ defaults to actorder="static" (an alias of "weight"): columns by decreasing
+    # Hessian diagonal, groups fixed beforehand. lowbit's --act-order is that algorithm.
+    same_algorithm = ["--act-order"] if method == "gptq" else []
     return [str(LOWBIT_CLI), "eval", "--method", method, "--w-bit", str(bits), "--group-size", str(args.group_size),
             "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
             "--max-windows", str(args.max_windows),
-            "--model", args.model, "--seed", str(args.seed), "--json"]
+            "--model", args.model, "--seed", str(args.seed), *same_algorithm, "--json"]
 
 
 def _run_json(cmd: list[str], log: Path, label: str) -> dict:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +92,18 @@ def factor_hessian(h: torch.Tensor, damp: float, act_order: bool = False, name: 
         f"{name}: the Hessian is not positive definite even with dampening {d:g} of its mean diagonal; "
         "use more calibration data or a larger --damp"
     )
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: the column loop's small ops (and LAPACK on these sizes) measured up to
+    50x slower with two intra-op threads when other work shares the two cores, and no faster alone."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,14 +181,18 @@ class GPTQRounder:
             by_input.setdefault(id(ctx.linear_inputs[rel]), []).append(rel)
         for rels in by_input.values():
             name = f"layer {ctx.index} ({', '.join(rels)})"
-            factor = factor_hessian(hessian(ctx.linear_inputs[rels[0]]), self.config.damp, self.config.act_order, name)
+            h = hessian(ctx.linear_inputs[rels[0]])
+            with one_thread():
+                factor = factor_hessian(h, self.config.damp, self.config.act_order, name)
             if factor.damp > self.config.damp:
                 self.damped.append(f"{name}: damp {factor.damp:g}")
             self.dead_columns += int(factor.dead.sum())
             mods = [linears[r] for r in rels]
             for batch in ([mods] if spec.granularity != "tensor" else [[m] for m in mods]):
                 w = torch.cat([m.weight for m in batch])
-                wq = dequantize(gptq_quantize(w, factor, spec, self.config.block_size, self.config.static_groups))
+                with one_thread():
+                    qt = gptq_quantize(w, factor, spec, self.config.block_size, self.config.static_groups)
+                wq = dequantize(qt)
                 for m, part in zip(batch, wq.split([m.out_features for m in batch])):
                     m.weight.copy_(part.to(m.weight.dtype))
 
