@@ -16,7 +16,10 @@ from .calib import calib_samples
 from .data import calib_text, eval_text
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
-from .methods import AWQConfig, AWQGPTQConfig, GPTQConfig, RTNConfig, SalientConfig, needs_calibration, quantize_
+from .methods import (
+    AWQConfig, AWQGPTQConfig, GPTQConfig, Pipeline, RTNConfig, SalientConfig, needs_calibration, quantize_,
+)
+from .methods.base import detach_runtime
 from .quantizer import QuantSpec
 
 METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq")
@@ -49,7 +52,30 @@ class MethodOptions:
 
 
 def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
-    """The config dataclass for a method name, or None for the float model."""
+    """The config for a method name and options: one config, a Pipeline of several, or None (the float model).
+
+    Order: transforms of the float model (rotation, smoothing), the weight method, then run-time steps
+    (activation quantization).
+    """
+    weight = _weight_config(method, spec, opts)
+    steps = (*_transforms(method, opts), *([weight] if weight is not None else []), *_runtime_steps(opts))
+    if not steps:
+        return None
+    return steps[0] if len(steps) == 1 else Pipeline(steps)
+
+
+def _transforms(method: str, opts: MethodOptions) -> tuple:
+    """Function-preserving changes of the float model, applied before the weights are rounded."""
+    return ()
+
+
+def _runtime_steps(opts: MethodOptions) -> tuple:
+    """Steps that act while the model runs (activation quantization)."""
+    return ()
+
+
+def _weight_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
+    """The method that rounds the weights, or None for the float model."""
     if method == "fp":
         return None
     if spec is None:
@@ -126,6 +152,8 @@ class Session:
         return self._calib
 
     def restore(self) -> None:
+        """The float model again: its weights, and no run-time hooks of an earlier method."""
+        detach_runtime(self.model)
         self.model.load_state_dict(self._float_state)
 
     def run(self, method: str, spec: QuantSpec | None, opts: MethodOptions | None = None,

@@ -34,3 +34,11 @@ def test_fewer_bits_higher_perplexity_and_awq_beats_rtn_at_w3(session):
                       progress=False)
     assert awq.ppl < w3
     assert not awq.info["fallbacks"]
+
+
+def test_gptq_beats_rtn_at_w3(session):
+    w3 = session.run("rtn", QuantSpec(bits=3, group_size=64), progress=False).ppl
+    with pytest.warns(UserWarning, match="calibration tokens are fewer"):  # 4 x 128 tokens, widths up to 1536
+        gptq = session.run("gptq", QuantSpec(bits=3, group_size=64), MethodOptions(act_order=True), progress=False)
+    assert gptq.ppl < w3
+    assert gptq.info["damp_raised"] == 0

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama
@@ -63,19 +64,54 @@ def test_quantize_eval_generate_round_trip(tiny_ckpt, tmp_path, data_dir):
     assert stats["new_tokens"] == 5 and stats["decode_tokens_per_s"] > 0 and stats["prompt_tokens"] > 1
 
 
-@pytest.mark.model
-def test_default_model_w4_size_and_exact_reload(default_model, tmp_path):
-    """RTN W4 g64 of SmolLM2-135M: the file is <= 35% of fp16 and reloads to identical logits."""
+@pytest.fixture(scope="module")
+def default_w4(default_model, tmp_path_factory):
+    """RTN W4 g64 of SmolLM2-135M, packed: (in-memory quantized model, directory)."""
     model = copy.deepcopy(default_model[0])
     spec = QuantSpec(bits=4, group_size=64)
     quantize_(model, RTNConfig(spec))
     packed = pack_model_(model, spec)
     assert packed.meta["embedding"]["embedding"]["exact"]  # its GGUF stores the embedding as Q8_0
-    out = save_packed(packed, model.config, None, tmp_path / "m")
+    out = save_packed(packed, model.config, None, tmp_path_factory.mktemp("w4") / "m",
+                      extra={"source_model": "smollm2-135m"})
+    yield model, out
+    shutil.rmtree(out)
+
+
+@pytest.mark.model
+def test_default_model_w4_size_and_exact_reload(default_w4):
+    """The file is <= 35% of the fp16 model and reloads to identical logits."""
+    model, out = default_w4
     fp16_bytes = 2 * sum(p.numel() for p in model.parameters())
     assert (out / WEIGHTS_NAME).stat().st_size <= 0.35 * fp16_bytes
     ids = torch.arange(1000, 1064).unsqueeze(0)
     loaded, _ = load_packed(out, kernel="dequant")
     assert torch.equal(loaded(ids).logits, model(ids).logits)
-    del loaded
-    shutil.rmtree(out)
+
+
+@pytest.mark.model
+def test_default_model_gguf_export(default_w4, tmp_path):
+    """Same tensors as the source GGUF; the lossless 8-bit embedding is written back byte for byte as the
+    source's Q8_0; a rounded linear decodes (gguf's own reader) to our weights within float16 scale error."""
+    import gguf
+
+    from lowbit.export import export_gguf
+    from lowbit.export.gguf import permute_rows
+    from lowbit.models.loading import builtin_gguf
+    from lowbit.pack.checkpoint import _read_tensors, read_config
+    from lowbit.pack.tensor import PackedTensor
+
+    _, out = default_w4
+    info = export_gguf(out, tmp_path / "m.gguf")
+    assert info["types"] == ["Q4_1", "Q8_0"] and info["max_change_steps"] < 0.02
+    ours = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    source = {t.name: t for t in gguf.GGUFReader(builtin_gguf("smollm2-135m")).tensors}
+    assert set(ours) == set(source)
+    assert np.array_equal(ours["token_embd.weight"].data, source["token_embd.weight"].data)
+    doc, tensors = read_config(out), _read_tensors(out / WEIGHTS_NAME)
+    name = "model.layers.3.self_attn.q_proj"
+    pt = permute_rows(PackedTensor.from_parts(name, doc["tensors"][name], tensors), n_head=9)
+    t = ours["blk.3.attn_q.weight"]
+    decoded = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+    steps = (decoded - pt.dequantize()).abs() / pt.scales.float().repeat_interleave(64, 1)
+    assert float(steps.max()) < 0.02

@@ -11,6 +11,7 @@ from .awq import AWQConfig, AWQSearch, apply_awq
 from .awq_gptq import AWQGPTQConfig, apply_awq_gptq
 from .base import QuantReport
 from .gptq import GPTQConfig, apply_gptq
+from .pipeline import Pipeline, apply_pipeline
 from .rtn import RTNConfig, apply_rtn
 from .salient import SalientConfig, apply_salient
 
@@ -25,6 +26,8 @@ HANDLERS: dict[type, Callable[..., QuantReport]] = {
 
 def needs_calibration(config) -> bool:
     """Whether ``config`` reads calibration activations."""
+    if isinstance(config, Pipeline):
+        return any(needs_calibration(s) for s in config.steps)
     if isinstance(config, SalientConfig):
         return config.by == "activation"
     if isinstance(config, AWQConfig):
@@ -32,13 +35,20 @@ def needs_calibration(config) -> bool:
     return isinstance(config, (GPTQConfig, AWQGPTQConfig))
 
 
-def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> QuantReport:
-    """Quantize ``model`` in place as ``config`` says; ``calib`` holds token samples [n, seq]."""
+def _handler(config) -> Callable[..., QuantReport]:
     handler = HANDLERS.get(type(config))
     if handler is None:
         raise TypeError(f"no quantization handler for {type(config).__name__}")
+    return handler
+
+
+def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> QuantReport:
+    """Quantize ``model`` in place as ``config`` says; ``calib`` holds token samples [n, seq]."""
     start = time.perf_counter()
-    report = handler(model, config, calib)
+    if isinstance(config, Pipeline):
+        report = apply_pipeline(model, config, calib, _handler, needs_calibration)
+    else:
+        report = _handler(config)(model, config, calib)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -49,6 +59,7 @@ __all__ = [
     "AWQGPTQConfig",
     "AWQSearch",
     "GPTQConfig",
+    "Pipeline",
     "QuantReport",
     "RTNConfig",
     "SalientConfig",

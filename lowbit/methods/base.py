@@ -28,3 +28,22 @@ def prepare(model: nn.Module, spec: QuantSpec) -> tuple[Family, dict[str, nn.Lin
     check_finite(model)
     check_spec_fits(linears, spec)
     return family, linears
+
+
+# Steps such as activation quantization or an online rotation act at run time through hooks;
+# the model keeps their handles so that restoring the float weights removes them too.
+_RUNTIME = "_lowbit_runtime_hooks"
+
+
+def attach_runtime(model: nn.Module, handle) -> None:
+    """Remember a hook handle that belongs to a quantization step applied to ``model``."""
+    hooks = model.__dict__.setdefault(_RUNTIME, [])
+    hooks.append(handle)
+
+
+def detach_runtime(model: nn.Module) -> int:
+    """Remove every run-time hook a quantization step attached; returns how many there were."""
+    hooks = model.__dict__.pop(_RUNTIME, [])
+    for h in hooks:
+        h.remove()
+    return len(hooks)
