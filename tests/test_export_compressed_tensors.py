@@ -19,7 +19,8 @@ ct = pytest.importorskip("compressed_tensors")
 
 def packed_dir(tmp_path, bits: int = 4, group: int = 32, sym: bool = False, name: str = "packed"):
     model = tiny_llama()
-    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym)
+    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym) if group else \
+        QuantSpec(bits=bits, granularity="channel", symmetric=sym)
     quantize_(model, RTNConfig(spec))
     return save_packed(pack_model_(model, spec, method="rtn"), model.config, None, tmp_path / name)
 
@@ -46,11 +47,12 @@ def load_hf(path):
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 64, True), (8, 32, False), (8, 32, True),
-                                            (3, 32, False)])
+                                            (3, 32, False), (4, None, False)])
 def test_transformers_loads_lowbits_exact_model(tmp_path, bits, group, sym):
     src = packed_dir(tmp_path, bits, group, sym)
     info = export_compressed_tensors(src, tmp_path / "ct")
     assert info["scheme"]["num_bits"] == bits and info["scheme"]["symmetric"] == sym
+    assert info["scheme"]["strategy"] == ("group" if group else "channel")
     assert set(info["dequantized"]) == {"model.embed_tokens.weight", "lm_head.weight"}
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["ignore"] == ["lm_head"]
