@@ -285,18 +285,25 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_gguf
+    from .export import TARGETS
     from .models.loading import model_source
 
     if model_source(args.model)[0] != "lowbit":
         raise LowbitError(f"{args.model} is not a lowbit packed model directory; make one with lowbit quantize -o DIR")
-    info = export_gguf(args.model, args.output, force=args.force)
+    info = TARGETS[args.to](args.model, args.output, force=args.force)
     if args.json:
         print(json.dumps(info))
-    else:
+    elif args.to == "gguf":
         print(f"{info['path']}: {info['bytes'] / 1e6:.1f} MB, {info['tensors']} tensors, types "
               f"{', '.join(info['types'])}; float16 block scales move a weight by at most "
               f"{info['max_change_steps']:.4f} quantization steps")
+    else:
+        line = f"{info['path']}: {info['bytes'] / 1e6:.1f} MB, {info['format']}, {info['linears']} quantized linears"
+        if "max_change_steps" in info:
+            line += f"; float16 scales move a weight by at most {info['max_change_steps']:.4f} quantization steps"
+        if info["dequantized"]:
+            line += f"; dequantized to float: {', '.join(info['dequantized'])}"
+        print(line)
     return 0
 
 
@@ -457,11 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the timing as one JSON object as the last line")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a packed model in another tool's format (GGUF for llama.cpp)")
+    p = sub.add_parser("export", help="write a packed model in another tool's format (GGUF for llama.cpp; "
+                                      "compressed-tensors or AutoAWQ for vLLM and transformers)")
     p.add_argument("--model", required=True, help="a lowbit packed model directory (from lowbit quantize -o)")
-    p.add_argument("--to", choices=("gguf",), required=True, help="target format: gguf (W4 -> Q4_0/Q4_1, W8 -> Q8_0)")
-    p.add_argument("-o", "--output", required=True, help="output file")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--to", choices=("gguf", "compressed-tensors", "autoawq"), required=True,
+                   help="target format: gguf (W4 -> Q4_0/Q4_1, W8 -> Q8_0; a file), compressed-tensors "
+                        "(pack-quantized, 2-8 bits; a directory), autoawq (GEMM, W4 with groups; a directory)")
+    p.add_argument("-o", "--output", required=True, help="output file (gguf) or directory (the others)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
     p.set_defaults(func=cmd_export)
 
