@@ -127,4 +127,5 @@ def test_inspect_prints_table_writes_figures_and_keeps_them_without_force(capsys
 
 def test_inspect_bad_layer_is_one_clear_line(capsys, tiny_dir, tmp_path):
     code, _, err = _inspect(capsys, tiny_dir, tmp_path / "x", "--layer", "7")
-    assert code == 2 and "layer 7 does not exist: the model has 2 decoder layers, numbered 0 to 1" in _one_error_line(err)
+    assert code == 2
+    assert "layer 7 does not exist: the model has 2 decoder layers, numbered 0 to 1" in _one_error_line(err)
