@@ -104,6 +104,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="GPTQ-R: round columns by decreasing Hessian diagonal (groups stay contiguous)")
     g.add_argument("--gptq-block-size", type=_positive, default=128,
                    help="columns updated eagerly before one batched update of the rest (default 128)")
+    g = p.add_argument_group("rotation")
+    g.add_argument("--rotate", action="store_true",
+                   help="QuaRot-style: fold the norms and rotate the residual stream by a random Hadamard matrix "
+                        "(seeded by --seed), the MLP's down_proj input at run time, before the weight method")
 
 
 def _spec(args):
@@ -131,7 +135,7 @@ def _method_options(args, save_search: str | None = None):
         salient_frac=args.salient_frac, salient_by=args.salient_by, n_grid=args.n_grid, clip=not args.no_clip,
         search_samples=args.search_samples, propagate=args.propagate, load_search=args.load_search,
         save_search=save_search, seed=args.seed, damp=args.damp, act_order=args.act_order,
-        gptq_block_size=args.gptq_block_size,
+        gptq_block_size=args.gptq_block_size, rotate=args.rotate,
     )
 
 
@@ -176,8 +180,9 @@ def cmd_eval(args) -> int:
     spec = None if args.method == "fp" else _spec(args)
     opts = _method_options(args)
     make_config(args.method, spec, opts)  # refuse bad options before the slow part
-    if args.method != "fp" and model_source(args.model)[0] == "lowbit":
-        raise LowbitError(f"{args.model} is already quantized (a lowbit packed model); evaluate it with --method fp")
+    if (args.method != "fp" or args.rotate) and model_source(args.model)[0] == "lowbit":
+        raise LowbitError(f"{args.model} is already quantized (a lowbit packed model); evaluate it with --method fp "
+                          "and without --rotate")
     session = _session(args)
     result = session.run(args.method, spec, opts, progress=not args.json)
     row = result.row()
@@ -207,6 +212,9 @@ def cmd_quantize(args) -> int:
                           "and clips)")
     if args.save_search and args.method != "awq":
         raise LowbitError("only --method awq has a search to save")
+    if args.rotate and args.output:
+        raise LowbitError("--rotate cannot be saved with -o: a packed model does not record the run-time Hadamard "
+                          "rotation it needs; evaluate rotated models with lowbit eval --rotate")
     from .experiment import make_config
 
     if args.save_search:
@@ -334,6 +342,50 @@ def cmd_compare(args) -> int:
     print(f"\nchart: {png_path}\nrows: {json_path}")
     if args.json:
         print(json.dumps(rows))
+    return 0
+
+
+INSPECT_COLUMNS = [
+    ("stage", "stage", ""), ("input", "input", ""), ("width", "width", ""), ("kurtosis", "kurtosis", ".2f"),
+    ("max_median", "max/median", ".2f"), ("massive", "massive", ""), ("max_abs", "max |x|", ".4g"),
+    ("median_abs", "median |x|", ".4g"), ("top", "top channels (channel:max |x|)", ""),
+]
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import figure_paths, inspect_layer, rows, save_figures
+    from .io import check_writable
+    from .models.loading import load_model, model_source
+
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LowbitError(f"--out-dir {out_dir} is a file, not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = figure_paths(out_dir, args.layer, ["float"] + ([args.transform] if args.transform else []))
+    for p in paths.values():
+        check_writable(p, args.force)
+    kind, _ = model_source(args.model)
+    if kind == "lowbit" and args.transform:
+        raise LowbitError(f"{args.model} is a packed model; --transform needs float weights")
+    from .calib import calib_samples
+    from .data import calib_text
+    from .eval.outliers import check_layers
+
+    text = calib_text(args.calib_data, args.data_dir)
+    model, tok = load_model(args.model)
+    check_layers(model, [args.layer])
+    calib = calib_samples(tok, text, args.calib_samples, args.calib_seq_len, args.seed)
+    stages = inspect_layer(model, calib, args.layer, args.transform)
+    save_figures(stages, paths, title=Path(args.model).name)
+    table = rows(stages, args.top)
+    if args.json:
+        print(json.dumps(table))
+    else:
+        for r in table:
+            r["top"] = ", ".join(f"{c}:{v:.3g}" for c, v in r["top_channels"])
+        print(f"layer {args.layer}, {calib.shape[0]} x {calib.shape[1]} calibration tokens")
+        print(_table(table, INSPECT_COLUMNS))
+        print("\nfigures: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -488,6 +540,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite compare.json and compare.png in --out-dir")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
     p.set_defaults(func=cmd_compare)
+
+    from .inspect import TRANSFORMS
+
+    p = sub.add_parser("inspect", help="activation outliers of one layer's linear inputs: a table of per-channel "
+                                       "statistics and 3D surface / heat-map PNGs, before and after a transform")
+    _add_model_args(p)
+    p.add_argument("--layer", type=_non_negative, required=True, help="decoder layer index (0 = first)")
+    p.add_argument("--transform", choices=tuple(TRANSFORMS), help="also show the layer after this function-"
+                                                                  "preserving transform of the float model")
+    p.add_argument("--calib-data", help="calibration text file (default: WikiText-2 validation from the data dir, "
+                                        "or pile-val from the hub)")
+    p.add_argument("--data-dir", help="directory with wikitext-2/ (default: $LOWBIT_DATA_DIR, else the hub)")
+    p.add_argument("--calib-samples", type=_positive, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the choice of calibration sequences (default 0)")
+    p.add_argument("--top", type=_positive, default=5, help="outlier channels listed per input (default 5)")
+    p.add_argument("--out-dir", default="results", help="where the PNGs go (default results/): "
+                                                        "layerN_STAGE_surface.png and layerN_STAGE_heatmap.png")
+    p.add_argument("--force", action="store_true", help="overwrite existing PNGs")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of the table")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("format", help="show how a number format stores a value (bits, fields, error) or "
                                       "quantizes a list (scale, zero point, codes)")

@@ -20,6 +20,8 @@ from .methods import (
     AWQConfig, AWQGPTQConfig, GPTQConfig, Pipeline, RTNConfig, SalientConfig, needs_calibration, quantize_,
 )
 from .methods.base import detach_runtime
+from .methods.rotation import RotationConfig
+from .models.inventory import retie, tied_parameters
 from .quantizer import QuantSpec
 
 METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq")
@@ -49,6 +51,7 @@ class MethodOptions:
     damp: float = 0.01
     act_order: bool = False
     gptq_block_size: int = 128
+    rotate: bool = False  # QuaRot-style rotation before any weight method
 
 
 def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
@@ -66,7 +69,7 @@ def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
 
 def _transforms(method: str, opts: MethodOptions) -> tuple:
     """Function-preserving changes of the float model, applied before the weights are rounded."""
-    return ()
+    return (RotationConfig(seed=opts.seed),) if opts.rotate else ()
 
 
 def _runtime_steps(opts: MethodOptions) -> tuple:
@@ -143,6 +146,9 @@ class Session:
         self.calib_options = calib or CalibOptions()
         self._calib: torch.Tensor | None = None
         self._float_state = copy.deepcopy(model.state_dict())
+        # A rotation unties a tied head; loading the state dict alone would leave two equal copies.
+        self._ties = tied_parameters(model)
+        self._tie_flag = getattr(getattr(model, "config", None), "tie_word_embeddings", None)
 
     def calibration(self) -> torch.Tensor:
         if self._calib is None:
@@ -154,6 +160,9 @@ class Session:
     def restore(self) -> None:
         """The float model again: its weights, and no run-time hooks of an earlier method."""
         detach_runtime(self.model)
+        retie(self.model, self._ties)
+        if self._tie_flag is not None:
+            self.model.config.tie_word_embeddings = self._tie_flag
         self.model.load_state_dict(self._float_state)
 
     def run(self, method: str, spec: QuantSpec | None, opts: MethodOptions | None = None,

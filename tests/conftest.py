@@ -45,3 +45,25 @@ def default_model():
     from lowbit.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer built here (no download), matching tiny_llama's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def with_outliers(model, channels=(3, 17, 41), factor: float = 50.0):
+    """Give ``model`` outlier channels as real LLMs have: embedding and norm channels scaled by ``factor``."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, list(channels)] *= factor
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[list(channels)] *= factor
+            layer.post_attention_layernorm.weight[list(channels)] *= factor
+    return model

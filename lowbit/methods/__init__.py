@@ -12,6 +12,7 @@ from .awq_gptq import AWQGPTQConfig, apply_awq_gptq
 from .base import QuantReport
 from .gptq import GPTQConfig, apply_gptq
 from .pipeline import Pipeline, apply_pipeline
+from .rotation import RotationConfig, apply_rotation
 from .rtn import RTNConfig, apply_rtn
 from .salient import SalientConfig, apply_salient
 
@@ -21,6 +22,7 @@ HANDLERS: dict[type, Callable[..., QuantReport]] = {
     AWQConfig: apply_awq,
     GPTQConfig: apply_gptq,
     AWQGPTQConfig: apply_awq_gptq,
+    RotationConfig: apply_rotation,
 }
 
 
@@ -61,6 +63,7 @@ __all__ = [
     "GPTQConfig",
     "Pipeline",
     "QuantReport",
+    "RotationConfig",
     "RTNConfig",
     "SalientConfig",
     "needs_calibration",

@@ -24,7 +24,7 @@ from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..quantizer import QuantSpec, fake_quantize
-from .base import QuantReport, prepare
+from .base import QuantReport, input_transform, prepare
 from .rtn import Rounder, rtn_rounder
 
 
@@ -342,6 +342,10 @@ class _AWQLayerProcessor:
             key = f"{ctx.index}.{group.prev}"
             prev = layer.get_submodule(group.prev)
             linears = [layer.get_submodule(n) for n in group.linears]
+            changed = [t for t in map(input_transform, linears) if t]
+            if changed:  # a scale folded into prev would be mixed by the change, not undone
+                self.found.fallbacks.append(f"{key}: input changed at run time ({changed[0]}); no scale")
+                continue
             width = _producer_width(prev)
             index = tie_index(width, linears[0].in_features, self.head_dim)
             if self.loaded is not None:

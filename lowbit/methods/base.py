@@ -47,3 +47,31 @@ def detach_runtime(model: nn.Module) -> int:
     for h in hooks:
         h.remove()
     return len(hooks)
+
+
+# A module whose input is changed at run time (an online rotation) cannot take a scale folded
+# from the op before it: the change sits between the two. Methods that fold scales ask this.
+_INPUT_TRANSFORM = "_lowbit_input_transform"
+
+
+class _InputTransformHandle:
+    """A pre-hook handle that also clears the module's mark when removed."""
+
+    def __init__(self, module: nn.Module, handle) -> None:
+        self.module, self.handle = module, handle
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.module.__dict__.pop(_INPUT_TRANSFORM, None)
+
+
+def attach_input_transform(model: nn.Module, module: nn.Module, fn, name: str) -> None:
+    """Apply ``fn`` to ``module``'s first input on every call, until :func:`detach_runtime`."""
+    handle = module.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:]))
+    module.__dict__[_INPUT_TRANSFORM] = name
+    attach_runtime(model, _InputTransformHandle(module, handle))
+
+
+def input_transform(module: nn.Module) -> str | None:
+    """The name of the run-time change of ``module``'s input, or None."""
+    return module.__dict__.get(_INPUT_TRANSFORM)

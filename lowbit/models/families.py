@@ -36,10 +36,39 @@ class ScalingGroup:
 
 @dataclass(frozen=True)
 class Family:
+    """Where things are in one architecture. The defaults are the names Llama-like models use.
+
+    The residual-stream fields are what a rotation needs: the embedding that starts the
+    stream, the norms inside a layer that read it (their readers are the linears of the
+    scaling groups whose ``prev`` is that norm), the linears that write back to it, the
+    final norm and the head that read it last.
+    """
+
     name: str
     layers: str  # dotted path of the decoder layer list from the top model
     linears: tuple[str, ...]  # quantized linears, relative to one layer
     groups: tuple[ScalingGroup, ...] = field(default=())
+    embedding: str = "model.embed_tokens"  # from the top model
+    final_norm: str = "model.norm"  # from the top model
+    head: str = "lm_head"  # from the top model
+    residual_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")  # per layer
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")  # per layer
+    # The linear whose input gets a Hadamard rotation at run time (after the MLP's nonlinearity).
+    online_rotated: str | None = "mlp.down_proj"
+    # (producer, consumer) of the attention values: one rotation per head of v_proj's output
+    # passes through the attention weights unchanged and is undone in o_proj's input.
+    value_output: tuple[str, str] | None = ("self_attn.v_proj", "self_attn.o_proj")
+
+    def norm_readers(self) -> dict[str, tuple[str, ...]]:
+        """Residual norm -> the linears that read its output, from the scaling groups."""
+        readers = {g.prev: g.linears for g in self.groups if g.prev in self.residual_norms}
+        missing = [n for n in self.residual_norms if n not in readers]
+        if missing:
+            raise LowbitError(
+                f"{self.name}: no scaling group says which linears read {', '.join(missing)}; "
+                "declare them in lowbit/models/families.py"
+            )
+        return readers
 
 
 LLAMA = Family(

@@ -43,3 +43,22 @@ def check_finite(model: nn.Module) -> None:
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise LowbitError(f"non-finite (NaN or inf) weights in {', '.join(bad[:5])}{more}")
+
+
+def tied_parameters(model: nn.Module) -> list[tuple[str, ...]]:
+    """Names of parameters that are one tensor (a head tied to the embedding), grouped."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [tuple(names) for names in by_id.values() if len(names) > 1]
+
+
+def retie(model: nn.Module, ties: list[tuple[str, ...]]) -> None:
+    """Make each group of :func:`tied_parameters` one tensor again (a rotation unties the head)."""
+    for names in ties:
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            mod = model.get_submodule(owner)
+            if getattr(mod, attr) is not first:
+                setattr(mod, attr, first)
