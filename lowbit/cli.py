@@ -110,7 +110,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 
 def _add_activation_args(p: argparse.ArgumentParser, smoothquant: bool) -> None:
     g = p.add_argument_group("activations")
-    g.add_argument("--a-bit", type=_bits, help="also quantize the input of every quantized linear to B-bit integers, "
+    g.add_argument("--a-bit", type=_bits, metavar="B", help="also quantize the input of every quantized linear to B-bit integers, "
                                                "2-8 (symmetric; default: activations stay float)")
     g.add_argument("--a-granularity", choices=("tensor", "token"),
                    help="one activation range per token (default) or per tensor (default with --a-static)")
@@ -441,7 +441,7 @@ def cmd_format(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description="Low-bit quantization of LLMs: RTN, salient FP16, AWQ, GPTQ, "
-                                                "evaluated by perplexity.")
+                                                "SmoothQuant, activation quantization, evaluated by perplexity.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("eval", help="quantize a model with one method and measure its perplexity")

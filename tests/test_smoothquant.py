@@ -136,7 +136,8 @@ def test_cli_smoothquant_with_activation_quantization(tiny_run, capsys):
               "--sym", "--json")
     rows = {}
     for extra in ((), ("--a-static",)):
-        code, out, err = cli(capsys, "eval", "--method", "smoothquant", "--a-bit", "8", "--alpha", "0.6", *extra, *common)
+        code, out, err = cli(capsys, "eval", "--method", "smoothquant", "--a-bit", "8", "--alpha", "0.6",
+                             *extra, *common)
         assert code == 0, err
         rows[extra] = json.loads(out.strip().splitlines()[-1])
     dyn, static = rows[()], rows[("--a-static",)]

@@ -104,7 +104,8 @@ def apply_actquant(model: nn.Module, config: ActQuantConfig, calib: torch.Tensor
         if calib is None:
             raise LowbitError("static activation ranges (--a-static) need a calibration set: pass calibration "
                               "samples (or use dynamic ranges)")
-        ranges = {n: (float(lo.min()), float(hi.max())) for n, (lo, hi) in input_ranges(model, family, targets, calib).items()}
+        per_channel = input_ranges(model, family, targets, calib)
+        ranges = {n: (float(lo.min()), float(hi.max())) for n, (lo, hi) in per_channel.items()}
         hooks = {n: static_hook(spec, *ranges[n], _device(m)) for n, m in targets.items()}
         info["a_ranges"] = ranges
     else:
