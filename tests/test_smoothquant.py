@@ -1,5 +1,6 @@
 """SmoothQuant on a tiny random Llama: the float function is kept, outliers move into the weights, W8A8 gains."""
 import copy
+import dataclasses
 import json
 import random
 
@@ -12,6 +13,7 @@ from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.methods import ActQuantConfig, Pipeline, RTNConfig, SmoothQuantConfig, quantize_
 from lowbit.methods.smoothquant import smooth_scales
+from lowbit.models import families
 from lowbit.quantizer import QuantSpec
 
 W8 = RTNConfig(QuantSpec(bits=8, granularity="channel", symmetric=True))
@@ -33,25 +35,36 @@ def input_absmax(model, names, ids=CALIB):
 
 
 def test_smoothing_keeps_the_float_model():
-    model = with_outliers(tiny_llama())  # 4 query heads on 2 KV heads: v->o scales are tied per KV head
+    model = with_outliers(tiny_llama())
     ref = logits(model)
     before = {n: p.clone() for n, p in model.named_parameters()}
     report = quantize_(model, SmoothQuantConfig(alpha=0.5), CALIB)
-    assert report.method == "smoothquant" and "up_proj->down_proj" in report.info["sq_groups"]
+    assert report.method == "smoothquant" and report.info["sq_groups"] == (
+        "input_layernorm->q_proj/k_proj/v_proj,post_attention_layernorm->gate_proj/up_proj,mlp.up_proj->down_proj")
     assert rel_error(model, ref) < 1e-5
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert "model.layers.1.input_layernorm.weight" in changed and "model.layers.1.mlp.down_proj.weight" in changed
+    assert "model.layers.1.self_attn.o_proj.weight" not in changed
 
 
-@pytest.mark.parametrize("linears,linear_groups", [
-    # v->o would rescale v_proj's rows after its columns were balanced, so smooth only norm groups here
-    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), False),
-    (("mlp.down_proj",), True),
-])
-def test_half_migration_equalises_activation_and_weight_ranges(linears, linear_groups):
+def test_tied_v_to_o_smoothing_keeps_the_float_model(monkeypatch):
+    # 4 query heads on 2 KV heads: one scale per v_proj channel, shared by the two o_proj columns it feeds
+    groups = tuple(dataclasses.replace(g, smooth=True) for g in families.LLAMA.groups)
+    monkeypatch.setitem(families.FAMILIES, "llama", dataclasses.replace(families.LLAMA, groups=groups))
+    model = with_outliers(tiny_llama())
+    ref = logits(model)
+    o_before = model.model.layers[0].self_attn.o_proj.weight.clone()
+    report = quantize_(model, SmoothQuantConfig(alpha=0.5), CALIB)
+    assert "self_attn.v_proj->o_proj" in report.info["sq_groups"]
+    assert not torch.equal(model.model.layers[0].self_attn.o_proj.weight, o_before)
+    assert rel_error(model, ref) < 1e-5
+
+
+@pytest.mark.parametrize("linears", [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.down_proj",)])
+def test_half_migration_equalises_activation_and_weight_ranges(linears):
     # with α = 0.5, max|X_j / s_j| = max|W_j s_j| = sqrt(max|X_j| max|W_j|) on the calibration tokens
     model = with_outliers(tiny_llama())
-    quantize_(model, SmoothQuantConfig(alpha=0.5, linear_groups=linear_groups), CALIB)
+    quantize_(model, SmoothQuantConfig(alpha=0.5), CALIB)
     layer = "model.layers.1."
     x = input_absmax(model, [layer + linears[0]])[layer + linears[0]]
     w = torch.stack([model.get_submodule(layer + n).weight.abs().amax(0) for n in linears]).amax(0)
@@ -64,8 +77,8 @@ def test_full_migration_leaves_every_activation_channel_at_one():
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"]
     for x in input_absmax(model, names).values():
         torch.testing.assert_close(x, torch.ones_like(x), rtol=1e-4, atol=0)
-    o = input_absmax(model, ["model.layers.1.self_attn.o_proj"])["model.layers.1.self_attn.o_proj"]
-    assert not torch.allclose(o, torch.ones_like(o), rtol=1e-2)  # linear->linear groups were left alone
+    down = input_absmax(model, ["model.layers.1.mlp.down_proj"])["model.layers.1.mlp.down_proj"]
+    assert not torch.allclose(down, torch.ones_like(down), rtol=1e-2)  # linear->linear groups were left alone
 
 
 def test_smoothing_lowers_w8a8_per_tensor_error_on_outlier_channels():

@@ -12,8 +12,11 @@ produces X (a norm, or the previous linear's output rows) and s into the linears
 the migration strength: 0 leaves activations alone, 1 moves all of their range into the
 weights. The float model computes the same function afterwards.
 
-The groups are the family's scaling groups (the same data AWQ reads), norm->linears and
-linear->linear alike: v->o (tied per KV head under grouped-query attention) and up->down.
+The groups are the family's scaling groups (the same data AWQ reads) that it marks
+``smooth``: for Llama norm->q/k/v, norm->gate/up and up->down, not v->o (measured on a tiny
+model: up->down removes the error of outliers in down_proj's input, v->o gains nothing;
+docs/ptq.md). A group whose consumer is wider than its producer (grouped-query attention)
+gets one scale per producer channel.
 The scales are the float model's: folding a scale leaves every layer's output unchanged,
 and the groups of a layer are folded in the family's order, in which no group changes
 another's input statistics, so one pass over the calibration samples measures all of them.
@@ -40,7 +43,7 @@ _FLOOR = 1e-5  # smallest max|X_j| or max|W_j| a scale is computed from; a dead 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
     alpha: float = 0.5
-    linear_groups: bool = True  # also smooth linear->linear groups (v->o, up->down), not only norm->linears
+    linear_groups: bool = True  # also smooth linear->linear groups (up->down), not only norm->linears
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
@@ -77,8 +80,8 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
     family = family_for(model)
     groups = _groups(model, family, calib)
     layers = model.get_submodule(family.layers)
-    if not config.linear_groups:
-        groups = tuple(g for g in groups if not isinstance(layers[0].get_submodule(g.prev), nn.Linear))
+    groups = tuple(g for g in groups
+                   if g.smooth and (config.linear_groups or not isinstance(layers[0].get_submodule(g.prev), nn.Linear)))
     readers = {f"{i}.{g.prev}": layer.get_submodule(g.linears[0]) for i, layer in enumerate(layers) for g in groups}
     ranges = input_ranges(model, family, readers, calib)
     head_dim = _head_dim(model)
