@@ -1,7 +1,8 @@
-"""lowbit: low-bit quantization of LLMs (RTN, salient FP16, AWQ, GPTQ) with honest measurements."""
+"""lowbit: low-bit quantization of LLMs (RTN, salient FP16, AWQ, GPTQ, SmoothQuant, W8A8), honestly measured."""
 from .errors import LowbitError
 from .methods import (
-    AWQConfig, AWQGPTQConfig, AWQSearch, GPTQConfig, RotationConfig, RTNConfig, SalientConfig, quantize_,
+    ActQuantConfig, AWQConfig, AWQGPTQConfig, AWQSearch, GPTQConfig, RotationConfig, RTNConfig, SalientConfig,
+    SmoothQuantConfig, quantize_,
 )
 from .models import load_model
 from .pack import load
@@ -10,6 +11,7 @@ from .quantizer import QTensor, QuantSpec, dequantize, fake_quantize, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWQConfig", "AWQGPTQConfig", "AWQSearch", "GPTQConfig", "LowbitError", "QTensor", "QuantSpec", "RotationConfig",
-    "RTNConfig", "SalientConfig", "dequantize", "fake_quantize", "load", "load_model", "quantize", "quantize_",
+    "ActQuantConfig", "AWQConfig", "AWQGPTQConfig", "AWQSearch", "GPTQConfig", "LowbitError", "QTensor", "QuantSpec",
+    "RotationConfig", "RTNConfig", "SalientConfig", "SmoothQuantConfig", "dequantize", "fake_quantize", "load",
+    "load_model", "quantize", "quantize_",
 ]

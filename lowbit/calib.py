@@ -180,3 +180,49 @@ def walk_layers(
         else:
             hidden = torch.cat(outs)
         del outs
+
+
+@torch.no_grad()
+def input_ranges(model: nn.Module, family: Family, modules: dict[str, nn.Module], samples: torch.Tensor,
+                 batch_size: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per input channel min and max of each module's input over every calibration token.
+
+    One batched pass of the model as it is, with pre-hooks that keep only running extremes, so
+    memory is one batch of activations plus two vectors per module. Consecutive modules that
+    read one tensor (q, k, v) reduce it once. The pass stops after the last decoder layer (no head).
+    """
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+    last: list = [None, None, None]  # the latest input and its extremes: q, k, v read one tensor in turn
+
+    def hook(name: str):
+        def record(_m, args):
+            x = args[0]
+            if x is not last[0]:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                last[:] = [x, flat.amin(0).float(), flat.amax(0).float()]
+            _, lo_b, hi_b = last
+            lo[name] = torch.minimum(lo[name], lo_b) if name in lo else lo_b
+            hi[name] = torch.maximum(hi[name], hi_b) if name in hi else hi_b
+
+        return record
+
+    def stop(*_):
+        raise _Stop
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    handles.append(model.get_submodule(family.layers)[-1].register_forward_hook(stop))
+    try:
+        for batch in samples.split(batch_size):
+            try:
+                model(batch.to(_device(model)), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        last.clear()
+        for h in handles:
+            h.remove()
+    missing = [n for n in modules if n not in lo]
+    if missing:
+        raise LowbitError(f"{', '.join(missing[:3])} never ran on the calibration samples")
+    return {n: (lo[n], hi[n]) for n in modules}

@@ -13,6 +13,8 @@ FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf1
                "nf4 (nf2-nf8), mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8_e4m3, mxfp8_e5m2, mxint8, bfp, log2, kmeans, "
                "binary, ternary")
 
+METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant")  # experiment.METHOD_NAMES
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line on stderr, exit code 2."""
@@ -110,6 +112,30 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                         "(seeded by --seed), the MLP's down_proj input at run time, before the weight method")
 
 
+def _add_activation_args(p: argparse.ArgumentParser, smoothquant: bool) -> None:
+    g = p.add_argument_group("activations")
+    g.add_argument("--a-bit", type=_bits, metavar="B", help="also quantize the input of every quantized linear to B-bit integers, "
+                                               "2-8 (symmetric; default: activations stay float)")
+    g.add_argument("--a-granularity", choices=("tensor", "token"),
+                   help="one activation range per token (default) or per tensor (default with --a-static)")
+    g.add_argument("--a-static", action="store_true",
+                   help="one fixed range per linear (per tensor), the min/max over the calibration tokens, "
+                        "instead of ranges from each input")
+    if smoothquant:
+        g.add_argument("--alpha", type=float, default=0.5,
+                       help="SmoothQuant migration strength in [0, 1]: how much of the activations' range moves "
+                            "into the weights (default 0.5)")
+
+
+def _activation_options(args) -> dict:
+    a_bit = getattr(args, "a_bit", None)
+    gran, static = getattr(args, "a_granularity", None), getattr(args, "a_static", False)
+    if a_bit is None and (gran is not None or static):
+        raise LowbitError("--a-granularity and --a-static apply to activation quantization: add --a-bit B")
+    return {"a_bit": a_bit, "a_granularity": gran or ("tensor" if static else "token"), "a_static": static,
+            "alpha": getattr(args, "alpha", 0.5)}
+
+
 def _spec(args):
     from .formats import canonical
     from .quantizer import QuantSpec
@@ -135,7 +161,7 @@ def _method_options(args, save_search: str | None = None):
         salient_frac=args.salient_frac, salient_by=args.salient_by, n_grid=args.n_grid, clip=not args.no_clip,
         search_samples=args.search_samples, propagate=args.propagate, load_search=args.load_search,
         save_search=save_search, seed=args.seed, damp=args.damp, act_order=args.act_order,
-        gptq_block_size=args.gptq_block_size, rotate=args.rotate,
+        gptq_block_size=args.gptq_block_size, rotate=args.rotate, **_activation_options(args),
     )
 
 
@@ -191,7 +217,8 @@ def cmd_eval(args) -> int:
         from .quantizer import QuantSpec
 
         packed_spec = QuantSpec(**doc["spec"])
-        row.update(method=f"{doc['method']} (packed)", w_bit=packed_spec.bits, sym=packed_spec.symmetric,
+        a_step = f"+{result.method}" if args.a_bit is not None else ""  # fp with --a-bit: the step's own name
+        row.update(method=f"{doc['method']} (packed){a_step}", w_bit=packed_spec.bits, sym=packed_spec.symmetric,
                    group_size=packed_spec.group_size if packed_spec.granularity == "group" else None,
                    bits_per_weight=round(packed_spec.bits_per_weight(), 4), kernel=args.kernel)
     if args.json:
@@ -215,6 +242,9 @@ def cmd_quantize(args) -> int:
     if args.rotate and args.output:
         raise LowbitError("--rotate cannot be saved with -o: a packed model does not record the run-time Hadamard "
                           "rotation it needs; evaluate rotated models with lowbit eval --rotate")
+    if args.output and args.a_bit is not None:
+        raise LowbitError("-o writes packed weights only; activation quantization (--a-bit) is applied at "
+                          "evaluation: lowbit eval --model DIR --a-bit B")
     from .experiment import make_config
 
     if args.save_search:
@@ -470,17 +500,19 @@ def cmd_format(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description="Low-bit quantization of LLMs: RTN, salient FP16, AWQ, GPTQ, "
-                                                "evaluated by perplexity.")
+                                                "SmoothQuant, activation quantization, evaluated by perplexity.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("eval", help="quantize a model with one method and measure its perplexity")
     _add_model_args(p)
-    p.add_argument("--method", default="fp", choices=("fp", "rtn", "salient", "awq", "gptq", "awq+gptq"),
-                   help="fp (no quantization), rtn, salient (keep some channels in FP), awq, gptq, or awq+gptq "
-                        "(AWQ scales, then GPTQ rounding) (default fp)")
+    p.add_argument("--method", default="fp", choices=METHOD_CHOICES,
+                   help="fp (no weight quantization), rtn, salient (keep some channels in FP), awq, gptq, awq+gptq "
+                        "(AWQ scales, then GPTQ rounding) or smoothquant (activation outliers moved into the "
+                        "weights, then RTN); any of them combines with --a-bit (default fp)")
     _add_spec_args(p)
     _add_data_args(p)
     _add_method_args(p)
+    _add_activation_args(p, smoothquant=True)
     p.add_argument("--kernel", choices=("dequant", "auto", "int4", "int4x2", "int8", "unpack"), default="dequant",
                    help="for a packed model directory: dequant (default: float weights, exactly as quantized) or "
                         "a packed CPU kernel")
@@ -493,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     _add_data_args(p)
     _add_method_args(p)
+    _add_activation_args(p, smoothquant=False)
     p.add_argument("-o", "--output", metavar="DIR", help="write the packed model (safetensors + lowbit.json + "
                                                           "tokenizer) to the directory DIR")
     p.add_argument("--embed", choices=("int8", "fp16", "fp32"), default="int8",

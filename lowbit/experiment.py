@@ -17,14 +17,15 @@ from .data import calib_text, eval_text
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
 from .methods import (
-    AWQConfig, AWQGPTQConfig, GPTQConfig, Pipeline, RTNConfig, SalientConfig, needs_calibration, quantize_,
+    ActQuantConfig, AWQConfig, AWQGPTQConfig, GPTQConfig, Pipeline, RTNConfig, SalientConfig, SmoothQuantConfig,
+    needs_calibration, quantize_,
 )
 from .methods.base import detach_runtime
 from .methods.rotation import RotationConfig
 from .models.inventory import retie, tied_parameters
 from .quantizer import QuantSpec
 
-METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq")
+METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class MethodOptions:
     act_order: bool = False
     gptq_block_size: int = 128
     rotate: bool = False  # QuaRot-style rotation before any weight method
+    a_bit: int | None = None  # activation bits; None leaves activations in float
+    a_granularity: str = "token"
+    a_static: bool = False
+    alpha: float = 0.5  # SmoothQuant migration strength
 
 
 def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
@@ -69,12 +74,17 @@ def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
 
 def _transforms(method: str, opts: MethodOptions) -> tuple:
     """Function-preserving changes of the float model, applied before the weights are rounded."""
-    return (RotationConfig(seed=opts.seed),) if opts.rotate else ()
+    steps: tuple = (RotationConfig(seed=opts.seed),) if opts.rotate else ()
+    if method == "smoothquant":
+        steps += (SmoothQuantConfig(alpha=opts.alpha),)
+    return steps
 
 
 def _runtime_steps(opts: MethodOptions) -> tuple:
     """Steps that act while the model runs (activation quantization)."""
-    return ()
+    if opts.a_bit is None:
+        return ()
+    return (ActQuantConfig(bits=opts.a_bit, granularity=opts.a_granularity, static=opts.a_static),)
 
 
 def _weight_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
@@ -83,7 +93,7 @@ def _weight_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
         return None
     if spec is None:
         raise LowbitError(f"method {method} needs a quantization spec")
-    if method == "rtn":
+    if method in ("rtn", "smoothquant"):  # SmoothQuant's weights are rounded to nearest after smoothing
         return RTNConfig(spec)
     if method == "salient":
         return SalientConfig(spec, frac=opts.salient_frac, by=opts.salient_by, seed=opts.seed)

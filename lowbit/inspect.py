@@ -24,8 +24,15 @@ def _rotate(model: nn.Module, calib: torch.Tensor) -> None:
     quantize_(model, RotationConfig(), calib)
 
 
+def _smoothquant(model: nn.Module, calib: torch.Tensor) -> None:
+    from .methods import SmoothQuantConfig, quantize_
+
+    quantize_(model, SmoothQuantConfig(alpha=0.5), calib)
+
+
 TRANSFORMS: dict[str, Callable[[nn.Module, torch.Tensor], object]] = {
     "rotate": _rotate,
+    "smoothquant": _smoothquant,
 }
 
 FIGURES = ("surface", "heatmap")

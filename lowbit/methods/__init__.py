@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .actquant import ActQuantConfig, apply_actquant
 from .awq import AWQConfig, AWQSearch, apply_awq
 from .awq_gptq import AWQGPTQConfig, apply_awq_gptq
 from .base import QuantReport
@@ -15,6 +16,7 @@ from .pipeline import Pipeline, apply_pipeline
 from .rotation import RotationConfig, apply_rotation
 from .rtn import RTNConfig, apply_rtn
 from .salient import SalientConfig, apply_salient
+from .smoothquant import SmoothQuantConfig, apply_smoothquant
 
 HANDLERS: dict[type, Callable[..., QuantReport]] = {
     RTNConfig: apply_rtn,
@@ -23,6 +25,8 @@ HANDLERS: dict[type, Callable[..., QuantReport]] = {
     GPTQConfig: apply_gptq,
     AWQGPTQConfig: apply_awq_gptq,
     RotationConfig: apply_rotation,
+    SmoothQuantConfig: apply_smoothquant,
+    ActQuantConfig: apply_actquant,
 }
 
 
@@ -34,7 +38,9 @@ def needs_calibration(config) -> bool:
         return config.by == "activation"
     if isinstance(config, AWQConfig):
         return config.load_search is None
-    return isinstance(config, (GPTQConfig, AWQGPTQConfig))
+    if isinstance(config, ActQuantConfig):
+        return config.static
+    return isinstance(config, (GPTQConfig, AWQGPTQConfig, SmoothQuantConfig))
 
 
 def _handler(config) -> Callable[..., QuantReport]:
@@ -58,6 +64,7 @@ def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> Qu
 __all__ = [
     "HANDLERS",
     "AWQConfig",
+    "ActQuantConfig",
     "AWQGPTQConfig",
     "AWQSearch",
     "GPTQConfig",
@@ -66,6 +73,7 @@ __all__ = [
     "RotationConfig",
     "RTNConfig",
     "SalientConfig",
+    "SmoothQuantConfig",
     "needs_calibration",
     "quantize_",
 ]

@@ -1,0 +1,110 @@
+"""SmoothQuant (Xiao et al., 2023): move activation outliers into the weights before W8A8.
+
+A few input channels of a linear carry activations ~100x larger than the rest, on every
+token, so one range per token or tensor wastes the integer grid on them. Per input
+channel j of a scaling group (linears that read one tensor),
+
+    s_j = max|X_j|^α / max|W_j|^(1-α)
+
+with max|X_j| over every calibration token and max|W_j| over column j of all the group's
+linears; X/s and W·s multiply to the same output, so 1/s is folded into the op that
+produces X (a norm, or the previous linear's output rows) and s into the linears. α is
+the migration strength: 0 leaves activations alone, 1 moves all of their range into the
+weights. The float model computes the same function afterwards.
+
+The groups are the family's scaling groups (the same data AWQ reads) that it marks
+``smooth``: for Llama norm->q/k/v, norm->gate/up and up->down, not v->o (measured on a tiny
+model: up->down removes the error of outliers in down_proj's input, v->o gains nothing;
+docs/ptq.md). A group whose consumer is wider than its producer (grouped-query attention)
+gets one scale per producer channel.
+The scales are the float model's: folding a scale leaves every layer's output unchanged,
+and the groups of a layer are folded in the family's order, in which no group changes
+another's input statistics, so one pass over the calibration samples measures all of them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..calib import first_layer_inputs, input_ranges
+from ..errors import LowbitError
+from ..models.families import Family, ScalingGroup, discover_groups, family_for
+from ..models.inventory import check_finite
+from .awq import _head_dim, _producer_width, fold_scale, tie_index
+from .base import QuantReport, input_transform
+
+_FLOOR = 1e-5  # smallest max|X_j| or max|W_j| a scale is computed from; a dead channel keeps s = 1
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    alpha: float = 0.5
+    linear_groups: bool = True  # also smooth linear->linear groups (up->down), not only norm->linears
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            raise LowbitError(f"--alpha must be in [0, 1] (the SmoothQuant migration strength), got {self.alpha!r}")
+
+
+def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = max|X|^α / max|W|^(1-α) per channel; 1 where either maximum is zero or not finite."""
+    ok = (x_absmax > 0) & (w_absmax > 0) & torch.isfinite(x_absmax) & torch.isfinite(w_absmax)
+    s = x_absmax.clamp(min=_FLOOR).pow(alpha) / w_absmax.clamp(min=_FLOOR).pow(1.0 - alpha)
+    return torch.where(ok & torch.isfinite(s), s.clamp(_FLOOR, 1.0 / _FLOOR), torch.ones_like(s))
+
+
+def _groups(model: nn.Module, family: Family, calib: torch.Tensor) -> tuple[ScalingGroup, ...]:
+    if family.groups:
+        return family.groups
+    if not family.name.startswith("discovered"):
+        raise LowbitError(f"{family.name} declares no scaling groups; SmoothQuant needs them")
+    hidden, kwargs = first_layer_inputs(model, family, calib[:1])
+    layer = model.get_submodule(family.layers)[0]
+    groups = discover_groups(layer, family.linears, partial(layer, hidden, **kwargs))
+    if not groups:
+        raise LowbitError(f"{family.name}: no norm feeds the linears; declare its scaling groups in "
+                          "lowbit/models/families.py")
+    return groups
+
+
+@torch.no_grad()
+def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor | None = None) -> QuantReport:
+    """Fold SmoothQuant scales into every decoder layer; weights stay float."""
+    if calib is None:
+        raise LowbitError("SmoothQuant needs calibration samples (the activations' per-channel maxima)")
+    check_finite(model)
+    family = family_for(model)
+    groups = _groups(model, family, calib)
+    layers = model.get_submodule(family.layers)
+    groups = tuple(g for g in groups
+                   if g.smooth and (config.linear_groups or not isinstance(layers[0].get_submodule(g.prev), nn.Linear)))
+    readers = {f"{i}.{g.prev}": layer.get_submodule(g.linears[0]) for i, layer in enumerate(layers) for g in groups}
+    ranges = input_ranges(model, family, readers, calib)
+    head_dim = _head_dim(model)
+    skipped = 0
+    for i, layer in enumerate(layers):
+        for g in groups:
+            prev = layer.get_submodule(g.prev)
+            linears = [layer.get_submodule(n) for n in g.linears]
+            if any(input_transform(lin) for lin in linears):
+                # a run-time transform (an online rotation) sits between prev and the linears: a scale
+                # folded into prev would be mixed by it instead of undone, so the function would change
+                skipped += 1
+                continue
+            width = _producer_width(prev)
+            index = tie_index(width, linears[0].in_features, head_dim)
+            lo, hi = ranges[f"{i}.{g.prev}"]
+            x_max = torch.maximum(lo.abs(), hi.abs()).cpu()
+            w_max = torch.stack([lin.weight.detach().abs().amax(0).float().cpu() for lin in linears]).amax(0)
+            # one scale per producer channel, from the largest activation and weight column it reaches
+            # (under grouped-query attention one v channel feeds o_proj once per query head of its KV head)
+            x_tied = torch.zeros(width).scatter_reduce(0, index, x_max, "amax")
+            w_tied = torch.zeros(width).scatter_reduce(0, index, w_max, "amax")
+            fold_scale(prev, linears, smooth_scales(x_tied, w_tied, config.alpha)[index], index)
+    info = {"alpha": config.alpha, "sq_skipped_transformed": skipped,
+            "sq_groups": ",".join(f"{g.prev}->{'/'.join(n.split('.')[-1] for n in g.linears)}" for g in groups)}
+    return QuantReport("smoothquant", None, 16.0, info=info)
