@@ -26,6 +26,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     p = Path(path)
     fd, tmp = tempfile.mkstemp(dir=p.parent or ".", prefix=f".{p.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a user's output gets the usual mode
     try:
         yield tmp
         os.replace(tmp, p)
