@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import LowbitError
+from ..io import atomic_dir
 from ..pack.tensor import PackedTensor
 
 SKIP_FILES = ("lowbit.json", "model.safetensors", "config.json")
@@ -94,7 +94,6 @@ def write_hf_dir(source: PackedSource, out: str | os.PathLike, tensors: dict[str
     """Write ``tensors`` and the source's config (plus ``quantization_config``) as a model directory, atomically."""
     from safetensors.torch import save_file
 
-    from ..pack.checkpoint import _replace_dir
 
     dest = check_export_dir(out, force, source.path)
     try:
@@ -104,24 +103,13 @@ def write_hf_dir(source: PackedSource, out: str | os.PathLike, tensors: dict[str
     config.pop("quantization_config", None)
     config.update(config_updates or {})
     config["quantization_config"] = quantization_config
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(dest) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in source.path.iterdir():
             if f.is_file() and f.name not in SKIP_FILES:
                 shutil.copyfile(f, tmp / f.name)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; a model directory is an ordinary one
-        _replace_dir(tmp, dest)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LowbitError(f"could not write {dest}: {e.strerror or e}; nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

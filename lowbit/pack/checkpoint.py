@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from ..errors import LowbitError
 from ..models.families import family_for
 from ..models.inventory import quantizable_linears
 from ..quantizer import QuantSpec, quantize
+from ..io import atomic_dir
 from .codes import grid_codes
 from .tensor import PackedTensor
 
@@ -177,8 +176,7 @@ def save_packed(packed: PackedModel, config, tokenizer, path: str | os.PathLike,
     from safetensors.torch import save_file
 
     dest = check_output_dir(path, force)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(dest) as tmp:
         tensors = {}
         for name, pt in packed.packed.items():
             tensors.update(pt.tensors(name))
@@ -197,32 +195,8 @@ def save_packed(packed: PackedModel, config, tokenizer, path: str | os.PathLike,
             **packed.meta, **(extra or {}), "tensors": packed.entries, "files": files,
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; a model directory is an ordinary one
-        _replace_dir(tmp, dest)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LowbitError(f"could not write {dest}: {e.strerror or e}; nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move the finished ``tmp`` to ``dest``; an old ``dest`` is set aside first and removed after."""
-    if not dest.exists():
-        os.replace(tmp, dest)
-        return
-    old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
-    os.replace(dest, old / "x")
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        os.replace(old / "x", dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- reading ------------------------------------------------------------------------------
