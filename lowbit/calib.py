@@ -64,14 +64,19 @@ def first_layer_inputs(model: nn.Module, family: Family, samples: torch.Tensor, 
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in samples.split(batch_size):
-            try:
-                model(batch.to(_device(model)), use_cache=False)
-            except _Stop:
-                pass
+        _run_until_stop(model, samples, batch_size)
     finally:
         handle.remove()
     return torch.cat(captured), kwargs_box
+
+
+def _run_until_stop(model: nn.Module, samples: torch.Tensor, batch_size: int) -> None:
+    """Run the model on each batch of samples; a hook raising ``_Stop`` ends a batch early."""
+    for batch in samples.split(batch_size):
+        try:
+            model(batch.to(_device(model)), use_cache=False)
+        except _Stop:
+            pass
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -213,11 +218,7 @@ def input_ranges(model: nn.Module, family: Family, modules: dict[str, nn.Module]
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     handles.append(model.get_submodule(family.layers)[-1].register_forward_hook(stop))
     try:
-        for batch in samples.split(batch_size):
-            try:
-                model(batch.to(_device(model)), use_cache=False)
-            except _Stop:
-                pass
+        _run_until_stop(model, samples, batch_size)
     finally:
         last.clear()
         for h in handles:
