@@ -151,10 +151,13 @@ def main() -> int:
                       calib=CalibOptions(args.calib_samples, args.calib_seq_len, args.seed))
     python = None
     log = out.with_suffix(".log")
-    for run in todo:
+    # llm-compressor's AWQ is the slowest row by far: run it last, print every row in table order
+    order = {id(r): i for i, r in enumerate(todo)}
+    results: dict[int, dict] = {}
+    for run in sorted(todo, key=lambda r: r.method == "llmc-awq"):
         key = f"{run.section}|{run.label}"
         if key in done:
-            report["rows"].append(done[key])
+            results[order[id(run)]] = done[key]
             continue
         print(f"{run.section}: {run.label} ...", file=sys.stderr, flush=True)
         base = {"section": run.section, "label": run.label, "bits": run.bits, "a_label": run.a_label,
@@ -168,16 +171,17 @@ def main() -> int:
         except Exception as e:  # one failed row is reported, the table goes on
             print(f"error in {run.label}: {e}", file=sys.stderr)
             row = {"ppl": None, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
-        report["rows"].append({**row, **base, "method": row.get("method", run.method)})
-        r = report["rows"][-1]
+        r = results[order[id(run)]] = {**row, **base, "method": row.get("method", run.method)}
         print(f"  PPL {_fmt(r.get('ppl'), '.3f')}  quant {_fmt(r.get('quant_seconds'), '.1f')} s",
               file=sys.stderr, flush=True)
+        report["rows"] = [results[i] for i in sorted(results)]
         out.write_text(json.dumps(report, indent=1))
+    report["rows"] = [results[i] for i in sorted(results)]
 
     m = report["machine"]
     print(f"{args.model}: {args.max_windows} windows of WikiText-2 test (2048 tokens); calibration "
           f"{args.calib_samples} x {args.calib_seq_len} tokens of WikiText-2 validation; groups of 64, asymmetric INT")
-    print(f"{m['cpu']}, {m['cores']} cores, torch CPU; {report['date']}"
+    print(f"{m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]} at start, torch CPU; {report['date']}"
           + (f"; {len(done)} rows kept from an earlier run with the same settings" if done else ""))
     print()
     print_table(report["rows"])
