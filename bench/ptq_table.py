@@ -55,6 +55,12 @@ def runs(bits_list: list[int], peers_on: bool) -> list[Run]:
         Run(sec, "RTN (naive)", "rtn", 8, 0, a8_tensor, "8 tensor static"),
         Run(sec, "SmoothQuant α=0.5", "smoothquant", 8, 0, dict(a8_tensor, alpha=0.5), "8 tensor static"),
     ]
+    a8_token = {"a_bit": 8, "a_granularity": "token"}
+    sec = "W8A8 (W8 per channel, A8 per token, dynamic)"
+    table += [
+        Run(sec, "RTN", "rtn", 8, 0, a8_token, "8 token"),
+        Run(sec, "SmoothQuant α=0.5", "smoothquant", 8, 0, dict(a8_token, alpha=0.5), "8 token"),
+    ]
     # QuaRot's recipe rounds the rotated weights with GPTQ; RTN rows show why (rotation alone raises
     # this model's W4 rounding error, and A8 is not where it pays off)
     for a in (8, 4):
