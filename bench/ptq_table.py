@@ -36,7 +36,7 @@ class Run:
     a_label: str = "16"
 
 
-def runs(bits_list: list[int], peers_on: bool) -> list[Run]:
+def runs(bits_list: list[int], peer_methods: list[str]) -> list[Run]:
     table = [Run("float", "FP", "fp")]
     for b in bits_list:
         sec = f"W{b} g64, weights only"
@@ -47,8 +47,7 @@ def runs(bits_list: list[int], peers_on: bool) -> list[Run]:
             Run(sec, "AWQ", "awq", b),
             Run(sec, "AWQ+GPTQ-R", "awq+gptq", b, options={"act_order": True}),
         ]
-        if peers_on:
-            table += [Run(sec, "llm-compressor GPTQ", "llmc-gptq", b), Run(sec, "llm-compressor AWQ", "llmc-awq", b)]
+        table += [Run(sec, f"llm-compressor {m.upper()}", f"llmc-{m}", b) for m in peer_methods]
     a8_tensor = {"a_bit": 8, "a_granularity": "tensor", "a_static": True}
     sec = "W8A8 (W8 per channel, A8 per tensor, static)"
     table += [
@@ -127,6 +126,8 @@ def main() -> int:
     p.add_argument("--search-samples", type=int, default=4, help="AWQ's α-scoring samples (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peers", action="store_true", help="skip llm-compressor")
+    p.add_argument("--peer-methods", nargs="+", choices=("gptq", "awq"), default=["gptq", "awq"],
+                   help="llm-compressor methods in the table (default gptq awq; its AWQ takes ~6 min per width)")
     p.add_argument("--only", nargs="+", help="run only rows whose label or section contains one of these words")
     p.add_argument("--peer-venv", default=str(REPO / ".venv-peers"))
     p.add_argument("--out", default=str(REPO / "results" / "ptq_table.json"))
@@ -145,7 +146,7 @@ def main() -> int:
             done = {f"{r['section']}|{r['label']}": r for r in old["rows"] if r.get("ppl") is not None}
     report = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": peers.machine(),
               "settings": settings, "rows": []}
-    todo = runs(args.bits, not args.no_peers)
+    todo = runs(args.bits, [] if args.no_peers else args.peer_methods)
     if args.only:
         todo = [r for r in todo if r.method == "fp" or any(w in r.label or w in r.section for w in args.only)]
 
