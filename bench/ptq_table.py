@@ -53,6 +53,7 @@ def runs(bits_list: list[int], peer_methods: list[str]) -> list[Run]:
     table += [
         Run(sec, "RTN (naive)", "rtn", 8, 0, a8_tensor, "8 tensor static"),
         Run(sec, "SmoothQuant α=0.5", "smoothquant", 8, 0, dict(a8_tensor, alpha=0.5), "8 tensor static"),
+        Run(sec, "SmoothQuant α=0.8", "smoothquant", 8, 0, dict(a8_tensor, alpha=0.8), "8 tensor static"),
     ]
     a8_token = {"a_bit": 8, "a_granularity": "token"}
     sec = "W8A8 (W8 per channel, A8 per token, dynamic)"
