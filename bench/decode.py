@@ -1,10 +1,11 @@
 """CPU inference speed: decode and prompt tokens/s of the default model in fp32, bf16 and lowbit
-W8 / W4 / W3 (packed, through transformers' generate), and GEMV timings per weight shape with the
+W8 / W4 / W3 (packed, through transformers' generate) and of lowbit's GGUF export in llama.cpp, and GEMV timings per weight shape with the
 effective bandwidth against the machine's measured memory bandwidth.
 
     python bench/decode.py                      # everything, 2 threads, 128 new tokens, 512-token prompt
     python bench/decode.py --skip-decode        # only bandwidth + GEMV table
     python bench/decode.py --w4 DIR             # use an existing packed model (e.g. an AWQ export) for W4
+    python bench/decode.py --llama-venv V       # reuse a venv with llama-cpp-python (else built once)
 
 Packed models that are not given are made once with RTN under --models-dir: speed does not
 depend on how the codes were chosen (RTN and AWQ files have the same layout and kernels).
@@ -46,7 +47,34 @@ VARIANTS = {
     "w8": ("lowbit W8 per-channel sym", QuantSpec(bits=8, granularity="channel", symmetric=True), None),
     "w4": ("lowbit W4 g64", QuantSpec(bits=4, group_size=64), None),
     "w3": ("lowbit W3 g64", QuantSpec(bits=3, group_size=64), None),
+    "q4_0": ("lowbit W4 g32 sym", QuantSpec(bits=4, group_size=32, symmetric=True), None),  # Q4_0's grid, for GGUF
 }
+
+# Runs in the llama.cpp venv: greedy decoding of the same prompt, timed like lowbit.generate.
+LLAMA_WORKER = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp
+job = json.loads(sys.argv[1])
+ids, n_new = job["prompt"], job["new_tokens"]
+llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=len(ids) + n_new + 8, n_batch=512, n_threads=job["threads"],
+                      n_threads_batch=job["threads"], verbose=False)
+runs = []
+for rep in range(job["repeats"] + 1):  # the first run warms up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t1 = time.perf_counter()
+    for _ in range(n_new - 1):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t2 = time.perf_counter()
+    if rep:
+        runs.append((len(ids) / (t1 - t0), (n_new - 1) / (t2 - t1)))
+print(json.dumps({"prompt": max(r[0] for r in runs), "decode": max(r[1] for r in runs),
+                  "version": llama_cpp.__version__}))
+"""
 
 
 def timed(fn, budget: float = 0.4, min_reps: int = 3, max_reps: int = 200) -> float:
@@ -176,7 +204,7 @@ def ensure_packed(key: str, given: str | None, models_dir: Path, float_model, to
     quantize_(model, RTNConfig(spec))
     models_dir.mkdir(parents=True, exist_ok=True)
     save_packed(pack_model_(model, spec, method="rtn"), model.config, tok, out,
-                generation_config=model.generation_config)
+                generation_config=model.generation_config, extra={"source_model": "smollm2-135m"})
     print(f"made {out}", file=sys.stderr)
     return out
 
@@ -218,10 +246,29 @@ def decode_rows(args, bandwidth: float) -> list[dict]:
         print(f"{label}: {rows[-1]['decode tok/s']:.1f} decode tok/s, {rows[-1]['prompt tok/s']:.1f} prompt tok/s",
               file=sys.stderr, flush=True)
         del model
+    if not args.skip_llamacpp:
+        rows.append(llama_cpp_row(args, ids, ensure_packed("q4_0", args.q4_0, Path(args.models_dir), fp, tok)))
     fp32 = rows[0]["decode tok/s"]
     for r in rows:
         r["x fp32"] = r["decode tok/s"] / fp32
     return rows
+
+
+def llama_cpp_row(args, ids: torch.Tensor, packed: Path) -> dict:
+    """The W4 g32 model exported by ``lowbit export --to gguf`` (Q4_0), timed in llama.cpp."""
+    from bench._llamacpp import ensure_llama_cpp, run_worker
+    from lowbit.export import export_gguf
+
+    gguf_path = packed.parent / (packed.name + "-q4_0.gguf")
+    if not gguf_path.exists():
+        export_gguf(packed, gguf_path)
+    python = ensure_llama_cpp(args.llama_venv)
+    r = run_worker(python, LLAMA_WORKER, {"gguf": str(gguf_path), "prompt": ids.tolist(), "threads": args.threads,
+                                         "new_tokens": args.new_tokens, "repeats": args.repeats})
+    print(f"llama.cpp: {r['decode']:.1f} decode tok/s, {r['prompt']:.1f} prompt tok/s", file=sys.stderr, flush=True)
+    return {"model": f"llama.cpp {r['version']}, lowbit GGUF export", "kernels": "Q4_0 (+Q8_0 embedding)",
+            "weights MB": gguf_path.stat().st_size / 1e6, "prompt tokens": ids.numel(), "prompt tok/s": r["prompt"],
+            "new tokens": args.new_tokens, "decode tok/s": r["decode"]}
 
 
 def main() -> None:
@@ -235,6 +282,8 @@ def main() -> None:
         p.add_argument(f"--{key}", metavar="DIR", help=f"packed model for {VARIANTS[key][0]} (default: made with RTN)")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-gemv", action="store_true")
+    p.add_argument("--skip-llamacpp", action="store_true", help="no llama.cpp row (it builds llama-cpp-python once)")
+    p.add_argument("--llama-venv", default=str(ROOT / ".venv-llamacpp"), help="venv holding llama-cpp-python")
     p.add_argument("--shapes", help="only GEMV shapes whose name contains this (e.g. SmolLM2, Llama)")
     p.add_argument("--json", action="store_true", help="also print everything as one JSON object at the end")
     args = p.parse_args()

@@ -9,17 +9,14 @@ vocabulary), PPL = exp(mean next-token NLL). Rows:
 - lowbit RTN and AWQ W4 g32 symmetric, packed, exported with ``lowbit export --to gguf``: Q4_0
   blocks holding lowbit's own codes (the embedding is the source's Q8_0, unchanged).
 
-llama-cpp-python has no wheel for this platform on PyPI; it is built from source once (about
-15 minutes on 2 cores) into ``.venv-llamacpp`` and evaluation runs there as a subprocess.
+llama.cpp runs in its own venv (bench/_llamacpp.py builds it once; ``--venv`` reuses one).
 
     python bench/gguf_ppl.py | tee bench/results/gguf_ppl.txt
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-LLAMA_CPP = "llama-cpp-python==0.3.36"
+from bench._llamacpp import DEFAULT_VENV, LLAMA_CPP, ensure_llama_cpp, run_worker  # noqa: E402
+
 
 # Runs inside the llama.cpp venv: quantize (optional) and evaluate one GGUF on the windows given.
 WORKER = r"""
@@ -62,26 +60,8 @@ print(json.dumps({"ppl": math.exp(total / count), "windows": int(len(windows)), 
 """
 
 
-def ensure_llama_cpp(venv: Path) -> Path:
-    python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
-        return python
-    print(f"building {LLAMA_CPP} into {venv} (once; about 15 minutes) ...", file=sys.stderr, flush=True)
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF")
-    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", LLAMA_CPP], env=env, capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        sys.exit(f"installing {LLAMA_CPP} failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
-    return python
-
-
 def llama_ppl(python: Path, job: dict) -> dict:
-    proc = subprocess.run([str(python), "-c", WORKER, json.dumps(job)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"llama.cpp run on {job['gguf']} failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(python, WORKER, job)
 
 
 def main() -> int:
@@ -89,7 +69,7 @@ def main() -> int:
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--venv", default=str(REPO / ".venv-llamacpp"))
+    p.add_argument("--venv", default=str(DEFAULT_VENV))
     p.add_argument("--workdir", help="keep the GGUF files here (default: a temporary directory)")
     args = p.parse_args()
 
