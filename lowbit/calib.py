@@ -99,6 +99,7 @@ class LayerContext:
     module_kwargs: dict[str, dict]  # inspected module -> static keyword arguments
     groups: tuple[ScalingGroup, ...]
     batch_size: int = 16
+    outputs: torch.Tensor | None = None  # the layer's outputs on ``inputs`` before the method changed it
 
     def run(self, module_name: str, x: torch.Tensor) -> torch.Tensor:
         """Output of a submodule of the layer on ``x``, batched to bound memory."""
@@ -176,15 +177,17 @@ def walk_layers(
             for h in handles:
                 h.remove()
         linear_inputs = capture.linear_inputs(family.linears)
-        ctx = LayerContext(index, layer, hidden, layer_kwargs, linear_inputs, capture.module_kwargs, groups, batch_size)
-        del capture
+        outputs, capture_kwargs = torch.cat(outs), capture.module_kwargs
+        del outs, capture
+        ctx = LayerContext(index, layer, hidden, layer_kwargs, linear_inputs, capture_kwargs, groups, batch_size,
+                           outputs)
         process(ctx)
         del ctx, linear_inputs
         if propagate == "quantized":
             hidden = torch.cat([_output(layer(xb, **layer_kwargs)) for xb in hidden.split(batch_size)])
         else:
-            hidden = torch.cat(outs)
-        del outs
+            hidden = outputs
+        del outputs
 
 
 @torch.no_grad()

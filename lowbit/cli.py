@@ -13,7 +13,7 @@ FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf1
                "nf4 (nf2-nf8), mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8_e4m3, mxfp8_e5m2, mxint8, bfp, log2, kmeans, "
                "binary, ternary")
 
-METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant")  # experiment.METHOD_NAMES
+METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat")  # experiment.METHOD_NAMES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,10 +154,20 @@ def _spec(args):
     return QuantSpec(group_size=default_group if args.group_size is None else args.group_size, **kw)
 
 
+def _qat_options(args) -> dict:
+    """QATConfig fields from lowbit qat's flags (eval --method qat takes the defaults)."""
+    if not hasattr(args, "qat_steps"):
+        return {}
+    return {"init": args.init, "mode": args.mode, "steps": args.qat_steps, "lr": args.lr, "scale_lr": args.scale_lr,
+            "batch_size": args.batch_size, "rounding": args.qat_rounding, "learn_weights": not args.no_learn_weights,
+            "learn_scales": not args.no_lsq, "distill": args.distill, "pact": not args.no_pact,
+            "temperature": tuple(args.temperature)}
+
+
 def _method_options(args, save_search: str | None = None):
     from .experiment import MethodOptions
 
-    return MethodOptions(
+    return MethodOptions(qat=_qat_options(args), 
         salient_frac=args.salient_frac, salient_by=args.salient_by, n_grid=args.n_grid, clip=not args.no_clip,
         search_samples=args.search_samples, propagate=args.propagate, load_search=args.load_search,
         save_search=save_search, seed=args.seed, damp=args.damp, act_order=args.act_order,
@@ -293,6 +303,52 @@ def _save_packed(session, spec, args) -> dict:
             "disk_fraction_of_fp16": round(disk / fp16_bytes, 4), "kernel": ",".join(kernels),
             "embedding": packed.meta["embedding"]["embedding"]["storage"],
             "embedding_exact": packed.meta["embedding"]["embedding"]["exact"]}
+
+
+def cmd_qat(args) -> int:
+    import dataclasses
+    import tempfile
+
+    from .experiment import make_config
+
+    if args.output:
+        from .pack.checkpoint import check_output_dir
+
+        check_output_dir(args.output, args.force)
+        if args.a_bit is not None:
+            raise LowbitError("-o writes packed weights only; the learned activation clips (--a-bit) are not saved")
+    spec = _spec(args)
+    opts = _method_options(args)
+    make_config("qat", spec, opts)  # refuse bad options before the slow part
+    session = _session(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_start:  # the method QAT starts from, alone: what training adds is the difference
+            search = str(Path(tmp) / "awq.safetensors") if args.init == "awq" else None
+            start = session.run(args.init, spec, dataclasses.replace(opts, save_search=search),
+                                progress=not args.json)
+            rows.append(dict(start.row(), method=f"{args.init} (QAT's start)"))
+            if search:  # QAT re-walks the layers with these scales instead of searching again
+                opts = dataclasses.replace(opts, load_search=search)
+        # With -o the trained model is measured after packing (its embedding as the file stores it).
+        result = session.run("qat", spec, opts, progress=not args.json, evaluate=not (args.no_eval or args.output))
+    row = result.row()
+    if args.output:
+        row.update(_save_packed(session, spec, args))
+        if not args.no_eval:
+            from .eval.perplexity import perplexity
+
+            res = perplexity(session.model, session.windows, progress=not args.json)
+            row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2))
+    rows.append(row)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(_table(rows, RESULT_COLUMNS + [("steps", "steps", ""), ("first_loss", "loss first", ".4g"),
+                                             ("last_loss", "loss last", ".4g")]))
+    if "stopped" in result.info:
+        print(f"lowbit: warning: training stopped early: {result.info['stopped']}", file=sys.stderr)
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -537,6 +593,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing output")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("qat", help="quantization-aware training (STE, LSQ step sizes, PACT clips, soft or stochastic "
+                                   "rounding) from AWQ or RTN, block by block or end to end; PPL before and after")
+    _add_model_args(p)
+    _add_spec_args(p)
+    _add_data_args(p)
+    _add_method_args(p)
+    g = p.add_argument_group("qat")
+    g.add_argument("--init", choices=("awq", "rtn"), default="awq", help="the method training starts from (default awq)")
+    g.add_argument("--mode", choices=("block", "model"), default="block",
+                   help="block: each decoder layer learns its float outputs, one layer in memory (default); "
+                        "model: all linears end to end with distillation from the float logits")
+    g.add_argument("--steps", dest="qat_steps", type=_positive, default=64,
+                   help="optimizer steps per layer (block) or in all (model) (default 64)")
+    g.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the weights (default 1e-5)")
+    g.add_argument("--scale-lr", type=float, default=1e-4, help="learning rate of step sizes and clips (default 1e-4)")
+    g.add_argument("--batch-size", type=_positive, default=2, help="calibration sequences per step (default 2)")
+    g.add_argument("--qat-rounding", choices=("ste", "soft", "stochastic"), default="ste",
+                   help="rounding in training: ste (nearest, straight-through gradient; default), soft (annealed "
+                        "smooth staircase) or stochastic; the final weights are always rounded to nearest")
+    g.add_argument("--temperature", type=float, nargs=2, default=(4.0, 400.0), metavar=("START", "END"),
+                   help="soft rounding's temperature, annealed geometrically (default 4 400)")
+    g.add_argument("--no-learn-weights", action="store_true", help="train step sizes (and clips) only")
+    g.add_argument("--no-lsq", action="store_true", help="keep the initial step sizes fixed")
+    g.add_argument("--distill", type=float, default=1.0,
+                   help="model mode: weight of the KL to the float logits; the rest is next-token loss (default 1)")
+    g.add_argument("--a-bit", type=_bits, metavar="B", help="also train with B-bit activations (PACT clips)")
+    g.add_argument("--no-pact", action="store_true", help="with --a-bit: keep each clip at its calibration maximum")
+    p.add_argument("--no-start", action="store_true", help="do not evaluate the starting method alone")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity of the trained model")
+    p.add_argument("-o", "--output", metavar="DIR", help="write the trained model packed to DIR")
+    p.add_argument("--embed", choices=("int8", "fp16", "fp32"), default="int8",
+                   help="how -o stores the embedding (default int8)")
+    p.add_argument("--kernel", choices=("auto", "int4", "int4x2", "int8", "unpack", "dequant"), default="auto",
+                   help="CPU kernel recorded for each packed linear (default auto)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    p.set_defaults(func=cmd_qat, method="qat")
 
     p = sub.add_parser("generate", help="generate text with a model (e.g. a packed one) and report tokens/s")
     _add_model_args(p)

@@ -17,15 +17,15 @@ from .data import calib_text, eval_text
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
 from .methods import (
-    ActQuantConfig, AWQConfig, AWQGPTQConfig, GPTQConfig, Pipeline, RTNConfig, SalientConfig, SmoothQuantConfig,
-    needs_calibration, quantize_,
+    ActQuantConfig, AWQConfig, AWQGPTQConfig, GPTQConfig, Pipeline, QATConfig, RTNConfig, SalientConfig,
+    SmoothQuantConfig, needs_calibration, quantize_,
 )
 from .methods.base import detach_runtime
 from .methods.rotation import RotationConfig
 from .models.inventory import retie, tied_parameters
 from .quantizer import QuantSpec
 
-METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant")
+METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class MethodOptions:
     a_granularity: str = "token"
     a_static: bool = False
     alpha: float = 0.5  # SmoothQuant migration strength
+    qat: dict = field(default_factory=dict)  # QATConfig fields other than spec, awq and a_bit (lowbit qat's options)
 
 
 def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
@@ -66,7 +67,7 @@ def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
     (activation quantization).
     """
     weight = _weight_config(method, spec, opts)
-    steps = (*_transforms(method, opts), *([weight] if weight is not None else []), *_runtime_steps(opts))
+    steps = (*_transforms(method, opts), *([weight] if weight is not None else []), *_runtime_steps(method, opts))
     if not steps:
         return None
     return steps[0] if len(steps) == 1 else Pipeline(steps)
@@ -80,9 +81,9 @@ def _transforms(method: str, opts: MethodOptions) -> tuple:
     return steps
 
 
-def _runtime_steps(opts: MethodOptions) -> tuple:
-    """Steps that act while the model runs (activation quantization)."""
-    if opts.a_bit is None:
+def _runtime_steps(method: str, opts: MethodOptions) -> tuple:
+    """Steps that act while the model runs (activation quantization; QAT trains its own)."""
+    if opts.a_bit is None or method == "qat":
         return ()
     return (ActQuantConfig(bits=opts.a_bit, granularity=opts.a_granularity, static=opts.a_static),)
 
@@ -97,13 +98,15 @@ def _weight_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
         return RTNConfig(spec)
     if method == "salient":
         return SalientConfig(spec, frac=opts.salient_frac, by=opts.salient_by, seed=opts.seed)
-    if method in ("awq", "awq+gptq"):
+    if method in ("awq", "awq+gptq", "qat"):
         awq = AWQConfig(
             spec, n_grid=opts.n_grid, clip=opts.clip, search_samples=opts.search_samples,
             propagate=opts.propagate, load_search=opts.load_search, save_search=opts.save_search,
         )
         if method == "awq":
             return awq
+        if method == "qat":
+            return QATConfig(spec, awq=awq, a_bit=opts.a_bit, seed=opts.seed, **opts.qat)
     if method in ("gptq", "awq+gptq"):
         gptq = GPTQConfig(spec, damp=opts.damp, block_size=opts.gptq_block_size, act_order=opts.act_order)
         return gptq if method == "gptq" else AWQGPTQConfig(awq, gptq)

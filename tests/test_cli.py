@@ -45,6 +45,10 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     (["eval", "--model", "/nonexistent/model.gguf"], ["model file not found"]),
     (["quantize", "--method", "awq"], ["needs -o DIR", "--save-search FILE"]),
     (["quantize", "--method", "rtn", "--save-search", "s.safetensors"], ["only --method awq has a search"]),
+    (["qat", "--lr", "0"], ["lr must be positive"]),
+    (["qat", "--scale-lr", "-1e-3"], ["scale lr must be positive"]),
+    (["qat", "--steps", "0"], ["--steps", "at least 1"]),
+    (["qat", "--distill", "2"], ["distillation weight must be in [0, 1]"]),
 ])
 def test_bad_input_fails_fast_with_one_line(args, fragments):
     assert_clean_error(run(*args), *fragments)
@@ -128,6 +132,24 @@ def test_tiny_checkpoint_end_to_end_json(tmp_path, tokenizer_dir, data_dir):
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["method"] == "awq" and row["windows"] == 2 and row["tokens"] == 256
     assert row["w_bit"] == 4 and row["group_size"] == 16 and row["ppl"] > 1
+
+
+@pytest.mark.model
+def test_qat_tiny_checkpoint_packs_what_it_trained(tmp_path, tokenizer_dir, data_dir):
+    ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
+    out = tmp_path / "packed"
+    common = ["--w-bit", "3", "--group-size", "16", "--calib-samples", "4", "--calib-seq-len", "64", "--seq-len", "128",
+              "--max-windows", "2"]
+    proc = run("qat", "--model", str(ckpt), *common, "--n-grid", "3", "--steps", "3", "--lr", "1e-4", "-o", str(out),
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    start, trained = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert start["method"] == "awq (QAT's start)" and trained["method"] == "qat-block(awq)"
+    assert trained["steps"] == 6 and trained["ppl"] > 1
+    proc = run("eval", "--model", str(out), "--seq-len", "128", "--max-windows", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ppl"] == pytest.approx(trained["ppl"], rel=1e-6)
+    assert_clean_error(run("qat", "--model", str(ckpt), *common, "-o", str(out)), "exists; pass --force")
 
 
 @pytest.mark.model

@@ -13,6 +13,7 @@ from .awq_gptq import AWQGPTQConfig, apply_awq_gptq
 from .base import QuantReport
 from .gptq import GPTQConfig, apply_gptq
 from .pipeline import Pipeline, apply_pipeline
+from .qat import QATConfig, apply_qat
 from .rotation import RotationConfig, apply_rotation
 from .rtn import RTNConfig, apply_rtn
 from .salient import SalientConfig, apply_salient
@@ -27,6 +28,7 @@ HANDLERS: dict[type, Callable[..., QuantReport]] = {
     RotationConfig: apply_rotation,
     SmoothQuantConfig: apply_smoothquant,
     ActQuantConfig: apply_actquant,
+    QATConfig: apply_qat,
 }
 
 
@@ -40,7 +42,7 @@ def needs_calibration(config) -> bool:
         return config.load_search is None
     if isinstance(config, ActQuantConfig):
         return config.static
-    return isinstance(config, (GPTQConfig, AWQGPTQConfig, SmoothQuantConfig))
+    return isinstance(config, (GPTQConfig, AWQGPTQConfig, SmoothQuantConfig, QATConfig))
 
 
 def _handler(config) -> Callable[..., QuantReport]:
@@ -69,6 +71,7 @@ __all__ = [
     "AWQSearch",
     "GPTQConfig",
     "Pipeline",
+    "QATConfig",
     "QuantReport",
     "RotationConfig",
     "RTNConfig",

@@ -28,9 +28,9 @@ from torch import nn
 from ..errors import LowbitError
 from ..models.families import family_for
 from ..models.inventory import quantizable_linears
-from ..quantizer import QuantSpec, quantize
+from ..quantizer import QTensor, QuantSpec, dequantize, quantize
 from ..io import atomic_dir
-from .codes import grid_codes
+from .codes import CODES_ATTR, grid_codes
 from .tensor import PackedTensor
 
 FORMAT = "lowbit-packed"
@@ -86,6 +86,15 @@ def _tied(model: nn.Module) -> bool:
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
+def _codes_of(lin: nn.Linear, spec: QuantSpec, name: str) -> QTensor:
+    """The codes a method kept on the linear (QAT's learned grid) if they still decode to its weight,
+    else the codes recovered from the weight's grid."""
+    kept = lin.__dict__.get(CODES_ATTR)
+    if kept is not None and kept.spec == spec and torch.equal(dequantize(kept).to(lin.weight.dtype), lin.weight):
+        return kept
+    return grid_codes(lin.weight, spec, name)
+
+
 @torch.no_grad()
 def pack_model_(model: nn.Module, spec: QuantSpec, *, method: str = "unknown", embed: str = "int8",
                 kernel: str = "auto") -> PackedModel:
@@ -103,7 +112,7 @@ def pack_model_(model: nn.Module, spec: QuantSpec, *, method: str = "unknown", e
     linears = quantizable_linears(model, family)
     out = PackedModel()
     for name, lin in linears.items():
-        pt = PackedTensor.from_qtensor(grid_codes(lin.weight, spec, name))
+        pt = PackedTensor.from_qtensor(_codes_of(lin, spec, name))
         out.packed[name] = pt
         out.entries[name] = {**pt.meta(), "role": "linear", "kernel": choose_kernel(pt, kernel)}
         if lin.bias is not None:

@@ -53,6 +53,11 @@ def _scale_estimate(d: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, fal
     return torch.where(torch.isfinite(mid) & (mid > 0), mid, fallback)
 
 
+# A method that chooses its own grid (QAT's learned steps) keeps the codes on the linear under this
+# attribute; packing uses them when they still decode to the weight exactly.
+CODES_ATTR = "_lowbit_codes"
+
+
 @torch.no_grad()
 def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> QTensor:
     """The QTensor whose dequantization (in ``weight``'s dtype) equals ``weight`` exactly.
