@@ -24,6 +24,7 @@ from .methods.base import detach_runtime
 from .methods.rotation import RotationConfig
 from .models.inventory import retie, tied_parameters
 from .quantizer import QuantSpec
+from .specmap import SpecMap, base_spec, bits_per_weight, code_bits
 
 METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant")
 
@@ -59,7 +60,7 @@ class MethodOptions:
     alpha: float = 0.5  # SmoothQuant migration strength
 
 
-def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
+def make_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions):
     """The config for a method name and options: one config, a Pipeline of several, or None (the float model).
 
     Order: transforms of the float model (rotation, smoothing), the weight method, then run-time steps
@@ -87,12 +88,18 @@ def _runtime_steps(opts: MethodOptions) -> tuple:
     return (ActQuantConfig(bits=opts.a_bit, granularity=opts.a_granularity, static=opts.a_static),)
 
 
-def _weight_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
+MIXED_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "smoothquant")  # those that take a per-linear SpecMap
+
+
+def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions):
     """The method that rounds the weights, or None for the float model."""
     if method == "fp":
         return None
     if spec is None:
         raise LowbitError(f"method {method} needs a quantization spec")
+    if isinstance(spec, SpecMap) and method not in MIXED_METHODS:
+        raise LowbitError(f"method {method} takes one spec for all linears; a bit allocation (--bits-budget, "
+                          f"--size-budget-mb, --allocation) works with {', '.join(MIXED_METHODS)}")
     if method in ("rtn", "smoothquant"):  # SmoothQuant's weights are rounded to nearest after smoothing
         return RTNConfig(spec)
     if method == "salient":
@@ -110,10 +117,21 @@ def _weight_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
     raise LowbitError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
 
 
+def size_info(model: nn.Module, spec: QuantSpec | SpecMap) -> dict:
+    """Code bits per weight and the size of the quantized linears (codes + group parameters) in MB."""
+    from .models.families import family_for
+    from .models.inventory import quantizable_linears
+
+    linears = quantizable_linears(model, family_for(model))
+    n = sum(m.weight.numel() for m in linears.values())
+    return {"code_bits": round(code_bits(spec, linears), 4),
+            "linear_mb": round(bits_per_weight(spec, linears) * n / 8e6, 4)}
+
+
 @dataclass
 class RunResult:
     method: str
-    spec: QuantSpec | None
+    spec: QuantSpec | SpecMap | None
     ppl: float
     windows: int
     tokens: int
@@ -124,13 +142,14 @@ class RunResult:
 
     def row(self) -> dict:
         """A flat, JSON-friendly record of this run."""
-        s = self.spec
+        s = base_spec(self.spec)
+        mixed = isinstance(self.spec, SpecMap)
         return {
             "method": self.method,
             "ppl": self.ppl,
             "windows": self.windows,
             "tokens": self.tokens,
-            "w_bit": s.bits if s else 16,
+            "w_bit": "mixed" if mixed else (s.bits if s else 16),
             "format": s.format if s else "fp",
             "group_size": s.group_size if s and s.granularity == "group" else None,
             "sym": s.symmetric if s else None,
@@ -175,7 +194,7 @@ class Session:
             self.model.config.tie_word_embeddings = self._tie_flag
         self.model.load_state_dict(self._float_state)
 
-    def run(self, method: str, spec: QuantSpec | None, opts: MethodOptions | None = None,
+    def run(self, method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions | None = None,
             progress: bool = True, label: str | None = None, evaluate: bool = True) -> RunResult:
         """Quantize the float model with ``method`` and (unless told not to) measure its perplexity."""
         self.restore()
@@ -187,6 +206,8 @@ class Session:
             report = quantize_(self.model, config, calib)
             quant_seconds, bpw, name = time.perf_counter() - start, report.bits_per_weight, report.method
             info = {k: v for k, v in report.info.items() if k != "search"}
+            if spec is not None:
+                info.update(size_info(self.model, spec))
         if not evaluate:
             return RunResult(label or name, spec, math.nan, 0, 0, bpw, quant_seconds, 0.0, info)
         res = perplexity(self.model, self.windows, progress=progress)
