@@ -38,6 +38,51 @@ class CalibOptions:
 
 
 @dataclass
+class BudgetOptions:
+    """Mixed precision: a budget to allocate widths under, or an allocation to reuse (docs/mixed.md)."""
+
+    bits_budget: float | None = None  # average code bits per weight
+    size_budget_mb: float | None = None  # codes + group parameters of the quantized linears
+    allocation: str | None = None  # reuse a saved allocation (its widths; the spec's other fields apply)
+    save_allocation: str | None = None
+    sensitivity: str | None = None  # a table from `lowbit sensitivity` instead of measuring traces
+    cost: str = "hessian"  # hessian: HAWQ-v2 trace/n · ||W - Q_b(W)||²; loss: measured loss changes (from the table)
+    choices: tuple[int, ...] = (2, 3, 4, 8)
+    probes: int = 4  # Hutchinson probes
+    samples: int = 4  # calibration samples the traces are measured on
+
+    @property
+    def active(self) -> bool:
+        return self.bits_budget is not None or self.size_budget_mb is not None or self.allocation is not None
+
+    def check(self) -> None:
+        """Refuse contradictory or out-of-range options before anything slow runs."""
+        from .allocation import check_choices
+
+        given = [n for n, v in (("--bits-budget", self.bits_budget), ("--size-budget-mb", self.size_budget_mb),
+                                ("--allocation", self.allocation)) if v is not None]
+        if len(given) > 1:
+            raise LowbitError(f"{' and '.join(given)} each choose the widths; give one")
+        choices = check_choices(list(self.choices))
+        b = self.bits_budget
+        if b is not None and not (math.isfinite(b) and choices[0] <= b <= choices[-1]):
+            raise LowbitError(f"--bits-budget {b:g} is outside the widths {choices[0]}..{choices[-1]} bits that can "
+                              f"be chosen ({', '.join(map(str, choices))})")
+        if self.size_budget_mb is not None and not self.size_budget_mb > 0:
+            raise LowbitError(f"--size-budget-mb must be positive, got {self.size_budget_mb:g}")
+        if self.cost not in ("hessian", "loss"):
+            raise LowbitError(f"cost must be 'hessian' or 'loss', got {self.cost!r}")
+        if self.cost == "loss" and self.sensitivity is None:
+            raise LowbitError("--cost loss reads measured loss changes from a table: add --sensitivity FILE "
+                              "(from lowbit sensitivity --bits 2 3 4 8 -o FILE)")
+        if self.probes < 1 or self.samples < 1:
+            raise LowbitError("--probes and --sensitivity-samples must be at least 1")
+        if not self.active and (self.save_allocation or self.sensitivity):
+            raise LowbitError("--save-allocation and --sensitivity need a budget: add --bits-budget or "
+                              "--size-budget-mb")
+
+
+@dataclass
 class MethodOptions:
     """Per-method knobs; each method reads only its own."""
 
@@ -193,6 +238,42 @@ class Session:
         if self._tie_flag is not None:
             self.model.config.tie_word_embeddings = self._tie_flag
         self.model.load_state_dict(self._float_state)
+
+    def allocate(self, base: QuantSpec, budget: BudgetOptions, progress: bool = True) -> SpecMap:
+        """Each linear's width under ``budget`` (or from a saved allocation), chosen on the float model."""
+        from .allocation import Allocation, allocate_bits, check_choices, hawq_costs, loss_costs
+        from .models.families import family_for
+        from .models.inventory import quantizable_linears
+        from .sensitivity import hutchinson_traces, load_table, table_deltas, table_traces
+
+        budget.check()
+        self.restore()
+        linears = quantizable_linears(self.model, family_for(self.model))
+        if budget.allocation is not None:
+            alloc = Allocation.load(budget.allocation)
+            alloc.check_model(linears)
+            alloc.base = base
+        else:
+            choices = check_choices(list(budget.choices))
+            if budget.sensitivity is not None:
+                table = load_table(budget.sensitivity)
+                if budget.cost == "loss":
+                    costs = loss_costs(list(linears), table_deltas(table), choices)
+                else:
+                    costs = hawq_costs(linears, table_traces(table), base, choices)
+                source = {"sensitivity": str(budget.sensitivity)}
+            else:
+                calib = self.calibration()[: budget.samples]
+                traces = hutchinson_traces(self.model, calib, budget.probes, seed=self.calib_options.seed,
+                                           progress=progress)
+                costs = hawq_costs(linears, traces, base, choices)
+                source = {"probes": budget.probes, "calib": list(calib.shape)}
+            alloc = allocate_bits(linears, costs, base, bits_budget=budget.bits_budget,
+                                  size_budget_mb=budget.size_budget_mb, choices=choices)
+            alloc.meta.update(cost_model=budget.cost, **source)
+        if budget.save_allocation:
+            alloc.save(budget.save_allocation)
+        return alloc.spec_map()
 
     def run(self, method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions | None = None,
             progress: bool = True, label: str | None = None, evaluate: bool = True) -> RunResult:

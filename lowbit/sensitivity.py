@@ -38,6 +38,26 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device))
 
 
+def probe_sums(loss_fn, params: Sequence[torch.Tensor], probes: int, generator: torch.Generator,
+               on_probe=None) -> torch.Tensor:
+    """Σ over ``probes`` Rademacher vectors v of vᵀ(∂²L/∂p²)v, for each tensor p of ``params``.
+
+    One graph of the gradient serves every probe; each probe is one more backward pass through it
+    and gives an estimate for every tensor at once (v covers them all; the cross terms between
+    tensors are what vᵀHv of the whole vector would add, and are not taken).
+    """
+    sums = torch.zeros(len(params), dtype=torch.float64)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+        for k in range(probes):
+            vs = [torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1 for p in params]
+            hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
+            sums += torch.stack([(v * hv).sum().double() for v, hv in zip(vs, hvs)])
+            if on_probe is not None:
+                on_probe()
+    return sums
+
+
 def hutchinson_traces(model: nn.Module, samples: torch.Tensor, probes: int = 4, batch_size: int = 1,
                       seed: int = 0, progress: bool = True) -> dict[str, float]:
     """tr(∂²L/∂W²) of each quantizable linear's weight, L the mean calibration loss.
@@ -63,15 +83,8 @@ def hutchinson_traces(model: nn.Module, samples: torch.Tensor, probes: int = 4, 
     try:
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
-            for batch in batches:
-                grads = torch.autograd.grad(lm_loss(model, batch), params, create_graph=True)
-                for k in range(probes):
-                    vs = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
-                    hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
-                    sums += torch.stack([(v * hv).sum().double() for v, hv in zip(vs, hvs)])
-                    bar.update()
-                del grads
+        for batch in batches:
+            sums += probe_sums(lambda: lm_loss(model, batch), params, probes, gen, bar.update)
     finally:
         bar.close()
         for p, f in zip(params, flags):
@@ -148,13 +161,16 @@ def loss_deltas(model: nn.Module, samples: torch.Tensor, base: QuantSpec, bits: 
 
 
 def sensitivity_table(model: nn.Module, samples: torch.Tensor, base: QuantSpec, bits: Sequence[int] = (3,),
-                      probes: int = 4, seed: int = 0, deltas: bool = True, progress: bool = True) -> dict:
-    """Both measures for every quantizable linear, as one JSON-ready document."""
+                      probes: int = 4, seed: int = 0, delta_samples: torch.Tensor | None = None,
+                      deltas: bool = True, progress: bool = True) -> dict:
+    """Both measures for every quantizable linear, as one JSON-ready document. Traces are estimated on
+    ``samples``, loss changes measured on ``delta_samples`` (default the same)."""
     from .allocation import rounding_errors
 
     linears = quantizable_linears(model, family_for(model))
     traces = hutchinson_traces(model, samples, probes, seed=seed, progress=progress)
-    base_loss, measured = loss_deltas(model, samples, base, bits, progress=progress) if deltas else (None, {})
+    ds = samples if delta_samples is None else delta_samples
+    base_loss, measured = loss_deltas(model, ds, base, bits, progress=progress) if deltas else (None, {})
     errs = rounding_errors(linears, base, list(bits))
     rows = []
     for i, (name, lin) in enumerate(linears.items()):
@@ -166,7 +182,8 @@ def sensitivity_table(model: nn.Module, samples: torch.Tensor, base: QuantSpec, 
                 row[f"dloss_{b}"] = measured[name][b]
         rows.append(row)
     return {"format": FORMAT, "base_spec": base.to_dict(), "bits": list(bits), "probes": probes,
-            "samples": list(samples.shape), "float_loss": base_loss, "rows": rows}
+            "samples": list(samples.shape), "delta_samples": list(ds.shape) if deltas else None,
+            "float_loss": base_loss, "rows": rows}
 
 
 def load_table(path: str | Path) -> dict:
