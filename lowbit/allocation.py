@@ -165,7 +165,7 @@ def _units(sizes: torch.Tensor, capacity: int, max_states: int) -> tuple[torch.T
     g = 0
     for v in sizes.flatten().tolist():
         g = math.gcd(g, int(v))
-    g = max(g, 1)
+    g = max(g, 1)  # all sizes 0: any unit
     if capacity // g <= max_states:
         return sizes // g, capacity // g, True
     unit = math.ceil(capacity / max_states)
@@ -175,9 +175,12 @@ def _units(sizes: torch.Tensor, capacity: int, max_states: int) -> tuple[torch.T
 def allocate(costs: torch.Tensor, sizes: torch.Tensor, capacity: int,
              max_states: int = MAX_STATES) -> tuple[torch.Tensor, dict]:
     """Choice per item under ``capacity`` (integer sizes); the check on the true sizes is part of it."""
-    if capacity < int(sizes.min(1).values.sum()):
+    floor = sizes.min(1, keepdim=True).values
+    if capacity < int(floor.sum()):
         raise LowbitError("the budget is below the smallest allocation (every linear at its narrowest width)")
-    scaled, cap, exact = _units(sizes, capacity, max_states)
+    # Only what a width adds over the item's narrowest counts against the budget left after every item's
+    # narrowest: fewer states, and rounding up (coarse units) can never make the narrowest allocation not fit.
+    scaled, cap, exact = _units(sizes - floor, capacity - int(floor.sum()), max_states)
     choice, total = solve(costs, scaled, cap)
     used = int(sizes[torch.arange(len(choice)), choice].sum())
     if used > capacity:  # cannot happen: sizes were only ever rounded up
