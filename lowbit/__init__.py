@@ -7,11 +7,12 @@ from .methods import (
 from .models import load_model
 from .pack import load
 from .quantizer import QTensor, QuantSpec, dequantize, fake_quantize, quantize
+from .specmap import SpecMap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActQuantConfig", "AWQConfig", "AWQGPTQConfig", "AWQSearch", "GPTQConfig", "LowbitError", "QTensor", "QuantSpec",
-    "RotationConfig", "RTNConfig", "SalientConfig", "SmoothQuantConfig", "dequantize", "fake_quantize", "load",
+    "RotationConfig", "RTNConfig", "SalientConfig", "SmoothQuantConfig", "SpecMap", "dequantize", "fake_quantize", "load",
     "load_model", "quantize", "quantize_",
 ]

@@ -112,6 +112,55 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                         "(seeded by --seed), the MLP's down_proj input at run time, before the weight method")
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixed precision (rtn, awq, gptq, awq+gptq; docs/mixed.md)")
+    g.add_argument("--bits-budget", type=float, metavar="B",
+                   help="choose each linear's width from --bits-choices so that the average code bits per weight "
+                        "(weighted by weight count) is at most B, minimising the Hessian-weighted rounding error; "
+                        "--w-bit is then ignored, the other spec options apply to every linear")
+    g.add_argument("--size-budget-mb", type=float, metavar="MB",
+                   help="as --bits-budget, but bound the quantized linears' size: codes plus group scales and "
+                        "zero points, in MB (10^6 bytes)")
+    g.add_argument("--allocation", metavar="FILE", help="reuse the widths of a saved allocation (JSON)")
+    g.add_argument("--save-allocation", metavar="FILE", help="write the chosen widths to FILE (JSON)")
+    g.add_argument("--bits-choices", type=_ints, default=[2, 3, 4, 8], metavar="B1,B2,...",
+                   help="widths a linear can get (default 2,3,4,8)")
+    g.add_argument("--sensitivity", metavar="FILE",
+                   help="a table from lowbit sensitivity -o, instead of estimating Hessian traces now")
+    g.add_argument("--cost", choices=("hessian", "loss"), default="hessian",
+                   help="error of a linear at b bits: hessian (HAWQ-v2: trace(H)/n * ||W - Q_b(W)||^2, default) "
+                        "or loss (the measured loss change of that linear alone at b bits; needs --sensitivity)")
+    g.add_argument("--probes", type=_positive, default=4, help="Hutchinson probes for the Hessian traces (default 4)")
+    g.add_argument("--sensitivity-samples", type=_positive, default=4,
+                   help="calibration sequences the traces are estimated on (default 4, the first of "
+                        "--calib-samples)")
+
+
+def _budget_options(args):
+    from .experiment import BudgetOptions
+
+    opts = BudgetOptions(bits_budget=args.bits_budget, size_budget_mb=args.size_budget_mb,
+                         allocation=args.allocation, save_allocation=args.save_allocation,
+                         sensitivity=args.sensitivity, cost=args.cost, choices=tuple(args.bits_choices),
+                         probes=args.probes, samples=args.sensitivity_samples)
+    opts.check()
+    if opts.active and args.w_bit is not None:
+        raise LowbitError("--w-bit sets one width for all linears; with a budget or --allocation the widths are "
+                          "chosen per linear (set the candidates with --bits-choices)")
+    if opts.save_allocation:
+        from .io import check_writable
+
+        check_writable(opts.save_allocation, getattr(args, "force", False))
+    return opts
+
+
 def _add_activation_args(p: argparse.ArgumentParser, smoothquant: bool) -> None:
     g = p.add_argument_group("activations")
     g.add_argument("--a-bit", type=_bits, metavar="B", help="also quantize the input of every quantized linear to B-bit integers, "
@@ -215,11 +264,16 @@ def cmd_eval(args) -> int:
 
     spec = None if args.method == "fp" else _spec(args)
     opts = _method_options(args)
-    make_config(args.method, spec, opts)  # refuse bad options before the slow part
+    budget = _budget_options(args)
+    if budget.active and args.method == "fp":
+        raise LowbitError("a bit budget or --allocation needs a weight method: --method rtn, awq, gptq or awq+gptq")
+    make_config(args.method, _mixed_probe(spec) if budget.active else spec, opts)  # refuse bad options early
     if (args.method != "fp" or args.rotate) and model_source(args.model)[0] == "lowbit":
         raise LowbitError(f"{args.model} is already quantized (a lowbit packed model); evaluate it with --method fp "
                           "and without --rotate")
     session = _session(args)
+    if budget.active:
+        spec = session.allocate(spec, budget, progress=not args.json)
     result = session.run(args.method, spec, opts, progress=not args.json)
     row = result.row()
     doc = getattr(session.model, "lowbit_config", None)
@@ -231,11 +285,25 @@ def cmd_eval(args) -> int:
         row.update(method=f"{doc['method']} (packed){a_step}", w_bit=packed_spec.bits, sym=packed_spec.symmetric,
                    group_size=packed_spec.group_size if packed_spec.granularity == "group" else None,
                    bits_per_weight=round(packed_spec.bits_per_weight(), 4), kernel=args.kernel)
+        if "allocation" in doc:  # mixed widths: every linear's entry says its own
+            from dataclasses import replace
+
+            lins = [e for e in doc["tensors"].values() if e["role"] == "linear"]
+            n = [e["shape"][0] * e["shape"][1] for e in lins]
+            bpw = sum(replace(packed_spec, bits=e["bits"]).bits_per_weight() * k for e, k in zip(lins, n)) / sum(n)
+            row.update(w_bit="mixed", bits_per_weight=round(bpw, 4))
     if args.json:
         print(json.dumps(row))
     else:
         print(_table([row], RESULT_COLUMNS))
     return 0
+
+
+def _mixed_probe(spec):
+    """A stand-in SpecMap, so make_config refuses a method that cannot take one before the model loads."""
+    from .specmap import SpecMap
+
+    return SpecMap(spec)
 
 
 QUANTIZE_METHODS = ("rtn", "awq")  # methods that round every weight of every linear: their output packs
@@ -244,9 +312,9 @@ QUANTIZE_METHODS = ("rtn", "awq")  # methods that round every weight of every li
 def cmd_quantize(args) -> int:
     from .io import check_writable
 
-    if not args.save_search and not args.output:
+    if not args.save_search and not args.output and not args.save_allocation:
         raise LowbitError("lowbit quantize needs -o DIR (a packed model) and/or --save-search FILE (AWQ scales "
-                          "and clips)")
+                          "and clips) and/or --save-allocation FILE")
     if args.save_search and args.method != "awq":
         raise LowbitError("only --method awq has a search to save")
     if args.rotate and args.output:
@@ -267,8 +335,11 @@ def cmd_quantize(args) -> int:
             raise LowbitError("-o and --save-search must be different paths")
     spec = _spec(args)
     opts = _method_options(args, save_search=args.save_search)
-    make_config(args.method, spec, opts)
+    budget = _budget_options(args)
+    make_config(args.method, _mixed_probe(spec) if budget.active else spec, opts)
     session = _session(args)
+    if budget.active:
+        spec = session.allocate(spec, budget, progress=not args.json)
     result = session.run(args.method, spec, opts, progress=not args.json, evaluate=False)
     row = {k: v for k, v in result.row().items() if k not in ("ppl", "windows", "tokens", "eval_seconds")}
     if args.output:
@@ -475,6 +546,50 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+SENSITIVITY_COLUMNS = [("name", "linear", ""), ("params", "weights", ""), ("trace", "trace(H)", ".4g"),
+                       ("mean_eig", "trace/n", ".4g")]
+
+
+def cmd_sensitivity(args) -> int:
+    from .io import atomic_path, check_writable
+    from .models.loading import load_model, model_source
+    from .quantizer import QuantSpec
+
+    out = check_writable(args.output, args.force)
+    plot = check_writable(args.plot, args.force) if args.plot else None
+    if args.group_size == 0:
+        base = QuantSpec(bits=args.bits[0], granularity="channel", symmetric=args.sym)
+    else:
+        base = QuantSpec(bits=args.bits[0], group_size=args.group_size, symmetric=args.sym)
+    if model_source(args.model)[0] == "lowbit":
+        raise LowbitError(f"{args.model} is a packed model; sensitivity needs the float weights")
+    from .calib import calib_samples
+    from .data import calib_text
+    from .sensitivity import save_chart, sensitivity_table
+
+    text = calib_text(args.calib_data, args.data_dir)
+    model, tok = load_model(args.model)
+    calib = calib_samples(tok, text, args.calib_samples, args.calib_seq_len, args.seed)
+    doc = sensitivity_table(model, calib, base, args.bits, probes=args.probes, seed=args.seed,
+                            delta_samples=calib[: args.delta_samples, : args.delta_seq_len],
+                            deltas=not args.no_deltas, progress=not args.json)
+    doc["model"] = args.model
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=1))
+    if plot:
+        with atomic_path(plot) as tmp:
+            save_chart(doc, tmp, title=f"{Path(args.model).name}: sensitivity per linear")
+    if args.json:
+        print(json.dumps(doc["rows"]))
+    else:
+        cols = SENSITIVITY_COLUMNS + [(f"hawq_{b}", f"HAWQ W{b}", ".4g") for b in args.bits]
+        if not args.no_deltas:
+            cols += [(f"dloss_{b}", f"Δloss W{b}", ".4g") for b in args.bits]
+        print(_table(doc["rows"], cols))
+        print(f"\ntable: {out}" + (f"\nchart: {plot}" if plot else ""))
+    return 0
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",") if t.strip()]
@@ -569,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_method_args(p)
     _add_activation_args(p, smoothquant=True)
+    _add_budget_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --save-allocation file")
     p.add_argument("--kernel", choices=("dequant", "auto", "int4", "int4x2", "int8", "unpack"), default="dequant",
                    help="for a packed model directory: dequant (default: float weights, exactly as quantized) or "
                         "a packed CPU kernel")
@@ -582,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_method_args(p)
     _add_activation_args(p, smoothquant=False)
+    _add_budget_args(p)
     p.add_argument("-o", "--output", metavar="DIR", help="write the packed model (safetensors + lowbit.json + "
                                                           "tokenizer) to the directory DIR")
     p.add_argument("--embed", choices=("int8", "fp16", "fp32"), default="int8",
@@ -667,6 +785,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite compare.json and compare.png in --out-dir")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sensitivity", help="per-linear sensitivity to rounding: Hessian trace (Hutchinson) and the "
+                                           "loss change when that linear alone is rounded; a table and a bar chart")
+    _add_model_args(p)
+    p.add_argument("--bits", type=_bits, nargs="+", default=[3],
+                   help="widths to score each linear at (default 3; 2 3 4 8 for an allocation with --cost loss)")
+    p.add_argument("--group-size", type=_non_negative, default=64, help=GROUP_HELP + " (default 64)")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization")
+    p.add_argument("--probes", type=_positive, default=4, help="Hutchinson probes (default 4)")
+    p.add_argument("--calib-data", help="calibration text file (default: WikiText-2 validation from the data dir, "
+                                        "or pile-val from the hub)")
+    p.add_argument("--data-dir", help="directory with wikitext-2/ (default: $LOWBIT_DATA_DIR, else the hub)")
+    p.add_argument("--calib-samples", type=_positive, default=4,
+                   help="calibration sequences for the Hessian traces (default 4)")
+    p.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--delta-samples", type=_positive, default=2,
+                   help="of those, sequences the loss changes are measured on (default 2)")
+    p.add_argument("--delta-seq-len", type=_positive, default=256,
+                   help="their first N tokens (default 256)")
+    p.add_argument("--no-deltas", action="store_true", help="skip the loss changes (traces only)")
+    p.add_argument("--seed", type=int, default=0, help="seed for samples and probes (default 0)")
+    p.add_argument("-o", "--output", required=True, help="the table as JSON (reusable: lowbit eval --sensitivity)")
+    p.add_argument("--plot", help="bar chart PNG")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of the table")
+    p.set_defaults(func=cmd_sensitivity)
 
     from .inspect import TRANSFORMS
 

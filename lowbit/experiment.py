@@ -24,6 +24,7 @@ from .methods.base import detach_runtime
 from .methods.rotation import RotationConfig
 from .models.inventory import retie, tied_parameters
 from .quantizer import QuantSpec
+from .specmap import SpecMap, base_spec, bits_per_weight, code_bits
 
 METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat")
 
@@ -34,6 +35,51 @@ class CalibOptions:
     seq_len: int = 512
     seed: int = 0
     data: str | None = None  # a text file instead of the default calibration text
+
+
+@dataclass
+class BudgetOptions:
+    """Mixed precision: a budget to allocate widths under, or an allocation to reuse (docs/mixed.md)."""
+
+    bits_budget: float | None = None  # average code bits per weight
+    size_budget_mb: float | None = None  # codes + group parameters of the quantized linears
+    allocation: str | None = None  # reuse a saved allocation (its widths; the spec's other fields apply)
+    save_allocation: str | None = None
+    sensitivity: str | None = None  # a table from `lowbit sensitivity` instead of measuring traces
+    cost: str = "hessian"  # hessian: HAWQ-v2 trace/n · ||W - Q_b(W)||²; loss: measured loss changes (from the table)
+    choices: tuple[int, ...] = (2, 3, 4, 8)
+    probes: int = 4  # Hutchinson probes
+    samples: int = 4  # calibration samples the traces are measured on
+
+    @property
+    def active(self) -> bool:
+        return self.bits_budget is not None or self.size_budget_mb is not None or self.allocation is not None
+
+    def check(self) -> None:
+        """Refuse contradictory or out-of-range options before anything slow runs."""
+        from .allocation import check_choices
+
+        given = [n for n, v in (("--bits-budget", self.bits_budget), ("--size-budget-mb", self.size_budget_mb),
+                                ("--allocation", self.allocation)) if v is not None]
+        if len(given) > 1:
+            raise LowbitError(f"{' and '.join(given)} each choose the widths; give one")
+        choices = check_choices(list(self.choices))
+        b = self.bits_budget
+        if b is not None and not (math.isfinite(b) and choices[0] <= b <= choices[-1]):
+            raise LowbitError(f"--bits-budget {b:g} is outside the widths {choices[0]}..{choices[-1]} bits that can "
+                              f"be chosen ({', '.join(map(str, choices))})")
+        if self.size_budget_mb is not None and not self.size_budget_mb > 0:
+            raise LowbitError(f"--size-budget-mb must be positive, got {self.size_budget_mb:g}")
+        if self.cost not in ("hessian", "loss"):
+            raise LowbitError(f"cost must be 'hessian' or 'loss', got {self.cost!r}")
+        if self.cost == "loss" and self.sensitivity is None:
+            raise LowbitError("--cost loss reads measured loss changes from a table: add --sensitivity FILE "
+                              "(from lowbit sensitivity --bits 2 3 4 8 -o FILE)")
+        if self.probes < 1 or self.samples < 1:
+            raise LowbitError("--probes and --sensitivity-samples must be at least 1")
+        if not self.active and (self.save_allocation or self.sensitivity):
+            raise LowbitError("--save-allocation and --sensitivity need a budget: add --bits-budget or "
+                              "--size-budget-mb")
 
 
 @dataclass
@@ -60,7 +106,7 @@ class MethodOptions:
     qat: dict = field(default_factory=dict)  # QATConfig fields other than spec, awq and a_bit (lowbit qat's options)
 
 
-def make_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
+def make_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions):
     """The config for a method name and options: one config, a Pipeline of several, or None (the float model).
 
     Order: transforms of the float model (rotation, smoothing), the weight method, then run-time steps
@@ -88,12 +134,18 @@ def _runtime_steps(method: str, opts: MethodOptions) -> tuple:
     return (ActQuantConfig(bits=opts.a_bit, granularity=opts.a_granularity, static=opts.a_static),)
 
 
-def _weight_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
+MIXED_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "smoothquant")  # those that take a per-linear SpecMap
+
+
+def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions):
     """The method that rounds the weights, or None for the float model."""
     if method == "fp":
         return None
     if spec is None:
         raise LowbitError(f"method {method} needs a quantization spec")
+    if isinstance(spec, SpecMap) and method not in MIXED_METHODS:
+        raise LowbitError(f"method {method} takes one spec for all linears; a bit allocation (--bits-budget, "
+                          f"--size-budget-mb, --allocation) works with {', '.join(MIXED_METHODS)}")
     if method in ("rtn", "smoothquant"):  # SmoothQuant's weights are rounded to nearest after smoothing
         return RTNConfig(spec)
     if method == "salient":
@@ -113,10 +165,21 @@ def _weight_config(method: str, spec: QuantSpec | None, opts: MethodOptions):
     raise LowbitError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
 
 
+def size_info(model: nn.Module, spec: QuantSpec | SpecMap) -> dict:
+    """Code bits per weight and the size of the quantized linears (codes + group parameters) in MB."""
+    from .models.families import family_for
+    from .models.inventory import quantizable_linears
+
+    linears = quantizable_linears(model, family_for(model))
+    n = sum(m.weight.numel() for m in linears.values())
+    return {"code_bits": round(code_bits(spec, linears), 4),
+            "linear_mb": round(bits_per_weight(spec, linears) * n / 8e6, 4)}
+
+
 @dataclass
 class RunResult:
     method: str
-    spec: QuantSpec | None
+    spec: QuantSpec | SpecMap | None
     ppl: float
     windows: int
     tokens: int
@@ -127,13 +190,14 @@ class RunResult:
 
     def row(self) -> dict:
         """A flat, JSON-friendly record of this run."""
-        s = self.spec
+        s = base_spec(self.spec)
+        mixed = isinstance(self.spec, SpecMap)
         return {
             "method": self.method,
             "ppl": self.ppl,
             "windows": self.windows,
             "tokens": self.tokens,
-            "w_bit": s.bits if s else 16,
+            "w_bit": "mixed" if mixed else (s.bits if s else 16),
             "format": s.format if s else "fp",
             "group_size": s.group_size if s and s.granularity == "group" else None,
             "sym": s.symmetric if s else None,
@@ -178,7 +242,43 @@ class Session:
             self.model.config.tie_word_embeddings = self._tie_flag
         self.model.load_state_dict(self._float_state)
 
-    def run(self, method: str, spec: QuantSpec | None, opts: MethodOptions | None = None,
+    def allocate(self, base: QuantSpec, budget: BudgetOptions, progress: bool = True) -> SpecMap:
+        """Each linear's width under ``budget`` (or from a saved allocation), chosen on the float model."""
+        from .allocation import Allocation, allocate_bits, check_choices, hawq_costs, loss_costs
+        from .models.families import family_for
+        from .models.inventory import quantizable_linears
+        from .sensitivity import hutchinson_traces, load_table, table_deltas, table_traces
+
+        budget.check()
+        self.restore()
+        linears = quantizable_linears(self.model, family_for(self.model))
+        if budget.allocation is not None:
+            alloc = Allocation.load(budget.allocation)
+            alloc.check_model(linears)
+            alloc.base = base
+        else:
+            choices = check_choices(list(budget.choices))
+            if budget.sensitivity is not None:
+                table = load_table(budget.sensitivity)
+                if budget.cost == "loss":
+                    costs = loss_costs(list(linears), table_deltas(table), choices)
+                else:
+                    costs = hawq_costs(linears, table_traces(table), base, choices)
+                source = {"sensitivity": str(budget.sensitivity)}
+            else:
+                calib = self.calibration()[: budget.samples]
+                traces = hutchinson_traces(self.model, calib, budget.probes, seed=self.calib_options.seed,
+                                           progress=progress)
+                costs = hawq_costs(linears, traces, base, choices)
+                source = {"probes": budget.probes, "calib": list(calib.shape)}
+            alloc = allocate_bits(linears, costs, base, bits_budget=budget.bits_budget,
+                                  size_budget_mb=budget.size_budget_mb, choices=choices)
+            alloc.meta.update(cost_model=budget.cost, **source)
+        if budget.save_allocation:
+            alloc.save(budget.save_allocation)
+        return alloc.spec_map()
+
+    def run(self, method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions | None = None,
             progress: bool = True, label: str | None = None, evaluate: bool = True) -> RunResult:
         """Quantize the float model with ``method`` and (unless told not to) measure its perplexity."""
         self.restore()
@@ -190,6 +290,8 @@ class Session:
             report = quantize_(self.model, config, calib)
             quant_seconds, bpw, name = time.perf_counter() - start, report.bits_per_weight, report.method
             info = {k: v for k, v in report.info.items() if k != "search"}
+            if spec is not None:
+                info.update(size_info(self.model, spec))
         if not evaluate:
             return RunResult(label or name, spec, math.nan, 0, 0, bpw, quant_seconds, 0.0, info)
         res = perplexity(self.model, self.windows, progress=progress)

@@ -24,13 +24,14 @@ from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..quantizer import QuantSpec, fake_quantize
+from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, input_transform, prepare
 from .rtn import Rounder, rtn_rounder
 
 
 @dataclass(frozen=True)
 class AWQConfig:
-    spec: QuantSpec
+    spec: QuantSpec | SpecMap  # a SpecMap rounds each linear at its own width, in the search too
     n_grid: int = 20  # α in {0, 1/n, ..., (n-1)/n}
     clip: bool = True
     clip_grid: int = 20
@@ -92,7 +93,7 @@ class AWQSearch:
         return out
 
 
-def model_fingerprint(model: nn.Module, family: Family, spec: QuantSpec) -> dict:
+def model_fingerprint(model: nn.Module, family: Family, spec: SpecLike) -> dict:
     """What a search file must match: architecture, shapes, spec and a digest of the weights."""
     cfg = model.config
     emb = model.get_input_embeddings().weight.detach().float()
@@ -222,9 +223,13 @@ def search_inputs(x: torch.Tensor, n_samples: int, token_wise: bool, seed: int =
 
 @torch.no_grad()
 def search_scale(
-    ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: torch.Tensor, width: int, grams: _Grams
+    ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: torch.Tensor, width: int, grams: _Grams,
+    specs: SpecLike | None = None,
 ):
     """Best α and its scale for ``group``; (None, None, reason) when no candidate is usable.
+
+    ``specs`` (default ``cfg.spec``) gives each linear of the layer its own spec, by its name
+    in the layer: linears of one group at different widths are each rounded at theirs.
 
     A group whose inspected module is its single linear is scored exactly on all tokens
     through the Gram matrix; other modules (attention, MLP) are re-run on the equivalent
@@ -233,6 +238,7 @@ def search_scale(
     x = ctx.linear_inputs[group.linears[0]]
     x_mean = _tied_mean(x.abs().reshape(-1, x.shape[-1]).float().mean(0), index, width)
     linears = [ctx.layer.get_submodule(n) for n in group.linears]
+    own = [spec_for(cfg.spec if specs is None else specs, n) for n in group.linears]
     originals = [lin.weight.detach().clone() for lin in linears]
     single = len(linears) == 1 and group.inspect == group.linears[0]
     if single:
@@ -248,14 +254,14 @@ def search_scale(
     try:
         if single:  # every candidate at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
             scaled = (w0[None] * scales[:, None, :]).reshape(-1, w0.shape[1])  # rows keep their own groups
-            d = fake_quantize(scaled, cfg.spec).view(cfg.n_grid, *w0.shape) / scales[:, None, :] - w0[None]
+            d = fake_quantize(scaled, own[0]).view(cfg.n_grid, *w0.shape) / scales[:, None, :] - w0[None]
             losses = ((d @ g) * d).sum((1, 2)) / d.shape[1]
         else:
             for i, s in enumerate(scales):
                 if not torch.isfinite(s).all():
                     continue
-                for lin, w in zip(linears, originals):
-                    lin.weight.copy_(fake_quantize(w * s, cfg.spec) / s)
+                for lin, w, spec in zip(linears, originals, own):
+                    lin.weight.copy_(fake_quantize(w * s, spec) / s)
                 losses[i] = (ctx.run(group.inspect, xs) - ref).float().pow(2).mean()
     finally:
         for lin, w in zip(linears, originals):
@@ -269,13 +275,13 @@ def search_scale(
 
 
 @torch.no_grad()
-def search_clip(lin: nn.Linear, grams: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
+def search_clip(lin: nn.Linear, grams: torch.Tensor, cfg: AWQConfig, spec: QuantSpec | None = None) -> torch.Tensor:
     """Per (output channel, group) shrink ratio of the range with the least output error.
 
     The error of group g of output o is d^T G_g d with ``grams[g]`` that group's input Gram
     matrix, so every ratio is scored on all calibration tokens for O(out * in * group) work.
     """
-    spec = cfg.spec
+    spec = cfg.spec if spec is None else spec
     w = lin.weight.detach().float()
     out_f, in_f = w.shape
     n_groups = grams.shape[0]
@@ -337,6 +343,7 @@ class _AWQLayerProcessor:
                 "declare them in lowbit/models/families.py"
             )
         self.groups = ctx.groups
+        specs = layer_specs(cfg.spec, f"{self.family.layers}.{ctx.index}.")
         grams = _Grams()
         for group in ctx.groups:
             key = f"{ctx.index}.{group.prev}"
@@ -353,7 +360,7 @@ class _AWQLayerProcessor:
                 if s is None:
                     raise LowbitError(f"search file has no scale for {key}; it was made for another model")
             else:
-                alpha, s, why = search_scale(ctx, group, cfg, index, width, grams)
+                alpha, s, why = search_scale(ctx, group, cfg, index, width, grams, specs)
                 if s is None:
                     self.found.fallbacks.append(f"{key}: {why}; kept s=1")
                     s = torch.ones(linears[0].in_features)
@@ -367,24 +374,25 @@ class _AWQLayerProcessor:
                 grams.divided(x, s)
         for rel in self.family.linears:
             key = f"{ctx.index}.{rel}"
-            lin = layer.get_submodule(rel)
+            lin, spec = layer.get_submodule(rel), spec_for(specs, rel)
             if self.loaded is not None:
                 ratio = self.loaded.clips.get(key)
             elif cfg.clip and not any(t in rel for t in _NO_CLIP):
-                ratio = search_clip(lin, grams.blocks(ctx.linear_inputs[rel], _group_width(cfg.spec, lin.in_features)), cfg)
+                ratio = search_clip(lin, grams.blocks(ctx.linear_inputs[rel], _group_width(spec, lin.in_features)), cfg,
+                                    spec)
             else:
                 ratio = None
             if ratio is not None:
                 self.found.clips[key] = ratio
-                apply_clip(lin, ratio, cfg.spec)
-        self.rounder(ctx, {rel: layer.get_submodule(rel) for rel in self.family.linears}, cfg.spec)
+                apply_clip(lin, ratio, spec)
+        self.rounder(ctx, {rel: layer.get_submodule(rel) for rel in self.family.linears}, specs)
 
 
 def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = None,
               rounder: Rounder | None = None) -> QuantReport:
     """AWQ scales (+ clips), then ``rounder`` (default RTN) on each layer; a custom rounder
     is given the captured inputs, so it calibrates even with a loaded search."""
-    family, _ = prepare(model, config.spec)
+    family, linears = prepare(model, config.spec)
     fingerprint = model_fingerprint(model, family, config.spec)
     loaded = None
     if config.load_search:
@@ -412,7 +420,7 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
     if config.save_search:
         found.save(config.save_search)
     info = {"alphas": found.alphas, "fallbacks": found.fallbacks, "groups": len(found.scales)}
-    report = QuantReport("awq", config.spec, config.spec.bits_per_weight(), info=info)
+    report = QuantReport("awq", config.spec, bits_per_weight(config.spec, linears), info=info)
     report.info["search"] = found
     return report
 

@@ -8,6 +8,7 @@ from torch import nn
 from ..models.families import Family, family_for
 from ..models.inventory import check_finite, check_spec_fits, quantizable_linears
 from ..quantizer import QuantSpec
+from ..specmap import SpecLike, SpecMap, check_names, spec_for
 
 
 @dataclass
@@ -15,18 +16,21 @@ class QuantReport:
     """What a method did: enough to label a row of a results table."""
 
     method: str
-    spec: QuantSpec | None
+    spec: QuantSpec | SpecMap | None
     bits_per_weight: float
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
 
 
-def prepare(model: nn.Module, spec: QuantSpec) -> tuple[Family, dict[str, nn.Linear]]:
-    """Family and linears of ``model``, after refusing non-finite weights and misfit groups."""
+def prepare(model: nn.Module, spec: SpecLike) -> tuple[Family, dict[str, nn.Linear]]:
+    """Family and linears of ``model``, after refusing non-finite weights, misfit groups and
+    per-linear specs for linears the model does not have."""
     family = family_for(model)
     linears = quantizable_linears(model, family)
     check_finite(model)
-    check_spec_fits(linears, spec)
+    check_names(spec, linears)
+    for s in {spec_for(spec, n) for n in linears}:
+        check_spec_fits({n: m for n, m in linears.items() if spec_for(spec, n) == s}, s)
     return family, linears
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..quantizer import QTensor, QuantSpec, compute_qparams, decode, dequantize, encode
+from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, prepare
 
 DAMP_RETRIES = 4  # each retry multiplies the dampening by 10
@@ -35,7 +36,7 @@ DAMP_RETRIES = 4  # each retry multiplies the dampening by 10
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    spec: QuantSpec
+    spec: QuantSpec | SpecMap
     damp: float = 0.01  # added to H's diagonal, as a fraction of its mean
     block_size: int = 128  # columns updated eagerly; the rest once per block
     act_order: bool = False  # GPTQ-R: columns by decreasing Hessian diagonal
@@ -172,7 +173,7 @@ class GPTQRounder:
     damped: list[str] = field(default_factory=list)  # Hessians that needed more than config.damp
     dead_columns: int = 0
 
-    def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
+    def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike) -> None:
         missing = [rel for rel in linears if rel not in ctx.linear_inputs]
         if missing:
             raise LowbitError(f"GPTQ needs the calibration inputs of {', '.join(missing)}; none were captured")
@@ -187,11 +188,10 @@ class GPTQRounder:
             if factor.damp > self.config.damp:
                 self.damped.append(f"{name}: damp {factor.damp:g}")
             self.dead_columns += int(factor.dead.sum())
-            mods = [linears[r] for r in rels]
-            for batch in ([mods] if spec.granularity != "tensor" else [[m] for m in mods]):
+            for s, batch in _batches(linears, rels, spec):
                 w = torch.cat([m.weight for m in batch])
                 with one_thread():
-                    qt = gptq_quantize(w, factor, spec, self.config.block_size, self.config.static_groups)
+                    qt = gptq_quantize(w, factor, s, self.config.block_size, self.config.static_groups)
                 wq = dequantize(qt)
                 for m, part in zip(batch, wq.split([m.out_features for m in batch])):
                     m.weight.copy_(part.to(m.weight.dtype))
@@ -199,6 +199,16 @@ class GPTQRounder:
     def info(self) -> dict:
         return {"damp": self.config.damp, "act_order": self.config.act_order, "damp_raised": len(self.damped),
                 "dead_columns": self.dead_columns}
+
+
+def _batches(linears: dict[str, nn.Linear], rels: list[str], spec: SpecLike) -> list[tuple[QuantSpec, list[nn.Linear]]]:
+    """Linears of one input that can be rounded as one stacked matrix: those with the same spec,
+    unless it is per tensor (one range over the stack would differ from one per linear)."""
+    by_spec: dict[QuantSpec, list[nn.Linear]] = {}
+    for r in rels:
+        by_spec.setdefault(spec_for(spec, r), []).append(linears[r])
+    return [(s, b) for s, mods in by_spec.items()
+            for b in ([mods] if s.granularity != "tensor" else [[m] for m in mods])]
 
 
 def warn_if_few_tokens(calib: torch.Tensor, linears: dict[str, nn.Linear]) -> None:
@@ -223,8 +233,9 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor | None 
     rounder = GPTQRounder(config)
 
     def process(ctx: LayerContext) -> None:
-        rounder(ctx, {rel: ctx.layer.get_submodule(rel) for rel in family.linears}, config.spec)
+        rounder(ctx, {rel: ctx.layer.get_submodule(rel) for rel in family.linears},
+                layer_specs(config.spec, f"{family.layers}.{ctx.index}."))
 
     walk_layers(model, family, calib, process, propagate="quantized", desc="gptq")
-    return QuantReport("gptq-r" if config.act_order else "gptq", config.spec, config.spec.bits_per_weight(),
+    return QuantReport("gptq-r" if config.act_order else "gptq", config.spec, bits_per_weight(config.spec, linears),
                        info=rounder.info())

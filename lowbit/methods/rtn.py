@@ -9,26 +9,28 @@ from torch import nn
 
 from ..calib import LayerContext
 from ..quantizer import QuantSpec, fake_quantize
+from ..specmap import SpecLike, SpecMap, bits_per_weight, spec_for
 from .base import QuantReport, prepare
 
 # The last step of a layer-by-layer method: round a layer's linears, possibly using the
-# captured inputs in the context (GPTQ does; plain rounding does not).
-Rounder = Callable[[LayerContext, dict[str, nn.Linear], QuantSpec], None]
+# captured inputs in the context (GPTQ does; plain rounding does not). The spec is one for
+# all, or a SpecMap keyed by the names in ``linears`` (relative to the layer).
+Rounder = Callable[[LayerContext, dict[str, nn.Linear], SpecLike], None]
 
 
 @dataclass(frozen=True)
 class RTNConfig:
-    spec: QuantSpec
+    spec: QuantSpec | SpecMap
 
 
 @torch.no_grad()
-def round_linears(linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
-    """Replace each linear's weight by its fake-quantized value, in place."""
-    for lin in linears.values():
-        lin.weight.copy_(fake_quantize(lin.weight, spec))
+def round_linears(linears: dict[str, nn.Linear], spec: SpecLike) -> None:
+    """Replace each linear's weight by its fake-quantized value (under its own spec), in place."""
+    for name, lin in linears.items():
+        lin.weight.copy_(fake_quantize(lin.weight, spec_for(spec, name)))
 
 
-def rtn_rounder(ctx: LayerContext, linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
+def rtn_rounder(ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike) -> None:
     """Round-to-nearest as a layer's rounding step; the context is not needed."""
     round_linears(linears, spec)
 
@@ -36,4 +38,4 @@ def rtn_rounder(ctx: LayerContext, linears: dict[str, nn.Linear], spec: QuantSpe
 def apply_rtn(model: nn.Module, config: RTNConfig, calib=None) -> QuantReport:
     _, linears = prepare(model, config.spec)
     round_linears(linears, config.spec)
-    return QuantReport("rtn", config.spec, config.spec.bits_per_weight(), info={"linears": len(linears)})
+    return QuantReport("rtn", config.spec, bits_per_weight(config.spec, linears), info={"linears": len(linears)})

@@ -29,6 +29,7 @@ from ..errors import LowbitError
 from ..models.families import family_for
 from ..models.inventory import quantizable_linears
 from ..quantizer import QTensor, QuantSpec, dequantize, quantize
+from ..specmap import SpecLike, SpecMap, base_spec, check_names, spec_for
 from ..io import atomic_dir
 from .codes import CODES_ATTR, grid_codes
 from .tensor import PackedTensor
@@ -96,9 +97,10 @@ def _codes_of(lin: nn.Linear, spec: QuantSpec, name: str) -> QTensor:
 
 
 @torch.no_grad()
-def pack_model_(model: nn.Module, spec: QuantSpec, *, method: str = "unknown", embed: str = "int8",
+def pack_model_(model: nn.Module, spec: SpecLike, *, method: str = "unknown", embed: str = "int8",
                 kernel: str = "auto") -> PackedModel:
-    """Pack a model whose linears a method has rounded with ``spec``.
+    """Pack a model whose linears a method has rounded with ``spec`` (one for all, or a SpecMap:
+    each packed tensor records its own width).
 
     The embedding (and an untied head) is stored as ``embed`` says; the model's own copy is
     set to exactly what the file will hold (hence the trailing underscore), so evaluating
@@ -110,9 +112,10 @@ def pack_model_(model: nn.Module, spec: QuantSpec, *, method: str = "unknown", e
         raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
     family = family_for(model)
     linears = quantizable_linears(model, family)
+    check_names(spec, linears)
     out = PackedModel()
     for name, lin in linears.items():
-        pt = PackedTensor.from_qtensor(_codes_of(lin, spec, name))
+        pt = PackedTensor.from_qtensor(_codes_of(lin, spec_for(spec, name), name))
         out.packed[name] = pt
         out.entries[name] = {**pt.meta(), "role": "linear", "kernel": choose_kernel(pt, kernel)}
         if lin.bias is not None:
@@ -148,10 +151,12 @@ def pack_model_(model: nn.Module, spec: QuantSpec, *, method: str = "unknown", e
             out.floats[key] = t.detach()
     used = sorted({e["kernel"] for e in out.entries.values()})
     out.meta = {
-        "method": method, "spec": spec.to_dict(), "embedding": embed_info, "tied_embeddings": _tied(model),
+        "method": method, "spec": base_spec(spec).to_dict(), "embedding": embed_info, "tied_embeddings": _tied(model),
         "kernels": {k: KERNEL_OPS[k] for k in used},
         "family": family.name, "weights_dtype": str(next(iter(linears.values())).weight.dtype).removeprefix("torch."),
     }
+    if isinstance(spec, SpecMap):  # "spec" is then the default; each tensor entry has its own bits
+        out.meta["allocation"] = {n: spec_for(spec, n).bits for n in linears}
     return out
 
 
