@@ -137,6 +137,7 @@ def empty_model(path: Path) -> nn.Module:
         raise LowbitError(f"cannot read the model config in {path}: {e}") from None
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # from_config leaves a tied head untied; from_pretrained ties it
     return model.eval().requires_grad_(False)
 
 
