@@ -356,7 +356,7 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
 def _embedding_step(model, ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel):
     """Shard 1: the embedding (which is also the head when tied), packed as ``embed`` says."""
     materialise(emb_mod, emb_name, ckpt)
-    part, info = pack_embedding_(emb_name, emb_mod, "embedding", embed, kernel, tied)
+    part, info = pack_embedding_(emb_name, emb_mod, "embedding", embed, kernel, tied, update=False)
     if tied and getattr(head_mod, "bias", None) is not None:
         materialise(head_mod, head_name, ckpt)
         part.floats[f"{head_name}.bias"] = head_mod.bias.detach().clone()
@@ -369,7 +369,7 @@ def _tail_step(model, ckpt, family, emb_name, tied, head_mod, head_name, embed, 
     part, info = PackedModel(), {}
     if head_mod is not None and not tied:
         materialise(head_mod, head_name, ckpt)
-        p, info["lm_head"] = pack_embedding_(head_name, head_mod, "lm_head", embed, kernel, False)
+        p, info["lm_head"] = pack_embedding_(head_name, head_mod, "lm_head", embed, kernel, False, update=False)
         merge_(part, p)
         release(head_mod)
     skip = (f"{family.layers}.", f"{emb_name}.") + ((f"{head_name}.",) if head_name else ())

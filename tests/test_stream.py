@@ -232,3 +232,21 @@ def test_default_model_streamed_equals_in_memory(tmp_path, default_model, data_d
         want.update(pt.tensors(name))
     quantize_streamed(local_checkpoint("smollm2-135m"), tmp_path / "out", config, calib, tok, progress=False)
     _assert_same(want, read_weights(tmp_path / "out", read_config(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=3, group_size=8), QuantSpec(bits=4, granularity="channel"),
+                                  QuantSpec(bits=8, group_size=8, symmetric=True)], ids=lambda s: s.describe())
+def test_row_blocks_pack_like_the_whole_matrix(monkeypatch, spec):
+    """Packing a block of rows at a time (bounded memory) gives the whole matrix's stream and scales."""
+    from lowbit.pack import tensor
+    from lowbit.pack.codes import grid_codes
+    from lowbit.quantizer import fake_quantize, quantize
+
+    w = fake_quantize(torch.randn(100, 40, generator=torch.Generator().manual_seed(0)), spec)
+    raw = torch.randn(100, 40, generator=torch.Generator().manual_seed(1))
+    whole = [tensor.PackedTensor.from_qtensor(grid_codes(w, spec)), tensor.PackedTensor.from_qtensor(quantize(raw, spec))]
+    monkeypatch.setattr(tensor, "ROW_BLOCK_ELEMENTS", 33 * 40)  # blocks of 32 rows, the last one short
+    blocks = [tensor.PackedTensor.from_weight(w, spec),
+              tensor.PackedTensor.from_weight(raw, spec, codes=lambda x, s, _n: quantize(x, s))]
+    for a, b in zip(whole, blocks):
+        _assert_same(a.tensors("w"), b.tensors("w"))

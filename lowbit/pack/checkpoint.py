@@ -31,7 +31,6 @@ from ..models.families import family_for
 from ..models.inventory import quantizable_linears
 from ..quantizer import QuantSpec, quantize
 from ..io import atomic_dir
-from .codes import grid_codes
 from .tensor import PackedTensor
 
 FORMAT = "lowbit-packed"
@@ -68,16 +67,18 @@ def _embed_spec(width: int) -> QuantSpec:
 
 
 @torch.no_grad()
-def _pack_embedding(weight: torch.Tensor, how: str, name: str) -> tuple[PackedTensor | None, torch.Tensor, dict]:
-    """(packed or None, the float weight the file will load as, config entry) for an embedding or head."""
+def _pack_embedding(weight: torch.Tensor, how: str, name: str,
+                    loaded: bool = True) -> tuple[PackedTensor | None, torch.Tensor | None, dict]:
+    """(packed or None, the float weight the file will load as (if ``loaded``), config entry) for an
+    embedding or head."""
     if how == "int8":
         spec = _embed_spec(weight.shape[1])
         try:
-            qt, exact = grid_codes(weight, spec, name), True
+            pt, exact = PackedTensor.from_weight(weight, spec, name), True
         except LowbitError:
-            qt, exact = quantize(weight, spec), False
-        pt = PackedTensor.from_qtensor(qt)
-        return pt, pt.dequantize(weight.dtype), {"storage": f"int8 {spec.describe()}", "exact": exact}
+            pt, exact = PackedTensor.from_weight(weight, spec, name, codes=lambda w, s, _n: quantize(w, s)), False
+        return pt, pt.dequantize(weight.dtype) if loaded else None, {"storage": f"int8 {spec.describe()}",
+                                                                       "exact": exact}
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[how]
     stored = weight.to(dtype)
     return None, stored.to(weight.dtype), {"storage": how, "exact": bool(torch.equal(stored.to(weight.dtype), weight))}
@@ -94,7 +95,7 @@ def pack_linear(name: str, lin: nn.Linear, spec: QuantSpec, kernel: str = "auto"
     from .kernels import choose_kernel
 
     out = PackedModel()
-    pt = PackedTensor.from_qtensor(grid_codes(lin.weight, spec, name))
+    pt = PackedTensor.from_weight(lin.weight.detach(), spec, name)
     out.packed[name] = pt
     out.entries[name] = {**pt.meta(), "role": "linear", "kernel": choose_kernel(pt, kernel)}
     if lin.bias is not None:
@@ -103,16 +104,18 @@ def pack_linear(name: str, lin: nn.Linear, spec: QuantSpec, kernel: str = "auto"
 
 
 @torch.no_grad()
-def pack_embedding_(name: str, mod: nn.Module, role: str, embed: str, kernel: str, tied: bool) -> tuple[PackedModel, dict]:
-    """The embedding or an untied head stored as ``embed`` says (and ``mod`` set to what the file holds),
-    with its storage record for the config."""
+def pack_embedding_(name: str, mod: nn.Module, role: str, embed: str, kernel: str, tied: bool,
+                    update: bool = True) -> tuple[PackedModel, dict]:
+    """The embedding or an untied head stored as ``embed`` says (and, if ``update``, ``mod`` set to what
+    the file holds), with its storage record for the config."""
     from .kernels import choose_kernel
 
     if embed not in EMBED_CHOICES:
         raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
     out = PackedModel()
-    pt, loaded, info = _pack_embedding(mod.weight.detach(), embed, name)
-    mod.weight.copy_(loaded)
+    pt, loaded, info = _pack_embedding(mod.weight.detach(), embed, name, loaded=update or pt_is_float(embed))
+    if update:
+        mod.weight.copy_(loaded)
     if pt is None:
         out.floats[f"{name}.weight"] = loaded.to({"fp16": torch.float16, "fp32": torch.float32}[embed])
     else:
@@ -124,6 +127,11 @@ def pack_embedding_(name: str, mod: nn.Module, role: str, embed: str, kernel: st
     if role == "lm_head" and getattr(mod, "bias", None) is not None:
         out.floats[f"{name}.bias"] = mod.bias.detach()
     return out, info
+
+
+def pt_is_float(embed: str) -> bool:
+    """Whether ``embed`` storage keeps the embedding as float (no packed codes)."""
+    return embed != "int8"
 
 
 def merge_(into: PackedModel, part: PackedModel) -> PackedModel:
