@@ -17,7 +17,7 @@ from ..quantizer import QTensor, QuantSpec, dequantize
 from .bits import pack_bits, packed_words, unpack_bits
 
 
-ROW_BLOCK_ELEMENTS = 1 << 22  # weights packed per block in from_weight (~0.5 GB of temporaries)
+ROW_BLOCK_ELEMENTS = 1 << 21  # weights packed per block in from_weight (~250 MB of temporaries)
 
 
 def _small(scales: torch.Tensor) -> torch.Tensor:
