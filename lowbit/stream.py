@@ -301,15 +301,15 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
         for step in range(resumed_at, n_steps):
             t0 = time.perf_counter()
             if step == 0:
-                part, info, hidden_at = _embedding_step(model, ckpt, emb_mod, emb_name, tied, head_mod, head_name,
-                                                        embed, kernel)
-                if method == "awq":
-                    materialise(emb_mod, emb_name, ckpt)
+                materialise(emb_mod, emb_name, ckpt)
+                hidden_at = None
+                if method == "awq":  # the float embedding starts the calibration, then it is packed
                     hidden, layer_kwargs = first_layer_batches(model, family, calib, batch_size, new_store(1))
                     with atomic_path(run / "layer_kwargs.pt") as tmp:
                         torch.save(layer_kwargs, tmp)
-                    release(emb_mod)
                     hidden_at = keep_hidden(hidden, 1)
+                part, info = _embedding_part(ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel)
+                release(emb_mod)
                 commit(step, part, hidden_at, info)
             elif step <= n_layers:
                 i = step - 1
@@ -334,7 +334,8 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
                     os.kill(os.getpid(), signal.SIGKILL)
             else:
                 hidden = None
-                part, info = _tail_step(model, ckpt, family, emb_name, tied, head_mod, head_name, embed, kernel)
+                part, info = _tail_step(model, ckpt, family, emb_name, tied, head_mod, head_name, embed,
+                                        kernel)
                 commit(step, part, None, info)
             bar.update(1)
             bar.set_postfix_str(f"peak RSS {peak_rss_mb() / 1024:.2f} GiB")
@@ -343,9 +344,12 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
     meta = packed_meta(method, spec, man["embedding"], tied, man["entries"], family.name, torch.float32)
     finish = run / "out"
     write_index(finish, man["shards"])
-    tok = tokenizer
-    gen = getattr(model, "generation_config", None)
-    finish_dir(finish, {**meta, **(extra or {})}, man["entries"], model.config, tok, gen, known=man["shards"])
+    gen = None
+    if (source / "generation_config.json").is_file():  # as from_pretrained reads it; from_config does not
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(source)
+    finish_dir(finish, {**meta, **(extra or {})}, man["entries"], model.config, tokenizer, gen, known=man["shards"])
     install_dir(finish, output)
     shutil.rmtree(run, ignore_errors=True)
     disk = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
@@ -353,15 +357,12 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
                         peak_rss_mb(), disk, estimate, ckpt.nbytes())
 
 
-def _embedding_step(model, ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel):
-    """Shard 1: the embedding (which is also the head when tied), packed as ``embed`` says."""
-    materialise(emb_mod, emb_name, ckpt)
+def _embedding_part(ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel):
+    """Shard 1: the (materialised) embedding, which is also the head when tied, packed as ``embed`` says."""
     part, info = pack_embedding_(emb_name, emb_mod, "embedding", embed, kernel, tied, update=False)
     if tied and getattr(head_mod, "bias", None) is not None:
-        materialise(head_mod, head_name, ckpt)
-        part.floats[f"{head_name}.bias"] = head_mod.bias.detach().clone()
-    release(emb_mod)
-    return part, {"embedding": info}, None
+        part.floats.update(ckpt.read([f"{head_name}.bias"], torch.float32))
+    return part, {"embedding": info}
 
 
 def _tail_step(model, ckpt, family, emb_name, tied, head_mod, head_name, embed, kernel):
