@@ -7,9 +7,10 @@ layer's outputs as the next inputs. Only one layer's activations live at a time.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -52,8 +53,16 @@ def _static_kwargs(kwargs: dict) -> dict:
 @torch.no_grad()
 def first_layer_inputs(model: nn.Module, family: Family, samples: torch.Tensor, batch_size: int = 16):
     """Hidden states entering the first decoder layer, and that layer's keyword arguments."""
+    hidden, kwargs = first_layer_batches(model, family, samples, batch_size)
+    return torch.cat(list(hidden)), kwargs
+
+
+@torch.no_grad()
+def first_layer_batches(model: nn.Module, family: Family, samples: torch.Tensor, batch_size: int = 16,
+                        store: Activations | None = None) -> tuple[Activations, dict]:
+    """Like :func:`first_layer_inputs`, kept batch by batch in ``store`` (default: in memory, as computed)."""
     layers = model.get_submodule(family.layers)
-    captured: list[torch.Tensor] = []
+    captured = store if store is not None else Activations()
     kwargs_box: dict = {}
 
     def hook(_m, args, kwargs):
@@ -67,7 +76,60 @@ def first_layer_inputs(model: nn.Module, family: Family, samples: torch.Tensor, 
         _run_until_stop(model, samples, batch_size)
     finally:
         handle.remove()
-    return torch.cat(captured), kwargs_box
+    return captured, kwargs_box
+
+
+class Activations:
+    """One layer's calibration hidden states, batch by batch, in memory or as files in ``directory``.
+
+    ``dtype`` (e.g. bfloat16) stores them smaller; each batch is cast back to the layer's dtype
+    when run. On disk, one batch at a time is read back, so memory holds a batch, not the set.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None, directory: Path | None = None) -> None:
+        self.dtype = dtype
+        self.directory = directory
+        self._batches: list[torch.Tensor] = []
+        self.count = 0
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, i: int) -> Path:
+        return self.directory / f"batch-{i:05d}.pt"
+
+    def append(self, batch: torch.Tensor) -> None:
+        b = batch if self.dtype is None else batch.to(self.dtype)
+        if self.directory is None:
+            self._batches.append(b)
+        else:
+            torch.save(b.contiguous().clone(), self._file(self.count))  # clone: a view would save its whole base
+        self.count += 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(self.count):
+            yield self._batches[i] if self.directory is None else torch.load(self._file(i), weights_only=True)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._batches)
+
+    def save(self, directory: Path) -> None:
+        """Write every batch as a file in ``directory`` (for resuming); a disk store is already there."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, b in enumerate(self):
+            torch.save(b.contiguous().clone(), directory / f"batch-{i:05d}.pt")
+
+    @classmethod
+    def load(cls, directory: Path, dtype: torch.dtype | None = None, keep_on_disk: bool = False) -> Activations:
+        """The batches :meth:`save` wrote, read now (or left on disk and read when iterated)."""
+        files = sorted(directory.glob("batch-*.pt"))
+        if keep_on_disk:
+            out = cls(dtype, directory)
+            out.count = len(files)
+            return out
+        out = cls(dtype)
+        for f in files:
+            out.append(torch.load(f, weights_only=True))
+        return out
 
 
 def _run_until_stop(model: nn.Module, samples: torch.Tensor, batch_size: int) -> None:
@@ -93,13 +155,13 @@ class LayerContext:
 
     index: int
     layer: nn.Module
-    inputs: torch.Tensor  # [n_samples, seq_len, hidden] entering the layer
     layer_kwargs: dict
     linear_inputs: dict[str, torch.Tensor]  # quantized linear name -> its input [n, seq, in]
     module_kwargs: dict[str, dict]  # inspected module -> static keyword arguments
     groups: tuple[ScalingGroup, ...]
     batch_size: int = 16
-    outputs: torch.Tensor | None = None  # the layer's outputs on ``inputs`` before the method changed it
+    inputs: Activations | None = None  # the hidden states entering the layer, batch by batch
+    outputs: list[torch.Tensor] | None = None  # the layer's outputs on them before ``process`` changed it
 
     def run(self, module_name: str, x: torch.Tensor) -> torch.Tensor:
         """Output of a submodule of the layer on ``x``, batched to bound memory."""
@@ -156,38 +218,67 @@ def walk_layers(
     ``propagate="float"`` feeds the next layer with this layer's outputs before ``process``
     changed it (llm-awq's choice); ``"quantized"`` recomputes them afterwards (GPTQ's).
     """
-    hidden, layer_kwargs = first_layer_inputs(model, family, samples, batch_size)
+    hidden, layer_kwargs = first_layer_batches(model, family, samples, batch_size)
     layers = model.get_submodule(family.layers)
     groups = family.groups
     for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", leave=False)):
-        if not groups and family.name.startswith("discovered"):
-            groups = discover_groups(layer, family.linears, partial(layer, hidden[:1], **layer_kwargs))
-        capture = _LayerCapture()
-        handles = [layer.get_submodule(n).register_forward_pre_hook(capture.linear_hook(n)) for n in family.linears]
-        handles += [
-            layer.get_submodule(g.inspect).register_forward_pre_hook(capture.kwargs_hook(g.inspect), with_kwargs=True)
-            for g in groups
-        ]
-        outs = []
-        try:
-            for xb in hidden.split(batch_size):
-                capture.sources.clear()
-                outs.append(_output(layer(xb, **layer_kwargs)))
-        finally:
-            for h in handles:
-                h.remove()
-        linear_inputs = capture.linear_inputs(family.linears)
-        outputs, capture_kwargs = torch.cat(outs), capture.module_kwargs
-        del outs, capture
-        ctx = LayerContext(index, layer, hidden, layer_kwargs, linear_inputs, capture_kwargs, groups, batch_size,
-                           outputs)
-        process(ctx)
-        del ctx, linear_inputs
-        if propagate == "quantized":
-            hidden = torch.cat([_output(layer(xb, **layer_kwargs)) for xb in hidden.split(batch_size)])
-        else:
-            hidden = outputs
-        del outputs
+        out = Activations(hidden.dtype)
+        groups = calibrate_layer(index, layer, family, groups, hidden, layer_kwargs, process, out,
+                                 batch_size=batch_size, propagate=propagate)
+        hidden = out
+
+
+@torch.no_grad()
+def calibrate_layer(
+    index: int,
+    layer: nn.Module,
+    family: Family,
+    groups: tuple[ScalingGroup, ...],
+    hidden: Activations,
+    layer_kwargs: dict,
+    process: Callable[[LayerContext], None],
+    out: Activations,
+    *,
+    batch_size: int = 16,
+    propagate: str = "float",
+) -> tuple[ScalingGroup, ...]:
+    """One step of the walk: capture ``layer``'s linear inputs on ``hidden``, call ``process``, and
+    append the hidden states for the next layer to ``out``. Returns the scaling groups in use.
+
+    The in-memory walk and the streamed one (:mod:`lowbit.stream`) both call this, so they
+    compute the same numbers.
+    """
+    dtype = next(layer.parameters()).dtype
+    if not groups and family.name.startswith("discovered"):
+        first = next(iter(hidden))[:1].to(dtype)
+        groups = discover_groups(layer, family.linears, partial(layer, first, **layer_kwargs))
+    capture = _LayerCapture()
+    handles = [layer.get_submodule(n).register_forward_pre_hook(capture.linear_hook(n)) for n in family.linears]
+    handles += [
+        layer.get_submodule(g.inspect).register_forward_pre_hook(capture.kwargs_hook(g.inspect), with_kwargs=True)
+        for g in groups
+    ]
+    float_outputs = []
+    try:
+        for xb in hidden:
+            capture.sources.clear()
+            y = _output(layer(xb.to(dtype), **layer_kwargs))
+            float_outputs.append(y)
+            if propagate == "float":
+                out.append(y)
+    finally:
+        for h in handles:
+            h.remove()
+    linear_inputs = capture.linear_inputs(family.linears)
+    ctx = LayerContext(index, layer, layer_kwargs, linear_inputs, capture.module_kwargs, groups, batch_size,
+                       inputs=hidden, outputs=float_outputs)
+    del capture
+    process(ctx)
+    del ctx, linear_inputs, float_outputs
+    if propagate == "quantized":
+        for xb in hidden:
+            out.append(_output(layer(xb.to(dtype), **layer_kwargs)))
+    return groups
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -309,9 +310,86 @@ def _mixed_probe(spec):
 QUANTIZE_METHODS = ("rtn", "awq")  # methods that round every weight of every linear: their output packs
 
 
+def _wants_stream(args) -> bool:
+    """--stream, or an option only streaming has, or a local checkpoint too big for memory in float32."""
+    if args.stream or args.resume or args.offload_activations or args.act_dtype:
+        return True
+    from .models.loading import model_source
+
+    kind, where = model_source(args.model)
+    if kind != "dir":
+        return False
+    from .models.lazy import LazyCheckpoint
+
+    try:
+        need = LazyCheckpoint(where).float32_bytes()
+    except LowbitError:
+        return False  # not a safetensors checkpoint: the ordinary loader reports what is wrong
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > ram // 2:
+        print(f"lowbit: {where} needs {need / 2**30:.1f} GiB in float32, more than half of this machine's "
+              f"{ram / 2**30:.0f} GiB: streaming it layer by layer (--stream)", file=sys.stderr)
+        return True
+    return False
+
+
+STREAM_COLUMNS = [
+    ("method", "method", ""), ("w_bit", "bits", ""), ("group_size", "group", ""), ("layers", "layers", ""),
+    ("mean_layer_seconds", "s/layer", ".2f"), ("seconds", "total s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+    ("disk_mb", "output MB", ".1f"),
+]
+
+
+def cmd_quantize_streamed(args) -> int:
+    """``lowbit quantize --stream``: layer by layer from disk into a sharded packed directory."""
+    from .experiment import make_config
+    from .models.loading import local_checkpoint
+    from .stream import quantize_streamed
+
+    if not args.output:
+        raise LowbitError("--stream writes a packed model: give -o DIR")
+    for flag, on in (("--save-search", args.save_search), ("--load-search", args.load_search), ("--eval", args.eval),
+                     ("--rotate", args.rotate), ("--a-bit", args.a_bit is not None)):
+        if on:
+            raise LowbitError(f"{flag} is not available with --stream (it needs the whole model in memory)")
+    spec = _spec(args)
+    config = make_config(args.method, spec, _method_options(args))
+    src = local_checkpoint(args.model)
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, TypeError):
+        if args.method == "awq":
+            raise LowbitError(f"{src} has no tokenizer; AWQ needs one to tokenize the calibration text") from None
+    calib = None
+    if args.method == "awq":
+        from .calib import calib_samples
+        from .data import calib_text
+
+        calib = calib_samples(tok, calib_text(args.calib_data, args.data_dir), args.calib_samples,
+                              args.calib_seq_len, args.seed)
+    res = quantize_streamed(src, args.output, config, calib, tok, embed=args.embed, kernel=args.kernel,
+                            act_dtype=args.act_dtype or "fp32", offload=args.offload_activations,
+                            resume=args.resume, force=args.force, progress=not args.json,
+                            extra={"source_model": args.model})
+    row = {**res.row(), "w_bit": spec.bits, "group_size": spec.group_size if spec.granularity == "group" else None,
+           "disk_mb": round(res.disk_bytes / 1e6, 2), "estimate_mb": round(res.estimate_bytes / 1e6, 2),
+           "peak_rss_mb": round(res.peak_rss_mb, 1)}
+    print(json.dumps(row) if args.json else _table([row], STREAM_COLUMNS))
+    resumed = f", resumed after step {res.resumed_at}" if res.resumed_at else ""
+    print(f"packed model saved to {args.output}: {row['disk_mb']:.1f} MB on disk (estimate {row['estimate_mb']:.1f}), "
+          f"peak RSS {res.peak_rss_mb / 1024:.2f} GiB, {row['mean_layer_seconds'] or 0:.2f} s per layer{resumed}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from .io import check_writable
 
+    if _wants_stream(args):
+        return cmd_quantize_streamed(args)
     if not args.save_search and not args.output and not args.save_allocation:
         raise LowbitError("lowbit quantize needs -o DIR (a packed model) and/or --save-search FILE (AWQ scales "
                           "and clips) and/or --save-allocation FILE")
@@ -708,6 +786,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU kernel recorded for each packed linear (default auto: the fastest that applies)")
     p.add_argument("--save-search", help="write the AWQ search (safetensors) to FILE")
     p.add_argument("--eval", action="store_true", help="also measure perplexity of the result (after packing)")
+    g = p.add_argument_group("streaming (models larger than memory; docs/streaming.md)")
+    g.add_argument("--stream", action="store_true",
+                   help="read a local safetensors checkpoint layer by layer and write each layer as one shard of "
+                        "-o DIR as soon as it is done (automatic when the model in float32 exceeds half the RAM)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --stream run from DIR.partial (same options required)")
+    g.add_argument("--offload-activations", metavar="DIR",
+                   help="keep the calibration hidden states in files in DIR instead of memory (implies --stream)")
+    g.add_argument("--act-dtype", choices=("fp32", "bf16"),
+                   help="calibration hidden states kept in fp32 (default: the in-memory result, bit for bit) or "
+                        "bf16 (half the memory; slightly different numbers); implies --stream")
     p.add_argument("--force", action="store_true", help="overwrite existing output")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_quantize)

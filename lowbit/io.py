@@ -50,7 +50,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; a model directory is an ordinary one
-        _replace_dir(tmp, dest)
+        install_dir(tmp, dest)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise LowbitError(f"could not write {dest}: {e.strerror or e}; nothing was written") from None
@@ -59,8 +59,9 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         raise
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move the finished ``tmp`` to ``dest``; an old ``dest`` is set aside first and removed after."""
+def install_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished directory ``tmp`` to ``dest`` (same file system); an old ``dest`` is set aside
+    first and removed after."""
     if not dest.exists():
         os.replace(tmp, dest)
         return

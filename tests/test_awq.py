@@ -176,11 +176,11 @@ def test_discovered_family_finds_norm_groups():
 
 
 def test_a_search_with_no_finite_candidate_falls_back_to_unit_scale():
-    from lowbit.methods.awq import _AWQLayerProcessor
+    from lowbit.methods.awq import AWQLayerStep
 
     model = tiny_llama()
     fam = family_for(model)
-    proc = _AWQLayerProcessor(model, fam, AWQConfig(SPEC3, n_grid=3), None)
+    proc = AWQLayerStep(model, fam, AWQConfig(SPEC3, n_grid=3), None)
 
     def poisoned(ctx: LayerContext):
         ctx.linear_inputs["mlp.down_proj"].fill_(float("nan"))

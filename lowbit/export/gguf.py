@@ -105,11 +105,11 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
     import gguf
 
     from ..io import atomic_path, check_writable
-    from ..pack.checkpoint import WEIGHTS_NAME, _read_tensors, read_config
+    from ..pack.checkpoint import read_config, read_weights
 
     out = check_writable(out, force)
     doc = read_config(model_dir)
-    tensors = _read_tensors(Path(model_dir) / WEIGHTS_NAME)
+    tensors = read_weights(Path(model_dir), doc)
     reader = gguf.GGUFReader(_source_gguf(doc))
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     arch = arch_field.contents()

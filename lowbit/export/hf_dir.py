@@ -48,14 +48,14 @@ def smallest_exact(t: torch.Tensor) -> torch.Tensor:
 
 def read_packed(model_dir: str | os.PathLike) -> PackedSource:
     """Open a lowbit packed directory (checksums verified); refuses anything else."""
-    from ..pack.checkpoint import WEIGHTS_NAME, _read_tensors, is_packed_dir, read_config
+    from ..pack.checkpoint import is_packed_dir, read_config, read_weights
 
     p = Path(model_dir)
     if not is_packed_dir(p):
         raise LowbitError(f"{p} is not a lowbit packed model directory (no lowbit.json); make one with "
                           "lowbit quantize -o DIR")
     doc = read_config(p)
-    tensors = _read_tensors(p / WEIGHTS_NAME)
+    tensors = read_weights(p, doc)
     linears, floats, dequantized, used = {}, {}, [], set()
     for name, entry in doc["tensors"].items():
         pt = PackedTensor.from_parts(name, entry, tensors)

@@ -252,10 +252,9 @@ def search_scale(
     scales = scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()
     losses = torch.full((cfg.n_grid,), math.inf)
     try:
-        if single:  # every candidate at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
-            scaled = (w0[None] * scales[:, None, :]).reshape(-1, w0.shape[1])  # rows keep their own groups
-            d = fake_quantize(scaled, own[0]).view(cfg.n_grid, *w0.shape) / scales[:, None, :] - w0[None]
-            losses = ((d @ g) * d).sum((1, 2)) / d.shape[1]
+        if single:  # many candidates at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
+            losses = torch.cat([_single_losses(w0, g, part, own[0])
+                                for part in scales.split(_candidates_per_chunk(w0.numel(), cfg.n_grid))])
         else:
             for i, s in enumerate(scales):
                 if not torch.isfinite(s).all():
@@ -272,6 +271,22 @@ def search_scale(
     if not math.isfinite(best[0]):
         return None, None, "every α gave a non-finite error"
     return best[1], best[2], None
+
+
+# Candidate scales scored together in one batched product; bounds the search's memory at
+# ~4 x this many float32 elements (a 7B MLP's down_proj has 45M weights per candidate).
+SEARCH_CHUNK_ELEMENTS = 1 << 26
+
+
+def _candidates_per_chunk(weights: int, n_grid: int) -> int:
+    return max(1, min(n_grid, SEARCH_CHUNK_ELEMENTS // max(1, weights)))
+
+
+def _single_losses(w0: torch.Tensor, g: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """tr(D G D^T) / out for each candidate scale (a row of ``scales``) of a single linear."""
+    scaled = (w0[None] * scales[:, None, :]).reshape(-1, w0.shape[1])  # rows keep their own groups
+    d = fake_quantize(scaled, spec).view(len(scales), *w0.shape) / scales[:, None, :] - w0[None]
+    return ((d @ g) * d).sum((1, 2)) / d.shape[1]
 
 
 @torch.no_grad()
@@ -324,9 +339,16 @@ def apply_clip(lin: nn.Linear, ratio: torch.Tensor, spec: QuantSpec) -> None:
 _NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
 
 
-class _AWQLayerProcessor:
-    def __init__(self, model: nn.Module, family: Family, cfg: AWQConfig, search: AWQSearch | None,
+class AWQLayerStep:
+    """AWQ on one decoder layer at a time: scales folded, clips applied, then ``rounder``.
+
+    The in-memory walk (:func:`apply_awq`) and the streamed one (:mod:`lowbit.stream`) both call it.
+    """
+
+    def __init__(self, model: nn.Module, family: Family, cfg: AWQConfig, search: AWQSearch | None = None,
                  rounder: Rounder = rtn_rounder):
+        if not family.groups and not family.name.startswith("discovered"):
+            raise LowbitError(f"{family.name} declares no scaling groups; AWQ needs them")
         self.cfg = cfg
         self.rounder = rounder
         self.family = family
@@ -402,9 +424,7 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
                 f"search file {config.load_search} was made for another model or spec "
                 f"({_mismatch(loaded.meta.get('fingerprint') or {}, fingerprint)})"
             )
-    if not family.groups and not family.name.startswith("discovered"):
-        raise LowbitError(f"{family.name} declares no scaling groups; AWQ needs them")
-    processor = _AWQLayerProcessor(model, family, config, loaded, rounder or rtn_rounder)
+    processor = AWQLayerStep(model, family, config, loaded, rounder or rtn_rounder)
     if loaded is not None and rounder is None:
         _apply_without_calibration(model, family, processor)
     else:
@@ -425,10 +445,10 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
     return report
 
 
-def _apply_without_calibration(model: nn.Module, family: Family, processor: _AWQLayerProcessor) -> None:
+def _apply_without_calibration(model: nn.Module, family: Family, processor: AWQLayerStep) -> None:
     groups = tuple(ScalingGroup(prev, tuple(lins), insp) for prev, lins, insp in processor.loaded.meta.get("groups", []))
     for index, layer in enumerate(model.get_submodule(family.layers)):
-        processor(LayerContext(index, layer, torch.empty(0), {}, {}, {}, groups))
+        processor(LayerContext(index, layer, {}, {}, {}, groups))
 
 
 def _mismatch(a: dict, b: dict) -> str:

@@ -361,7 +361,7 @@ class BlockTrainer:
 
     def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
         cfg = self.cfg
-        if ctx.outputs is None:
+        if ctx.inputs is None or ctx.outputs is None:
             raise LowbitError("block-wise QAT needs the layer walk's float outputs (calibration samples)")
         quantizers = attach_quantizers(linears, cfg, self.generator)
         pacts = {}
@@ -369,7 +369,9 @@ class BlockTrainer:
             pacts = attach_pact(self.model, linears, cfg.a_bit, _input_alphas(ctx, list(linears)), cfg.pact)
         groups = _param_groups(linears, quantizers, cfg, [p.alpha for p in pacts.values()])
         flags = _trainable_only(ctx.layer, [p for g in groups for p in g["params"]])
-        x, target = ctx.inputs, ctx.outputs
+        dtype = next(ctx.layer.parameters()).dtype
+        x = torch.cat([b.to(dtype) for b in ctx.inputs])
+        target = torch.cat(ctx.outputs)
 
         def loss_fn(idx: torch.Tensor) -> torch.Tensor:
             out = ctx.layer(x[idx], **ctx.layer_kwargs)

@@ -160,3 +160,21 @@ def load_model(name_or_path: str = DEFAULT_MODEL, kernel: str = "dequant") -> tu
     model.eval()
     model.requires_grad_(False)
     return model, tok
+
+
+def local_checkpoint(name_or_path: str) -> Path:
+    """A local Hugging Face checkpoint directory for ``name_or_path`` (the built-in model's float cache,
+    made once if missing), for readers that stream it instead of loading it."""
+    kind, where = model_source(name_or_path)
+    if kind == "builtin":
+        cached = cache_dir() / name_or_path
+        if not (cached / "config.json").is_file():
+            load_model(name_or_path)  # writes the float cache
+        if not (cached / "config.json").is_file():
+            raise LowbitError(f"could not write the float cache {cached} of {name_or_path}; set LOWBIT_CACHE to a "
+                              "writable directory")
+        return cached
+    if kind == "dir":
+        return Path(where)
+    raise LowbitError(f"streaming reads a local Hugging Face safetensors directory (or {DEFAULT_MODEL}); "
+                      f"{name_or_path} is a {kind} model")

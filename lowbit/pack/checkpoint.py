@@ -2,7 +2,8 @@
 
 A directory holds
 
-- ``model.safetensors``: for each quantized linear ``NAME``, ``NAME.qweight`` (int32 bit
+- ``model.safetensors`` (or shards ``model-0000i-of-0000n.safetensors`` with
+  ``model.safetensors.index.json``, as :mod:`lowbit.stream` writes): for each quantized linear ``NAME``, ``NAME.qweight`` (int32 bit
   stream, see :mod:`lowbit.pack.bits`), ``NAME.scales`` and, if asymmetric, ``NAME.qzeros``;
   the embedding (and an untied output head) the same way at 8 bits, or as float; every
   other tensor (norms, biases) as it was;
@@ -31,13 +32,14 @@ from ..models.inventory import quantizable_linears
 from ..quantizer import QTensor, QuantSpec, dequantize, quantize
 from ..specmap import SpecLike, SpecMap, base_spec, check_names, spec_for
 from ..io import atomic_dir
-from .codes import CODES_ATTR, grid_codes
+from .codes import CODES_ATTR
 from .tensor import PackedTensor
 
 FORMAT = "lowbit-packed"
 FORMAT_VERSION = 1
 CONFIG_NAME = "lowbit.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # a sharded directory (written by lowbit.stream)
 EMBED_CHOICES = ("int8", "fp16", "fp32")
 EMBED_GROUP = 32  # llama.cpp's Q8_0 block: the default model's embedding is stored that way, so int8 g32 is exact
 
@@ -67,16 +69,18 @@ def _embed_spec(width: int) -> QuantSpec:
 
 
 @torch.no_grad()
-def _pack_embedding(weight: torch.Tensor, how: str, name: str) -> tuple[PackedTensor | None, torch.Tensor, dict]:
-    """(packed or None, the float weight the file will load as, config entry) for an embedding or head."""
+def _pack_embedding(weight: torch.Tensor, how: str, name: str,
+                    loaded: bool = True) -> tuple[PackedTensor | None, torch.Tensor | None, dict]:
+    """(packed or None, the float weight the file will load as (if ``loaded``), config entry) for an
+    embedding or head."""
     if how == "int8":
         spec = _embed_spec(weight.shape[1])
         try:
-            qt, exact = grid_codes(weight, spec, name), True
+            pt, exact = PackedTensor.from_weight(weight, spec, name), True
         except LowbitError:
-            qt, exact = quantize(weight, spec), False
-        pt = PackedTensor.from_qtensor(qt)
-        return pt, pt.dequantize(weight.dtype), {"storage": f"int8 {spec.describe()}", "exact": exact}
+            pt, exact = PackedTensor.from_weight(weight, spec, name, codes=lambda w, s, _n: quantize(w, s)), False
+        return pt, pt.dequantize(weight.dtype) if loaded else None, {"storage": f"int8 {spec.describe()}",
+                                                                       "exact": exact}
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[how]
     stored = weight.to(dtype)
     return None, stored.to(weight.dtype), {"storage": how, "exact": bool(torch.equal(stored.to(weight.dtype), weight))}
@@ -87,13 +91,79 @@ def _tied(model: nn.Module) -> bool:
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
-def _codes_of(lin: nn.Linear, spec: QuantSpec, name: str) -> QTensor:
-    """The codes a method kept on the linear (QAT's learned grid) if they still decode to its weight,
-    else the codes recovered from the weight's grid."""
+def _kept_codes(lin: nn.Linear, spec: QuantSpec) -> QTensor | None:
+    """The codes a method kept on the linear (QAT's learned grid), if they still decode to its weight."""
     kept = lin.__dict__.get(CODES_ATTR)
     if kept is not None and kept.spec == spec and torch.equal(dequantize(kept).to(lin.weight.dtype), lin.weight):
         return kept
-    return grid_codes(lin.weight, spec, name)
+    return None
+
+
+@torch.no_grad()
+def pack_linear(name: str, lin: nn.Linear, spec: QuantSpec, kernel: str = "auto") -> PackedModel:
+    """One rounded linear's codes, config entry and bias, as a part of a :class:`PackedModel`."""
+    from .kernels import choose_kernel
+
+    out = PackedModel()
+    kept = _kept_codes(lin, spec)
+    pt = PackedTensor.from_qtensor(kept) if kept is not None else PackedTensor.from_weight(lin.weight.detach(), spec, name)
+    out.packed[name] = pt
+    out.entries[name] = {**pt.meta(), "role": "linear", "kernel": choose_kernel(pt, kernel)}
+    if lin.bias is not None:
+        out.floats[f"{name}.bias"] = lin.bias.detach()
+    return out
+
+
+@torch.no_grad()
+def pack_embedding_(name: str, mod: nn.Module, role: str, embed: str, kernel: str, tied: bool,
+                    update: bool = True) -> tuple[PackedModel, dict]:
+    """The embedding or an untied head stored as ``embed`` says (and, if ``update``, ``mod`` set to what
+    the file holds), with its storage record for the config."""
+    from .kernels import choose_kernel
+
+    if embed not in EMBED_CHOICES:
+        raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
+    out = PackedModel()
+    pt, loaded, info = _pack_embedding(mod.weight.detach(), embed, name, loaded=update or pt_is_float(embed))
+    if update:
+        mod.weight.copy_(loaded)
+    if pt is None:
+        out.floats[f"{name}.weight"] = loaded.to({"fp16": torch.float16, "fp32": torch.float32}[embed])
+    else:
+        out.packed[name] = pt
+        # An embedding's own lookup always uses float rows; its kernel serves the tied output head.
+        head_use = role == "lm_head" or tied
+        out.entries[name] = {**pt.meta(), "role": role, "kernel": choose_kernel(pt, kernel) if head_use
+                             else "dequant"}
+    if role == "lm_head" and getattr(mod, "bias", None) is not None:
+        out.floats[f"{name}.bias"] = mod.bias.detach()
+    return out, info
+
+
+def pt_is_float(embed: str) -> bool:
+    """Whether ``embed`` storage keeps the embedding as float (no packed codes)."""
+    return embed != "int8"
+
+
+def merge_(into: PackedModel, part: PackedModel) -> PackedModel:
+    """Add ``part``'s tensors and entries to ``into``."""
+    into.packed.update(part.packed)
+    into.floats.update(part.floats)
+    into.entries.update(part.entries)
+    return into
+
+
+def packed_meta(method: str, spec: QuantSpec, embed_info: dict, tied: bool, entries: dict, family: str,
+                weights_dtype: torch.dtype) -> dict:
+    """The model-wide part of ``lowbit.json``."""
+    from .kernels import KERNEL_OPS
+
+    used = sorted({e["kernel"] for e in entries.values()})
+    return {
+        "method": method, "spec": spec.to_dict(), "embedding": embed_info, "tied_embeddings": tied,
+        "kernels": {k: KERNEL_OPS[k] for k in used},
+        "family": family, "weights_dtype": str(weights_dtype).removeprefix("torch."),
+    }
 
 
 @torch.no_grad()
@@ -106,8 +176,6 @@ def pack_model_(model: nn.Module, spec: SpecLike, *, method: str = "unknown", em
     set to exactly what the file will hold (hence the trailing underscore), so evaluating
     ``model`` afterwards measures the saved model.
     """
-    from .kernels import KERNEL_OPS, choose_kernel
-
     if embed not in EMBED_CHOICES:
         raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
     family = family_for(model)
@@ -115,46 +183,27 @@ def pack_model_(model: nn.Module, spec: SpecLike, *, method: str = "unknown", em
     check_names(spec, linears)
     out = PackedModel()
     for name, lin in linears.items():
-        pt = PackedTensor.from_qtensor(_codes_of(lin, spec_for(spec, name), name))
-        out.packed[name] = pt
-        out.entries[name] = {**pt.meta(), "role": "linear", "kernel": choose_kernel(pt, kernel)}
-        if lin.bias is not None:
-            out.floats[f"{name}.bias"] = lin.bias.detach()
+        merge_(out, pack_linear(name, lin, spec_for(spec, name), kernel))
+    tied = _tied(model)
     embeddings = {"embedding": model.get_input_embeddings()}
-    if not _tied(model) and model.get_output_embeddings() is not None:
+    if not tied and model.get_output_embeddings() is not None:
         embeddings["lm_head"] = model.get_output_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
     embed_info = {}
     for role, mod in embeddings.items():
-        name = names[id(mod)]
-        pt, loaded, info = _pack_embedding(mod.weight.detach(), embed, name)
-        mod.weight.copy_(loaded)
-        embed_info[role] = info
-        if pt is None:
-            out.floats[f"{name}.weight"] = loaded.to({"fp16": torch.float16, "fp32": torch.float32}[embed])
-        else:
-            out.packed[name] = pt
-            # An embedding's own lookup always uses float rows; its kernel serves the tied output head.
-            head_use = role == "lm_head" or _tied(model)
-            out.entries[name] = {**pt.meta(), "role": role, "kernel": choose_kernel(pt, kernel) if head_use
-                                 else "dequant"}
-        if role == "lm_head" and getattr(mod, "bias", None) is not None:
-            out.floats[f"{name}.bias"] = mod.bias.detach()
-    if _tied(model):
+        part, embed_info[role] = pack_embedding_(names[id(mod)], mod, role, embed, kernel, tied)
+        merge_(out, part)
+    if tied:
         head = model.get_output_embeddings()
         if head is not None and getattr(head, "bias", None) is not None:
             out.floats[f"{names[id(head)]}.bias"] = head.bias.detach()
     done = {f"{n}.weight" for n in out.packed} | set(out.floats)
-    tied_head = f"{names[id(model.get_output_embeddings())]}.weight" if _tied(model) else None
+    tied_head = f"{names[id(model.get_output_embeddings())]}.weight" if tied else None
     for key, t in model.state_dict().items():
         if key not in done and key != tied_head:
             out.floats[key] = t.detach()
-    used = sorted({e["kernel"] for e in out.entries.values()})
-    out.meta = {
-        "method": method, "spec": base_spec(spec).to_dict(), "embedding": embed_info, "tied_embeddings": _tied(model),
-        "kernels": {k: KERNEL_OPS[k] for k in used},
-        "family": family.name, "weights_dtype": str(next(iter(linears.values())).weight.dtype).removeprefix("torch."),
-    }
+    out.meta = packed_meta(method, base_spec(spec), embed_info, tied, out.entries, family.name,
+                           next(iter(linears.values())).weight.dtype)
     if isinstance(spec, SpecMap):  # "spec" is then the default; each tensor entry has its own bits
         out.meta["allocation"] = {n: spec_for(spec, n).bits for n in linears}
     return out
@@ -196,21 +245,61 @@ def save_packed(packed: PackedModel, config, tokenizer, path: str | os.PathLike,
             tensors.update(pt.tensors(name))
         tensors.update(packed.floats)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-        doc = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "packing": "codes row-major, unsigned (symmetric shifted by 2^(bits-1)-1); every 32 codes fill `bits` "
-                       "int32 words, code i at bits [i*bits, (i+1)*bits) little-endian; w = (u - zero) * scale",
-            **packed.meta, **(extra or {}), "tensors": packed.entries, "files": files,
-        }
-        (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=1))
+        finish_dir(tmp, {**packed.meta, **(extra or {})}, packed.entries, config, tokenizer, generation_config)
     return dest
 
+
+def shard_name(index: int, count: int) -> str:
+    """Hugging Face's shard file name, counting from 1."""
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def save_shard(part: PackedModel, path: Path) -> dict:
+    """Write one shard's tensors atomically; returns its size, SHA-256 and tensor names for the index."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_path
+
+    tensors = {}
+    for name, pt in part.packed.items():
+        tensors.update(pt.tensors(name))
+    tensors.update(part.floats)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path), "tensors": sorted(tensors)}
+
+
+def write_index(directory: Path, shards: dict[str, dict]) -> None:
+    """``model.safetensors.index.json`` for shards written by :func:`save_shard`."""
+    weight_map = {t: name for name, info in shards.items() for t in info["tensors"]}
+    doc = {"metadata": {"total_size": sum(i["bytes"] for i in shards.values())}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(doc, indent=1))
+
+
+def finish_dir(tmp: Path, meta: dict, entries: dict, config, tokenizer, generation_config=None,
+               known: dict[str, dict] | None = None) -> None:
+    """Add config, tokenizer and ``lowbit.json`` (with every file's checksum) beside the weights in ``tmp``.
+
+    ``known`` gives checksums already computed (shards written earlier), so large files are not hashed twice.
+    """
+    config.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    known = known or {}
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        k = known.get(f.name)
+        files[f.name] = {"bytes": f.stat().st_size,
+                         "sha256": k["sha256"] if k and k["bytes"] == f.stat().st_size else _sha256(f)}
+    doc = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "packing": "codes row-major, unsigned (symmetric shifted by 2^(bits-1)-1); every 32 codes fill `bits` "
+                   "int32 words, code i at bits [i*bits, (i+1)*bits) little-endian; w = (u - zero) * scale",
+        **meta, "tensors": entries, "files": files,
+    }
+    (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=1))
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -237,8 +326,8 @@ def read_config(path: str | os.PathLike, verify: bool = True) -> dict:
             raise LowbitError(f"{f} has {f.stat().st_size} bytes, expected {want['bytes']} (truncated or replaced)")
         if verify and _sha256(f) != want["sha256"]:
             raise LowbitError(f"{f} fails its SHA-256 check (corrupt or modified)")
-    if WEIGHTS_NAME not in doc.get("files", {}):
-        raise LowbitError(f"{p / CONFIG_NAME} lists no {WEIGHTS_NAME}")
+    if WEIGHTS_NAME not in doc.get("files", {}) and INDEX_NAME not in doc.get("files", {}):
+        raise LowbitError(f"{p / CONFIG_NAME} lists neither {WEIGHTS_NAME} nor {INDEX_NAME}")
     return doc
 
 
@@ -250,6 +339,29 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise LowbitError(f"cannot read {path}: {e}") from None
+
+
+def read_weights(p: Path, doc: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of a packed directory: one ``model.safetensors``, or the shards its index names."""
+    if WEIGHTS_NAME in doc["files"]:
+        return _read_tensors(p / WEIGHTS_NAME)
+    try:
+        weight_map = json.loads((p / INDEX_NAME).read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LowbitError(f"cannot read {p / INDEX_NAME}: {e}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if shard not in doc["files"]:
+            raise LowbitError(f"{p / INDEX_NAME} names {shard}, which {CONFIG_NAME} does not list")
+        got = _read_tensors(p / shard)
+        wrong = sorted(k for k in got if weight_map.get(k) != shard)
+        if wrong:
+            raise LowbitError(f"{p / shard} holds {wrong[0]}, which the index puts elsewhere")
+        tensors.update(got)
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise LowbitError(f"{p}: the index lists {missing[0]} but no shard holds it")
+    return tensors
 
 
 def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
@@ -283,7 +395,7 @@ def load_packed(path: str | os.PathLike, kernel: str = "auto", dtype: torch.dtyp
     _quiet_transformers()
     p = Path(path)
     doc = read_config(p, verify=verify)
-    tensors = _read_tensors(p / WEIGHTS_NAME)
+    tensors = read_weights(p, doc)
     model = _skeleton(p, dtype)
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()

@@ -74,39 +74,52 @@ def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     if torch.equal(dequantize(qt).to(w.dtype), w):
         return qt
     wg = grouped(w.float(), spec)
+    n_rows, n_groups, width = wg.shape
+    q_best = grouped(qt.q, spec).reshape(-1, width).clone()
+    z_best = qt.zero.expand(n_rows, n_groups).reshape(-1).clone()
+    s_best = qt.scale.expand(n_rows, n_groups).reshape(-1).clone()
+    exact = (((q_best - z_best.unsqueeze(-1)) * s_best.unsqueeze(-1)).to(w.dtype).float() == wg.reshape(-1, width)).all(-1)
+    # Groups are independent: search only those the plain re-quantization did not reproduce.
+    todo = (~exact).nonzero().squeeze(1)
+    sub_w = grouped(w, spec).reshape(-1, width)[todo]
+    sub = sub_w.float()
 
     def exact_in_dtype(approx: torch.Tensor) -> torch.Tensor:  # per group: every weight reproduced
-        return (approx.to(w.dtype).float() == wg).all(-1)
+        return (approx.to(w.dtype).float() == sub).all(-1)
 
     if spec.symmetric:
-        lo = hi = wg.abs().amax(-1)
+        lo = hi = sub.abs().amax(-1)
     else:
-        hi, lo = wg.amax(-1).clamp(min=0), wg.amin(-1).clamp(max=0)
+        hi, lo = sub.amax(-1).clamp(min=0), sub.amin(-1).clamp(max=0)
     # Each stored weight w_i stands for the reals that round to it; with d_i = q_i - z_i the scale must
     # lie in [w_lo_i, w_hi_i] / d_i for every i. The middle of that intersection is the estimate.
-    inf = torch.full_like(w, torch.inf)
-    w_lo = grouped((w.double() + torch.nextafter(w, -inf).double()) / 2, spec)
-    w_hi = grouped((w.double() + torch.nextafter(w, inf).double()) / 2, spec)
-    q_best, z_best, s_best = grouped(qt.q, spec).clone(), qt.zero.expand(wg.shape[:2]).clone(), \
-        qt.scale.expand(wg.shape[:2]).clone()
-    done = exact_in_dtype((q_best - z_best.unsqueeze(-1)) * s_best.unsqueeze(-1))
+    inf = torch.full_like(sub_w, torch.inf)
+    w_lo = (sub_w.double() + torch.nextafter(sub_w, -inf).double()) / 2
+    w_hi = (sub_w.double() + torch.nextafter(sub_w, inf).double()) / 2
+    del inf
+    q_sub, z_sub, s_sub = q_best[todo], z_best[todo], s_best[todo]
+    done = torch.zeros(len(todo), dtype=torch.bool)
     for steps in range(spec.qmax, spec.qmax - SPAN_SLACK - 1, -1):
+        if bool(done.all()):
+            break
         if spec.symmetric:
             s = (hi / steps).clamp(min=1e-8)
             z = torch.zeros_like(s)
         else:
             s = ((hi - lo) / steps).clamp(min=1e-8)
             z = torch.round(-lo / s).clamp(0, spec.qmax)
-        q = encode(wg, s.unsqueeze(-1), z.unsqueeze(-1), spec)
+        q = encode(sub, s.unsqueeze(-1), z.unsqueeze(-1), spec)
         d = q - z.unsqueeze(-1)  # exact small integers; products in float32, as the quantizer's decode
         estimate = _scale_estimate(d.double(), w_lo, w_hi, s)
         for cand in _ulp_candidates(estimate, ULP_STEPS):
             ok = exact_in_dtype(d * cand.unsqueeze(-1)) & ~done & (cand > 0)
-            q_best = torch.where(ok.unsqueeze(-1), q, q_best)
-            z_best, s_best = torch.where(ok, z, z_best), torch.where(ok, cand, s_best)
+            q_sub = torch.where(ok.unsqueeze(-1), q, q_sub)
+            z_sub, s_sub = torch.where(ok, z, z_sub), torch.where(ok, cand, s_sub)
             done |= ok
-        if bool(done.all()):
-            break
+    q_best[todo], z_best[todo], s_best[todo] = q_sub.to(q_best.dtype), z_sub.to(z_best.dtype), s_sub.to(s_best.dtype)
+    done = exact.index_fill(0, todo[done], True)
+    q_best = q_best.view(n_rows, n_groups, width)
+    z_best, s_best = z_best.view(n_rows, n_groups), s_best.view(n_rows, n_groups)
     if not bool(done.all()):
         raise LowbitError(
             f"{name} is not on a {spec.describe()} grid ({int((~done).sum())} of {done.numel()} groups fit no "

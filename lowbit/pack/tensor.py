@@ -17,6 +17,15 @@ from ..quantizer import QTensor, QuantSpec, dequantize
 from .bits import pack_bits, packed_words, unpack_bits
 
 
+ROW_BLOCK_ELEMENTS = 1 << 21  # weights packed per block in from_weight (~250 MB of temporaries)
+
+
+def _small(scales: torch.Tensor) -> torch.Tensor:
+    """float16 scales when that holds every one exactly (e.g. from a GGUF's fp16 block scales)."""
+    half = scales.half()
+    return half if torch.equal(half.float(), scales) else scales
+
+
 @dataclass
 class PackedTensor:
     """A 2-D weight [rows, cols] with ``bits``-bit codes in groups of ``group_size`` along cols."""
@@ -45,8 +54,9 @@ class PackedTensor:
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
     @classmethod
-    def from_qtensor(cls, qt: QTensor) -> PackedTensor:
-        """Pack the codes of a 2-D QTensor (per-tensor parameters are spread over the rows)."""
+    def from_qtensor(cls, qt: QTensor, small_scales: bool = True) -> PackedTensor:
+        """Pack the codes of a 2-D QTensor (per-tensor parameters are spread over the rows); ``small_scales``
+        stores the scales as float16 when that holds every one exactly."""
         spec = qt.spec
         if len(qt.shape) != 2:
             raise LowbitError(f"only 2-D weights are packed, got shape {tuple(qt.shape)}")
@@ -60,10 +70,31 @@ class PackedTensor:
         offset = -spec.qmin
         codes = qt.q.to(torch.int64) + offset
         qzeros = None if spec.symmetric else pack_bits(zeros.round().to(torch.int64), spec.bits)
-        half = scales.half()
-        if torch.equal(half.float(), scales):  # e.g. scales from a GGUF's fp16 block scales: store them small
-            scales = half
+        if small_scales:
+            scales = _small(scales)
         return cls((rows, cols), spec.bits, group, spec.symmetric, pack_bits(codes, spec.bits), scales, qzeros)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, spec: QuantSpec, name: str = "weight", codes=None) -> PackedTensor:
+        """Pack a 2-D weight through ``codes(block, spec, name) -> QTensor`` (default: the exact grid codes of
+        a rounded weight), a block of rows at a time so memory holds a block's temporaries, not the matrix's.
+
+        Groups lie within rows and blocks hold a multiple of 32 codes, so the blocks' streams join into
+        exactly the stream of the whole matrix.
+        """
+        from .codes import grid_codes
+
+        codes = codes or grid_codes
+        rows, cols = weight.shape
+        step = rows if spec.granularity == "tensor" else max(32, ROW_BLOCK_ELEMENTS // max(1, cols) // 32 * 32)
+        if step >= rows:
+            return cls.from_qtensor(codes(weight, spec, name))
+        parts = [cls.from_qtensor(codes(weight[i:i + step], spec, name), small_scales=False)
+                 for i in range(0, rows, step)]
+        first = parts[0]
+        qzeros = None if first.qzeros is None else torch.cat([p.qzeros for p in parts])
+        return cls((rows, cols), first.bits, first.group_size, first.symmetric, torch.cat([p.qweight for p in parts]),
+                   _small(torch.cat([p.scales for p in parts])), qzeros)
 
     def check(self, name: str = "tensor") -> None:
         """Refuse inconsistent parts (a corrupt or hand-edited file), naming what is wrong."""

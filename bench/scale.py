@@ -1,0 +1,212 @@
+"""Big models on a small machine: peak memory and time of streamed quantization (lowbit quantize --stream).
+
+    python bench/scale.py --shape 7b            # Llama-2-7B shapes: RTN W4 g128, then AWQ (small calibration)
+    python bench/scale.py --shape 1b            # TinyLlama-1.1B shapes
+    python bench/scale.py --shape tiny          # a minute-long check that the pipeline works
+    python bench/scale.py --shape 7b --layers 2 # full 7B widths, 2 layers: the per-layer peak in minutes
+
+Each shape's checkpoint has random weights (normal, std 0.02; norms 1), is written once in bf16,
+tensor by tensor, in ~1 GB shards under $LOWBIT_CACHE/scale/ (13.5 GB for 7B), with a config.json
+for LlamaForCausalLM. Random weights quantize as slowly as trained ones, which is all this measures;
+the quality of the result means nothing. For AWQ's calibration text the checkpoint carries a
+256-symbol byte-level tokenizer: its ids (< 256) are valid in the 32000-token vocabulary, so the
+default calibration text (WikiText-2 validation) is tokenized byte by byte.
+
+Every quantization runs in its own process (``python -m lowbit.cli quantize --stream ...``);
+its peak resident memory is the kernel's ru_maxrss for that child (os.wait4), which counts
+memory-mapped checkpoint pages while they are mapped. The bar of issue 9: on a 24 GiB machine,
+7B-shaped RTN W4 g128 with peak RSS <= 4 GiB and AWQ with <= 8 GiB.
+
+Rows are printed as a table and merged into bench/results/scale.json (one row per shape and method).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lowbit.models.loading import cache_dir
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=32000),
+}
+BARS_GIB = {("7b", "rtn"): 4.0, ("7b", "awq"): 8.0}  # issue 9, on the full 32-layer shape
+SHARD_BYTES = 1 << 30
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer built here (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def _tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Llama's state-dict names and shapes, in file order, untied head."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * hd
+    out = [("model.embed_tokens.weight", (v, h))]
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}"
+        out += [(f"{p}.input_layernorm.weight", (h,)), (f"{p}.self_attn.q_proj.weight", (h, h)),
+                (f"{p}.self_attn.k_proj.weight", (kv, h)), (f"{p}.self_attn.v_proj.weight", (kv, h)),
+                (f"{p}.self_attn.o_proj.weight", (h, h)), (f"{p}.post_attention_layernorm.weight", (h,)),
+                (f"{p}.mlp.gate_proj.weight", (i, h)), (f"{p}.mlp.up_proj.weight", (i, h)),
+                (f"{p}.mlp.down_proj.weight", (h, i))]
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def make_checkpoint(shape: str, layers: int | None, root: Path) -> Path:
+    """The random bf16 checkpoint of ``shape``, written once (a marker file says it is complete)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    cfg = dict(SHAPES[shape])
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    name = f"llama-{shape}-shaped" + (f"-{layers}l" if layers is not None else "")
+    path = root / name
+    if (path / "complete.json").is_file():
+        return path
+    shapes = _tensor_shapes(cfg)
+    total = sum(2 * torch.Size(s).numel() for _, s in shapes)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    free = shutil.disk_usage(path).free
+    if total > free:
+        raise SystemExit(f"{name} needs {total / 1e9:.1f} GB, {free / 1e9:.1f} GB free under {root}")
+    print(f"writing {name}: {total / 1e9:.2f} GB of random bf16 weights to {path}", file=sys.stderr, flush=True)
+    plan: list[list[tuple[str, tuple[int, ...]]]] = [[]]  # shards of ~SHARD_BYTES, decided from shapes
+    size = 0
+    for tname, s in shapes:
+        nbytes = 2 * torch.Size(s).numel()
+        if plan[-1] and size + nbytes > SHARD_BYTES:
+            plan.append([])
+            size = 0
+        plan[-1].append((tname, s))
+        size += nbytes
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for k, shard in enumerate(plan, 1):  # one shard in memory at a time
+        tensors = {}
+        for tname, s in shard:
+            if len(s) == 1:
+                tensors[tname] = torch.ones(s, dtype=torch.bfloat16)
+            else:
+                tensors[tname] = torch.empty(s, dtype=torch.float32).normal_(0.0, 0.02, generator=gen).to(torch.bfloat16)
+        fname = f"model-{k:05d}-of-{len(plan):05d}.safetensors"
+        save_file(tensors, path / fname, metadata={"format": "pt"})
+        weight_map.update({t: fname for t in tensors})
+        del tensors
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}, indent=1))
+    LlamaConfig(**cfg, max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                torch_dtype="bfloat16").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    (path / "complete.json").write_text(json.dumps({"shape": shape, "config": cfg, "bytes": total}))
+    return path
+
+
+def run(model_dir: Path, method: str, out: Path, args) -> dict:
+    """One ``lowbit quantize --stream`` in a child process; its peak RSS from the kernel."""
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", "--model", str(model_dir), "--stream", "--method", method,
+           "--w-bit", "4", "--group-size", "128", "-o", str(out), "--force", "--json"]
+    if method == "awq":
+        cmd += ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
+                "--n-grid", str(args.n_grid)]
+        if args.data_dir:
+            cmd += ["--data-dir", args.data_dir]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    shared = ROOT.parent / "shared" / "data"  # the local WikiText-2 copies beside the checkout, as the Makefile does
+    if shared.is_dir():
+        env.setdefault("LOWBIT_DATA_DIR", str(shared))
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    row = json.loads(stdout.strip().splitlines()[-1])
+    return {"method": method, "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3), "wall_seconds": round(wall, 1),
+            "mean_layer_seconds": row["mean_layer_seconds"], "layer_seconds": row["layer_seconds"],
+            "output_gb": round(row["disk_mb"] / 1e3, 3), "checkpoint_gb": round(row["checkpoint_bytes"] / 1e9, 3)}
+
+
+def _table(rows: list[dict]) -> str:
+    cols = [("shape", "shape", ""), ("layers", "layers", ""), ("method", "method", ""),
+            ("calib", "calibration", ""), ("checkpoint_gb", "ckpt GB", ".2f"), ("output_gb", "out GB", ".2f"),
+            ("peak_rss_gib", "peak RSS GiB", ".2f"), ("bar", "bar", ""), ("mean_layer_seconds", "s/layer", ".1f"),
+            ("wall_seconds", "total s", ".0f")]
+    cells = [[h for _, h, _ in cols]] + [["" if r.get(k) is None else format(r[k], f) for k, _, f in cols]
+                                         for r in rows]
+    w = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * x for x in w), *lines[1:]])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="7b")
+    ap.add_argument("--layers", type=int, help="override the number of decoder layers (widths unchanged)")
+    ap.add_argument("--methods", nargs="+", choices=("rtn", "awq"), default=["rtn", "awq"])
+    ap.add_argument("--calib-samples", type=int, default=8, help="AWQ calibration sequences (default 8)")
+    ap.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    ap.add_argument("--n-grid", type=int, default=20, help="AWQ α grid (default 20, as lowbit's default)")
+    ap.add_argument("--data-dir", help="WikiText-2 directory (default $LOWBIT_DATA_DIR)")
+    ap.add_argument("--cache", type=Path, default=cache_dir() / "scale", help="where checkpoints and outputs go")
+    ap.add_argument("--keep", action="store_true", help="keep the quantized outputs")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    args = ap.parse_args()
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    model_dir = make_checkpoint(args.shape, args.layers, args.cache)
+    n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    rows = []
+    for method in args.methods:
+        out = args.cache / f"out-{model_dir.name}-{method}"
+        print(f"{model_dir.name}: {method} ...", file=sys.stderr, flush=True)
+        r = run(model_dir, method, out, args)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+        bar = BARS_GIB.get((args.shape, method)) if args.layers is None else None
+        r.update(shape=args.shape, layers=n_layers, machine_gib=round(os.sysconf("SC_PAGE_SIZE") *
+                                                                      os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                 calib=f"{args.calib_samples}x{args.calib_seq_len}" if method == "awq" else "none",
+                 bar=(f"<= {bar:g}: {'yes' if r['peak_rss_gib'] <= bar else 'NO'}" if bar else None),
+                 load_average=round(os.getloadavg()[0], 2), torch_threads=torch.get_num_threads())
+        rows.append(r)
+        print(_table([r]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(_table(rows))
+    old = json.loads(args.out.read_text()) if args.out.is_file() else []
+    keep = [o for o in old if (o.get("shape"), o.get("layers"), o.get("method")) not in
+            {(r["shape"], r["layers"], r["method"]) for r in rows}]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(keep + rows, indent=1))
+    print(f"rows: {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Quantizing a model larger than memory: read it layer by layer from disk, write each layer when done.
+
+The checkpoint is opened lazily (:mod:`lowbit.models.lazy`); memory holds the embedding
+(only while the calibration inputs of the first layer are computed), one decoder layer, and
+the calibration hidden states. Each finished step (embedding, every layer, the final norm and
+head) is written at once as one safetensors shard of lowbit's packed format, so the output is
+never whole in memory either.
+
+The per-layer work is the in-memory path's own (:func:`lowbit.calib.calibrate_layer`,
+:class:`lowbit.methods.awq.AWQLayerStep`, RTN's rounding, :func:`lowbit.pack.checkpoint.pack_linear`),
+so the streamed output holds the same codes, bit for bit.
+
+Resume: the shards are written into ``OUT.partial/`` beside the output, with a manifest of what
+the run is (spec, method, calibration and checkpoint digests) and how far it got, plus the
+hidden states entering the next layer. ``resume=True`` checks the manifest and goes on from the
+last finished step; the result equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calib import Activations, calibrate_layer, first_layer_batches
+from .errors import LowbitError
+from .io import atomic_path, install_dir
+from .methods.awq import AWQConfig, AWQLayerStep
+from .methods.rtn import RTNConfig, round_linears
+from .models.families import family_for
+from .models.inventory import check_spec_fits, quantizable_linears
+from .models.lazy import LazyCheckpoint, check_matches, empty_model, materialise, release
+from .pack.bits import packed_words
+from .pack.checkpoint import (
+    EMBED_CHOICES, FORMAT_VERSION, PackedModel, check_output_dir, finish_dir, merge_, pack_embedding_, pack_linear,
+    packed_meta, save_shard, shard_name, write_index,
+)
+from .quantizer import QuantSpec
+
+MANIFEST = "manifest.json"
+ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KILL_AFTER_ENV = "LOWBIT_STREAM_KILL_AFTER"  # test hook: SIGKILL this process after N finished layers
+
+
+@dataclass
+class StreamResult:
+    """What a streamed run did, for the CLI's summary and the scale benchmark."""
+
+    path: Path
+    method: str
+    layers: int
+    resumed_at: int  # steps already done when this process started
+    seconds: float
+    layer_seconds: list[float] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+    disk_bytes: int = 0
+    estimate_bytes: int = 0
+    checkpoint_bytes: int = 0
+
+    def row(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        ls = self.layer_seconds
+        d["layer_seconds"] = [round(s, 3) for s in ls]
+        d["mean_layer_seconds"] = round(sum(ls) / len(ls), 3) if ls else None
+        d["seconds"] = round(self.seconds, 2)
+        return d
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_dir(output: Path) -> Path:
+    """Where an unfinished run keeps its shards, manifest and hidden states."""
+    return output.parent / f"{output.name}.partial"
+
+
+# ---- sizes and checks --------------------------------------------------------------------------
+
+
+def estimate_output_bytes(model: nn.Module, spec: QuantSpec, embed: str, linears: dict[str, nn.Linear]) -> int:
+    """Upper estimate of the packed output's size (float32 scales), from shapes alone."""
+    total = 0
+    for lin in linears.values():
+        rows, cols = lin.weight.shape
+        groups = cols // spec.group_size if spec.granularity == "group" else 1
+        total += 4 * packed_words(rows * cols, spec.bits) + 4 * rows * groups
+        if not spec.symmetric:
+            total += 4 * packed_words(rows * groups, spec.bits)
+    embeds = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight}
+    head = model.get_output_embeddings()
+    if head is not None:
+        embeds.setdefault(id(head.weight), head.weight)
+    per = {"int8": 1 + 4 / 32, "fp16": 2, "fp32": 4}[embed]
+    total += int(sum(w.numel() * per for w in embeds.values()))
+    quantized = {f"{n}.weight" for n in linears} | {
+        n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in embeds}
+    total += sum(4 * t.numel() for n, t in model.state_dict().items() if n not in quantized)
+    return total + (1 << 20)  # shard headers, index, config, tokenizer
+
+
+def _check_disk(where: Path, need: int, what: str) -> None:
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise LowbitError(f"not enough disk for {what}: about {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free "
+                          f"on {where}; free some space or write elsewhere")
+
+
+def check_offload_dir(path: Path) -> Path:
+    """``path`` created if needed and proven writable, or a clear error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".lowbit-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise LowbitError(f"--offload-activations {path} is not a writable directory: {e.strerror or e}") from None
+    return path
+
+
+def calib_digest(calib: torch.Tensor | None) -> str | None:
+    if calib is None:
+        return None
+    return hashlib.sha256(calib.to(torch.int64).contiguous().numpy().tobytes() + str(tuple(calib.shape)).encode()
+                          ).hexdigest()
+
+
+# ---- the run's record --------------------------------------------------------------------------
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=1))
+
+
+def _mismatch(old: dict, new: dict) -> list[str]:
+    return [f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def _open_run(run: Path, identity: dict, resume: bool, force: bool) -> dict:
+    """The manifest to continue from: a fresh one, or the matching one of an interrupted run."""
+    fresh = {"identity": identity, "done": 0, "shards": {}, "entries": {}, "embedding": {}, "hidden": None}
+    if not run.exists():
+        if resume:
+            print(f"lowbit: nothing to resume in {run}; starting from the beginning", file=sys.stderr)
+        run.mkdir(parents=True)
+        (run / "out").mkdir()
+        _write_json(run / MANIFEST, fresh)
+        return fresh
+    try:
+        doc = json.loads((run / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        if not force:
+            raise LowbitError(f"{run} exists but its manifest is unreadable ({e}); remove it or pass --force") from None
+        doc = None
+    if not resume or doc is None:
+        if not force:
+            raise LowbitError(f"an interrupted run is in {run} ({doc['done']} steps done); pass --resume to continue "
+                              "it or --force to start over")
+        shutil.rmtree(run)
+        return _open_run(run, identity, False, False)
+    diffs = _mismatch(doc.get("identity", {}), identity)
+    if diffs:
+        raise LowbitError(f"{run} is from another run, cannot resume it ({'; '.join(diffs[:4])}); "
+                          "use the same options, or pass --force (without --resume) to start over")
+    return doc
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, config: RTNConfig | AWQConfig,
+                      calib: torch.Tensor | None = None, tokenizer=None, *, embed: str = "int8",
+                      kernel: str = "auto", act_dtype: str = "fp32", offload: str | os.PathLike | None = None,
+                      batch_size: int = 16, resume: bool = False, force: bool = False, progress: bool = True,
+                      extra: dict | None = None, log=None) -> StreamResult:
+    """Quantize the safetensors checkpoint at ``source`` with RTN or AWQ into a sharded packed directory.
+
+    ``act_dtype`` ("fp32" or "bf16") is how calibration hidden states are kept (bf16 halves them but
+    changes the numbers); ``offload`` keeps them in files in that directory instead of memory.
+    """
+    start = time.perf_counter()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if not isinstance(config, (RTNConfig, AWQConfig)):
+        raise LowbitError(f"streaming supports rtn and awq, not {type(config).__name__}")
+    method = "awq" if isinstance(config, AWQConfig) else "rtn"
+    if isinstance(config, AWQConfig):
+        if config.load_search or config.save_search:
+            raise LowbitError("streaming does not load or save AWQ searches; drop --load-search/--save-search")
+        if calib is None:
+            raise LowbitError("AWQ needs calibration samples")
+    if config.spec.rounding == "stochastic":
+        raise LowbitError("streaming needs deterministic rounding (resuming must give the same result); "
+                          "use --rounding nearest")
+    if act_dtype not in ACT_DTYPES:
+        raise LowbitError(f"activation dtype must be one of {', '.join(ACT_DTYPES)}, got {act_dtype!r}")
+    if embed not in EMBED_CHOICES:
+        raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
+    spec = config.spec
+    source, output = Path(source), Path(output)
+    ckpt = LazyCheckpoint(source)
+    model = empty_model(source)
+    family = family_for(model)
+    linears = quantizable_linears(model, family)
+    check_spec_fits(linears, spec)
+    names = {id(m): n for n, m in model.named_modules()}
+    emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head_mod is not None and head_mod.weight is emb_mod.weight
+    emb_name = names[id(emb_mod)]
+    head_name = names[id(head_mod)] if head_mod is not None else None
+    check_matches(model, ckpt, f"{head_name}.weight" if tied else None)
+    check_output_dir(output, force)
+    offload_dir = check_offload_dir(Path(offload)) if offload is not None else None
+
+    layers = model.get_submodule(family.layers)
+    n_layers = len(layers)
+    n_steps = n_layers + 2  # embedding, every layer, then the final norm and head
+    estimate = estimate_output_bytes(model, spec, embed, linears)
+    act_bytes = 0
+    if calib is not None:
+        hidden_size = getattr(model.config, "hidden_size", 0)
+        act_bytes = 2 * calib.numel() * hidden_size * ACT_DTYPES[act_dtype].itemsize  # two layers' states on disk
+    run = run_dir(output)
+    already = sum(f.stat().st_size for f in (run / "out").glob("*.safetensors")) if resume and run.exists() else 0
+    log(f"streaming {source} ({ckpt.nbytes() / 1e9:.2f} GB, {n_layers} layers) -> {output}: "
+        f"output about {estimate / 1e9:.2f} GB" + (f", calibration states {act_bytes / 1e9:.2f} GB" if act_bytes else ""))
+    _check_disk(output.parent, estimate - already + (act_bytes if offload_dir is None else 0), f"the output {output}")
+    if offload_dir is not None:
+        _check_disk(offload_dir, act_bytes, f"--offload-activations {offload_dir}")
+
+    identity = {
+        "format_version": FORMAT_VERSION, "source": ckpt.fingerprint(), "method": method, "spec": spec.to_dict(),
+        "config": {k: v for k, v in vars(config).items() if k not in ("spec", "load_search", "save_search")},
+        "calib": calib_digest(calib), "embed": embed, "kernel": kernel, "act_dtype": act_dtype,
+        "batch_size": batch_size, "offload": str(offload_dir.resolve()) if offload_dir else None,
+    }
+    man = _open_run(run, identity, resume, force)
+    resumed_at = man["done"]
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+    dtype = ACT_DTYPES[act_dtype]
+    store_dtype = None if dtype == torch.float32 else dtype
+
+    def new_store(step: int) -> Activations:
+        if offload_dir is None:
+            return Activations(store_dtype)
+        d = offload_dir / f"hidden-{step}.tmp"
+        shutil.rmtree(d, ignore_errors=True)
+        return Activations(store_dtype, d)
+
+    def keep_hidden(store: Activations, step: int) -> str:
+        """Put the hidden states entering ``step`` where a resumed run finds them; returns that place."""
+        final = (offload_dir or run) / f"hidden-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        if store.directory is None:
+            tmp = run / f"hidden-{step}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            store.save(tmp)
+            os.replace(tmp, final)
+        else:
+            os.replace(store.directory, final)
+            store.directory = final
+        return str(final)
+
+    def commit(step: int, part: PackedModel, hidden_at: str | None, embed_info: dict | None = None) -> None:
+        name = shard_name(step + 1, n_steps)
+        man["shards"][name] = save_shard(part, run / "out" / name)
+        man["entries"].update(part.entries)
+        if embed_info:
+            man["embedding"].update(embed_info)
+        old = man.get("hidden")
+        man["hidden"] = hidden_at
+        man["done"] = step + 1
+        _write_json(run / MANIFEST, man)
+        if old and old != hidden_at:
+            shutil.rmtree(old, ignore_errors=True)
+
+    step_awq = AWQLayerStep(model, family, config) if method == "awq" else None
+    layer_kwargs: dict = {}
+    hidden: Activations | None = None
+    if method == "awq" and resumed_at >= 1:
+        layer_kwargs = torch.load(run / "layer_kwargs.pt", weights_only=True)
+        hidden = Activations.load(Path(man["hidden"]), store_dtype, keep_on_disk=offload_dir is not None)
+    groups = family.groups
+    layer_seconds: list[float] = []
+    bar = tqdm(total=n_steps, initial=resumed_at, desc=f"stream {method}", unit="step", disable=not progress)
+    try:
+        for step in range(resumed_at, n_steps):
+            t0 = time.perf_counter()
+            if step == 0:
+                materialise(emb_mod, emb_name, ckpt)
+                hidden_at = None
+                if method == "awq":  # the float embedding starts the calibration, then it is packed
+                    hidden, layer_kwargs = first_layer_batches(model, family, calib, batch_size, new_store(1))
+                    with atomic_path(run / "layer_kwargs.pt") as tmp:
+                        torch.save(layer_kwargs, tmp)
+                    hidden_at = keep_hidden(hidden, 1)
+                part, info = _embedding_part(ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel)
+                release(emb_mod)
+                commit(step, part, hidden_at, info)
+            elif step <= n_layers:
+                i = step - 1
+                layer = layers[i]
+                prefix = f"{family.layers}.{i}"
+                if method == "rtn":
+                    part = _rtn_layer(layer, prefix, family.linears, ckpt, spec, kernel)
+                    hidden_at = None
+                else:
+                    materialise(layer, prefix, ckpt)
+                    out = new_store(step + 1)
+                    groups = calibrate_layer(i, layer, family, groups, hidden, layer_kwargs, step_awq, out,
+                                             batch_size=batch_size, propagate=config.propagate)
+                    part = _pack_layer(layer, prefix, family.linears, spec, kernel)
+                    release(layer)
+                    hidden = out
+                    hidden_at = keep_hidden(hidden, step + 1)
+                commit(step, part, hidden_at)
+                layer_seconds.append(time.perf_counter() - t0)
+                if kill_after and i + 1 == kill_after:
+                    bar.close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            else:
+                hidden = None
+                part, info = _tail_step(model, ckpt, family, emb_name, tied, head_mod, head_name, embed,
+                                        kernel)
+                commit(step, part, None, info)
+            bar.update(1)
+            bar.set_postfix_str(f"peak RSS {peak_rss_mb() / 1024:.2f} GiB")
+    finally:
+        bar.close()
+    meta = packed_meta(method, spec, man["embedding"], tied, man["entries"], family.name, torch.float32)
+    finish = run / "out"
+    write_index(finish, man["shards"])
+    gen = None
+    if (source / "generation_config.json").is_file():  # as from_pretrained reads it; from_config does not
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(source)
+    finish_dir(finish, {**meta, **(extra or {})}, man["entries"], model.config, tokenizer, gen, known=man["shards"])
+    install_dir(finish, output)
+    shutil.rmtree(run, ignore_errors=True)
+    disk = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
+    return StreamResult(output, method, n_layers, resumed_at, time.perf_counter() - start, layer_seconds,
+                        peak_rss_mb(), disk, estimate, ckpt.nbytes())
+
+
+def _embedding_part(ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel):
+    """Shard 1: the (materialised) embedding, which is also the head when tied, packed as ``embed`` says."""
+    part, info = pack_embedding_(emb_name, emb_mod, "embedding", embed, kernel, tied, update=False)
+    if tied and getattr(head_mod, "bias", None) is not None:
+        part.floats.update(ckpt.read([f"{head_name}.bias"], torch.float32))
+    return part, {"embedding": info}
+
+
+def _tail_step(model, ckpt, family, emb_name, tied, head_mod, head_name, embed, kernel):
+    """The last shard: every tensor outside the layers and the embedding (final norm), and an untied head."""
+    part, info = PackedModel(), {}
+    if head_mod is not None and not tied:
+        materialise(head_mod, head_name, ckpt)
+        p, info["lm_head"] = pack_embedding_(head_name, head_mod, "lm_head", embed, kernel, False, update=False)
+        merge_(part, p)
+        release(head_mod)
+    skip = (f"{family.layers}.", f"{emb_name}.") + ((f"{head_name}.",) if head_name else ())
+    rest = [k for k in model.state_dict() if not k.startswith(skip)]
+    part.floats.update(ckpt.read(rest, torch.float32))
+    return part, info
+
+
+def _pack_layer(layer: nn.Module, prefix: str, rels: tuple[str, ...], spec: QuantSpec, kernel: str) -> PackedModel:
+    """A rounded layer's linears packed, and its other tensors (norms) as they are now."""
+    part = PackedModel()
+    for rel in rels:
+        merge_(part, pack_linear(f"{prefix}.{rel}", layer.get_submodule(rel), spec, kernel))
+    done = {f"{rel}.weight" for rel in rels} | {f"{rel}.bias" for rel in rels}
+    for k, t in layer.state_dict().items():
+        if k not in done:
+            part.floats[f"{prefix}.{k}"] = t.detach().clone()
+    return part
+
+
+def _rtn_layer(layer: nn.Module, prefix: str, rels: tuple[str, ...], ckpt: LazyCheckpoint, spec: QuantSpec,
+               kernel: str) -> PackedModel:
+    """RTN needs no calibration: each linear is read, rounded, packed and dropped in turn."""
+    part = PackedModel()
+    for rel in rels:
+        lin = layer.get_submodule(rel)
+        materialise(lin, f"{prefix}.{rel}", ckpt)
+        round_linears({rel: lin}, spec)
+        merge_(part, pack_linear(f"{prefix}.{rel}", lin, spec, kernel))
+        release(lin)
+    done = {f"{rel}.weight" for rel in rels} | {f"{rel}.bias" for rel in rels}
+    rest = [f"{prefix}.{k}" for k in layer.state_dict() if k not in done]
+    part.floats.update(ckpt.read(rest, torch.float32))
+    return part
