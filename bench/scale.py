@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lowbit.models.byte_tokenizer import byte_tokenizer
 from lowbit.models.loading import cache_dir
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
@@ -47,18 +48,6 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
 }
 BARS_GIB = {("7b", "rtn"): 4.0, ("7b", "awq"): 8.0}  # issue 9, on the full 32-layer shape
 SHARD_BYTES = 1 << 30
-
-
-def byte_tokenizer():
-    """A 256-token byte-level tokenizer built here (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def _tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:

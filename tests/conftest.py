@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowbit.models.byte_tokenizer import byte_tokenizer  # noqa: F401  (tests import it from here)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if SHARED_DATA.is_dir():  # as the Makefile does, so subprocesses see the local copies too
     os.environ.setdefault("LOWBIT_DATA_DIR", str(SHARED_DATA))
@@ -45,18 +47,6 @@ def default_model():
     from lowbit.models import load_model
 
     return load_model("smollm2-135m")
-
-
-def byte_tokenizer():
-    """A 256-token byte-level tokenizer built here (no download), matching tiny_llama's vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def with_outliers(model, channels=(3, 17, 41), factor: float = 50.0):
