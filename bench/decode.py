@@ -59,16 +59,23 @@ job = json.loads(sys.argv[1])
 ids, n_new = job["prompt"], job["new_tokens"]
 llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=len(ids) + n_new + 8, n_batch=512, n_threads=job["threads"],
                       n_threads_batch=job["threads"], verbose=False)
+n_vocab = llm.n_vocab()
+
+
+def last_argmax():  # the logits of the last token evaluated (llm.scores is only filled with logits_all)
+    return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))))
+
+
 runs = []
 for rep in range(job["repeats"] + 1):  # the first run warms up
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = last_argmax()
     t1 = time.perf_counter()
     for _ in range(n_new - 1):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_argmax()
     t2 = time.perf_counter()
     if rep:
         runs.append((len(ids) / (t1 - t0), (n_new - 1) / (t2 - t1)))
@@ -179,7 +186,8 @@ def prompt_ids(tok, n_tokens: int) -> torch.Tensor:
         from lowbit.data import eval_text
 
         text = eval_text()[:20 * n_tokens]
-    except Exception:  # noqa: BLE001 -- any text will do for timing
+    except Exception as e:  # noqa: BLE001 -- any text will do for timing
+        print(f"prompt: WikiText-2 not available ({e}); a fixed text instead", file=sys.stderr)
         text = "The history of the city begins in the Roman period, when a settlement was founded. " * n_tokens
     ids = tok(text, return_tensors="pt").input_ids[0, :n_tokens]
     if ids.numel() < n_tokens:
@@ -247,7 +255,10 @@ def decode_rows(args, bandwidth: float) -> list[dict]:
               file=sys.stderr, flush=True)
         del model
     if not args.skip_llamacpp:
-        rows.append(llama_cpp_row(args, ids, ensure_packed("q4_0", args.q4_0, Path(args.models_dir), fp, tok)))
+        try:
+            rows.append(llama_cpp_row(args, ids, ensure_packed("q4_0", args.q4_0, Path(args.models_dir), fp, tok)))
+        except SystemExit as e:  # the torch rows stand on their own
+            print(f"no llama.cpp row: {str(e).splitlines()[-1]}", file=sys.stderr)
     fp32 = rows[0]["decode tok/s"]
     for r in rows:
         r["x fp32"] = r["decode tok/s"] / fp32
@@ -272,6 +283,10 @@ def llama_cpp_row(args, ids: torch.Tensor, packed: Path) -> dict:
 
 
 def main() -> None:
+    import os
+
+    if not os.environ.get("LOWBIT_DATA_DIR") and (ROOT.parent / "shared" / "data").is_dir():
+        os.environ["LOWBIT_DATA_DIR"] = str(ROOT.parent / "shared" / "data")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
