@@ -47,7 +47,7 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--steps", type=int, default=32, help="QAT steps per layer (block-wise rows)")
     p.add_argument("--model-steps", type=int, default=96, help="QAT steps of the end-to-end row")
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--scale-lr", type=float, default=1e-4)
     p.add_argument("--only", nargs="+", help="run only rows whose label contains one of these words")
     p.add_argument("--out", default=str(REPO / "results" / "qat.json"))

@@ -812,9 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("block", "model"), default="block",
                    help="block: each decoder layer learns its float outputs, one layer in memory (default); "
                         "model: all linears end to end with distillation from the float logits")
-    g.add_argument("--steps", dest="qat_steps", type=_positive, default=64,
-                   help="optimizer steps per layer (block) or in all (model) (default 64)")
-    g.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the weights (default 1e-5)")
+    g.add_argument("--steps", dest="qat_steps", type=_positive, default=32,
+                   help="optimizer steps per layer (block) or in all (model) (default 32)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the weights (default 1e-4)")
     g.add_argument("--scale-lr", type=float, default=1e-4, help="learning rate of step sizes and clips (default 1e-4)")
     g.add_argument("--batch-size", type=_positive, default=2, help="calibration sequences per step (default 2)")
     g.add_argument("--qat-rounding", choices=("ste", "soft", "stochastic"), default="ste",

@@ -55,8 +55,8 @@ class QATConfig:
     spec: QuantSpec
     init: Literal["awq", "rtn"] = "awq"
     mode: Literal["block", "model"] = "block"
-    steps: int = 64  # optimizer steps per decoder layer (block) or in all (model)
-    lr: float = 1e-5  # weights (AdamW)
+    steps: int = 32  # optimizer steps per decoder layer (block) or in all (model)
+    lr: float = 1e-4  # weights (AdamW)
     scale_lr: float = 1e-4  # learned step sizes and PACT clips
     batch_size: int = 2  # calibration sequences per step
     rounding: Rounding = "ste"
