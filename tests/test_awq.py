@@ -243,3 +243,18 @@ def test_token_wise_search_inputs_draw_from_every_sequence():
     assert ids.unique().numel() == 32  # distinct tokens
     assert (ids // 16).unique().numel() > 2  # from more sequences than two whole ones would cover
     assert torch.equal(search_inputs(x, 8, token_wise=True), x)
+
+
+def test_single_linear_scores_equal_through_gram_or_tokens():
+    """Fewer tokens than inputs (a 7B down_proj on a small calibration set) scores with D X^T
+    instead of the Gram matrix; both give tr(D G D^T) / out."""
+    from lowbit.methods.awq import _single_losses, gram
+    from lowbit.quantizer import QuantSpec
+
+    g_ = torch.Generator().manual_seed(0)
+    w0, x = torch.randn(24, 64, generator=g_), torch.randn(40, 64, generator=g_)
+    scales = torch.rand(5, 64, generator=g_) + 0.5
+    spec = QuantSpec(bits=3, group_size=16)
+    via_gram = _single_losses(w0, gram(x), scales, spec, x)
+    via_tokens = _single_losses(w0, None, scales, spec, x)
+    assert torch.allclose(via_gram, via_tokens, rtol=1e-4)

@@ -242,8 +242,11 @@ def search_scale(
     originals = [lin.weight.detach().clone() for lin in linears]
     single = len(linears) == 1 and group.inspect == group.linears[0]
     if single:
-        g = grams.full(x)
         w0 = originals[0].float()
+        tokens = x.reshape(-1, x.shape[-1]).float()
+        # score through the Gram matrix (in x in) unless there are fewer tokens than inputs
+        # (a 7B down_proj with a small calibration set): then D X^T is the cheaper product
+        g = grams.full(x) if tokens.shape[0] >= tokens.shape[1] else None
     else:
         xs = search_inputs(x, cfg.search_samples, group.token_wise, seed=ctx.index)
         ref = ctx.run(group.inspect, xs)
@@ -253,7 +256,7 @@ def search_scale(
     losses = torch.full((cfg.n_grid,), math.inf)
     try:
         if single:  # many candidates at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
-            losses = torch.cat([_single_losses(w0, g, part, own[0])
+            losses = torch.cat([_single_losses(w0, g, part, own[0], tokens)
                                 for part in scales.split(_candidates_per_chunk(w0.numel(), cfg.n_grid))])
         else:
             for i, s in enumerate(scales):
@@ -282,10 +285,14 @@ def _candidates_per_chunk(weights: int, n_grid: int) -> int:
     return max(1, min(n_grid, SEARCH_CHUNK_ELEMENTS // max(1, weights)))
 
 
-def _single_losses(w0: torch.Tensor, g: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """tr(D G D^T) / out for each candidate scale (a row of ``scales``) of a single linear."""
+def _single_losses(w0: torch.Tensor, g: torch.Tensor | None, scales: torch.Tensor, spec: QuantSpec,
+                   tokens: torch.Tensor) -> torch.Tensor:
+    """tr(D G D^T) / out for each candidate scale (a row of ``scales``) of a single linear; without
+    ``g``, the same as ||D X^T||^2 / (T out) on the ``tokens`` X [T, in]."""
     scaled = (w0[None] * scales[:, None, :]).reshape(-1, w0.shape[1])  # rows keep their own groups
     d = fake_quantize(scaled, spec).view(len(scales), *w0.shape) / scales[:, None, :] - w0[None]
+    if g is None:
+        return (d @ tokens.T).pow(2).sum((1, 2)) / (d.shape[1] * tokens.shape[0])
     return ((d @ g) * d).sum((1, 2)) / d.shape[1]
 
 
