@@ -46,7 +46,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     (["quantize", "--method", "awq"], ["needs -o DIR", "--save-search FILE"]),
     (["quantize", "--method", "rtn", "--save-search", "s.safetensors"], ["only --method awq has a search"]),
     (["qat", "--lr", "0"], ["lr must be positive"]),
-    (["qat", "--scale-lr", "-1e-3"], ["scale lr must be positive"]),
+    (["qat", "--scale-lr=-1e-3"], ["scale lr must be positive"]),
     (["qat", "--steps", "0"], ["--steps", "at least 1"]),
     (["qat", "--distill", "2"], ["distillation weight must be in [0, 1]"]),
 ])
