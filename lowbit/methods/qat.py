@@ -208,9 +208,10 @@ def finalize(linears: dict[str, nn.Linear]) -> None:
             continue
         q = lin.parametrizations.weight[0]
         original = lin.parametrizations.weight.original.detach()
-        codes = q.qtensor(original) if isinstance(q, LearnedGrid) else None
+        codes = None
         if isinstance(q, LearnedGrid):
-            q.hard = True
+            q.hard = True  # the weight left behind is the hard-rounded one, the codes are its codes
+            codes = q.qtensor(original)
         parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
         lin.weight.requires_grad_(False)
         if codes is not None:
