@@ -126,6 +126,8 @@ def run(model_dir: Path, method: str, out: Path, args) -> dict:
                 "--n-grid", str(args.n_grid)]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
+    if args.resume:
+        cmd.append("--resume")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     shared = ROOT.parent / "shared" / "data"  # the local WikiText-2 copies beside the checkout, as the Makefile does
     if shared.is_dir():
@@ -167,6 +169,8 @@ def main() -> None:
     ap.add_argument("--data-dir", help="WikiText-2 directory (default $LOWBIT_DATA_DIR)")
     ap.add_argument("--cache", type=Path, default=cache_dir() / "scale", help="where checkpoints and outputs go")
     ap.add_argument("--keep", action="store_true", help="keep the quantized outputs")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from its last finished layer (its time and peak cover this part)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     args = ap.parse_args()
 
@@ -185,7 +189,8 @@ def main() -> None:
                                                                       os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                  calib=f"{args.calib_samples}x{args.calib_seq_len}" if method == "awq" else "none",
                  bar=(f"<= {bar:g}: {'yes' if r['peak_rss_gib'] <= bar else 'NO'}" if bar else None),
-                 load_average=round(os.getloadavg()[0], 2), torch_threads=torch.get_num_threads())
+                 load_average=round(os.getloadavg()[0], 2), torch_threads=torch.get_num_threads(),
+                 resumed=args.resume or None)
         rows.append(r)
         print(_table([r]).splitlines()[-1], file=sys.stderr, flush=True)
     print(_table(rows))
