@@ -7,7 +7,9 @@ vocabulary), PPL = exp(mean next-token NLL). Rows:
 - llama.cpp Q4_0: ``llama_model_quantize`` of the source GGUF (whose float weights are lowbit's
   FP reference) to Q4_0, token embedding kept Q8_0 as in lowbit's export;
 - lowbit RTN and AWQ W4 g32 symmetric, packed, exported with ``lowbit export --to gguf``: Q4_0
-  blocks holding lowbit's own codes (the embedding is the source's Q8_0, unchanged).
+  blocks holding lowbit's own codes (the embedding is the source's Q8_0, unchanged); on lowbit's
+  default symmetric grid (15 levels, ±7) and on the full-range grid (``--full-range``: 16 levels, the
+  group's signed extreme on -8, which is how llama.cpp fills Q4_0 blocks).
 
 llama.cpp runs in its own venv (bench/_llamacpp.py builds it once; ``--venv`` reuses one).
 
@@ -71,6 +73,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--venv", default=str(DEFAULT_VENV))
     p.add_argument("--workdir", help="keep the GGUF files here (default: a temporary directory)")
+    p.add_argument("--grids", nargs="+", choices=("sym", "sym-full"), default=["sym", "sym-full"],
+                   help="lowbit's symmetric grids to export (default both)")
     args = p.parse_args()
 
     import numpy as np
@@ -103,16 +107,18 @@ def main() -> int:
     own = work / "llamacpp-q4_0.gguf"
     r = llama_ppl(python, dict(job, gguf=str(own), quantize_from=str(src)))
     rows.append(("llama.cpp's own Q4_0 of the same weights", "Q4_0 + Q8_0 embedding", r, None))
-    spec = QuantSpec(bits=4, group_size=32, symmetric=True)  # Q4_0's grid: 32 weights, one scale, no offset
-    for method in ("rtn", "awq"):
-        res = session.run(method, spec, MethodOptions(), progress=False)
-        packed = pack_model_(session.model, spec, method=method)
-        out = save_packed(packed, session.model.config, tok, work / f"lowbit-{method}", force=True,
-                          extra={"source_model": "smollm2-135m"})
-        gguf_path = work / f"lowbit-{method}-q4_0.gguf"
-        info = export_gguf(out, gguf_path, force=True)
-        r = llama_ppl(python, dict(job, gguf=str(gguf_path)))
-        rows.append((f"lowbit {method.upper()} W4 g32 sym, exported", "+".join(info["types"]), r, res.ppl))
+    for grid in args.grids:  # Q4_0 holds 32 weights, one scale, no offset: either symmetric grid
+        spec = QuantSpec(bits=4, group_size=32, symmetric=True, full_range=grid == "sym-full")
+        for method in ("rtn", "awq"):
+            res = session.run(method, spec, MethodOptions(), progress=False)
+            packed = pack_model_(session.model, spec, method=method)
+            name = f"lowbit-{method}-{grid}"
+            out = save_packed(packed, session.model.config, tok, work / name, force=True,
+                              extra={"source_model": "smollm2-135m"})
+            gguf_path = work / f"{name}-q4_0.gguf"
+            info = export_gguf(out, gguf_path, force=True)
+            r = llama_ppl(python, dict(job, gguf=str(gguf_path)))
+            rows.append((f"lowbit {method.upper()} W4 g32 {grid}, exported", "+".join(info["types"]), r, res.ppl))
 
     print(f"SmolLM2-135M-Instruct, {args.max_windows} windows of WikiText-2 test (2048 tokens), evaluated by "
           f"llama.cpp ({LLAMA_CPP}, {args.threads} threads); lowbit AWQ calibrated on {args.calib_samples} x 512 "

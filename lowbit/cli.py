@@ -73,6 +73,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=_non_negative, help=GROUP_HELP + " (default 64; 32 for MX formats)")
     p.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric, integer zero point; "
                                                       "formats other than int are always symmetric)")
+    p.add_argument("--full-range", action="store_true",
+                   help="symmetric int over all 2^b codes, the group's signed extreme on -2^(b-1) (llama.cpp's "
+                        "Q4_0 grid: 16 levels at 4 bits where --sym has 15); implies --sym")
     p.add_argument("--format", default="int", help=f"number format: {FORMAT_HELP} (default int)")
     p.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest",
                    help="round to nearest (default) or stochastically (unbiased; seeded by --seed)")
@@ -191,7 +194,8 @@ def _spec(args):
     from .quantizer import QuantSpec
 
     fmt = canonical(args.format)
-    kw = {"format": fmt, "symmetric": args.sym, "rounding": args.rounding}
+    kw = {"format": fmt, "symmetric": args.sym or args.full_range, "rounding": args.rounding,
+          "full_range": args.full_range}
     if args.w_bit is not None:
         kw["bits"] = args.w_bit
     if args.rounding == "stochastic":
@@ -703,7 +707,8 @@ def _print_value(r: dict) -> None:
 
 
 def _print_values(r: dict) -> None:
-    head = f"{r['format']}, {r['bits']} bits, range [{r['range'][0]:g}, {r['range'][1]:g}]"
+    head = f"{r['format']}, {r['bits']} bits{' (full range)' if r.get('full_range') else ''}, " \
+           f"range [{r['range'][0]:g}, {r['range'][1]:g}]"
     if "scale" in r:
         head += "; scale " + ", ".join(f"{s:.6g}" for s in r["scale"])
     if "zero_point" in r:
@@ -728,7 +733,8 @@ def cmd_format(args) -> int:
         raise LowbitError("lowbit format needs exactly one of --value X or --values X1,X2,...")
     name = canonical(args.format)
     if args.values is not None:
-        out = quantize_values(args.values, name, args.bits, args.clip, args.sym, args.zero_point, args.block)
+        out = quantize_values(args.values, name, args.bits, args.clip, args.sym, args.zero_point, args.block,
+                              args.full_range)
         printer = _print_values
     else:
         if is_block(name):
@@ -933,6 +939,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=_clip, help="clipping range: L for [-L, L] (symmetric) or LOW,HIGH "
                                               "(write --clip=-0.5,2); default: the values' min and max")
     p.add_argument("--sym", action="store_true", help="int: symmetric range ±max|x| when no --clip is given")
+    p.add_argument("--full-range", action="store_true", help="int: symmetric over all 2^b codes, the signed extreme "
+                                                             "on -2^(b-1) (llama.cpp's Q4_0 grid); implies --sym")
     p.add_argument("--zero-point", choices=("float", "int"), default="float",
                    help="asymmetric int: offset by the range's low end (float, the lecture's x̂ = s·q + min; "
                         "default) or an integer zero point")

@@ -201,6 +201,7 @@ class RunResult:
             "format": s.format if s else "fp",
             "group_size": s.group_size if s and s.granularity == "group" else None,
             "sym": s.symmetric if s else None,
+            **({"full_range": True} if s is not None and s.full_range else {}),
             "bits_per_weight": round(self.bits_per_weight, 4),
             "quant_seconds": round(self.quant_seconds, 2),
             "eval_seconds": round(self.eval_seconds, 2),

@@ -51,6 +51,11 @@ class QuantSpec:
     need groups of 32; ``kmeans`` learns a codebook per tensor or per group.
     ``rounding="stochastic"`` rounds up or down at random with the probabilities that make
     the result unbiased.
+
+    ``full_range=True`` (symmetric int only) uses all 2^b codes, -2^(b-1) ... 2^(b-1) - 1, as
+    llama.cpp's Q4_0 and Q8_0 do: the group's signed extreme lands on -2^(b-1), so the scale is
+    negative when that extreme is positive. The restricted grid (the default) gives up one of
+    16 levels at 4 bits to keep the scale positive and the grid mirror-symmetric.
     """
 
     bits: int = _DefaultBits(4)
@@ -61,6 +66,7 @@ class QuantSpec:
     zero_point: Literal["int", "float"] = "int"
     format: str = "int"
     rounding: Literal["nearest", "stochastic"] = "nearest"
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         name = canonical(self.format)
@@ -85,6 +91,9 @@ class QuantSpec:
             raise LowbitError(f"rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
         if name != "int":
             _set(self, "symmetric", True)
+        if self.full_range and not (name == "int" and self.symmetric):
+            raise LowbitError("full_range applies to symmetric integers only (it puts the signed extreme on "
+                              "-2^(bits-1)); add symmetric=True or drop full_range")
         if is_block(name) and self.granularity != "group":
             raise LowbitError(f"{name} shares one scale per block of the input dimension: use granularity 'group'")
         if name.startswith("mx") and self.group_size != 32:
@@ -106,7 +115,9 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) if self.full_range else -(2 ** (self.bits - 1) - 1)
 
     @property
     def qmax(self) -> int:
@@ -135,13 +146,14 @@ class QuantSpec:
         sr = " stochastic" if self.rounding == "stochastic" else ""
         if not self.is_int:
             return f"{self.format} {gran}{sr}"
-        return f"W{self.bits} {gran} {'sym' if self.symmetric else 'asym'}{sr}"
+        kind = ("sym-full" if self.full_range else "sym") if self.symmetric else "asym"
+        return f"W{self.bits} {gran} {kind}{sr}"
 
     def to_dict(self) -> dict:
-        """Fields as a plain dict; format and rounding only when not the defaults, so records of
-        integer specs made before formats existed still compare equal."""
+        """Fields as a plain dict; format, rounding and full_range only when not the defaults, so
+        records of integer specs made before they existed still compare equal."""
         d = asdict(self)
-        for key, default in (("format", "int"), ("rounding", "nearest")):
+        for key, default in (("format", "int"), ("rounding", "nearest"), ("full_range", False)):
             if d[key] == default:
                 del d[key]
         return d
@@ -191,6 +203,8 @@ def compute_qparams(
     ratio = spec.clip_ratio if clip_ratio is None else clip_ratio
     if not spec.is_int:
         return spec.number_format.qparams(wg, ratio)
+    if spec.full_range:
+        return full_range_scale(signed_extreme(wg) * ratio, spec)
     if spec.symmetric:
         amax = wg.abs().amax(dim=-1, keepdim=True) * ratio
         return qparams_from_range(-amax, amax, spec)
@@ -199,11 +213,26 @@ def compute_qparams(
     return qparams_from_range(lo, hi, spec)
 
 
+def signed_extreme(wg: torch.Tensor) -> torch.Tensor:
+    """Per group (last axis, kept), the value of largest magnitude with its sign; the first such on ties."""
+    return wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True))
+
+
+def full_range_scale(extreme: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (and zero zero point) that put the signed ``extreme`` on the lowest code -2^(b-1)."""
+    scale = extreme.float() / spec.qmin
+    scale = torch.where(scale.abs() < 1e-8, torch.full_like(scale, 1e-8), scale)
+    return scale, torch.zeros_like(scale)
+
+
 def qparams_from_range(
     lo: torch.Tensor | float, hi: torch.Tensor | float, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point that map the clipping range [lo, hi] onto the integer grid."""
+    """Scale and zero point that map the clipping range [lo, hi] onto the integer grid (full-range
+    symmetric: the end of larger magnitude goes on the lowest code)."""
     lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+    if spec.full_range:
+        return full_range_scale(torch.where(lo.abs() >= hi.abs(), lo, hi), spec)
     if not spec.is_int:
         fmt = spec.number_format
         if getattr(fmt, "table_params", False):

@@ -57,3 +57,18 @@ def with_outliers(model, channels=(3, 17, 41), factor: float = 50.0):
             layer.input_layernorm.weight[list(channels)] *= factor
             layer.post_attention_layernorm.weight[list(channels)] *= factor
     return model
+
+
+def int_spec(bits: int, group: int | None, sym: bool | str):
+    """The integer QuantSpec a test names by ``sym``: False (asymmetric), True, or "full" (full-range symmetric)."""
+    from lowbit.quantizer import QuantSpec
+
+    kw = dict(bits=bits, symmetric=bool(sym), full_range=sym == "full")
+    return QuantSpec(group_size=group, **kw) if group else QuantSpec(granularity="channel", **kw)
+
+
+def signed_like(scale: torch.Tensor, sym: bool | str, g: torch.Generator) -> torch.Tensor:
+    """Full-range grids put a group's positive extreme on the lowest code: their scales take either sign."""
+    if sym != "full":
+        return scale
+    return scale * (torch.randint(0, 2, scale.shape, generator=g) * 2 - 1).to(scale.dtype)

@@ -45,6 +45,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     (["eval", "--model", "/nonexistent/model.gguf"], ["model file not found"]),
     (["quantize", "--method", "awq"], ["needs -o DIR", "--save-search FILE"]),
     (["quantize", "--method", "rtn", "--save-search", "s.safetensors"], ["only --method awq has a search"]),
+    (["eval", "--method", "rtn", "--full-range", "--format", "nf4"], ["full_range applies to symmetric integers"]),
     (["qat", "--lr", "0"], ["lr must be positive"]),
     (["qat", "--scale-lr=-1e-3"], ["scale lr must be positive"]),
     (["qat", "--steps", "0"], ["--steps", "at least 1"]),

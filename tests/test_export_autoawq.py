@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import int_spec, signed_like, tiny_llama
 
 from lowbit import QuantSpec, RTNConfig, quantize_
 from lowbit.cli import main
@@ -40,18 +40,18 @@ def awq_dequantize(qweight, qzeros, scales, group: int) -> torch.Tensor:
     return ((w - z) * scales.float().repeat_interleave(group, 0)).T
 
 
-def random_packed(sym: bool = False, group: int = 32, rows: int = 24, cols: int = 64, bits: int = 4,
+def random_packed(sym: bool | str = False, group: int = 32, rows: int = 24, cols: int = 64, bits: int = 4,
                   seed: int = 0) -> PackedTensor:
     """Random codes with float16-exact scales, so the format's float16 scales lose nothing."""
     g = torch.Generator().manual_seed(seed)
-    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym)
+    spec = int_spec(bits, group, sym)
     q = torch.randint(spec.qmin, spec.qmax + 1, (rows, cols), generator=g, dtype=torch.int16)
-    scale = (torch.rand(rows, cols // group, generator=g) * 0.1 + 1e-3).half().float()
+    scale = signed_like((torch.rand(rows, cols // group, generator=g) * 0.1 + 1e-3).half().float(), sym, g)
     zero = torch.zeros_like(scale) if sym else torch.randint(0, spec.qmax + 1, scale.shape, generator=g).float()
     return PackedTensor.from_qtensor(QTensor(q, scale, zero, spec, (rows, cols)))
 
 
-@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("sym", [False, True, "full"])
 def test_unpacked_codes_zeros_scales_and_weights_are_ours(sym):
     pt = random_packed(sym)
     parts, change = awq_tensors(pt, "w")
@@ -59,7 +59,7 @@ def test_unpacked_codes_zeros_scales_and_weights_are_ours(sym):
     assert qweight.dtype == qzeros.dtype == torch.int32 and scales.dtype == torch.float16
     assert qweight.shape == (64, 3) and qzeros.shape == (2, 3) and scales.shape == (2, 24)
     assert torch.equal(unpack_awq(qweight), pt.codes().T.int())
-    assert torch.equal(unpack_awq(qzeros), pt.zeros().T.int())  # symmetric: every zero point is 7
+    assert torch.equal(unpack_awq(qzeros), pt.zeros().T.int())  # symmetric: every zero point is 7 (full range: 8)
     assert torch.equal(scales.float(), pt.scales.float().T)
     assert change == 0.0
     assert torch.equal(awq_dequantize(qweight, qzeros, scales, 32), pt.dequantize())

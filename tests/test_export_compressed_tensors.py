@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import int_spec, signed_like, tiny_llama
 
 from lowbit import QuantSpec, RTNConfig, quantize_
 from lowbit.cli import main
@@ -19,17 +19,16 @@ ct = pytest.importorskip("compressed_tensors")
 
 def packed_dir(tmp_path, bits: int = 4, group: int = 32, sym: bool = False, name: str = "packed"):
     model = tiny_llama()
-    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym) if group else \
-        QuantSpec(bits=bits, granularity="channel", symmetric=sym)
+    spec = int_spec(bits, group, sym)
     quantize_(model, RTNConfig(spec))
     return save_packed(pack_model_(model, spec, method="rtn"), model.config, None, tmp_path / name)
 
 
 def random_packed(bits: int, group: int, sym: bool, rows: int, cols: int, seed: int = 0) -> PackedTensor:
     g = torch.Generator().manual_seed(seed)
-    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym)
+    spec = int_spec(bits, group, sym)
     q = torch.randint(spec.qmin, spec.qmax + 1, (rows, cols), generator=g, dtype=torch.int16)
-    scale = torch.rand(rows, cols // group, generator=g) + 0.01
+    scale = signed_like(torch.rand(rows, cols // group, generator=g) + 0.01, sym, g)
     zero = torch.zeros_like(scale) if sym else torch.randint(0, spec.qmax + 1, scale.shape, generator=g).float()
     return PackedTensor.from_qtensor(QTensor(q, scale, zero, spec, (rows, cols)))
 
@@ -47,11 +46,11 @@ def load_hf(path):
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 64, True), (8, 32, False), (8, 32, True),
-                                            (3, 32, False), (4, None, False)])
+                                            (3, 32, False), (4, None, False), (4, 32, "full")])
 def test_transformers_loads_lowbits_exact_model(tmp_path, bits, group, sym):
     src = packed_dir(tmp_path, bits, group, sym)
     info = export_compressed_tensors(src, tmp_path / "ct")
-    assert info["scheme"]["num_bits"] == bits and info["scheme"]["symmetric"] == sym
+    assert info["scheme"]["num_bits"] == bits and info["scheme"]["symmetric"] == bool(sym)
     assert info["scheme"]["strategy"] == ("group" if group else "channel")
     assert set(info["dequantized"]) == {"model.embed_tokens.weight", "lm_head.weight"}
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -68,7 +67,7 @@ def test_transformers_loads_lowbits_exact_model(tmp_path, bits, group, sym):
 
 
 @pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (8, False), (2, True), (3, False), (5, True),
-                                      (7, False)])
+                                      (7, False), (4, "full"), (8, "full"), (3, "full")])
 def test_compressed_tensors_decompressor_gives_our_weights(bits, sym):
     """Odd shapes: rows and columns that are not multiples of 32 exercise each row's padding."""
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
@@ -76,7 +75,7 @@ def test_compressed_tensors_decompressor_gives_our_weights(bits, sym):
 
     pt = random_packed(bits, 16, sym, rows=20, cols=48)
     parts = {k.removeprefix("w."): v for k, v in ct_tensors(pt, "w").items()}
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=16)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=bool(sym), strategy="group", group_size=16)
     out = PackedQuantizationCompressor.decompress(dict(parts), QuantizationScheme(targets=["Linear"], weights=args))
     assert torch.equal(out["weight"], pt.dequantize())
     if not sym:  # the signed zero point compressed-tensors recovers is lowbit's minus 2^(b-1)

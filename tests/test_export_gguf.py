@@ -10,20 +10,23 @@ from lowbit.export.gguf import gguf_blocks, gguf_type, permute_rows
 from lowbit.pack.tensor import PackedTensor
 from lowbit.quantizer import QTensor, QuantSpec
 
+from conftest import int_spec, signed_like
 
-def packed(bits: int, group: int, sym: bool, rows: int = 8, cols: int = 128, seed: int = 0) -> PackedTensor:
+
+def packed(bits: int, group: int, sym: bool | str, rows: int = 8, cols: int = 128, seed: int = 0) -> PackedTensor:
     """Random codes; power-of-two scales, so GGUF's float16 d and m (= -z·s) hold them exactly."""
     g = torch.Generator().manual_seed(seed)
-    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym)
+    spec = int_spec(bits, group, sym)
     q = torch.randint(spec.qmin, spec.qmax + 1, (rows, cols), generator=g, dtype=torch.int16)
-    scale = 2.0 ** torch.randint(-10, -4, (rows, cols // group), generator=g).float()
+    scale = signed_like(2.0 ** torch.randint(-10, -4, (rows, cols // group), generator=g).float(), sym, g)
     zero = torch.zeros_like(scale) if sym else torch.randint(0, spec.qmax + 1, scale.shape, generator=g).float()
     return PackedTensor.from_qtensor(QTensor(q, scale, zero, spec, (rows, cols)))
 
 
 @pytest.mark.parametrize("bits,group,sym,kind", [
     (4, 32, True, "Q4_0"), (4, 64, True, "Q4_0"), (4, 64, False, "Q4_1"), (4, 128, False, "Q4_1"),
-    (8, 32, True, "Q8_0"), (8, 64, True, "Q8_0"),
+    (8, 32, True, "Q8_0"), (8, 64, True, "Q8_0"), (4, 32, "full", "Q4_0"), (4, 128, "full", "Q4_0"),
+    (8, 32, "full", "Q8_0"),
 ])
 def test_blocks_decode_to_our_weights(bits, group, sym, kind):
     import gguf
@@ -36,7 +39,7 @@ def test_blocks_decode_to_our_weights(bits, group, sym, kind):
     np.testing.assert_array_equal(gguf.quants.dequantize(blocks, qtype), pt.dequantize().numpy())
 
 
-@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("sym", [True, False, "full"])
 def test_float16_rounding_is_measured_in_steps(sym):
     import gguf
 
@@ -44,7 +47,7 @@ def test_float16_rounding_is_measured_in_steps(sym):
     pt.scales = pt.scales.float() * (1 + 3e-4)  # no longer float16 numbers
     kind, blocks, change = gguf_blocks(pt)
     decoded = torch.from_numpy(gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind)))
-    steps = ((decoded - pt.dequantize()).abs() / pt.scales.repeat_interleave(32, 1)).max()
+    steps = ((decoded - pt.dequantize()).abs() / pt.scales.abs().repeat_interleave(32, 1)).max()
     assert 0 < change < 0.01
     assert float(steps) == pytest.approx(change, rel=1e-3)
 

@@ -88,6 +88,17 @@ def test_spec_from_the_command_line():
     assert (spec.bits, spec.group_size, spec.rounding) == (3, 64, "stochastic")
     spec = _spec(build_parser().parse_args(["eval", "--w-bit", "3", "--sym"]))
     assert spec == type(spec)(bits=3, symmetric=True)  # int specs as before
+    spec = _spec(build_parser().parse_args(["quantize", "--w-bit", "4", "--group-size", "32", "--full-range"]))
+    assert spec == type(spec)(bits=4, group_size=32, symmetric=True, full_range=True)  # implies --sym
+
+
+def test_full_range_values_put_the_extreme_on_minus_8(capsys):
+    _, out, _ = call(capsys, "format", "--values=0.5,-1.6,0.1,1.2", "--format", "int", "--bits", "4", "--full-range",
+                     "--json")
+    r = json.loads(out)
+    assert r["full_range"] and r["scale"] == pytest.approx([0.2]) and r["integers"] == [2, -8, 0, 6]
+    _, out, _ = call(capsys, "format", "--values=0.5,-1.6,0.1,1.2", "--format", "int", "--bits", "4", "--sym", "--json")
+    assert json.loads(out)["integers"] == [2, -7, 0, 5]  # the restricted grid: s = 1.6 / 7
 
 
 @pytest.mark.model

@@ -82,7 +82,8 @@ def test_act_order_keeps_contiguous_groups_and_codes_on_the_grid():
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=4, granularity="channel"), QuantSpec(bits=4, granularity="tensor"),
-                                  QuantSpec(bits=3, group_size=32, symmetric=True)])
+                                  QuantSpec(bits=3, group_size=32, symmetric=True),
+                                  QuantSpec(bits=3, group_size=32, symmetric=True, full_range=True)])
 def test_other_granularities_and_symmetric(spec):
     w, x, held = correlated_linear(2)
     qt = gptq_quantize(w, factor_hessian(hessian(x), 0.01), spec)

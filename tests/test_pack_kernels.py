@@ -16,15 +16,16 @@ from lowbit.pack.kernels import QuantLinear, choose_kernel
 from lowbit.pack.tensor import PackedTensor
 from lowbit.quantizer import QTensor, QuantSpec
 
+from conftest import int_spec, signed_like
 
-def packed(out_f: int, in_f: int, bits: int, group: int | None, sym: bool = False, seed: int = 0) -> PackedTensor:
+
+def packed(out_f: int, in_f: int, bits: int, group: int | None, sym: bool | str = False, seed: int = 0) -> PackedTensor:
     """Random codes with power-of-two scales (exact in bf16)."""
     g = torch.Generator().manual_seed(seed)
-    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym) if group else \
-        QuantSpec(bits=bits, granularity="channel", symmetric=sym)
+    spec = int_spec(bits, group, sym)
     n_groups = in_f // (group or in_f)
     q = torch.randint(spec.qmin, spec.qmax + 1, (out_f, in_f), generator=g, dtype=torch.int16)
-    scale = 2.0 ** torch.randint(-8, -3, (out_f, n_groups), generator=g).float()
+    scale = signed_like(2.0 ** torch.randint(-8, -3, (out_f, n_groups), generator=g).float(), sym, g)
     zero = torch.zeros(out_f, n_groups) if sym else torch.randint(0, spec.qmax + 1, (out_f, n_groups), generator=g).float()
     return PackedTensor.from_qtensor(QTensor(q, scale, zero, spec, (out_f, in_f)))
 
@@ -64,6 +65,7 @@ def test_torch_int4_kernel_convention():
     (8, 32, True, "int4x2"), (8, 64, False, "int4x2"), (5, 32, False, "int4x2"),
     (8, None, True, "int8"), (8, None, False, "int8"), (4, None, False, "int8"),
     (3, 32, False, "unpack"), (8, 16, False, "unpack"),
+    (4, 64, "full", "int4"), (8, 32, "full", "int4x2"), (8, None, "full", "int8"), (3, 32, "full", "unpack"),
 ])
 def test_kernels_match_the_dequantized_matmul(bits, group, sym, kernel):
     pt = packed(48, 256, bits, group, sym)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import int_spec, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +22,8 @@ SPECS = [
     QuantSpec(bits=4, group_size=32), QuantSpec(bits=3, group_size=32), QuantSpec(bits=2, group_size=32),
     QuantSpec(bits=8, group_size=32), QuantSpec(bits=4, group_size=32, symmetric=True),
     QuantSpec(bits=3, granularity="channel"), QuantSpec(bits=8, granularity="channel", symmetric=True),
-    QuantSpec(bits=4, granularity="tensor"),
+    QuantSpec(bits=4, granularity="tensor"), QuantSpec(bits=4, group_size=32, symmetric=True, full_range=True),
+    QuantSpec(bits=3, granularity="channel", symmetric=True, full_range=True),
 ]
 
 
@@ -51,10 +52,10 @@ def test_grid_codes_recover_a_rounding_tie_that_leaves_the_top_code_unused():
 
 
 @settings(max_examples=25, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(), rows=st.integers(1, 9), groups=st.integers(1, 4),
+@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.sampled_from([False, True, "full"]), rows=st.integers(1, 9), groups=st.integers(1, 4),
        group=st.sampled_from([8, 32, 64]), seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 1.0, 300.0]))
 def test_grid_codes_property(bits, sym, rows, groups, group, seed, scale):
-    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym)
+    spec = int_spec(bits, group, sym)
     w = torch.randn(rows, groups * group, generator=torch.Generator().manual_seed(seed)) * scale
     wq = fake_quantize(w, spec)
     pt = PackedTensor.from_qtensor(grid_codes(wq, spec))
@@ -79,17 +80,23 @@ def test_packed_tensor_parts_are_checked():
         PackedTensor.from_parts("m", pt.meta(), {**parts, "m.qweight": parts["m.qweight"][:-1]})
     with pytest.raises(LowbitError, match="m: qzeros is missing"):
         PackedTensor.from_parts("m", pt.meta(), {k: v for k, v in parts.items() if k != "m.qzeros"})
+    full = PackedTensor.from_qtensor(quantize(torch.randn(16, 64), int_spec(4, 32, "full")))
+    assert full.meta()["full_range"] is True and "full_range" not in pt.meta()  # older files read as before
+    back = PackedTensor.from_parts("f", full.meta(), full.tensors("f"))
+    assert back.spec == full.spec and back.offset == 8 and torch.equal(back.dequantize(), full.dequantize())
+    with pytest.raises(LowbitError, match="full_range is set on an asymmetric weight"):
+        PackedTensor.from_parts("m", {**pt.meta(), "full_range": True}, parts)
 
 
 # ---- the model directory ------------------------------------------------------------------
 
 
-def _quantized_tiny(method: str = "rtn", bits: int = 4, group: int = 32, tied: bool = False):
+def _quantized_tiny(method: str = "rtn", bits: int = 4, group: int = 32, tied: bool = False, sym: bool | str = False):
     model = tiny_llama(hidden=64)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
         model.config.tie_word_embeddings = True
-    spec = QuantSpec(bits=bits, group_size=group)
+    spec = int_spec(bits, group, sym)
     if method == "awq":
         calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
         quantize_(model, AWQConfig(spec, n_grid=4), calib)
@@ -106,10 +113,13 @@ def _save(model, spec, path, **kw) -> Path:
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("method,bits,tied", [("rtn", 4, False), ("rtn", 3, True), ("awq", 4, True), ("rtn", 8, False)])
-def test_reload_gives_identical_logits(tmp_path, method, bits, tied):
-    model, spec = _quantized_tiny(method, bits, tied=tied)
+@pytest.mark.parametrize("method,bits,tied,sym", [("rtn", 4, False, False), ("rtn", 3, True, False), ("awq", 4, True, False),
+                                                  ("rtn", 8, False, False), ("awq", 4, False, "full")])
+def test_reload_gives_identical_logits(tmp_path, method, bits, tied, sym):
+    model, spec = _quantized_tiny(method, bits, tied=tied, sym=sym)
     out = _save(model, spec, tmp_path / "m")  # the model's embedding now holds what the file holds
+    # full-range codes are shifted by 8, not 7: version 2, which a version-1 reader refuses instead of misreading
+    assert json.loads((out / "lowbit.json").read_text())["format_version"] == (2 if sym == "full" else 1)
     ref = model(IDS).logits
     loaded, tok = load_packed(out, kernel="dequant")
     assert tok is None
@@ -202,7 +212,7 @@ def test_corrupt_truncated_and_unknown_version_are_named(tmp_path):
         load_packed(out)
     cfg["format_version"] = 99
     (out / "lowbit.json").write_text(json.dumps(cfg))
-    with pytest.raises(LowbitError, match="format version 99; this lowbit reads version 1"):
+    with pytest.raises(LowbitError, match="format version 99; this lowbit reads versions 1, 2"):
         load_packed(out)
     (out / "config.json").unlink()
     cfg["format_version"] = 1

@@ -17,6 +17,7 @@ from lowbit.quantizer import QuantSpec, dequantize, fake_quantize
 from tests.conftest import tiny_llama
 
 SPEC = QuantSpec(bits=3, group_size=16)
+FULL = QuantSpec(bits=3, group_size=16, symmetric=True, full_range=True)  # negative steps where the extreme is > 0
 
 
 def test_ste_round_passes_gradient_through():
@@ -39,12 +40,13 @@ def test_soft_round_anneals_to_round():
     assert (x.grad > 0).all()  # a true gradient, no estimator
 
 
-def test_learned_grid_starts_at_rtn_and_clips_gradient():
+@pytest.mark.parametrize("spec", [SPEC, FULL], ids=lambda s: s.describe())
+def test_learned_grid_starts_at_rtn_and_clips_gradient(spec):
     torch.manual_seed(0)
     w = torch.randn(8, 32)
-    q = LearnedGrid(w, SPEC, "ste", lsq=True)
+    q = LearnedGrid(w, spec, "ste", lsq=True)
     q.hard = True
-    assert torch.equal(q(w), fake_quantize(w, SPEC))
+    assert torch.equal(q(w), fake_quantize(w, spec))
     assert torch.equal(dequantize(q.qtensor(w)), q(w))
     q.hard = False
     # the weight gradient is zero exactly where the value lies beyond the grid's range
@@ -99,25 +101,26 @@ def _kl_to(teacher, model, ids) -> float:
     return float(F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean"))
 
 
-@pytest.mark.parametrize("mode,init", [("block", "rtn"), ("block", "awq"), ("model", "rtn")])
-def test_qat_lowers_the_quantized_loss(mode, init):
+@pytest.mark.parametrize("mode,init,spec", [("block", "rtn", SPEC), ("block", "awq", SPEC), ("model", "rtn", SPEC),
+                                           ("block", "awq", FULL)])
+def test_qat_lowers_the_quantized_loss(mode, init, spec):
     fp = tiny_llama()
     calib = _calib()
     start = copy.deepcopy(fp)
-    quantize_(start, QATConfig(SPEC, init=init, mode=mode, steps=1, lr=1e-12, scale_lr=1e-12), calib)
+    quantize_(start, QATConfig(spec, init=init, mode=mode, steps=1, lr=1e-12, scale_lr=1e-12), calib)
     trained = copy.deepcopy(fp)
-    rep = quantize_(trained, QATConfig(SPEC, init=init, mode=mode, steps=40, lr=1e-4, scale_lr=1e-4,
+    rep = quantize_(trained, QATConfig(spec, init=init, mode=mode, steps=40, lr=1e-4, scale_lr=1e-4,
                                        batch_size=2), calib)
     assert rep.info["steps"] == (40 * 2 if mode == "block" else 40)
     assert rep.info["last_loss"] < rep.info["first_loss"]
     held_out = _calib(4, 32, seed=1)
     assert _kl_to(fp, trained, held_out) < _kl_to(fp, start, held_out)
     # the result is on the grid: packing finds the trained codes, which decode to the weights exactly
-    packed = pack_model_(trained, SPEC, method="qat")
+    packed = pack_model_(trained, spec, method="qat")
     for name, lin in trained.named_modules():
         if name in packed.packed and isinstance(lin, torch.nn.Linear) and name.startswith("model.layers"):
             assert torch.equal(dequantize(packed.packed[name].to_qtensor()), lin.weight)
-            assert len(torch.unique(packed.packed[name].to_qtensor().q)) <= 2 ** SPEC.bits
+            assert len(torch.unique(packed.packed[name].to_qtensor().q)) <= 2 ** spec.bits
 
 
 def test_qat_start_equals_awq():

@@ -55,20 +55,21 @@ def test_integer_zero_point_by_hand():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("sym", [False, True, "full"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
 def test_codes_in_range_and_error_bounded(bits, sym, granularity):
     torch.manual_seed(bits)
     w = torch.randn(16, 128)
-    spec = QuantSpec(bits=bits, symmetric=sym, granularity=granularity, group_size=32)
+    spec = QuantSpec(bits=bits, symmetric=bool(sym), full_range=sym == "full", granularity=granularity, group_size=32)
     qt = quantize(w, spec)
     assert qt.q.min() >= spec.qmin and qt.q.max() <= spec.qmax
     err = (dequantize(qt) - w).abs()
     n_groups = {"tensor": 1, "channel": 16, "group": 16 * 4}[granularity]
     assert qt.scale.numel() == n_groups
-    half_step = qt.scale.max() / 2 + 1e-6
-    # inside the range every value is within half a step; asymmetric integer zero points shift by < 1 step
-    assert err.max() <= (half_step if sym else 2 * half_step)
+    half_step = qt.scale.abs().max() / 2 + 1e-6
+    # inside the range every value is within half a step; asymmetric integer zero points shift by < 1 step, and
+    # full-range grids clip the side opposite the extreme one step short (|w| <= 2^(b-1)·|s|, codes <= 2^(b-1) - 1)
+    assert err.max() <= (half_step if sym is True else 2 * half_step)
     assert torch.equal(fake_quantize(w, spec), dequantize(qt))
 
 
@@ -109,6 +110,8 @@ def test_dequantized_values_lie_on_the_grid(values, bits):
 @pytest.mark.parametrize("kwargs,message", [
     ({"bits": 1}, "bits must be"), ({"bits": 9}, "bits must be"), ({"group_size": 0}, "group size"),
     ({"clip_ratio": 0.0}, "clip ratio"), ({"granularity": "row"}, "granularity"),
+    ({"full_range": True}, "full_range applies to symmetric integers"),
+    ({"full_range": True, "format": "fp4_e2m1"}, "full_range applies to symmetric integers"),
 ])
 def test_bad_specs_are_refused(kwargs, message):
     with pytest.raises(LowbitError, match=message):
@@ -126,3 +129,47 @@ def test_bits_per_weight_counts_scales_and_zeros():
     assert QuantSpec(bits=4, group_size=128, symmetric=True).bits_per_weight() == pytest.approx(4 + 16 / 128)
     assert QuantSpec(bits=8, granularity="channel").bits_per_weight() == 8
     assert math.isclose(QuantSpec(bits=4).qmax, 15) and QuantSpec(bits=4, symmetric=True).qmin == -7
+
+
+# ---- full-range symmetric: llama.cpp's Q4_0 grid ---------------------------------------------
+
+
+def test_full_range_puts_the_signed_extreme_on_the_lowest_code():
+    spec = QuantSpec(bits=4, granularity="tensor", symmetric=True, full_range=True)
+    assert (spec.qmin, spec.qmax) == (-8, 7) and spec.describe() == "W4 per-tensor sym-full"
+    for w, scale in ([[0.5, -1.6, 0.1]], -1.6 / -8), ([[0.5, 1.6, -0.1]], 1.6 / -8):
+        qt = quantize(torch.tensor(w), spec)
+        assert qt.scale.item() == pytest.approx(scale) and qt.q.min().item() == -8
+        assert dequantize(qt).abs().max().item() == pytest.approx(1.6)  # the extreme is stored exactly
+    assert QuantSpec(symmetric=True).to_dict() == QuantSpec(symmetric=True, full_range=False).to_dict()
+    assert "full_range" not in QuantSpec(symmetric=True).to_dict()  # old records compare equal
+
+
+def test_full_range_codes_are_llama_cpps_q4_0():
+    """gguf's reference Q4_0 quantizer (d = signed max / -8, q = trunc(x/d + 8.5)) against ours: the
+    same codes except where x/d lies within float error of a half (ties: they round up, torch to even)."""
+    import gguf
+    import numpy as np
+
+    w = torch.randn(256, 32, generator=torch.Generator().manual_seed(3))
+    blocks = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0)
+    theirs = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0))
+    d = torch.from_numpy(blocks[:, :2].copy().view(np.float16).astype(np.float32))
+    spec = QuantSpec(bits=4, group_size=32, symmetric=True, full_range=True)
+    qt = quantize(w, spec)
+    assert torch.equal(qt.scale.half().float(), d)  # the same d, to float16
+    ours = qt.q.float() * d  # our codes with their float16 d
+    t = w / qt.scale
+    near_tie = ((t - t.floor()) - 0.5).abs() < 1e-4
+    differ = ((ours - theirs).abs() > 1e-6)
+    assert bool((differ <= near_tie).all()) and int(differ.sum()) <= 2
+
+
+def test_full_range_beats_the_restricted_grid_on_gaussian_weights():
+    w = torch.randn(512, 256, generator=torch.Generator().manual_seed(4))
+    for bits in (3, 4):
+        full = QuantSpec(bits=bits, group_size=32, symmetric=True, full_range=True)
+        restricted = QuantSpec(bits=bits, group_size=32, symmetric=True)
+        e_full = (fake_quantize(w, full) - w).pow(2).mean()
+        e_restricted = (fake_quantize(w, restricted) - w).pow(2).mean()
+        assert e_full < 0.9 * e_restricted, (bits, e_full, e_restricted)

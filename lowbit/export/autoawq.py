@@ -9,7 +9,7 @@ Per quantized linear ``NAME`` ([out, in] weight, groups of g along the input):
 - ``NAME.scales`` float16 [in/g, out];
 
 and w = (code - zero)·scale. lowbit's asymmetric codes are exactly these; a symmetric W4 model
-(w = (u - 7)·s) is written with every zero point 7. The only loss is storing the scales as
+(w = (u - 7)·s) is written with every zero point 7 (8 for the full-range grid, whose scales may be negative). The only loss is storing the scales as
 float16, as the format demands; the export reports the largest change this makes to any
 weight, in quantization steps (zero when lowbit already stored float16 scales).
 """
@@ -55,7 +55,7 @@ def awq_tensors(pt: PackedTensor, prefix: str) -> tuple[dict[str, torch.Tensor],
     zeros = pt.zeros()
     # a weight (u - z)·s moves by |u - z|·|Δs|: per group, the largest |u - z| times the relative change of s
     d = (codes.view(rows, n_groups, -1).to(torch.int16) - zeros.unsqueeze(-1)).abs().amax(-1)
-    change = float((d * (half.float() - s).abs() / s).max()) if s.numel() else 0.0
+    change = float((d * (half.float() - s).abs() / s.abs()).max()) if s.numel() else 0.0
     parts = {
         f"{prefix}.qweight": pack_columns(codes.T),
         f"{prefix}.qzeros": pack_columns(zeros.T),

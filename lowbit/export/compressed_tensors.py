@@ -6,7 +6,8 @@ densely (32 values in b int32 words, value i at bits [i·b, (i+1)·b), little-en
 to 32 values). lowbit's unsigned codes map onto that as
 
 - asymmetric, w = (u - z)·s:   c = u - 2^(b-1), zp = z - 2^(b-1), so the stored values are u and z;
-- symmetric,  w = (u - o)·s with o = 2^(b-1) - 1:  c = u - o, no zero point, stored value u + 1.
+- symmetric,  w = (u - o)·s with o = 2^(b-1) - 1:  c = u - o, no zero point, stored value u + 1;
+- full-range symmetric, o = 2^(b-1) (scales may be negative):  c = u - o, stored value u.
 
 Per quantized linear ``NAME``: ``NAME.weight_packed`` int32 [out, ⌈in·b/32⌉] packed along the
 input, ``NAME.weight_scale`` float32 [out, in/group] (float32 so that the loader's
@@ -53,7 +54,7 @@ def scheme(pt: PackedTensor, channel: bool) -> dict:
 
 def ct_tensors(pt: PackedTensor, prefix: str) -> dict[str, torch.Tensor]:
     """The compressed-tensors parts of one quantized linear, from its exact codes."""
-    stored = pt.codes().to(torch.int64) + (1 if pt.symmetric else 0)
+    stored = pt.codes().to(torch.int64) + ((1 << (pt.bits - 1)) - pt.offset if pt.symmetric else 0)
     out = {
         f"{prefix}.weight_packed": pack_rows(stored, pt.bits),
         f"{prefix}.weight_scale": pt.scales.float().contiguous(),

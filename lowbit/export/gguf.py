@@ -2,7 +2,8 @@
 
 No re-rounding: each packed weight maps onto a GGUF block type whose grid contains it.
 
-- W4 symmetric (codes q in [-7, 7]) -> Q4_0, x = d·(c - 8) with c = q + 8 and d = s;
+- W4 symmetric (codes q in [-7, 7], or [-8, 7] on the full-range grid, which is exactly llama.cpp's:
+  the signed extreme on -8, d negative when it is positive) -> Q4_0, x = d·(c - 8) with c = q + 8, d = s;
 - W4 asymmetric (w = (u - z)·s)     -> Q4_1, x = d·c + m with c = u, d = s, m = -z·s;
 - W8 symmetric (the 8-bit embedding) -> Q8_0, x = d·q.
 
@@ -70,7 +71,7 @@ def gguf_blocks(pt: PackedTensor) -> tuple[str, np.ndarray, float]:
         c = c.to(torch.uint8).view(rows, -1, 2, BLOCK // 2)  # element j in the low nibble, j + 16 in the high
         parts.append((c[:, :, 0] | (c[:, :, 1] << 4)).numpy())
     ours = pt.dequantize().view(rows, -1, BLOCK)
-    change = float(((decoded - ours).abs() / s).max()) if ours.numel() else 0.0
+    change = float(((decoded - ours).abs() / s.abs()).max()) if ours.numel() else 0.0
     return kind, np.concatenate(parts, -1).reshape(rows, -1), change
 
 
@@ -83,7 +84,7 @@ def permute_rows(pt: PackedTensor, n_head: int) -> PackedTensor:
     codes = pt.codes()[order]
     zeros = None if pt.symmetric else pack_bits(pt.zeros()[order].to(torch.int64), pt.bits)
     return PackedTensor(pt.shape, pt.bits, pt.group_size, pt.symmetric, pack_bits(codes.to(torch.int64), pt.bits),
-                        pt.scales[order].contiguous(), zeros)
+                        pt.scales[order].contiguous(), zeros, pt.full_range)
 
 
 def _source_gguf(doc: dict) -> Path:

@@ -20,7 +20,8 @@ def explain_value(fmt: Format, x: float) -> dict:
 
 
 def quantize_values(values: list[float], fmt_name: str, bits: int | None = None, clip: tuple[float, float] | None = None,
-                    symmetric: bool = False, zero_point: str = "float", block: int | None = None) -> dict:
+                    symmetric: bool = False, zero_point: str = "float", block: int | None = None,
+                    full_range: bool = False) -> dict:
     """Scale, zero point, codes and dequantized values of a short list under one format.
 
     ``clip`` (lo, hi) sets the range instead of the data's min and max; int is asymmetric
@@ -34,7 +35,7 @@ def quantize_values(values: list[float], fmt_name: str, bits: int | None = None,
         raise LowbitError("--values needs finite numbers separated by commas")
     if clip is not None and clip[0] > clip[1]:
         raise LowbitError(f"clip range [{clip[0]}, {clip[1]}] is empty: give LOW,HIGH with LOW <= HIGH")
-    sym = symmetric or (clip is not None and clip[0] == -clip[1])
+    sym = symmetric or full_range or (clip is not None and clip[0] == -clip[1])
     from . import is_block
 
     kw = {} if bits is None else {"bits": bits}
@@ -42,7 +43,8 @@ def quantize_values(values: list[float], fmt_name: str, bits: int | None = None,
         size = 32 if fmt_name.startswith("mx") else (block or x.numel())
         spec = QuantSpec(format=fmt_name, granularity="group", group_size=size, **kw)
     else:
-        spec = QuantSpec(format=fmt_name, granularity="tensor", symmetric=sym, zero_point=zero_point, **kw)
+        spec = QuantSpec(format=fmt_name, granularity="tensor", symmetric=sym, zero_point=zero_point,
+                         full_range=full_range, **kw)
     xg = x.view(1, 1, -1) if spec.granularity == "tensor" else _blocks(x, spec.group_size, spec.format)
     if clip is not None:
         if getattr(spec.number_format, "table_params", False):
@@ -56,7 +58,7 @@ def quantize_values(values: list[float], fmt_name: str, bits: int | None = None,
     q = encode(xg, scale, zero, spec)
     xh = decode(q, scale, zero, spec)
     out = {
-        "format": spec.format, "bits": spec.bits, "symmetric": spec.symmetric,
+        "format": spec.format, "bits": spec.bits, "symmetric": spec.symmetric, "full_range": spec.full_range,
         "range": list(clip) if clip is not None else [float(x.min()), float(x.max())],
         "values": x.tolist(), "codes": [int(c) for c in q.reshape(-1).tolist()],
         "dequantized": xh.reshape(-1).tolist(), "error": (xh.reshape(-1) - x).tolist(),

@@ -142,7 +142,10 @@ class LearnedGrid(nn.Module):
         scale, zero = compute_qparams(wg, spec)
         self.spec, self.rounding, self.generator = spec, rounding, generator
         self.shape = tuple(weight.shape)
-        self.scale = nn.Parameter(scale.squeeze(-1).clone(), requires_grad=lsq)
+        # The step's magnitude is learned; its sign is fixed (negative only on full-range grids, where the
+        # group's positive extreme sits on the lowest code).
+        self.scale = nn.Parameter(scale.squeeze(-1).abs().clone(), requires_grad=lsq)
+        self.register_buffer("sign", torch.where(scale.squeeze(-1) < 0, -1.0, 1.0))
         self.register_buffer("zero", zero.squeeze(-1).clone())
         self.grad_factor = 1.0 / math.sqrt(wg.shape[-1] * spec.qmax)
         self.temperature = math.inf
@@ -150,10 +153,10 @@ class LearnedGrid(nn.Module):
 
     def _codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hard:  # exact integers and the exact step: what packing will store
-            s = self.scale.detach().clamp(min=1e-8).unsqueeze(-1)
+            s = (self.scale.detach().clamp(min=1e-8) * self.sign).unsqueeze(-1)
             u = _grouped(w.detach().float(), self.spec) / s + self.zero.unsqueeze(-1)
             return torch.clamp(torch.round(u), self.spec.qmin, self.spec.qmax), s
-        s = _scale_grad(self.scale, self.grad_factor).clamp(min=1e-8).unsqueeze(-1)
+        s = (_scale_grad(self.scale, self.grad_factor).clamp(min=1e-8) * self.sign).unsqueeze(-1)
         u = torch.clamp(_grouped(w.float(), self.spec) / s + self.zero.unsqueeze(-1), self.spec.qmin, self.spec.qmax)
         if self.rounding == "soft":
             return soft_round(u, self.temperature), s

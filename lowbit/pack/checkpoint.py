@@ -36,7 +36,8 @@ from .codes import CODES_ATTR
 from .tensor import PackedTensor
 
 FORMAT = "lowbit-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added full-range symmetric tensors; files without any are still written as 1
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "lowbit.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # a sharded directory (written by lowbit.stream)
@@ -293,10 +294,14 @@ def finish_dir(tmp: Path, meta: dict, entries: dict, config, tokenizer, generati
         k = known.get(f.name)
         files[f.name] = {"bytes": f.stat().st_size,
                          "sha256": k["sha256"] if k and k["bytes"] == f.stat().st_size else _sha256(f)}
+    # A reader of version 1 would shift full-range codes by 2^(bits-1)-1 instead of 2^(bits-1): such files say 2,
+    # so that reader refuses them; all others stay readable by it.
+    full = any(isinstance(e, dict) and e.get("full_range") for e in entries.values())
     doc = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "packing": "codes row-major, unsigned (symmetric shifted by 2^(bits-1)-1); every 32 codes fill `bits` "
-                   "int32 words, code i at bits [i*bits, (i+1)*bits) little-endian; w = (u - zero) * scale",
+        "format": FORMAT, "format_version": FORMAT_VERSION if full else 1,
+        "packing": "codes row-major, unsigned (symmetric shifted by 2^(bits-1)-1, by 2^(bits-1) where a tensor says "
+                   "full_range); every 32 codes fill `bits` int32 words, code i at bits [i*bits, (i+1)*bits) "
+                   "little-endian; w = (u - zero) * scale",
         **meta, "tensors": entries, "files": files,
     }
     (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=1))
@@ -315,9 +320,9 @@ def read_config(path: str | os.PathLike, verify: bool = True) -> dict:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise LowbitError(f"{p / CONFIG_NAME} is not a lowbit packed-model config")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
-        raise LowbitError(f"{p} has format version {version!r}; this lowbit reads version {FORMAT_VERSION} only "
-                          "(upgrade lowbit, or re-export the model)")
+    if version not in READABLE_VERSIONS:
+        raise LowbitError(f"{p} has format version {version!r}; this lowbit reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade lowbit, or re-export the model)")
     for name, want in doc.get("files", {}).items():
         f = p / name
         if not f.is_file():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LowbitError
-from ..quantizer import QTensor, QuantSpec, dequantize, encode, quantize
+from ..quantizer import QTensor, QuantSpec, dequantize, encode, quantize, signed_extreme
 
 ULP_STEPS = 4  # scale candidates tried on each side of the estimate
 SPAN_SLACK = 2  # also try ranges spanning qmax - 1 ... qmax - SPAN_SLACK steps
@@ -43,14 +43,15 @@ def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def _scale_estimate(d: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Per group, the middle of the interval of scales s with d_i·s rounding to w_i for all i."""
+    """Per group, the middle of the interval of scales s with d_i·s rounding to w_i for all i (of the sign of
+    ``fallback``: positive, or for full-range symmetric grids the sign that puts the extreme on the lowest code)."""
     nz = d != 0
     safe = torch.where(nz, d, 1.0)
     a, b = w_lo / safe, w_hi / safe
     lower = torch.where(nz, torch.minimum(a, b), -torch.inf).amax(-1)
     upper = torch.where(nz, torch.maximum(a, b), torch.inf).amin(-1)
     mid = ((lower + upper) / 2).float()
-    return torch.where(torch.isfinite(mid) & (mid > 0), mid, fallback)
+    return torch.where(torch.isfinite(mid) & (mid * fallback > 0), mid, fallback)  # the sign of the grid's scale
 
 
 # A method that chooses its own grid (QAT's learned steps) keeps the codes on the linear under this
@@ -87,7 +88,9 @@ def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     def exact_in_dtype(approx: torch.Tensor) -> torch.Tensor:  # per group: every weight reproduced
         return (approx.to(w.dtype).float() == sub).all(-1)
 
-    if spec.symmetric:
+    if spec.full_range:
+        lo = hi = signed_extreme(sub).squeeze(-1)
+    elif spec.symmetric:
         lo = hi = sub.abs().amax(-1)
     else:
         hi, lo = sub.amax(-1).clamp(min=0), sub.amin(-1).clamp(max=0)
@@ -99,10 +102,15 @@ def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     del inf
     q_sub, z_sub, s_sub = q_best[todo], z_best[todo], s_best[todo]
     done = torch.zeros(len(todo), dtype=torch.bool)
-    for steps in range(spec.qmax, spec.qmax - SPAN_SLACK - 1, -1):
+    top = -spec.qmin if spec.full_range else spec.qmax  # steps from zero to the extreme's code
+    for steps in range(top, top - SPAN_SLACK - 1, -1):
         if bool(done.all()):
             break
-        if spec.symmetric:
+        if spec.full_range:
+            s = -hi / steps  # the signed extreme on code -steps
+            s = torch.where(s.abs() < 1e-8, torch.full_like(s, 1e-8), s)
+            z = torch.zeros_like(s)
+        elif spec.symmetric:
             s = (hi / steps).clamp(min=1e-8)
             z = torch.zeros_like(s)
         else:
@@ -112,7 +120,7 @@ def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
         d = q - z.unsqueeze(-1)  # exact small integers; products in float32, as the quantizer's decode
         estimate = _scale_estimate(d.double(), w_lo, w_hi, s)
         for cand in _ulp_candidates(estimate, ULP_STEPS):
-            ok = exact_in_dtype(d * cand.unsqueeze(-1)) & ~done & (cand > 0)
+            ok = exact_in_dtype(d * cand.unsqueeze(-1)) & ~done & (cand * s > 0)
             q_sub = torch.where(ok.unsqueeze(-1), q, q_sub)
             z_sub, s_sub = torch.where(ok, z, z_sub), torch.where(ok, cand, s_sub)
             done |= ok

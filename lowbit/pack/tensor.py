@@ -1,8 +1,9 @@
 """A quantized matrix in its packed form: codes as a bit stream, per-group scales and zero points.
 
 The codes are stored unsigned, u = q - qmin (symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1] are
-shifted up by 2^(b-1) - 1), so every width packs the same way, and w = (u - z)·s with z the
-integer zero point (a constant 2^(b-1) - 1 for symmetric, not stored). Dequantization goes
+shifted up by 2^(b-1) - 1, full-range ones in [-2^(b-1), 2^(b-1) - 1] by 2^(b-1)), so every width
+packs the same way, and w = (u - z)·s with z the integer zero point (for symmetric the constant
+shift, not stored). Dequantization goes
 back through :class:`QTensor` and :func:`quantizer.dequantize`, so a packed weight reloads
 to exactly the float weights the quantizer produced.
 """
@@ -37,6 +38,7 @@ class PackedTensor:
     qweight: torch.Tensor  # int32 stream of rows*cols codes, row-major
     scales: torch.Tensor  # [rows, n_groups], float32 (float16 when that holds every scale exactly)
     qzeros: torch.Tensor | None  # int32 stream of rows*n_groups zero points; None when symmetric
+    full_range: bool = False  # symmetric over all 2^b codes (scales may be negative)
 
     @property
     def n_groups(self) -> int:
@@ -45,13 +47,17 @@ class PackedTensor:
     @property
     def offset(self) -> int:
         """What was added to the signed codes to store them unsigned."""
-        return (1 << (self.bits - 1)) - 1 if self.symmetric else 0
+        if not self.symmetric:
+            return 0
+        return (1 << (self.bits - 1)) - (0 if self.full_range else 1)
 
     @property
     def spec(self) -> QuantSpec:
         if self.group_size == self.shape[1]:
-            return QuantSpec(bits=self.bits, granularity="channel", symmetric=self.symmetric)
-        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+            return QuantSpec(bits=self.bits, granularity="channel", symmetric=self.symmetric,
+                             full_range=self.full_range)
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                         full_range=self.full_range)
 
     @classmethod
     def from_qtensor(cls, qt: QTensor, small_scales: bool = True) -> PackedTensor:
@@ -72,7 +78,8 @@ class PackedTensor:
         qzeros = None if spec.symmetric else pack_bits(zeros.round().to(torch.int64), spec.bits)
         if small_scales:
             scales = _small(scales)
-        return cls((rows, cols), spec.bits, group, spec.symmetric, pack_bits(codes, spec.bits), scales, qzeros)
+        return cls((rows, cols), spec.bits, group, spec.symmetric, pack_bits(codes, spec.bits), scales, qzeros,
+                   spec.full_range)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, spec: QuantSpec, name: str = "weight", codes=None) -> PackedTensor:
@@ -94,7 +101,7 @@ class PackedTensor:
         first = parts[0]
         qzeros = None if first.qzeros is None else torch.cat([p.qzeros for p in parts])
         return cls((rows, cols), first.bits, first.group_size, first.symmetric, torch.cat([p.qweight for p in parts]),
-                   _small(torch.cat([p.scales for p in parts])), qzeros)
+                   _small(torch.cat([p.scales for p in parts])), qzeros, first.full_range)
 
     def check(self, name: str = "tensor") -> None:
         """Refuse inconsistent parts (a corrupt or hand-edited file), naming what is wrong."""
@@ -102,6 +109,8 @@ class PackedTensor:
         if not 1 <= self.bits <= 8 or self.group_size < 1 or cols % self.group_size:
             raise LowbitError(f"{name}: bad packing parameters (bits {self.bits}, group {self.group_size}, "
                               f"shape {list(self.shape)})")
+        if self.full_range and not self.symmetric:
+            raise LowbitError(f"{name}: full_range is set on an asymmetric weight")
         expect = {
             "qweight": (self.qweight, (packed_words(rows * cols, self.bits),), torch.int32),
             "scales": (self.scales, (rows, self.n_groups), None),
@@ -143,15 +152,19 @@ class PackedTensor:
         return out
 
     def meta(self) -> dict:
-        return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
+        meta = {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric}
+        if self.full_range:  # written only when set, so files of the restricted grid read as before
+            meta["full_range"] = True
+        return meta
 
     @classmethod
     def from_parts(cls, prefix: str, meta: dict, tensors: dict[str, torch.Tensor]) -> PackedTensor:
         """Rebuild from :meth:`meta` and the file's tensors, checking every shape."""
         try:
             pt = cls(tuple(meta["shape"]), int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]),
-                     tensors.get(f"{prefix}.qweight"), tensors.get(f"{prefix}.scales"), tensors.get(f"{prefix}.qzeros"))
+                     tensors.get(f"{prefix}.qweight"), tensors.get(f"{prefix}.scales"), tensors.get(f"{prefix}.qzeros"),
+                     bool(meta.get("full_range", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise LowbitError(f"{prefix}: bad entry in the quantization config ({e})") from None
         pt.check(prefix)
