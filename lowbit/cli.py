@@ -68,14 +68,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per evaluation window (default 2048)")
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--w-bit", type=_bits, help="weight bits, 2-8 (default 4, or the width the format's name fixes)")
-    p.add_argument("--group-size", type=_non_negative, help=GROUP_HELP + " (default 64; 32 for MX formats)")
+def _add_sym_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric, integer zero point; "
                                                       "formats other than int are always symmetric)")
     p.add_argument("--full-range", action="store_true",
                    help="symmetric int over all 2^b codes, the group's signed extreme on -2^(b-1) (llama.cpp's "
                         "Q4_0 grid: 16 levels at 4 bits where --sym has 15); implies --sym")
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--w-bit", type=_bits, help="weight bits, 2-8 (default 4, or the width the format's name fixes)")
+    p.add_argument("--group-size", type=_non_negative, help=GROUP_HELP + " (default 64; 32 for MX formats)")
+    _add_sym_args(p)
     p.add_argument("--format", default="int", help=f"number format: {FORMAT_HELP} (default int)")
     p.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest",
                    help="round to nearest (default) or stochastically (unbiased; seeded by --seed)")
@@ -571,8 +575,9 @@ def cmd_compare(args) -> int:
     make_config("salient", QuantSpec(bits=args.bits[0]), _method_options(args))
     make_config("awq", QuantSpec(bits=args.bits[0]), _method_options(args))
     session = _session(args)
-    rows = run_compare(session, methods, args.bits, args.group_size, args.sym, _method_options(args),
-                       log=lambda r: print(_table([r], RESULT_COLUMNS).splitlines()[-1], file=sys.stderr, flush=True))
+    rows = run_compare(session, methods, args.bits, args.group_size, args.sym or args.full_range, _method_options(args),
+                       log=lambda r: print(_table([r], RESULT_COLUMNS).splitlines()[-1], file=sys.stderr, flush=True),
+                       full_range=args.full_range)
     print(_table(rows, RESULT_COLUMNS))
     with atomic_path(json_path) as tmp:
         Path(tmp).write_text(json.dumps(rows, indent=1))
@@ -640,9 +645,11 @@ def cmd_sensitivity(args) -> int:
     out = check_writable(args.output, args.force)
     plot = check_writable(args.plot, args.force) if args.plot else None
     if args.group_size == 0:
-        base = QuantSpec(bits=args.bits[0], granularity="channel", symmetric=args.sym)
+        base = QuantSpec(bits=args.bits[0], granularity="channel", symmetric=args.sym or args.full_range,
+                         full_range=args.full_range)
     else:
-        base = QuantSpec(bits=args.bits[0], group_size=args.group_size, symmetric=args.sym)
+        base = QuantSpec(bits=args.bits[0], group_size=args.group_size, symmetric=args.sym or args.full_range,
+                         full_range=args.full_range)
     if model_source(args.model)[0] == "lowbit":
         raise LowbitError(f"{args.model} is a packed model; sensitivity needs the float weights")
     from .calib import calib_samples
@@ -871,7 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--bits", type=_bits, nargs="+", default=[3], help="bit widths to compare (default 3)")
     p.add_argument("--group-size", type=_non_negative, default=64, help=GROUP_HELP + " (default 64)")
-    p.add_argument("--sym", action="store_true", help="symmetric quantization")
+    _add_sym_args(p)
     p.add_argument("--methods", nargs="+", help="subset of: fp rtn salient-activation salient-weight "
                                                 "salient-random awq (default all)")
     _add_data_args(p)
@@ -887,7 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=_bits, nargs="+", default=[3],
                    help="widths to score each linear at (default 3; 2 3 4 8 for an allocation with --cost loss)")
     p.add_argument("--group-size", type=_non_negative, default=64, help=GROUP_HELP + " (default 64)")
-    p.add_argument("--sym", action="store_true", help="symmetric quantization")
+    _add_sym_args(p)
     p.add_argument("--probes", type=_positive, default=4, help="Hutchinson probes (default 4)")
     p.add_argument("--calib-data", help="calibration text file (default: WikiText-2 validation from the data dir, "
                                         "or pile-val from the hub)")

@@ -20,7 +20,7 @@ COMPARE_METHODS: dict[str, tuple[str, str | None]] = {
 
 
 def run_compare(session: Session, methods: list[str], bits: list[int], group_size: int, sym: bool,
-                opts: MethodOptions, log: Callable[[dict], None] | None = None) -> list[dict]:
+                opts: MethodOptions, log: Callable[[dict], None] | None = None, full_range: bool = False) -> list[dict]:
     """One row per (method, bits); the float model once."""
     rows = []
     for label in methods:
@@ -29,7 +29,7 @@ def run_compare(session: Session, methods: list[str], bits: list[int], group_siz
             spec = None
             if method != "fp":
                 spec = QuantSpec(bits=b, granularity="group" if group_size else "channel",
-                                 group_size=group_size or 64, symmetric=sym)
+                                 group_size=group_size or 64, symmetric=sym, full_range=full_range)
             o = replace(opts, salient_by=by) if by else opts
             row = session.run(method, spec, o, progress=False, label=label).row()
             rows.append(row)
