@@ -68,10 +68,17 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per evaluation window (default 2048)")
 
 
+class _FullRange(argparse.Action):
+    """--full-range sets --sym too, so every command reads one symmetric flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.full_range = namespace.sym = True
+
+
 def _add_sym_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric, integer zero point; "
                                                       "formats other than int are always symmetric)")
-    p.add_argument("--full-range", action="store_true",
+    p.add_argument("--full-range", action=_FullRange, nargs=0, default=False,
                    help="symmetric int over all 2^b codes, the group's signed extreme on -2^(b-1) (llama.cpp's "
                         "Q4_0 grid: 16 levels at 4 bits where --sym has 15); implies --sym")
 
@@ -198,8 +205,7 @@ def _spec(args):
     from .quantizer import QuantSpec
 
     fmt = canonical(args.format)
-    kw = {"format": fmt, "symmetric": args.sym or args.full_range, "rounding": args.rounding,
-          "full_range": args.full_range}
+    kw = {"format": fmt, "symmetric": args.sym, "rounding": args.rounding, "full_range": args.full_range}
     if args.w_bit is not None:
         kw["bits"] = args.w_bit
     if args.rounding == "stochastic":
@@ -575,7 +581,7 @@ def cmd_compare(args) -> int:
     make_config("salient", QuantSpec(bits=args.bits[0]), _method_options(args))
     make_config("awq", QuantSpec(bits=args.bits[0]), _method_options(args))
     session = _session(args)
-    rows = run_compare(session, methods, args.bits, args.group_size, args.sym or args.full_range, _method_options(args),
+    rows = run_compare(session, methods, args.bits, args.group_size, args.sym, _method_options(args),
                        log=lambda r: print(_table([r], RESULT_COLUMNS).splitlines()[-1], file=sys.stderr, flush=True),
                        full_range=args.full_range)
     print(_table(rows, RESULT_COLUMNS))
@@ -645,11 +651,9 @@ def cmd_sensitivity(args) -> int:
     out = check_writable(args.output, args.force)
     plot = check_writable(args.plot, args.force) if args.plot else None
     if args.group_size == 0:
-        base = QuantSpec(bits=args.bits[0], granularity="channel", symmetric=args.sym or args.full_range,
-                         full_range=args.full_range)
+        base = QuantSpec(bits=args.bits[0], granularity="channel", symmetric=args.sym, full_range=args.full_range)
     else:
-        base = QuantSpec(bits=args.bits[0], group_size=args.group_size, symmetric=args.sym or args.full_range,
-                         full_range=args.full_range)
+        base = QuantSpec(bits=args.bits[0], group_size=args.group_size, symmetric=args.sym, full_range=args.full_range)
     if model_source(args.model)[0] == "lowbit":
         raise LowbitError(f"{args.model} is a packed model; sensitivity needs the float weights")
     from .calib import calib_samples
@@ -946,8 +950,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=_clip, help="clipping range: L for [-L, L] (symmetric) or LOW,HIGH "
                                               "(write --clip=-0.5,2); default: the values' min and max")
     p.add_argument("--sym", action="store_true", help="int: symmetric range ±max|x| when no --clip is given")
-    p.add_argument("--full-range", action="store_true", help="int: symmetric over all 2^b codes, the signed extreme "
-                                                             "on -2^(b-1) (llama.cpp's Q4_0 grid); implies --sym")
+    p.add_argument("--full-range", action=_FullRange, nargs=0, default=False,
+                   help="int: symmetric over all 2^b codes, the signed extreme on -2^(b-1) (llama.cpp's Q4_0 grid); "
+                        "implies --sym")
     p.add_argument("--zero-point", choices=("float", "int"), default="float",
                    help="asymmetric int: offset by the range's low end (float, the lecture's x̂ = s·q + min; "
                         "default) or an integer zero point")

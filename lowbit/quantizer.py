@@ -204,7 +204,7 @@ def compute_qparams(
     if not spec.is_int:
         return spec.number_format.qparams(wg, ratio)
     if spec.full_range:
-        return full_range_scale(signed_extreme(wg) * ratio, spec)
+        return full_range_scale(signed_extreme(wg) * ratio, spec.qmin)
     if spec.symmetric:
         amax = wg.abs().amax(dim=-1, keepdim=True) * ratio
         return qparams_from_range(-amax, amax, spec)
@@ -218,9 +218,10 @@ def signed_extreme(wg: torch.Tensor) -> torch.Tensor:
     return wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True))
 
 
-def full_range_scale(extreme: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (and zero zero point) that put the signed ``extreme`` on the lowest code -2^(b-1)."""
-    scale = extreme.float() / spec.qmin
+def full_range_scale(extreme: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (and zero zero point) that put the signed ``extreme`` on the negative ``code`` (-2^(b-1) for
+    the full-range grid)."""
+    scale = extreme.float() / code
     scale = torch.where(scale.abs() < 1e-8, torch.full_like(scale, 1e-8), scale)
     return scale, torch.zeros_like(scale)
 
@@ -232,7 +233,7 @@ def qparams_from_range(
     symmetric: the end of larger magnitude goes on the lowest code)."""
     lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
     if spec.full_range:
-        return full_range_scale(torch.where(lo.abs() >= hi.abs(), lo, hi), spec)
+        return full_range_scale(torch.where(lo.abs() >= hi.abs(), lo, hi), spec.qmin)
     if not spec.is_int:
         fmt = spec.number_format
         if getattr(fmt, "table_params", False):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LowbitError
-from ..quantizer import QTensor, QuantSpec, dequantize, encode, quantize, signed_extreme
+from ..quantizer import QTensor, QuantSpec, dequantize, encode, full_range_scale, quantize, signed_extreme
 
 ULP_STEPS = 4  # scale candidates tried on each side of the estimate
 SPAN_SLACK = 2  # also try ranges spanning qmax - 1 ... qmax - SPAN_SLACK steps
@@ -107,9 +107,7 @@ def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
         if bool(done.all()):
             break
         if spec.full_range:
-            s = -hi / steps  # the signed extreme on code -steps
-            s = torch.where(s.abs() < 1e-8, torch.full_like(s, 1e-8), s)
-            z = torch.zeros_like(s)
+            s, z = full_range_scale(hi, -steps)  # the signed extreme on code -steps
         elif spec.symmetric:
             s = (hi / steps).clamp(min=1e-8)
             z = torch.zeros_like(s)
