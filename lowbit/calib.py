@@ -8,7 +8,7 @@ layer's outputs as the next inputs. Only one layer's activations live at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -50,33 +50,129 @@ def _static_kwargs(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in drop}
 
 
+def _tile(one, full, n_full: int, n: int, where: str):
+    """``one`` (an argument at batch size 1) for a batch of ``n``, given ``full`` (the same at ``n_full``)."""
+    if isinstance(full, torch.Tensor):
+        if not isinstance(one, torch.Tensor) or full.shape == one.shape:
+            return full
+        if full.dim() and full.shape[0] == n_full * one.shape[0] and full.shape[1:] == one.shape[1:]:
+            return one.repeat(n, *([1] * (one.dim() - 1)))  # batch-major, as alibi's [batch * heads, ...]
+        raise LowbitError(f"{where}: an argument of shape {list(full.shape)} at batch {n_full} (and "
+                          f"{list(one.shape)} at batch 1) cannot be re-made for a batch of {n}")
+    if isinstance(full, (tuple, list)) and isinstance(one, (tuple, list)) and len(one) == len(full):
+        return type(full)(_tile(a, b, n_full, n, where) for a, b in zip(one, full))
+    if isinstance(full, dict) and isinstance(one, dict):
+        return {k: _tile(one.get(k), v, n_full, n, where) for k, v in full.items()}
+    return full
+
+
+@dataclass
+class Call:
+    """The arguments besides the hidden states that a module is called with, for any batch size.
+
+    Captured at batch size 1 (``one``) and at the calibration batch size ``n`` (``full``); for another
+    size, tensors whose first dimension grew with the batch (masks [b, 1, T, T], alibi [b * heads, ...],
+    rotary tables [b, T, d]) are tiled from ``one``. Calibration samples are equal-length windows
+    without padding, so every sample's arguments are the same.
+    """
+
+    one: tuple[tuple, dict]
+    full: tuple[tuple, dict]
+    n: int
+    where: str = "layer"
+
+    def at(self, batch: int) -> tuple[tuple, dict]:
+        if batch == self.n:
+            return self.full
+        if batch == 1:
+            return self.one
+        return _tile(self.one, self.full, self.n, batch, self.where)
+
+    def __call__(self, module: nn.Module, x: torch.Tensor):
+        args, kwargs = self.at(x.shape[0])
+        return module(x, *args, **kwargs)
+
+    def state(self) -> dict:
+        """Plain containers (for ``torch.save(weights_only=True)``)."""
+        return {"one": [list(self.one[0]), self.one[1]], "full": [list(self.full[0]), self.full[1]], "n": self.n,
+                "where": self.where}
+
+    @classmethod
+    def from_state(cls, d: dict) -> Call:
+        return cls((tuple(d["one"][0]), d["one"][1]), (tuple(d["full"][0]), d["full"][1]), d["n"], d["where"])
+
+
+def _passthrough(*args, **kwargs):
+    return _main_input(args, kwargs)
+
+
+@torch.no_grad()
+def _capture_calls(model: nn.Module, family: Family, ids: torch.Tensor, last: int | None = None):
+    """(each layer's (extra args, kwargs) up to layer ``last``, the hidden states entering layer 0) for ``ids``.
+
+    The layers' own work is skipped (each returns its input), so this costs an embedding and the
+    model's mask and position set-up, whatever the depth; it also works on a skeleton whose layers
+    are not loaded yet.
+    """
+    layers = model.get_submodule(family.layers)
+    last = len(layers) - 1 if last is None else last
+    calls: list = [None] * (last + 1)
+    hidden: list[torch.Tensor] = []
+
+    def hook(i: int):
+        def record(_m, args, kwargs):
+            if i == 0:
+                hidden.append(_main_input(args, kwargs).detach())
+            calls[i] = (tuple(args[1:]), _static_kwargs(kwargs))
+            if i == last:
+                raise _Stop
+
+        return record
+
+    saved = [layer.__dict__.get("forward") for layer in layers[: last + 1]]
+    handles = []
+    try:
+        for i, layer in enumerate(layers[: last + 1]):
+            layer.forward = _passthrough
+            handles.append(layer.register_forward_pre_hook(hook(i), with_kwargs=True))
+        _run_until_stop(model, ids, ids.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        for layer, fwd in zip(layers, saved):
+            if fwd is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = fwd
+    missing = [i for i, c in enumerate(calls) if c is None]
+    if missing or not hidden:
+        raise LowbitError(f"the model's forward did not call decoder layer {missing[0] if missing else 0} of "
+                          f"{family.layers}; its layer list is not what {family.name} declares")
+    return calls, hidden[0]
+
+
 @torch.no_grad()
 def first_layer_inputs(model: nn.Module, family: Family, samples: torch.Tensor, batch_size: int = 16):
-    """Hidden states entering the first decoder layer, and that layer's keyword arguments."""
-    hidden, kwargs = first_layer_batches(model, family, samples, batch_size)
-    return torch.cat(list(hidden)), kwargs
+    """Hidden states entering the first decoder layer, and every layer's :class:`Call`."""
+    hidden, calls = first_layer_batches(model, family, samples, batch_size)
+    return torch.cat(list(hidden)), calls
 
 
 @torch.no_grad()
 def first_layer_batches(model: nn.Module, family: Family, samples: torch.Tensor, batch_size: int = 16,
-                        store: Activations | None = None) -> tuple[Activations, dict]:
-    """Like :func:`first_layer_inputs`, kept batch by batch in ``store`` (default: in memory, as computed)."""
-    layers = model.get_submodule(family.layers)
+                        store: Activations | None = None) -> tuple[Activations, list[Call]]:
+    """Hidden states entering the first decoder layer, batch by batch in ``store`` (default: in memory),
+    and for each decoder layer the :class:`Call` the model makes of it (layers differ: Gemma 3's sliding
+    and global layers get different masks and rotary tables)."""
     captured = store if store is not None else Activations()
-    kwargs_box: dict = {}
-
-    def hook(_m, args, kwargs):
-        captured.append(_main_input(args, kwargs).detach())
-        if not kwargs_box:
-            kwargs_box.update(_static_kwargs(kwargs))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        _run_until_stop(model, samples, batch_size)
-    finally:
-        handle.remove()
-    return captured, kwargs_box
+    batches = samples.split(batch_size)
+    one, _ = _capture_calls(model, family, batches[0][:1])
+    full, h = _capture_calls(model, family, batches[0])
+    captured.append(h)
+    for b in batches[1:]:
+        captured.append(_capture_calls(model, family, b, last=0)[1])
+    n = batches[0].shape[0]
+    return captured, [Call(o, f, n, f"{family.layers}.{i}") for i, (o, f) in enumerate(zip(one, full))]
 
 
 class Activations:
@@ -155,34 +251,51 @@ class LayerContext:
 
     index: int
     layer: nn.Module
-    layer_kwargs: dict
-    linear_inputs: dict[str, torch.Tensor]  # quantized linear name -> its input [n, seq, in]
-    module_kwargs: dict[str, dict]  # inspected module -> static keyword arguments
+    call: Call | None  # how the model calls this layer (None: no calibration, e.g. a loaded AWQ search)
+    linear_inputs: dict[str, torch.Tensor]  # quantized linear name -> its input [n, seq, in] (experts: [tokens, in])
+    module_calls: dict[str, Call]  # inspected module -> how the layer calls it
     groups: tuple[ScalingGroup, ...]
     batch_size: int = 16
     inputs: Activations | None = None  # the hidden states entering the layer, batch by batch
     outputs: list[torch.Tensor] | None = None  # the layer's outputs on them before ``process`` changed it
+    module_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # inspected module -> its input
 
     def run(self, module_name: str, x: torch.Tensor) -> torch.Tensor:
-        """Output of a submodule of the layer on ``x``, batched to bound memory."""
-        mod = self.layer.get_submodule(module_name) if module_name else self.layer
-        kw = self.module_kwargs.get(module_name, {})
-        return torch.cat([_output(mod(xb, **kw)) for xb in x.split(self.batch_size)])
+        """Output of a submodule of the layer (the layer itself for "") on ``x``, batched to bound memory."""
+        if not module_name:
+            return self.run_layer(x)
+        mod = self.layer.get_submodule(module_name)
+        call = self.module_calls.get(module_name)
+        return torch.cat([_output(call(mod, xb) if call else mod(xb)) for xb in x.split(self.batch_size)])
+
+    def run_layer(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output on hidden states ``x`` [n, seq, hidden], called as the model calls it."""
+        return torch.cat([_output(self.call(self.layer, xb)) for xb in x.split(self.batch_size)])
+
+    def group_input(self, group: ScalingGroup) -> torch.Tensor:
+        """What the group's linears read, over every calibration token (an MoE block's whole input,
+        not the share one expert was routed)."""
+        x = self.module_inputs.get(group.inspect)
+        return x if x is not None else self.linear_inputs[group.linears[0]]
 
 
 class _LayerCapture:
-    """Forward hooks for one layer: each linear's input (stored once when linears share it) and
-    the keyword arguments each inspected module is called with."""
+    """Forward hooks for one layer: each named module's input (stored once when modules share it) and
+    how each inspected module is called."""
 
     def __init__(self) -> None:
-        self.sources: dict[int, tuple[str, torch.Tensor]] = {}  # tensor id -> first linear given it (kept alive)
+        self.sources: dict[int, tuple[str, torch.Tensor]] = {}  # tensor id -> first module given it (kept alive)
         self.alias: dict[str, str] = {}
         self.chunks: dict[str, list[torch.Tensor]] = {}
-        self.module_kwargs: dict[str, dict] = {}
+        self.calls: dict[str, dict[int, tuple[tuple, dict]]] = {}  # module -> batch size -> (args, kwargs)
+        self.batch = 0
+        self.record_inputs = True
 
-    def linear_hook(self, name: str):
-        def hook(_m, args):
-            x = args[0]
+    def input_hook(self, name: str):
+        def hook(_m, args, kwargs):
+            if not self.record_inputs:
+                return
+            x = _main_input(args, kwargs)
             first = self.sources.setdefault(id(x), (name, x))[0]
             self.alias[name] = first
             if first == name:
@@ -190,16 +303,19 @@ class _LayerCapture:
 
         return hook
 
-    def kwargs_hook(self, name: str):
+    def call_hook(self, name: str):
         def hook(_m, args, kwargs):
-            if name not in self.module_kwargs:
-                self.module_kwargs[name] = _static_kwargs(kwargs)
+            self.calls.setdefault(name, {}).setdefault(self.batch, (tuple(args[1:]), _static_kwargs(kwargs)))
 
         return hook
 
-    def linear_inputs(self, linears) -> dict[str, torch.Tensor]:
+    def inputs(self, names) -> dict[str, torch.Tensor]:
         feats = {n: torch.cat(c) for n, c in self.chunks.items()}
-        return {n: feats[self.alias[n]] for n in linears if n in self.alias}
+        return {n: feats[self.alias[n]] for n in names if n in self.alias}
+
+    def module_calls(self, n: int, prefix: str) -> dict[str, Call]:
+        return {name: Call(by.get(1, by[n]), by[n], n, f"{prefix}.{name}") for name, by in self.calls.items()
+                if n in by}
 
 
 @torch.no_grad()
@@ -218,14 +334,23 @@ def walk_layers(
     ``propagate="float"`` feeds the next layer with this layer's outputs before ``process``
     changed it (llm-awq's choice); ``"quantized"`` recomputes them afterwards (GPTQ's).
     """
-    hidden, layer_kwargs = first_layer_batches(model, family, samples, batch_size)
+    hidden, calls = first_layer_batches(model, family, samples, batch_size)
     layers = model.get_submodule(family.layers)
-    groups = family.groups
+    groups = None
     for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", leave=False)):
         out = Activations(hidden.dtype)
-        groups = calibrate_layer(index, layer, family, groups, hidden, layer_kwargs, process, out,
+        groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], process, out,
                                  batch_size=batch_size, propagate=propagate)
         hidden = out
+
+
+def layer_groups(layer: nn.Module, family: Family, call: Call, x1: torch.Tensor) -> tuple[ScalingGroup, ...]:
+    """The family's scaling groups, with norm→linear groups traced on one sample ``x1`` where the
+    family says its wiring depends on the config (or is not declared at all)."""
+    if not family.trace_norm_groups:
+        return family.groups
+    traced = discover_groups(layer, family.linears, partial(call, layer, x1))
+    return traced + tuple(g for g in family.groups if g.prev not in {t.prev for t in traced})
 
 
 @torch.no_grad()
@@ -233,9 +358,9 @@ def calibrate_layer(
     index: int,
     layer: nn.Module,
     family: Family,
-    groups: tuple[ScalingGroup, ...],
+    groups: tuple[ScalingGroup, ...] | None,
     hidden: Activations,
-    layer_kwargs: dict,
+    call: Call,
     process: Callable[[LayerContext], None],
     out: Activations,
     *,
@@ -243,41 +368,51 @@ def calibrate_layer(
     propagate: str = "float",
 ) -> tuple[ScalingGroup, ...]:
     """One step of the walk: capture ``layer``'s linear inputs on ``hidden``, call ``process``, and
-    append the hidden states for the next layer to ``out``. Returns the scaling groups in use.
+    append the hidden states for the next layer to ``out``. Returns the scaling groups in use
+    (``groups`` None: the family's, traced on this layer where needed).
 
     The in-memory walk and the streamed one (:mod:`lowbit.stream`) both call this, so they
     compute the same numbers.
     """
     dtype = next(layer.parameters()).dtype
-    if not groups and family.name.startswith("discovered"):
-        first = next(iter(hidden))[:1].to(dtype)
-        groups = discover_groups(layer, family.linears, partial(layer, first, **layer_kwargs))
+    first = next(iter(hidden))[:1].to(dtype)
+    if groups is None:
+        groups = layer_groups(layer, family, call, first)
     capture = _LayerCapture()
-    handles = [layer.get_submodule(n).register_forward_pre_hook(capture.linear_hook(n)) for n in family.linears]
-    handles += [
-        layer.get_submodule(g.inspect).register_forward_pre_hook(capture.kwargs_hook(g.inspect), with_kwargs=True)
-        for g in groups
-    ]
+    inspected = tuple(dict.fromkeys(g.inspect for g in groups if g.inspect))
+    watched = tuple(dict.fromkeys((*family.linears, *inspected)))
+    handles = [layer.get_submodule(n).register_forward_pre_hook(capture.input_hook(n), with_kwargs=True)
+               for n in watched]
+    handles += [layer.get_submodule(n).register_forward_pre_hook(capture.call_hook(n), with_kwargs=True)
+                for n in inspected]
     float_outputs = []
+    n_first = None
     try:
         for xb in hidden:
             capture.sources.clear()
-            y = _output(layer(xb.to(dtype), **layer_kwargs))
+            capture.batch = xb.shape[0]
+            n_first = n_first or xb.shape[0]
+            y = _output(call(layer, xb.to(dtype)))
             float_outputs.append(y)
             if propagate == "float":
                 out.append(y)
+        if inspected and n_first != 1:  # how the layer calls its modules on one sample (masks shaped [1, ...])
+            capture.record_inputs, capture.batch = False, 1
+            call(layer, first)
     finally:
         for h in handles:
             h.remove()
-    linear_inputs = capture.linear_inputs(family.linears)
-    ctx = LayerContext(index, layer, layer_kwargs, linear_inputs, capture.module_kwargs, groups, batch_size,
-                       inputs=hidden, outputs=float_outputs)
-    del capture
+    inputs = capture.inputs(watched)
+    linear_inputs = {n: inputs[n] for n in family.linears if n in inputs}
+    module_inputs = {n: inputs[n] for n in inspected if n in inputs}
+    ctx = LayerContext(index, layer, call, linear_inputs, capture.module_calls(n_first, f"{family.layers}.{index}"),
+                       groups, batch_size, inputs=hidden, outputs=float_outputs, module_inputs=module_inputs)
+    del capture, inputs
     process(ctx)
-    del ctx, linear_inputs, float_outputs
+    del ctx, linear_inputs, module_inputs, float_outputs
     if propagate == "quantized":
         for xb in hidden:
-            out.append(_output(layer(xb.to(dtype), **layer_kwargs)))
+            out.append(_output(call(layer, xb.to(dtype))))
     return groups
 
 

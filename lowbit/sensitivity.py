@@ -105,16 +105,16 @@ class _Suffix:
         self.family = family_for(model)
         self.model, self.samples = model, samples
         self.layers = model.get_submodule(self.family.layers)
-        h, self.kwargs = first_layer_inputs(model, self.family, samples, batch_size=len(samples))
+        h, self.calls = first_layer_inputs(model, self.family, samples, batch_size=len(samples))
         self.inputs = [h]
-        for layer in self.layers:
-            self.inputs.append(_output(layer(self.inputs[-1], **self.kwargs)))
+        for layer, call in zip(self.layers, self.calls):
+            self.inputs.append(_output(call(layer, self.inputs[-1])))
 
     def loss(self, start: int) -> float:
         """Calibration loss with layers from ``start`` on recomputed."""
         h = self.inputs[start]
-        for layer in self.layers[start:]:
-            h = _output(layer(h, **self.kwargs))
+        for layer, call in zip(self.layers[start:], self.calls[start:]):
+            h = _output(call(layer, h))
         h = self.model.get_submodule(self.family.final_norm)(h)
         logits = self.model.get_submodule(self.family.head)(h)[:, :-1].float()
         ids = self.samples[:, 1:].to(logits.device)

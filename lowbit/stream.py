@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calib import Activations, calibrate_layer, first_layer_batches
+from .calib import Activations, Call, calibrate_layer, first_layer_batches
 from .errors import LowbitError
 from .io import atomic_path, install_dir
 from .methods.awq import AWQConfig, AWQLayerStep
@@ -289,12 +289,12 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
             shutil.rmtree(old, ignore_errors=True)
 
     step_awq = AWQLayerStep(model, family, config) if method == "awq" else None
-    layer_kwargs: dict = {}
+    calls: list[Call] = []
     hidden: Activations | None = None
     if method == "awq" and resumed_at >= 1:
-        layer_kwargs = torch.load(run / "layer_kwargs.pt", weights_only=True)
+        calls = [Call.from_state(c) for c in torch.load(run / "layer_calls.pt", weights_only=True)]
         hidden = Activations.load(Path(man["hidden"]), store_dtype, keep_on_disk=offload_dir is not None)
-    groups = family.groups
+    groups = None
     layer_seconds: list[float] = []
     bar = tqdm(total=n_steps, initial=resumed_at, desc=f"stream {method}", unit="step", disable=not progress)
     try:
@@ -304,9 +304,9 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
                 materialise(emb_mod, emb_name, ckpt)
                 hidden_at = None
                 if method == "awq":  # the float embedding starts the calibration, then it is packed
-                    hidden, layer_kwargs = first_layer_batches(model, family, calib, batch_size, new_store(1))
-                    with atomic_path(run / "layer_kwargs.pt") as tmp:
-                        torch.save(layer_kwargs, tmp)
+                    hidden, calls = first_layer_batches(model, family, calib, batch_size, new_store(1))
+                    with atomic_path(run / "layer_calls.pt") as tmp:
+                        torch.save([c.state() for c in calls], tmp)
                     hidden_at = keep_hidden(hidden, 1)
                 part, info = _embedding_part(ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel)
                 release(emb_mod)
@@ -321,7 +321,7 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
                 else:
                     materialise(layer, prefix, ckpt)
                     out = new_store(step + 1)
-                    groups = calibrate_layer(i, layer, family, groups, hidden, layer_kwargs, step_awq, out,
+                    groups = calibrate_layer(i, layer, family, groups, hidden, calls[i], step_awq, out,
                                              batch_size=batch_size, propagate=config.propagate)
                     part = _pack_layer(layer, prefix, family.linears, spec, kernel)
                     release(layer)

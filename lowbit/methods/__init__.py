@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..models.families import family_for
+from ..models.inventory import float_weights, quantizable_linears
 from .actquant import ActQuantConfig, apply_actquant
 from .awq import AWQConfig, AWQSearch, apply_awq
 from .awq_gptq import AWQGPTQConfig, apply_awq_gptq
@@ -60,7 +62,20 @@ def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> Qu
     else:
         report = _handler(config)(model, config, calib)
     report.seconds = time.perf_counter() - start
+    _count_float(model, report)
     return report
+
+
+def _count_float(model: nn.Module, report: QuantReport) -> None:
+    """What the method left in float inside the decoder layers, so bits per weight are read for what they cover."""
+    if report.spec is None:  # a float-only step (SmoothQuant, rotation)
+        return
+    family = family_for(model)
+    linears = quantizable_linears(model, family)
+    left = float_weights(model, family, linears)
+    total = sum(m.weight.numel() for m in linears.values()) + sum(left.values())
+    report.info["float_weights"] = sorted(left)
+    report.info["quantized_fraction"] = 1.0 - sum(left.values()) / max(1, total)
 
 
 __all__ = [

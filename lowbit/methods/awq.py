@@ -23,6 +23,7 @@ from torch import nn
 from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
+from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
 from ..quantizer import QuantSpec, fake_quantize
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, input_transform, prepare
@@ -106,55 +107,6 @@ def model_fingerprint(model: nn.Module, family: Family, spec: SpecLike) -> dict:
     }
 
 
-def _head_dim(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    hd = getattr(cfg, "head_dim", None)
-    if hd is None and cfg is not None and getattr(cfg, "num_attention_heads", None):
-        hd = cfg.hidden_size // cfg.num_attention_heads
-    return hd
-
-
-def tie_index(prev_out: int, lin_in: int, head_dim: int | None) -> torch.Tensor:
-    """For each input channel of the consumer, the channel of ``prev`` that feeds it.
-
-    Identity when widths match; for grouped-query attention query head h reads KV head
-    h // (n_q / n_kv), so channel h*d + i maps to (h // rep)*d + i.
-    """
-    if prev_out == lin_in:
-        return torch.arange(lin_in)
-    if head_dim is None or lin_in % prev_out or prev_out % head_dim:
-        raise LowbitError(f"cannot tie a {prev_out}-wide producer to a {lin_in}-wide consumer without head_dim")
-    rep = lin_in // prev_out
-    heads = torch.arange(lin_in // head_dim) // rep
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
-
-
-def _producer_width(prev: nn.Module) -> int:
-    if isinstance(prev, nn.Linear):
-        return prev.out_features
-    weight = getattr(prev, "weight", None)
-    if weight is None or weight.dim() != 1:
-        raise LowbitError(f"cannot fold a scale into {type(prev).__name__}: it has no per-channel weight")
-    return weight.numel()
-
-
-@torch.no_grad()
-def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, index: torch.Tensor) -> None:
-    """Divide the producer's output channels by s and multiply the consumers' inputs by s.
-
-    ``s`` is over the consumers' input channels and constant on each tie class of ``index``.
-    """
-    s_prev = torch.zeros(_producer_width(prev), dtype=s.dtype).index_copy_(0, index, s)
-    if isinstance(prev, nn.Linear):
-        prev.weight.div_(s_prev.view(-1, 1).to(prev.weight.dtype))
-    else:
-        prev.weight.div_(s_prev.to(prev.weight.dtype))
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s_prev.to(prev.bias.dtype))
-    for lin in linears:
-        lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))
-
-
 def _tied_mean(x_mean: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
     """Average a per-consumer-channel statistic over each tie class, then spread it back."""
     sums = torch.zeros(width, dtype=x_mean.dtype).index_add_(0, index, x_mean)
@@ -235,14 +187,14 @@ def search_scale(
     through the Gram matrix; other modules (attention, MLP) are re-run on the equivalent
     of ``cfg.search_samples`` sequences (see :func:`search_inputs`).
     """
-    x = ctx.linear_inputs[group.linears[0]]
+    x = ctx.group_input(group)
     x_mean = _tied_mean(x.abs().reshape(-1, x.shape[-1]).float().mean(0), index, width)
     linears = [ctx.layer.get_submodule(n) for n in group.linears]
     own = [spec_for(cfg.spec if specs is None else specs, n) for n in group.linears]
     originals = [lin.weight.detach().clone() for lin in linears]
-    single = len(linears) == 1 and group.inspect == group.linears[0]
+    # scored on the linears' own outputs: a single linear, or linears with no common module to re-run
+    single = group.inspect == "" or (len(linears) == 1 and group.inspect == group.linears[0])
     if single:
-        w0 = originals[0].float()
         tokens = x.reshape(-1, x.shape[-1]).float()
         # score through the Gram matrix (in x in) unless there are fewer tokens than inputs
         # (a 7B down_proj with a small calibration set): then D X^T is the cheaper product
@@ -256,8 +208,9 @@ def search_scale(
     losses = torch.full((cfg.n_grid,), math.inf)
     try:
         if single:  # many candidates at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
-            losses = torch.cat([_single_losses(w0, g, part, own[0], tokens)
-                                for part in scales.split(_candidates_per_chunk(w0.numel(), cfg.n_grid))])
+            losses = sum(torch.cat([_single_losses(w0.float(), g, part, spec, tokens)
+                                    for part in scales.split(_candidates_per_chunk(w0.numel(), cfg.n_grid))])
+                         for w0, spec in zip(originals, own))
         else:
             for i, s in enumerate(scales):
                 if not torch.isfinite(s).all():
@@ -343,30 +296,92 @@ def apply_clip(lin: nn.Linear, ratio: torch.Tensor, spec: QuantSpec) -> None:
 
 # q and k feed a softmax through a dot product with each other; llm-awq leaves them
 # unclipped because output error of one alone misjudges that.
-_NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
+_NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv", "qkv_proj", "c_attn")
 
 
 class AWQLayerStep:
     """AWQ on one decoder layer at a time: scales folded, clips applied, then ``rounder``.
 
+    Every fold is checked before it is kept: the float layer's output on one calibration sample
+    must not move (beyond float rounding), else the group keeps s = 1 and the report says why.
     The in-memory walk (:func:`apply_awq`) and the streamed one (:mod:`lowbit.stream`) both call it.
     """
 
     def __init__(self, model: nn.Module, family: Family, cfg: AWQConfig, search: AWQSearch | None = None,
                  rounder: Rounder = rtn_rounder):
-        if not family.groups and not family.name.startswith("discovered"):
+        if not family.groups and not family.trace_norm_groups:
             raise LowbitError(f"{family.name} declares no scaling groups; AWQ needs them")
         self.cfg = cfg
         self.rounder = rounder
         self.family = family
-        self.head_dim = _head_dim(model)
+        self.model = model
+        self.head_dim = head_dim(model)
         self.loaded = search
         self.found = AWQSearch()
         self.groups: tuple[ScalingGroup, ...] = ()
+        self.unclipped: list[str] = []  # linears with no calibration tokens (experts never routed to)
+
+    def _fold(self, ctx: LayerContext, group: ScalingGroup, key: str, grams: _Grams, specs, check) -> None:
+        layer = ctx.layer
+        linears = [layer.get_submodule(n) for n in group.linears]
+        readers = [layer.get_submodule(n) for n in group.readers]
+        changed = [t for t in map(input_transform, linears) if t]
+        if changed:  # a scale folded into prev would be mixed by the change, not undone
+            self.found.fallbacks.append(f"{key}: input changed at run time ({changed[0]}); no scale")
+            return
+        try:
+            prod = producer(layer.get_submodule(group.prev), group.part, linears[0].in_features, self.model,
+                            self.family.norm_offset)
+            index = tie_index(prod.width, linears[0].in_features, self.head_dim)
+        except LowbitError as e:
+            self.found.fallbacks.append(f"{key}: {e}; no scale")
+            return
+        if self.loaded is not None:
+            s = self.loaded.scales.get(key)
+            if s is None:
+                raise LowbitError(f"search file has no scale for {key}; it was made for another model")
+        else:
+            alpha, s, why = search_scale(ctx, group, self.cfg, index, prod.width, grams, specs)
+            if s is None:
+                self.found.fallbacks.append(f"{key}: {why}; kept s=1")
+                self.found.alphas[key] = -1.0
+                return
+            self.found.alphas[key] = alpha
+        snapshot = Snapshot([prod.module, *linears, *readers])
+        fold_scale(prod, linears, s, index, readers)
+        why = check() if check is not None else None
+        if why is not None:
+            snapshot.restore()
+            self.found.fallbacks.append(f"{key}: folding the scale changed the float layer's output ({why}); "
+                                        "kept s=1")
+            self.found.alphas[key] = -1.0
+            return
+        self.found.scales[key] = s
+        divided: set[int] = set()
+        for x in (ctx.module_inputs.get(group.inspect), *(ctx.linear_inputs.get(n) for n in group.linears)):
+            if x is not None and id(x) not in divided:
+                divided.add(id(x))
+                x.div_(s.to(x.dtype))
+                grams.divided(x, s)
+
+    def _checker(self, ctx: LayerContext):
+        """A function that says why the layer's float output on one sample moved since now, or None."""
+        if ctx.call is None or ctx.inputs is None:
+            return None
+        dtype = next(ctx.layer.parameters()).dtype
+        x1 = next(iter(ctx.inputs))[:1].to(dtype)
+        ref = ctx.run_layer(x1)
+        tol = fold_tolerance(dtype)
+
+        def check() -> str | None:
+            err = fold_error(ref, ctx.run_layer(x1))
+            return None if err <= tol else f"relative change {err:.2g} > {tol:g}"
+
+        return check
 
     def __call__(self, ctx: LayerContext) -> None:
         cfg, layer = self.cfg, ctx.layer
-        if not ctx.groups:
+        if not ctx.groups and not self.family.trace_norm_groups:
             raise LowbitError(
                 f"{self.family.name}: no scaling groups declared or found (no norm feeds the linears); "
                 "declare them in lowbit/models/families.py"
@@ -374,41 +389,21 @@ class AWQLayerStep:
         self.groups = ctx.groups
         specs = layer_specs(cfg.spec, f"{self.family.layers}.{ctx.index}.")
         grams = _Grams()
+        check = self._checker(ctx)
         for group in ctx.groups:
-            key = f"{ctx.index}.{group.prev}"
-            prev = layer.get_submodule(group.prev)
-            linears = [layer.get_submodule(n) for n in group.linears]
-            changed = [t for t in map(input_transform, linears) if t]
-            if changed:  # a scale folded into prev would be mixed by the change, not undone
-                self.found.fallbacks.append(f"{key}: input changed at run time ({changed[0]}); no scale")
-                continue
-            width = _producer_width(prev)
-            index = tie_index(width, linears[0].in_features, self.head_dim)
-            if self.loaded is not None:
-                s = self.loaded.scales.get(key)
-                if s is None:
-                    raise LowbitError(f"search file has no scale for {key}; it was made for another model")
-            else:
-                alpha, s, why = search_scale(ctx, group, cfg, index, width, grams, specs)
-                if s is None:
-                    self.found.fallbacks.append(f"{key}: {why}; kept s=1")
-                    s = torch.ones(linears[0].in_features)
-                    alpha = -1.0
-                self.found.alphas[key] = alpha
-            self.found.scales[key] = s
-            fold_scale(prev, linears, s, index)
-            if ctx.linear_inputs:
-                x = ctx.linear_inputs[group.linears[0]]
-                x.div_(s.to(x.dtype))
-                grams.divided(x, s)
+            self._fold(ctx, group, f"{ctx.index}.{group.prev}", grams, specs, check)
         for rel in self.family.linears:
             key = f"{ctx.index}.{rel}"
             lin, spec = layer.get_submodule(rel), spec_for(specs, rel)
             if self.loaded is not None:
                 ratio = self.loaded.clips.get(key)
             elif cfg.clip and not any(t in rel for t in _NO_CLIP):
-                ratio = search_clip(lin, grams.blocks(ctx.linear_inputs[rel], _group_width(spec, lin.in_features)), cfg,
-                                    spec)
+                x = ctx.linear_inputs.get(rel)
+                if x is None or x.numel() == 0:
+                    self.unclipped.append(key)
+                    ratio = None
+                else:
+                    ratio = search_clip(lin, grams.blocks(x, _group_width(spec, lin.in_features)), cfg, spec)
             else:
                 ratio = None
             if ratio is not None:
@@ -441,21 +436,24 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
     found = processor.found
     found.meta = {
         "fingerprint": fingerprint,
-        "groups": [[g.prev, list(g.linears), g.inspect] for g in processor.groups],
+        "groups": [[g.prev, list(g.linears), g.inspect, g.part, list(g.readers)] for g in processor.groups],
         "config": {k: v for k, v in vars(config).items() if k not in ("spec", "load_search", "save_search")},
     }
     if config.save_search:
         found.save(config.save_search)
-    info = {"alphas": found.alphas, "fallbacks": found.fallbacks, "groups": len(found.scales)}
+    info = {"alphas": found.alphas, "fallbacks": found.fallbacks, "groups": len(found.scales),
+            "unclipped": processor.unclipped}
     report = QuantReport("awq", config.spec, bits_per_weight(config.spec, linears), info=info)
     report.info["search"] = found
     return report
 
 
 def _apply_without_calibration(model: nn.Module, family: Family, processor: AWQLayerStep) -> None:
-    groups = tuple(ScalingGroup(prev, tuple(lins), insp) for prev, lins, insp in processor.loaded.meta.get("groups", []))
+    groups = tuple(ScalingGroup(prev, tuple(lins), insp, part=part, readers=tuple(readers))
+                   for prev, lins, insp, *rest in processor.loaded.meta.get("groups", [])
+                   for part, readers in [rest if rest else (None, ())])
     for index, layer in enumerate(model.get_submodule(family.layers)):
-        processor(LayerContext(index, layer, {}, {}, {}, groups))
+        processor(LayerContext(index, layer, None, {}, {}, groups))
 
 
 def _mismatch(a: dict, b: dict) -> str:

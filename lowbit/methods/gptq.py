@@ -27,7 +27,7 @@ from torch import nn
 
 from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
-from ..quantizer import QTensor, QuantSpec, compute_qparams, decode, dequantize, encode
+from ..quantizer import QTensor, QuantSpec, compute_qparams, decode, dequantize, encode, fake_quantize
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, prepare
 
@@ -172,13 +172,18 @@ class GPTQRounder:
     config: GPTQConfig
     damped: list[str] = field(default_factory=list)  # Hessians that needed more than config.damp
     dead_columns: int = 0
+    rtn_fallback: list[str] = field(default_factory=list)  # linears with no calibration tokens, rounded to nearest
 
     def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike) -> None:
-        missing = [rel for rel in linears if rel not in ctx.linear_inputs]
-        if missing:
+        missing = [rel for rel in linears if rel not in ctx.linear_inputs or ctx.linear_inputs[rel].numel() == 0]
+        if missing and ctx.call is None:
             raise LowbitError(f"GPTQ needs the calibration inputs of {', '.join(missing)}; none were captured")
+        # an expert the router never chose on the calibration set has no Hessian: round it to nearest
+        for rel in missing:
+            linears[rel].weight.copy_(fake_quantize(linears[rel].weight, spec_for(spec, rel)))
+            self.rtn_fallback.append(f"{ctx.index}.{rel}")
         by_input: dict[int, list[str]] = {}
-        for rel in linears:
+        for rel in (r for r in linears if r not in missing):
             by_input.setdefault(id(ctx.linear_inputs[rel]), []).append(rel)
         for rels in by_input.values():
             name = f"layer {ctx.index} ({', '.join(rels)})"
@@ -198,7 +203,7 @@ class GPTQRounder:
 
     def info(self) -> dict:
         return {"damp": self.config.damp, "act_order": self.config.act_order, "damp_raised": len(self.damped),
-                "dead_columns": self.dead_columns}
+                "dead_columns": self.dead_columns, "rtn_fallback": self.rtn_fallback}
 
 
 def _batches(linears: dict[str, nn.Linear], rels: list[str], spec: SpecLike) -> list[tuple[QuantSpec, list[nn.Linear]]]:

@@ -378,7 +378,7 @@ class BlockTrainer:
         target = torch.cat(ctx.outputs)
 
         def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-            out = ctx.layer(x[idx], **ctx.layer_kwargs)
+            out = ctx.call(ctx.layer, x[idx])
             out = out[0] if isinstance(out, tuple) else out
             return F.mse_loss(out.float(), target[idx].float())
 

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import LowbitError
 from ..hadamard import apply_hadamard, check_order, random_hadamard, random_signs
 from ..models.families import Family, family_for, get_submodule
+from ..models.fold import head_dim
 from ..models.inventory import check_finite
 from .base import QuantReport, attach_input_transform
 
@@ -36,11 +37,6 @@ class RotationConfig:
     seed: int = 0
     online: bool = True  # the run-time Hadamard on the MLP's down projection input
     heads: bool = True  # the per-head rotation of attention values (v_proj -> o_proj)
-
-
-def _head_dim(model: nn.Module) -> int:
-    cfg = model.config
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def _check_width(what: str, n: int) -> None:
@@ -56,17 +52,18 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fold_norm(norm: nn.Module, readers: list[nn.Linear], name: str) -> None:
-    """Move an RMSNorm's per-channel weight into the linears that read it; the norm keeps weight 1."""
+def fold_norm(norm: nn.Module, readers: list[nn.Linear], name: str, offset: float = 0.0) -> None:
+    """Move an RMSNorm's per-channel factor (``offset`` + weight) into the linears that read it; the norm
+    keeps factor 1."""
     weight = getattr(norm, "weight", None)
     if weight is None or weight.dim() != 1:
         raise LowbitError(f"{name} ({type(norm).__name__}) has no per-channel weight to fold")
     if getattr(norm, "bias", None) is not None:
         raise LowbitError(f"{name} has a bias (a LayerNorm): only RMSNorm-style norms commute with a rotation")
-    g = weight.double()
+    g = weight.double() + offset
     for lin in readers:
         _set(lin.weight, lin.weight.double() * g.to(lin.weight.device)[None, :])
-    weight.fill_(1.0)
+    weight.fill_(1.0 - offset)
 
 
 def _untie_head(model: nn.Module, family: Family) -> bool:
@@ -100,14 +97,17 @@ def _check_widths(model: nn.Module, family: Family, config: RotationConfig) -> N
     if config.online and family.online_rotated:
         _check_width(f"input of {family.online_rotated}", get_submodule(layer, family.online_rotated).in_features)
     if config.heads and family.value_output:
-        _check_width("attention heads", _head_dim(model))
+        _check_width("attention heads", head_dim(model))
 
 
 @torch.no_grad()
 def apply_rotation(model: nn.Module, config: RotationConfig, calib=None) -> QuantReport:
     """Fold the norms and rotate the model in place; its outputs stay the same up to rounding."""
     family = family_for(model)
-    if not family.groups:
+    if family.post_norms:
+        raise LowbitError(f"{family.name}: its norms after attention and MLP ({', '.join(family.post_norms)}) "
+                          "do not commute with a rotation of the residual stream; rotation is not possible")
+    if not family.groups or not family.residual_norms:
         raise LowbitError(f"{family.name}: rotation needs the family's norms and readers declared in "
                           "lowbit/models/families.py")
     readers = family.norm_readers()
@@ -120,13 +120,13 @@ def apply_rotation(model: nn.Module, config: RotationConfig, calib=None) -> Quan
     q = random_hadamard(hidden, config.seed).double().to(embed.weight.device)
 
     untied = _untie_head(model, family)
-    fold_norm(get_submodule(model, family.final_norm), [head], family.final_norm)
+    fold_norm(get_submodule(model, family.final_norm), [head], family.final_norm, family.norm_offset)
     _set(embed.weight, embed.weight.double() @ q)
     _set(head.weight, head.weight.double() @ q)
     for i, layer in enumerate(layers):
         for norm_name, lin_names in readers.items():
             lins = [get_submodule(layer, n) for n in lin_names]
-            fold_norm(get_submodule(layer, norm_name), lins, f"{family.layers}.{i}.{norm_name}")
+            fold_norm(get_submodule(layer, norm_name), lins, f"{family.layers}.{i}.{norm_name}", family.norm_offset)
             for lin in lins:
                 _set(lin.weight, lin.weight.double() @ q)
         for name in family.residual_writers:
@@ -136,7 +136,7 @@ def apply_rotation(model: nn.Module, config: RotationConfig, calib=None) -> Quan
                 _set(lin.bias, lin.bias.double() @ q)
     info = {"rotation_seed": config.seed, "rotated_width": hidden, "untied_head": untied}
     if config.heads and family.value_output:
-        hd = _head_dim(model)
+        hd = head_dim(model)
         qh = random_hadamard(hd, config.seed + 1).double().to(embed.weight.device)
         for layer in layers:
             _rotate_heads(*(get_submodule(layer, n) for n in family.value_output), qh)

@@ -30,11 +30,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..calib import first_layer_inputs, input_ranges
+from ..calib import first_layer_inputs, input_ranges, layer_groups
 from ..errors import LowbitError
-from ..models.families import Family, ScalingGroup, discover_groups, family_for
+from ..models.families import Family, ScalingGroup, family_for
+from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
 from ..models.inventory import check_finite
-from .awq import _head_dim, _producer_width, fold_scale, tie_index
 from .base import QuantReport, input_transform
 
 _FLOOR = 1e-5  # smallest max|X_j| or max|W_j| a scale is computed from; a dead channel keeps s = 1
@@ -58,17 +58,19 @@ def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) 
 
 
 def _groups(model: nn.Module, family: Family, calib: torch.Tensor) -> tuple[ScalingGroup, ...]:
-    if family.groups:
-        return family.groups
-    if not family.name.startswith("discovered"):
+    if not family.groups and not family.trace_norm_groups:
         raise LowbitError(f"{family.name} declares no scaling groups; SmoothQuant needs them")
-    hidden, kwargs = first_layer_inputs(model, family, calib[:1])
-    layer = model.get_submodule(family.layers)[0]
-    groups = discover_groups(layer, family.linears, partial(layer, hidden, **kwargs))
+    hidden, calls = first_layer_inputs(model, family, calib[:1])
+    groups = layer_groups(model.get_submodule(family.layers)[0], family, calls[0], hidden)
     if not groups:
         raise LowbitError(f"{family.name}: no norm feeds the linears; declare its scaling groups in "
                           "lowbit/models/families.py")
     return groups
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids, use_cache=False)
+    return out.logits if hasattr(out, "logits") else out[0]
 
 
 @torch.no_grad()
@@ -82,10 +84,15 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
     layers = model.get_submodule(family.layers)
     groups = tuple(g for g in groups
                    if g.smooth and (config.linear_groups or not isinstance(layers[0].get_submodule(g.prev), nn.Linear)))
-    readers = {f"{i}.{g.prev}": layer.get_submodule(g.linears[0]) for i, layer in enumerate(layers) for g in groups}
+    # a module that reads the group's whole input: an MoE router sees every token, an expert only its own
+    readers = {f"{i}.{g.prev}": layer.get_submodule((g.readers or g.linears)[0])
+               for i, layer in enumerate(layers) for g in groups}
     ranges = input_ranges(model, family, readers, calib)
-    head_dim = _head_dim(model)
+    hd = head_dim(model)
+    probe = calib[:1].to(next(model.parameters()).device)
+    before = _logits(model, probe)
     skipped = 0
+    undo: list[Snapshot] = []
     for i, layer in enumerate(layers):
         for g in groups:
             prev = layer.get_submodule(g.prev)
@@ -95,8 +102,9 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
                 # folded into prev would be mixed by it instead of undone, so the function would change
                 skipped += 1
                 continue
-            width = _producer_width(prev)
-            index = tie_index(width, linears[0].in_features, head_dim)
+            prod = producer(prev, g.part, linears[0].in_features, model, family.norm_offset)
+            width = prod.width
+            index = tie_index(width, linears[0].in_features, hd)
             lo, hi = ranges[f"{i}.{g.prev}"]
             x_max = torch.maximum(lo.abs(), hi.abs()).cpu()
             w_max = torch.stack([lin.weight.detach().abs().amax(0).float().cpu() for lin in linears]).amax(0)
@@ -104,7 +112,15 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
             # (under grouped-query attention one v channel feeds o_proj once per query head of its KV head)
             x_tied = torch.zeros(width).scatter_reduce(0, index, x_max, "amax")
             w_tied = torch.zeros(width).scatter_reduce(0, index, w_max, "amax")
-            fold_scale(prev, linears, smooth_scales(x_tied, w_tied, config.alpha)[index], index)
+            extra = [layer.get_submodule(n) for n in g.readers]
+            undo.append(Snapshot([prev, *linears, *extra]))
+            fold_scale(prod, linears, smooth_scales(x_tied, w_tied, config.alpha)[index], index, extra)
+    err = fold_error(before, _logits(model, probe))
+    if err > fold_tolerance(next(model.parameters()).dtype):
+        for snap in reversed(undo):
+            snap.restore()
+        raise LowbitError(f"{family.name}: SmoothQuant's folds changed the float model's output (relative change "
+                          f"{err:.2g}); its norm or layer conventions in lowbit/models/families.py are wrong")
     info = {"alpha": config.alpha, "sq_skipped_transformed": skipped,
             "sq_groups": ",".join(f"{g.prev}->{'/'.join(n.split('.')[-1] for n in g.linears)}" for g in groups)}
     return QuantReport("smoothquant", None, 16.0, info=info)

@@ -62,3 +62,14 @@ def retie(model: nn.Module, ties: list[tuple[str, ...]]) -> None:
             mod = model.get_submodule(owner)
             if getattr(mod, attr) is not first:
                 setattr(mod, attr, first)
+
+
+def float_weights(model: nn.Module, family: Family, linears: dict[str, nn.Module]) -> dict[str, int]:
+    """Matrices inside the decoder layers that stay in float (routers, unknown modules): name -> elements.
+
+    A report lists them, so that no one reads "W4" for a layer that is mostly float.
+    """
+    quantized = {f"{n}.weight" for n in linears}
+    layers = model.get_submodule(family.layers)
+    return {f"{family.layers}.{i}.{n}": p.numel() for i, layer in enumerate(layers)
+            for n, p in layer.named_parameters() if p.dim() >= 2 and f"{family.layers}.{i}.{n}" not in quantized}
