@@ -11,17 +11,29 @@ Blocks hold 32 weights, so the group size must be a multiple of 32 (several bloc
 group's scale). The only loss is storing d and m as float16, as GGUF does; the export reports
 the largest change this makes to any weight, in quantization steps.
 
-Tokenizer and hyperparameters are copied from the GGUF file the model was quantized from (the
-default model ships as one); q_proj and k_proj rows are permuted into llama.cpp's rotary layout
-as its own converter does.
+Hyperparameters and tokenizer are copied from the GGUF file the model was quantized from when there
+is one (the default model ships as one); otherwise they are written from the Hugging Face config.json
+and tokenizer saved in the packed directory (:mod:`lowbit.export.gguf_vocab`). Either way the
+family's conventions apply, as llama.cpp's own converter applies them:
+
+- norms of a family that computes x·(offset + w) (Gemma: 1 + w, ``Family.norm_offset``) are stored
+  as offset + w, llama.cpp's x·w; q_norm and k_norm included;
+- llama.cpp's llama architecture rotates adjacent pairs where Hugging Face rotates halves, so q_proj
+  and k_proj rows (and biases) are permuted; its qwen2, qwen3 and gemma architectures rotate halves;
+- what llama.cpp computes differently (another activation, a sliding-window layout other than its
+  fixed one, another attention scale, an unsupported rope scaling) is refused, not written.
 """
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from gguf import Keys
 
 from ..errors import LowbitError
 from ..pack.tensor import PackedTensor
@@ -75,10 +87,14 @@ def gguf_blocks(pt: PackedTensor) -> tuple[str, np.ndarray, float]:
     return kind, np.concatenate(parts, -1).reshape(rows, -1), change
 
 
+def rotary_order(rows: int, n_head: int) -> torch.Tensor:
+    """Row order taking Hugging Face's rotary layout (each head's halves) to llama.cpp's (adjacent pairs)."""
+    return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
+
+
 def permute_rows(pt: PackedTensor, n_head: int) -> PackedTensor:
     """Reorder output rows from Hugging Face's rotary layout (halves) to llama.cpp's (pairs)."""
-    rows = pt.shape[0]
-    order = torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
+    order = rotary_order(pt.shape[0], n_head)
     from ..pack.bits import pack_bits
 
     codes = pt.codes()[order]
@@ -87,51 +103,185 @@ def permute_rows(pt: PackedTensor, n_head: int) -> PackedTensor:
                         pt.scales[order].contiguous(), zeros, pt.full_range)
 
 
-def _source_gguf(doc: dict) -> Path:
+@dataclass(frozen=True)
+class Arch:
+    """How llama.cpp stores one Hugging Face model type, and where its computation differs from it."""
+
+    gguf: str  # llama.cpp's architecture name
+    # llama.cpp's llama rotates adjacent pairs where Hugging Face rotates halves: q/k rows (and biases) are permuted.
+    rotary_pairs: bool = False
+    rope_dims: bool = False  # also states rope.dimension_count and vocab_size (llama)
+    extra: tuple[tuple[str, str, type], ...] = ()  # (GGUF key, config attribute, int | float), written when set
+    activations: tuple[str, ...] = ("silu",)  # the MLP activation llama.cpp computes for this architecture
+    # llama.cpp fixes which layers use the sliding window: every n-th is full attention, the rest slide.
+    swa_every: int = 0
+    # llama.cpp scales attention scores by 1/sqrt(head_dim), except at this layer count (the 27B models),
+    # where it uses 1/sqrt(hidden / heads); Hugging Face reads query_pre_attn_scalar.
+    attn_scale_layers: int | None = None
+
+
+_LLAMA = Arch("llama", rotary_pairs=True, rope_dims=True)
+_GELU = ("gelu_pytorch_tanh",)
+_SWA = (Keys.Attention.SLIDING_WINDOW, "sliding_window", int)
+_FINAL_CAP = (Keys.LLM.FINAL_LOGIT_SOFTCAPPING, "final_logit_softcapping", float)
+
+# Hugging Face model_type -> llama.cpp architecture. Anything else is refused rather than written with
+# conventions nobody checked.
+ARCHS: dict[str, Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,  # llama.cpp converts Mistral as llama (and ignores its sliding window)
+    "qwen2": Arch("qwen2"),
+    "qwen3": Arch("qwen3"),
+    "gemma": Arch("gemma", activations=_GELU),
+    "gemma2": Arch("gemma2", activations=_GELU, swa_every=2, attn_scale_layers=46,
+                   extra=((Keys.LLM.ATTN_LOGIT_SOFTCAPPING, "attn_logit_softcapping", float), _FINAL_CAP, _SWA)),
+    "gemma3_text": Arch("gemma3", activations=_GELU, swa_every=6, attn_scale_layers=62, extra=(_FINAL_CAP, _SWA)),
+}
+
+
+def norm_offset(model_type: str, family: str | None = None) -> float:
+    """What the family's norms add to their weight (Gemma's x·(1 + w)): llama.cpp stores the sum."""
+    from ..models.families import FAMILIES
+
+    fam = FAMILIES.get(model_type) or next((f for f in FAMILIES.values() if f.name == family), None)
+    if fam is None:
+        raise LowbitError(f"GGUF export: no model family is declared for model type {model_type!r}")
+    return float(fam.norm_offset)
+
+
+def arch_for(model_type: str) -> Arch:
+    """The llama.cpp architecture for a Hugging Face model type, or a LowbitError naming it."""
+    if model_type not in ARCHS:
+        raise LowbitError(f"GGUF export does not support model type {model_type!r}; it writes "
+                          f"{', '.join(sorted(ARCHS))}")
+    return ARCHS[model_type]
+
+
+def _rope(cfg, layer_type: str | None = None) -> dict:
+    rp = dict(getattr(cfg, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(rp.get(layer_type), dict):
+        rp = rp[layer_type]
+    rp.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    rp.setdefault("rope_type", "default")
+    return rp
+
+
+def _head_dim(cfg) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def check_config(cfg, arch: Arch) -> list[str]:
+    """Refuse what llama.cpp would compute differently from the Hugging Face model; returns warnings."""
+    name, notes = cfg.model_type, []
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+    if act not in arch.activations:
+        raise LowbitError(f"GGUF export: {name} with activation {act!r}; llama.cpp's {arch.gguf} computes "
+                          f"{' / '.join(arch.activations)}")
+    if getattr(cfg, "use_sliding_window", False):
+        raise LowbitError(f"GGUF export: {name} with use_sliding_window=True; llama.cpp's {arch.gguf} has no "
+                          "sliding window")
+    if arch.gguf == "llama" and getattr(cfg, "sliding_window", None):
+        notes.append(f"llama.cpp ignores the sliding window ({cfg.sliding_window} tokens): longer contexts "
+                        "attend further than in the original")
+    layer_types = getattr(cfg, "layer_types", None)
+    if arch.swa_every and layer_types is not None:
+        want = ["full_attention" if (i + 1) % arch.swa_every == 0 else "sliding_attention"
+                for i in range(cfg.num_hidden_layers)]
+        if list(layer_types) != want:
+            raise LowbitError(f"GGUF export: {name} layer_types differ from llama.cpp's fixed pattern (every "
+                              f"{arch.swa_every}th layer full attention)")
+    scalar = getattr(cfg, "query_pre_attn_scalar", None)
+    if scalar is not None:
+        ok = scalar == _head_dim(cfg) or (cfg.num_hidden_layers == arch.attn_scale_layers
+                                          and scalar == cfg.hidden_size // cfg.num_attention_heads)
+        if not ok:
+            raise LowbitError(f"GGUF export: {name} with query_pre_attn_scalar={scalar}; llama.cpp scales "
+                              f"attention by 1/sqrt(head_dim={_head_dim(cfg)})")
+    layers = ("sliding_attention", "full_attention") if arch.swa_every else (None,)
+    for lt in layers:
+        kind = _rope(cfg, lt)["rope_type"]
+        allowed = ("default",) if lt == "sliding_attention" else \
+            ("default", "linear", "llama3") if arch.rotary_pairs else ("default", "linear")
+        if kind not in allowed:
+            raise LowbitError(f"GGUF export: {name} with rope_type {kind!r}"
+                              f"{' on ' + lt + ' layers' if lt else ''} is not supported; it writes "
+                              f"{', '.join(allowed)}")
+    return notes
+
+
+def add_hparams(writer, cfg, arch: Arch, name: str) -> dict[str, np.ndarray]:
+    """Write ``cfg``'s hyperparameters under llama.cpp's keys; returns extra float tensors (rope_freqs)."""
+    a = arch.gguf
+    head_dim, n_head = _head_dim(cfg), cfg.num_attention_heads
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or n_head)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    full = _rope(cfg, "full_attention" if arch.swa_every else None)
+    writer.add_rope_freq_base(float(full["rope_theta"]))
+    if arch.swa_every:
+        writer.add_float32(Keys.Rope.FREQ_BASE_SWA.format(arch=a), float(_rope(cfg, "sliding_attention")["rope_theta"]))
+    if arch.rope_dims:
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_rope_dimension_count(head_dim)
+    for key, attr, kind in arch.extra:
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            (writer.add_uint32 if kind is int else writer.add_float32)(key.format(arch=a), kind(value))
+    extra: dict[str, np.ndarray] = {}
+    if full["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+    elif full["rope_type"] == "llama3":
+        extra[f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight"] = llama3_rope_factors(cfg)
+    return extra
+
+
+def llama3_rope_factors(cfg) -> np.ndarray:
+    """llama.cpp's rope_freqs for Llama 3 rope scaling: what each rotary frequency is divided by, taken from
+    Hugging Face's own computation of the scaled frequencies."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dim = _head_dim(cfg)
+    base = 1.0 / (float(_rope(cfg)["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    return (base / scaled.float()).numpy().astype(np.float32)
+
+
+def _source_gguf(doc: dict) -> Path | None:
+    """The GGUF file the model was quantized from, if that is where it came from and it is still there."""
     from ..models.loading import BUILTIN, builtin_gguf
 
     src = str(doc.get("source_model", ""))
     if src in BUILTIN:
-        return builtin_gguf(src)
+        try:
+            return builtin_gguf(src)
+        except LowbitError:
+            return None
     if src.endswith(".gguf") and Path(src).is_file():
         return Path(src)
-    raise LowbitError(
-        "GGUF export copies the tokenizer and hyperparameters from the GGUF file the model was quantized from; "
-        f"this model was quantized from {src or 'an unknown source'!r}, which is not a GGUF file"
-    )
+    return None
 
 
-def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
-    """Write the packed model in ``model_dir`` as a GGUF file at ``out``; returns what was written."""
-    import gguf
-
-    from ..io import atomic_path, check_writable
-    from ..pack.checkpoint import read_config, read_weights
-
-    out = check_writable(out, force)
-    doc = read_config(model_dir)
-    tensors = read_weights(Path(model_dir), doc)
-    reader = gguf.GGUFReader(_source_gguf(doc))
-    arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
-    arch = arch_field.contents()
-    arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
-    if arch_id is None:
-        raise LowbitError(f"unknown GGUF architecture {arch!r}")
-    n_layers = int(reader.get_field(f"{arch}.block_count").contents())
-    n_head = int(reader.get_field(f"{arch}.attention.head_count").contents())
-    kv_field = reader.get_field(f"{arch}.attention.head_count_kv")
-    n_kv = int(kv_field.contents()) if kv_field else n_head
-    names = gguf.get_tensor_name_map(arch_id, n_layers)
-
-    plan: list[tuple[str, np.ndarray, str | None]] = []  # (gguf name, data, block type or None for float)
-    packed_names = set()
+def tensor_plan(doc: dict, tensors: dict[str, torch.Tensor], arch: Arch, n_head: int, n_kv: int, offset: float,
+                names) -> tuple[list[tuple[str, np.ndarray, str | None]], set[str], float]:
+    """(GGUF name, data, block type or None for float) for every tensor, with the family's conventions applied;
+    the block types used and the largest float16 change in steps."""
+    plan: list[tuple[str, np.ndarray, str | None]] = []
+    packed_names: set[str] = set()
     types, worst = set(), 0.0
     for name, entry in doc["tensors"].items():
         pt = PackedTensor.from_parts(name, entry, tensors)
         packed_names |= set(pt.tensors(name))
-        if arch == "llama" and name.endswith("q_proj"):
+        if arch.rotary_pairs and name.endswith("q_proj"):
             pt = permute_rows(pt, n_head)
-        elif arch == "llama" and name.endswith("k_proj"):
+        elif arch.rotary_pairs and name.endswith("k_proj"):
             pt = permute_rows(pt, n_kv)
         kind, blocks, change = gguf_blocks(pt)
         types.add(kind)
@@ -140,19 +290,72 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
     for key, t in tensors.items():
         if key in packed_names:
             continue
-        plan.append((_gguf_name(names, key), t.float().numpy(), None))
+        # A float16 matrix (an embedding kept in fp16) stays float16; vectors are written float32, as llama.cpp wants.
+        t = t if t.dtype == torch.float16 and t.dim() == 2 else t.float()
+        if key.endswith("norm.weight"):  # every RMSNorm, q_norm and k_norm included, as llama.cpp's converter
+            t = t + offset
+        if arch.rotary_pairs and key.endswith(("q_proj.bias", "k_proj.bias")):
+            t = t[rotary_order(t.shape[0], n_head if key.endswith("q_proj.bias") else n_kv)]
+        plan.append((_gguf_name(names, key), t.numpy(), None))
+    return plan, types, worst
+
+
+def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
+    """Write the packed model in ``model_dir`` as a GGUF file at ``out``; returns what was written.
+
+    Hyperparameters and tokenizer come from the GGUF file the model was quantized from when there is one
+    (llama.cpp wrote them), else from the Hugging Face config and tokenizer saved beside the weights.
+    """
+    from transformers import AutoConfig
+
+    from ..io import atomic_path, check_writable
+    from ..pack.checkpoint import read_config, read_weights
+    from .gguf_vocab import add_vocab, read_vocab
+
+    out = check_writable(out, force)
+    model_dir = Path(model_dir)
+    doc = read_config(model_dir)
+    try:
+        cfg = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"GGUF export needs the model's config.json in {model_dir}: {e}") from None
+    arch = arch_for(cfg.model_type)
+    offset = norm_offset(cfg.model_type, doc.get("family"))
+    source = _source_gguf(doc)
+    reader = gguf.GGUFReader(source) if source is not None else None
+    notes: list[str] = []
+    if reader is not None:
+        got = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+        if got != arch.gguf:
+            raise LowbitError(f"the source GGUF {source} has architecture {got!r}, but the model type "
+                              f"{cfg.model_type!r} is written as {arch.gguf!r}")
+        n_layers = int(reader.get_field(f"{got}.block_count").contents())
+        n_head = int(reader.get_field(f"{got}.attention.head_count").contents())
+        kv_field = reader.get_field(f"{got}.attention.head_count_kv")
+        n_kv = int(kv_field.contents()) if kv_field else n_head
+        vocab = None
+    else:
+        notes = check_config(cfg, arch)
+        for note in notes:
+            warnings.warn(f"GGUF export: {note}", stacklevel=2)
+        n_layers, n_head = cfg.num_hidden_layers, cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+        vocab = read_vocab(model_dir, cfg.vocab_size)
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
+    names = gguf.get_tensor_name_map(arch_id, n_layers)
+    tensors = read_weights(model_dir, doc)
+    plan, types, worst = tensor_plan(doc, tensors, arch, n_head, n_kv, offset, names)
     main_type = "Q4_0" if "Q4_0" in types else "Q4_1" if "Q4_1" in types else "Q8_0"
 
     with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        for field in reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue
-            if field.name in (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION):
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        writer = gguf.GGUFWriter(tmp, arch.gguf)
+        if reader is not None:
+            _copy_fields(writer, reader)
+        else:
+            name = Path(str(doc.get("source_model") or model_dir)).name
+            for tname, data in add_hparams(writer, cfg, arch, name).items():
+                plan.append((tname, data, None))
+            add_vocab(writer, vocab)
         writer.add_file_type(FILE_TYPES[main_type])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_string("lowbit.method", str(doc.get("method")))
@@ -166,7 +369,20 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
         writer.write_tensors_to_file()
         writer.close()
     return {"path": str(out), "bytes": out.stat().st_size, "types": sorted(types), "file_type": main_type,
-            "max_change_steps": worst, "tensors": len(plan)}
+            "max_change_steps": worst, "tensors": len(plan), "architecture": arch.gguf,
+            "metadata": "source GGUF" if reader is not None else "Hugging Face config", "warnings": notes}
+
+
+def _copy_fields(writer, reader) -> None:
+    """Every metadata field of the source GGUF except those this export writes itself."""
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "lowbit.")):
+            continue
+        if field.name in (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
 
 
 def _gguf_name(names, hf_name: str) -> str:
