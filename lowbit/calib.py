@@ -272,11 +272,12 @@ class LayerContext:
         """The layer's output on hidden states ``x`` [n, seq, hidden], called as the model calls it."""
         return torch.cat([_output(self.call(self.layer, xb)) for xb in x.split(self.batch_size)])
 
-    def group_input(self, group: ScalingGroup) -> torch.Tensor:
+    def group_input(self, group: ScalingGroup) -> torch.Tensor | None:
         """What the group's linears read, over every calibration token (an MoE block's whole input,
-        not the share one expert was routed)."""
+        not the share one expert was routed); None if no calibration token reached them."""
         x = self.module_inputs.get(group.inspect)
-        return x if x is not None else self.linear_inputs[group.linears[0]]
+        x = x if x is not None else self.linear_inputs.get(group.linears[0])
+        return x if x is not None and x.numel() else None
 
 
 class _LayerCapture:

@@ -274,6 +274,20 @@ RESULT_COLUMNS = [
 ]
 
 
+def _say_what_was_not_done(info: dict) -> None:
+    """Warn on stderr about groups left unscaled, linears rounded to nearest and matrices left in float."""
+    for f in info.get("fallbacks") or []:
+        print(f"lowbit: warning: AWQ group {f}", file=sys.stderr)
+    if info.get("rtn_fallback"):
+        names = info["rtn_fallback"]
+        print(f"lowbit: warning: {len(names)} linears saw no calibration tokens (experts never routed to) and were "
+              f"rounded to nearest: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}", file=sys.stderr)
+    if info.get("float_weights"):
+        names = info["float_weights"]
+        print(f"lowbit: note: {len(names)} matrices stay in float ({100 * (1 - info['quantized_fraction']):.2f}% "
+              f"of the layers' weights): {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}", file=sys.stderr)
+
+
 def cmd_eval(args) -> int:
     from .experiment import make_config
     from .models.loading import model_source
@@ -291,6 +305,7 @@ def cmd_eval(args) -> int:
     if budget.active:
         spec = session.allocate(spec, budget, progress=not args.json)
     result = session.run(args.method, spec, opts, progress=not args.json)
+    _say_what_was_not_done(result.info)
     row = result.row()
     doc = getattr(session.model, "lowbit_config", None)
     if doc is not None:  # a packed model: label the row with what the file holds
@@ -434,6 +449,7 @@ def cmd_quantize(args) -> int:
     if budget.active:
         spec = session.allocate(spec, budget, progress=not args.json)
     result = session.run(args.method, spec, opts, progress=not args.json, evaluate=False)
+    _say_what_was_not_done(result.info)
     row = {k: v for k, v in result.row().items() if k not in ("ppl", "windows", "tokens", "eval_seconds")}
     if args.output:
         row.update(_save_packed(session, spec, args))

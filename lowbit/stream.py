@@ -214,7 +214,11 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
     source, output = Path(source), Path(output)
     ckpt = LazyCheckpoint(source)
     model = empty_model(source)
+    stored = {(n, tuple(p.shape)) for n, p in model.named_parameters()}
     family = family_for(model)
+    if {(n, tuple(p.shape)) for n, p in model.named_parameters()} != stored:
+        raise LowbitError(f"{family.name} stores some weights as Conv1D or 3-D expert tensors, which streaming cannot "
+                          "read one linear at a time yet; quantize it in memory (lowbit quantize without --stream)")
     linears = quantizable_linears(model, family)
     check_spec_fits(linears, spec)
     names = {id(m): n for n, m in model.named_modules()}

@@ -346,6 +346,8 @@ class AWQLayerStep:
             s = self.loaded.scales.get(key)
             if s is None:
                 raise LowbitError(f"search file has no scale for {key}; it was made for another model")
+        elif ctx.group_input(group) is None:
+            return fallback("no calibration token reached it (an expert never routed to); kept s=1")
         else:
             alpha, s, why = search_scale(ctx, group, self.cfg, index, prod.width, grams, specs)
             if s is None:
