@@ -165,6 +165,16 @@ def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOp
     raise LowbitError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
 
 
+def check_positions(model: nn.Module, seq_len: int) -> None:
+    """Refuse windows longer than the model has positions for (GPT-2's and OPT's learned positions end there)."""
+    cfg = getattr(model, "config", None)
+    limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                  if isinstance(getattr(cfg, k, None), int)), None)
+    if limit is not None and seq_len > limit:
+        raise LowbitError(f"{seq_len}-token windows are longer than the model's {limit} positions; "
+                          f"use --seq-len and --calib-seq-len of at most {limit}")
+
+
 def size_info(model: nn.Module, spec: QuantSpec | SpecMap) -> dict:
     """Code bits per weight and the size of the quantized linears (codes + group parameters) in MB."""
     from .models.families import family_for
@@ -219,12 +229,14 @@ class Session:
         from .models.families import family_for
 
         family_for(model)  # adapts the structure (experts as linears) before the float weights are kept
+        calib = calib or CalibOptions()
+        check_positions(model, max(seq_len, calib.seq_len))
         self.model = model
         self.tokenizer = tokenizer
         self.data_dir = data_dir
         text = eval_text(None, data_dir) if text is None else text
         self.windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
-        self.calib_options = calib or CalibOptions()
+        self.calib_options = calib
         self._calib: torch.Tensor | None = None
         self._float_state = copy.deepcopy(model.state_dict())
         # A rotation unties a tied head; loading the state dict alone would leave two equal copies.

@@ -202,3 +202,15 @@ def test_an_expert_never_routed_to_is_still_quantized_sanely(name):
     assert any(".mlp.experts.3." in n for n in report.info["rtn_fallback"])
     w = model.get_submodule(f"{fam.layers}.0.mlp.experts.3.down_proj").weight
     assert torch.isfinite(w).all() and len(torch.unique(w[0, :32])) <= 16  # on a 4-bit grid
+
+
+def test_windows_longer_than_learned_positions_are_refused():
+    """GPT-2 has 128 learned positions here: a 2048-token window is an error, not an IndexError."""
+    from conftest import byte_tokenizer
+
+    from lowbit.experiment import Session
+
+    model = tiny_model("gpt2")
+    with pytest.raises(LowbitError, match="longer than the model's 128 positions"):
+        Session(model, byte_tokenizer(), text="word " * 3000, seq_len=2048)
+    Session(model, byte_tokenizer(), text="word " * 3000, seq_len=64)
