@@ -213,4 +213,6 @@ def test_windows_longer_than_learned_positions_are_refused():
     model = tiny_model("gpt2")
     with pytest.raises(LowbitError, match="longer than the model's 128 positions"):
         Session(model, byte_tokenizer(), text="word " * 3000, seq_len=2048)
-    Session(model, byte_tokenizer(), text="word " * 3000, seq_len=64)
+    from lowbit.experiment import CalibOptions
+
+    Session(model, byte_tokenizer(), text="word " * 3000, seq_len=64, calib=CalibOptions(seq_len=32))
