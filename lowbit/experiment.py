@@ -166,7 +166,11 @@ def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOp
 
 
 def check_positions(model: nn.Module, seq_len: int) -> None:
-    """Refuse windows longer than the model has positions for (GPT-2's and OPT's learned positions end there)."""
+    """Refuse windows longer than a model with learned position embeddings (GPT-2, OPT) has rows for;
+    rotary and ALiBi models run at any length."""
+    token = model.get_input_embeddings()
+    if not any(isinstance(m, nn.Embedding) and m is not token for m in model.modules()):
+        return
     cfg = getattr(model, "config", None)
     limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
                   if isinstance(getattr(cfg, k, None), int)), None)
