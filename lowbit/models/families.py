@@ -103,8 +103,6 @@ class Family:
     # Falcon's parallel attention), in addition to the declared linear→linear groups.
     trace_norm_groups: bool = False
     experts: ExpertsLayout | None = None
-    # Float modules inside a layer that are weights but never quantized (routers), for the report.
-    float_modules: tuple[str, ...] = ()
 
     def norm_readers(self) -> dict[str, tuple[str, ...]]:
         """Residual norm -> the linears that read its output, from the scaling groups."""
@@ -284,7 +282,6 @@ MIXTRAL = replace(
     online_rotated=None,
     residual_writers=("self_attn.o_proj", "mlp.experts.{e}.down_proj"),
     experts=ExpertsLayout("mlp.experts"),
-    float_modules=("mlp.gate",),
 )
 
 # Qwen2-MoE: Mixtral's layout plus a shared expert (plain linears) and its sigmoid gate (float).
@@ -304,7 +301,6 @@ QWEN2_MOE = replace(
         ScalingGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), "mlp.shared_expert.down_proj"),
     ),
     residual_writers=("self_attn.o_proj", "mlp.experts.{e}.down_proj", "mlp.shared_expert.down_proj"),
-    float_modules=("mlp.gate", "mlp.shared_expert_gate"),
 )
 
 # gpt-oss: experts stored [in, out], gate/up interleaved, with biases; its GLU computes
@@ -319,7 +315,6 @@ GPT_OSS = replace(
                      token_wise=True, readers=("mlp.router",)),
     ),
     experts=ExpertsLayout("mlp.experts", transposed=True, interleaved=True, bias=True, glu="gpt_oss"),
-    float_modules=("mlp.router",),
 )
 
 # model_type -> family.
