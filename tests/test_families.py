@@ -216,3 +216,12 @@ def test_windows_longer_than_learned_positions_are_refused():
     from lowbit.experiment import CalibOptions
 
     Session(model, byte_tokenizer(), text="word " * 3000, seq_len=64, calib=CalibOptions(seq_len=32))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_smoothquant_keeps_the_float_function(name, built):
+    from lowbit.methods import SmoothQuantConfig
+
+    model, held, before = built(name)
+    quantize_(model, SmoothQuantConfig(alpha=0.5), tiny_samples(model, 4, 32))
+    assert rel(logits(model, held), before) < 1e-4
