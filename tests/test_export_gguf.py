@@ -142,7 +142,17 @@ MODELS = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", lambda: spm_tokenizer(prefix=False), MQA),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", lambda: spm_tokenizer(prefix=False), MQA),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", lambda: spm_tokenizer(prefix=False), MQA),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", lambda: spm_tokenizer(prefix=True), {**GQA, "pad_token_id": None}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", lambda: bpe_tokenizer("gpt-2"),
+             {"small": {"n_embd": 64, "n_layer": 2, "n_head": 4}}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", lambda: bpe_tokenizer("gpt-2"),
+              {"small": {"hidden_size": 64, "n_layer": 2, "n_head": 4}}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", lambda: bpe_tokenizer("gpt-2"),
+               {"small": {"hidden_size": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "max_position_embeddings": 256}}),
 }
+FUSED_QKV = ("qkv_proj.weight", "c_attn.weight", "query_key_value.weight")
+NORMS = ("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
 
 
 def tiny_model(model_type: str, seed: int = 0):
@@ -154,9 +164,10 @@ def tiny_model(model_type: str, seed: int = 0):
     tok = make_tok()
     over = dict(over)
     pad = over.pop("pad_vocab", 1)
+    small = over.pop("small", SMALL)
     vocab = -(-len(tok) // pad) * pad
     cfg = getattr(transformers, cfg_cls)(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                         **SMALL, **over)
+                                         **small, **over)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).eval().requires_grad_(False)
     from lowbit.export.gguf import norm_offset
@@ -165,7 +176,9 @@ def tiny_model(model_type: str, seed: int = 0):
     for name, p in model.named_parameters():
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             p.mul_(20)  # sharp attention, so the rotary layout of q and k matters to the logits
-        elif name.endswith("norm.weight"):
+        elif name.endswith(FUSED_QKV):
+            p.mul_(10)
+        elif name.endswith(NORMS):
             p.copy_(base + torch.empty_like(p).uniform_(-0.5, 0.5))
         elif name.endswith("bias"):
             p.normal_(0, 0.1)
@@ -238,8 +251,10 @@ def test_exported_model_reads_back_with_the_same_logits(model_type, tmp_path):
 
     model, tok = tiny_model(model_type)
     out = quantize_and_pack(model, tok, tmp_path / "m")
-    # llama.cpp converts Mistral as llama, without its sliding window: exported, with a warning.
-    with pytest.warns(UserWarning, match="ignores the sliding window") if model_type == "mistral" else nullcontext():
+    # llama.cpp converts Mistral as llama, without its sliding window, and computes Falcon's GELU with the tanh
+    # approximation: exported, with a warning.
+    warns = {"mistral": "ignores the sliding window", "falcon": "tanh approximation"}
+    with pytest.warns(UserWarning, match=warns[model_type]) if model_type in warns else nullcontext():
         info = export_gguf(out, tmp_path / "m.gguf")
     assert info["metadata"] == "Hugging Face config" and info["types"] == ["Q4_0", "Q8_0"]
     assert info["max_change_steps"] == 0.0
@@ -252,10 +267,11 @@ def test_exported_model_reads_back_with_the_same_logits(model_type, tmp_path):
             assert back(text)["input_ids"] == tok(text)["input_ids"], text
 
 
-@pytest.mark.parametrize("model_type,breaks", [("gemma3_text", "norm_offset"), ("llama", "rotary_pairs")])
+@pytest.mark.parametrize("model_type,breaks", [("gemma3_text", "norm_offset"), ("llama", "rotary_pairs"),
+                                               ("bloom", "qkv_interleaved")])
 def test_a_wrong_convention_shows_in_the_logits(model_type, breaks, tmp_path, monkeypatch):
     """The read-back check is sharp enough to catch each convention: Gemma norms written as w, not 1 + w;
-    llama q/k rows left in Hugging Face's rotary layout."""
+    llama q/k rows left in Hugging Face's rotary layout; BLOOM's query_key_value left head-interleaved."""
     from dataclasses import replace
 
     import lowbit.export.gguf as g
@@ -263,7 +279,7 @@ def test_a_wrong_convention_shows_in_the_logits(model_type, breaks, tmp_path, mo
     if breaks == "norm_offset":
         monkeypatch.setattr(g, "norm_offset", lambda *a: 0.0)
     else:
-        monkeypatch.setitem(g.ARCHS, model_type, replace(g.ARCHS[model_type], rotary_pairs=False))
+        monkeypatch.setitem(g.ARCHS, model_type, replace(g.ARCHS[model_type], **{breaks: False}))
     model, tok = tiny_model(model_type)
     g.export_gguf(quantize_and_pack(model, tok, tmp_path / "m"), tmp_path / "m.gguf")
     diff, scale = max_logit_diff(model, read_back(tmp_path / "m.gguf", model_type, model), tok)
@@ -368,12 +384,12 @@ def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(tmp_path):
 
 
 def test_unsupported_architectures_and_settings_are_named():
-    from transformers import Gemma2Config, LlamaConfig, Qwen2Config
+    from transformers import FalconConfig, Gemma2Config, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
 
     from lowbit.export.gguf import ARCHS, arch_for, check_config
 
-    with pytest.raises(LowbitError, match="does not support model type 'phi3'"):
-        arch_for("phi3")
+    with pytest.raises(LowbitError, match="does not support model type 'opt'"):
+        arch_for("opt")
     with pytest.raises(LowbitError, match="query_pre_attn_scalar=144.*head_dim=256"):
         check_config(Gemma2Config(num_hidden_layers=2, query_pre_attn_scalar=144), ARCHS["gemma2"])
     with pytest.raises(LowbitError, match="layer_types differ"):
@@ -385,6 +401,18 @@ def test_unsupported_architectures_and_settings_are_named():
                                                   "original_max_position_embeddings": 2048}), ARCHS["llama"])
     with pytest.raises(LowbitError, match="activation 'gelu'"):
         check_config(LlamaConfig(hidden_act="gelu"), ARCHS["llama"])
+    with pytest.raises(LowbitError, match="rope_type 'longrope'"):
+        check_config(Phi3Config(num_hidden_layers=2, max_position_embeddings=8192,
+                                original_max_position_embeddings=4096,
+                                rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                 "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}),
+                     ARCHS["phi3"])
+    with pytest.raises(LowbitError, match="scale_attn_by_inverse_layer_idx"):
+        check_config(GPT2Config(n_layer=2, scale_attn_by_inverse_layer_idx=True), ARCHS["gpt2"])
+    with pytest.raises(LowbitError, match="new_decoder_architecture"):
+        check_config(FalconConfig(num_hidden_layers=2, new_decoder_architecture=True), ARCHS["falcon"])
+    with pytest.raises(LowbitError, match="alibi"):
+        check_config(FalconConfig(num_hidden_layers=2, alibi=True), ARCHS["falcon"])
 
 
 def test_llama3_rope_scaling_becomes_rope_freqs():

@@ -157,7 +157,8 @@ def test_a_wrong_norm_convention_is_caught_by_the_fold_check():
     assert torch.isfinite(logits(model, held)).all()
 
 
-GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")  # read back: test_export_gguf.py
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "falcon",
+                 "bloom")  # read back: test_export_gguf.py
 
 
 @pytest.mark.parametrize("name", ZOO)

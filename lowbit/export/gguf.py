@@ -20,6 +20,9 @@ family's conventions apply, as llama.cpp's own converter applies them:
   as offset + w, llama.cpp's x·w; q_norm and k_norm included;
 - llama.cpp's llama architecture rotates adjacent pairs where Hugging Face rotates halves, so q_proj
   and k_proj rows (and biases) are permuted; its qwen2, qwen3 and gemma architectures rotate halves;
+- fused projections are written fused, in llama.cpp's row order: Phi-3's qkv_proj and gate_up_proj as they
+  are, BLOOM's head-interleaved query_key_value reordered to [q; k; v], Falcon-7B's (multi-query, already
+  [q; k; v]) as it is; GPT-2's Conv1D weights, made nn.Linear [out, in] by lowbit, are llama.cpp's layout;
 - what llama.cpp computes differently (another activation, a sliding-window layout other than its
   fixed one, another attention scale, an unsupported rope scaling) is refused, not written.
 """
@@ -92,9 +95,15 @@ def rotary_order(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
-def permute_rows(pt: PackedTensor, n_head: int) -> PackedTensor:
-    """Reorder output rows from Hugging Face's rotary layout (halves) to llama.cpp's (pairs)."""
-    order = rotary_order(pt.shape[0], n_head)
+def head_interleaved_order(rows: int, n_head: int) -> torch.Tensor:
+    """Row order taking a fused query_key_value interleaved per head ([head][q, k, v][head_dim], BLOOM) to
+    llama.cpp's [all q; all k; all v], as its converter reorders it."""
+    return torch.arange(rows).reshape(n_head, 3, rows // n_head // 3).transpose(0, 1).reshape(-1)
+
+
+def permute_rows(pt: PackedTensor, n_head: int, order: torch.Tensor | None = None) -> PackedTensor:
+    """Reorder output rows from Hugging Face's rotary layout (halves) to llama.cpp's (pairs), or by ``order``."""
+    order = rotary_order(pt.shape[0], n_head) if order is None else order
     from ..pack.bits import pack_bits
 
     codes = pt.codes()[order]
@@ -118,6 +127,12 @@ class Arch:
     # llama.cpp scales attention scores by 1/sqrt(head_dim), except at this layer count (the 27B models),
     # where it uses 1/sqrt(hidden / heads); Hugging Face reads query_pre_attn_scalar.
     attn_scale_layers: int | None = None
+    rope: bool = True  # rotary positions (rope.freq_base, rope.dimension_count); False: learned or ALiBi
+    layer_norm: bool = False  # LayerNorm with bias (attention.layer_norm_epsilon), not RMSNorm
+    rope_types: tuple[str, ...] | None = None  # the rope types it writes, when not default / linear (/ llama3)
+    # llama.cpp's converter reorders a head-interleaved fused query_key_value (BLOOM) to [q; k; v]
+    qkv_interleaved: bool = False
+    sliding_window_key: bool = False  # writes attention.sliding_window (0: none), applied to every layer (Phi-3)
 
 
 _LLAMA = Arch("llama", rotary_pairs=True, rope_dims=True)
@@ -136,6 +151,16 @@ ARCHS: dict[str, Arch] = {
     "gemma2": Arch("gemma2", activations=_GELU, swa_every=2, attn_scale_layers=46,
                    extra=((Keys.LLM.ATTN_LOGIT_SOFTCAPPING, "attn_logit_softcapping", float), _FINAL_CAP, _SWA)),
     "gemma3_text": Arch("gemma3", activations=_GELU, swa_every=6, attn_scale_layers=62, extra=(_FINAL_CAP, _SWA)),
+    # Phi-3: fused qkv_proj (attn_qkv, [q; k; v], halves rotated as llama.cpp's phi3 does) and gate_up_proj
+    # (ffn_up, gate half first, as llama.cpp's fused SwiGLU splits it): written as they are.
+    "phi3": Arch("phi3", rope_dims=True, rope_types=("default",), sliding_window_key=True),
+    # GPT-2: learned positions, LayerNorm, biases; lowbit's adapted nn.Linear weights [out, in] are llama.cpp's
+    # layout already (its converter transposes the Conv1D [in, out] weights; transformers transposes them back).
+    "gpt2": Arch("gpt2", activations=("gelu_new", "gelu_pytorch_tanh"), rope=False, layer_norm=True),
+    # BLOOM: ALiBi, LayerNorm after the embedding, head-interleaved query_key_value reordered to [q; k; v].
+    "bloom": Arch("bloom", activations=("bloom_gelu",), rope=False, layer_norm=True, qkv_interleaved=True),
+    # Falcon (7B layout): parallel attention, multi-query, query_key_value already [q; k; v], halves rotated.
+    "falcon": Arch("falcon", activations=("gelu_pytorch_tanh",), layer_norm=True, rope_types=("default",)),
 }
 
 
@@ -170,10 +195,49 @@ def _head_dim(cfg) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
+# model type -> (config attribute, the value llama.cpp computes, what it computes instead)
+_REFUSED: dict[str, tuple[tuple[str, object, str], ...]] = {
+    "gpt2": (("scale_attn_weights", True, "llama.cpp scales attention by 1/sqrt(head_dim)"),
+             ("scale_attn_by_inverse_layer_idx", False, "llama.cpp does not scale attention by layer"),
+             ("add_cross_attention", False, "llama.cpp's gpt2 has no cross-attention")),
+    "bloom": (("apply_residual_connection_post_layernorm", False, "llama.cpp adds the residual before the norm"),
+              ("pretraining_tp", 1, "llama.cpp has no tensor-parallel slicing"),),
+    "falcon": (("new_decoder_architecture", False, "transformers' GGUF reader keeps Falcon-40B's grouped "
+                "query_key_value in llama.cpp's order, so it is not written"),
+               ("multi_query", True, "only Falcon-7B's multi-query layout is written"),
+               ("parallel_attn", True, "llama.cpp's falcon computes attention and MLP in parallel"),
+               ("alibi", False, "llama.cpp's falcon uses rotary positions"),
+               ("bias", False, "llama.cpp's falcon has no linear biases")),
+}
+
+
+def _n_kv(cfg) -> int:
+    if cfg.model_type == "falcon":
+        return cfg.num_kv_heads if cfg.new_decoder_architecture else 1 if cfg.multi_query else cfg.num_attention_heads
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+def _ffn(cfg) -> int:
+    attr = {"gpt2": "n_inner", "falcon": "ffn_hidden_size", "bloom": None}.get(cfg.model_type, "intermediate_size")
+    return int((getattr(cfg, attr, None) if attr else None) or 4 * cfg.hidden_size)
+
+
 def check_config(cfg, arch: Arch) -> list[str]:
     """Refuse what llama.cpp would compute differently from the Hugging Face model; returns warnings."""
     name, notes = cfg.model_type, []
-    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+    act = (getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+           or getattr(cfg, "activation_function", None) or getattr(cfg, "activation", None))
+    if name == "bloom":
+        act = "bloom_gelu"  # BloomGelu, tanh-approximated, as llama.cpp's GELU
+    if name == "falcon" and act == "gelu":
+        act = "gelu_pytorch_tanh"
+        notes.append("llama.cpp computes Falcon's exact GELU with the tanh approximation (as its own converter "
+                     "accepts): activations differ by up to about 1e-3")
+    if arch.rope and _rope(cfg).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) != 1.0:
+        raise LowbitError(f"GGUF export: {name} with partial_rotary_factor != 1 is not supported")
+    for attr, want, why in _REFUSED.get(name, ()):
+        if getattr(cfg, attr, want) != want:
+            raise LowbitError(f"GGUF export: {name} with {attr}={getattr(cfg, attr)!r}; {why}")
     if act not in arch.activations:
         raise LowbitError(f"GGUF export: {name} with activation {act!r}; llama.cpp's {arch.gguf} computes "
                           f"{' / '.join(arch.activations)}")
@@ -197,10 +261,10 @@ def check_config(cfg, arch: Arch) -> list[str]:
         if not ok:
             raise LowbitError(f"GGUF export: {name} with query_pre_attn_scalar={scalar}; llama.cpp scales "
                               f"attention by 1/sqrt(head_dim={_head_dim(cfg)})")
-    layers = ("sliding_attention", "full_attention") if arch.swa_every else (None,)
+    layers = ("sliding_attention", "full_attention") if arch.swa_every else (None,) if arch.rope else ()
     for lt in layers:
         kind = _rope(cfg, lt)["rope_type"]
-        allowed = ("default",) if lt == "sliding_attention" else \
+        allowed = ("default",) if lt == "sliding_attention" else arch.rope_types if arch.rope_types else \
             ("default", "linear", "llama3") if arch.rotary_pairs else ("default", "linear")
         if kind not in allowed:
             raise LowbitError(f"GGUF export: {name} with rope_type {kind!r}"
@@ -214,15 +278,29 @@ def add_hparams(writer, cfg, arch: Arch, name: str) -> dict[str, np.ndarray]:
     a = arch.gguf
     head_dim, n_head = _head_dim(cfg), cfg.num_attention_heads
     writer.add_name(name)
-    writer.add_context_length(cfg.max_position_embeddings)
+    # BLOOM has no context length (ALiBi); llama.cpp's converter writes seq_length or else the width
+    ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "seq_length", None) or cfg.hidden_size
+    writer.add_context_length(int(ctx))
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_feed_forward_length(_ffn(cfg))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or n_head)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_head_count_kv(_n_kv(cfg))
+    if arch.layer_norm:
+        writer.add_layer_norm_eps(float(getattr(cfg, "layer_norm_epsilon", None) or cfg.layer_norm_eps))
+    else:
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
+    if arch.sliding_window_key:  # Phi-3 as llama.cpp's converter: 0 is no window
+        writer.add_sliding_window(int(getattr(cfg, "sliding_window", None) or 0))
+        orig = getattr(cfg, "original_max_position_embeddings", None)
+        if orig:
+            writer.add_rope_scaling_orig_ctx_len(int(orig))
+    if not arch.rope:
+        return {}
+    if arch.gguf == "falcon":
+        writer.add_rope_dimension_count(head_dim)
     full = _rope(cfg, "full_attention" if arch.swa_every else None)
     writer.add_rope_freq_base(float(full["rope_theta"]))
     if arch.swa_every:
@@ -283,6 +361,8 @@ def tensor_plan(doc: dict, tensors: dict[str, torch.Tensor], arch: Arch, n_head:
             pt = permute_rows(pt, n_head)
         elif arch.rotary_pairs and name.endswith("k_proj"):
             pt = permute_rows(pt, n_kv)
+        elif arch.qkv_interleaved and name.endswith("query_key_value"):
+            pt = permute_rows(pt, n_head, head_interleaved_order(pt.shape[0], n_head))
         kind, blocks, change = gguf_blocks(pt)
         types.add(kind)
         worst = max(worst, change)
@@ -296,6 +376,8 @@ def tensor_plan(doc: dict, tensors: dict[str, torch.Tensor], arch: Arch, n_head:
             t = t + offset
         if arch.rotary_pairs and key.endswith(("q_proj.bias", "k_proj.bias")):
             t = t[rotary_order(t.shape[0], n_head if key.endswith("q_proj.bias") else n_kv)]
+        if arch.qkv_interleaved and key.endswith("query_key_value.bias"):
+            t = t[head_interleaved_order(t.shape[0], n_head)]
         plan.append((_gguf_name(names, key), t.numpy(), None))
     return plan, types, worst
 
@@ -339,7 +421,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
         for note in notes:
             warnings.warn(f"GGUF export: {note}", stacklevel=2)
         n_layers, n_head = cfg.num_hidden_layers, cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+        n_kv = _n_kv(cfg)
         vocab = read_vocab(model_dir, cfg.vocab_size)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
     names = gguf.get_tensor_name_map(arch_id, n_layers)
@@ -389,6 +471,8 @@ def _gguf_name(names, hf_name: str) -> str:
     base, suffix = (hf_name[: -len(".weight")], ".weight") if hf_name.endswith(".weight") else \
         (hf_name[: -len(".bias")], ".bias") if hf_name.endswith(".bias") else (hf_name, "")
     mapped = names.get_name(base)
+    if mapped is None and base.startswith("transformer."):  # gguf names some BLOOM tensors without the prefix
+        mapped = names.get_name(base[len("transformer."):])
     if mapped is None:
         raise LowbitError(f"no GGUF name for tensor {hf_name}")
     return mapped + suffix
