@@ -130,6 +130,7 @@ def spm_tokenizer(prefix: bool, vocab: int = 300):
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 256}
 GQA = {"num_attention_heads": 4, "num_key_value_heads": 2}
 MQA = {"num_attention_heads": 2, "num_key_value_heads": 1}
+MOE = {"num_experts_per_tok": 2, "pad_token_id": None}
 # model_type -> (config class, model class, tokenizer, config overrides). Head dims are the config defaults where
 # transformers' GGUF reader does not read them back (Qwen3: 128; Gemma: 256, with query_pre_attn_scalar = head_dim).
 MODELS = {
@@ -150,14 +151,34 @@ MODELS = {
     "falcon": ("FalconConfig", "FalconForCausalLM", lambda: bpe_tokenizer("gpt-2"),
                {"small": {"hidden_size": 64, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "max_position_embeddings": 256}}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", lambda: bpe_tokenizer("gpt-2"),
+                 {"num_attention_heads": 4, "small": {**SMALL, "hidden_act": "gelu_pytorch_tanh"}}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", lambda: bpe_tokenizer("gpt-2"), {**GQA, "pad_token_id": None}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", lambda: spm_tokenizer(prefix=True),
+                {**GQA, **MOE, "num_local_experts": 4}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", lambda: bpe_tokenizer("qwen2"),
+                  {**GQA, **MOE, "num_experts": 4, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 96}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", lambda: bpe_tokenizer("qwen2"),
+                  {**GQA, **MOE, "num_experts": 4, "moe_intermediate_size": 64, "norm_topk_prob": True,
+                   "head_dim": 16}),
+    # YaRN rope over its default 131072 positions, sliding window (8) on even layers, attention sinks
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", lambda: bpe_tokenizer("gpt-2"),
+                {**GQA, **MOE, "num_local_experts": 4, "head_dim": 16, "sliding_window": 8,
+                 "small": {**SMALL, "max_position_embeddings": 131072}}),
 }
+# Families transformers' GGUF loader does not read, read back by the gguf package (read_by_gguf_package) with
+# llama.cpp's conventions as its converter states them, written out here apart from lowbit's tables:
+# model type -> (llama.cpp architecture, norm offset, q/k rows in pairs, query_key_value as [q; k; v])
+NOT_IN_TRANSFORMERS = {"gemma": ("gemma", 1.0, False, False), "gpt_neox": ("gptneox", 0.0, False, True),
+                       "olmo2": ("olmo2", 0.0, False, False), "mixtral": ("llama", 0.0, True, False),
+                       "gpt_oss": ("gpt-oss", 0.0, False, False)}  # transformers looks for other expert names
 FUSED_QKV = ("qkv_proj.weight", "c_attn.weight", "query_key_value.weight")
-NORMS = ("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
+NORMS = ("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight", "layernorm.weight", "layer_norm.weight")
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, sharp: bool = True):
     """(random model, tokenizer) of ``model_type``; norm weights jittered by ±0.5 so no norm offset can hide, q and k
-    scaled up so no rotary layout can."""
+    scaled up (``sharp``) so no rotary layout can."""
     import transformers
 
     cfg_cls, model_cls, make_tok, over = MODELS[model_type]
@@ -175,13 +196,15 @@ def tiny_model(model_type: str, seed: int = 0):
     base = 1.0 - norm_offset(model_type)  # a norm that multiplies by about 1 either way
     for name, p in model.named_parameters():
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            p.mul_(20)  # sharp attention, so the rotary layout of q and k matters to the logits
+            p.mul_(20 if sharp else 1)  # sharp attention, so the rotary layout of q and k matters to the logits
         elif name.endswith(FUSED_QKV):
-            p.mul_(10)
+            p.mul_(10 if sharp else 1)
         elif name.endswith(NORMS):
             p.copy_(base + torch.empty_like(p).uniform_(-0.5, 0.5))
         elif name.endswith("bias"):
             p.normal_(0, 0.1)
+        elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight", "mlp.router.weight")):
+            p.normal_(0, 1.0)  # routing that spreads tokens over every expert, so a wrong expert shows
     return model, tok
 
 
@@ -205,32 +228,76 @@ def quantize_and_pack(model, tok, path, extra: dict | None = None, embed: str = 
 
 
 def read_back(path, model_type: str, like):
-    """The GGUF file as a transformers model: its own GGUF loader, or for Gemma 1 (which it cannot read) the
-    tensors dequantized by the gguf package into a model built from the same config, norms less 1 as llama.cpp
-    stores them."""
-    import gguf
+    """The GGUF file as a transformers model: its own GGUF loader, or for the families it cannot read
+    (``NOT_IN_TRANSFORMERS``) the gguf package's reader (:func:`read_by_gguf_package`)."""
     from transformers import AutoModelForCausalLM
 
-    if model_type != "gemma":
-        # GGUF has no key for attention biases (llama.cpp loads them when present): say so, as llama.cpp would see.
-        say = {"attention_bias": True} if getattr(like.config, "attention_bias", False) else {}
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                    **say).eval()
-    model = type(like)(like.config).eval()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA, like.config.num_hidden_layers)
+    if model_type in NOT_IN_TRANSFORMERS:
+        return read_by_gguf_package(path, like)
+    # GGUF has no key for attention biases (llama.cpp loads them when present): say so, as llama.cpp would see.
+    say = {"attention_bias": True} if getattr(like.config, "attention_bias", False) else {}
+    # Nor does it read the expert widths llama.cpp reads (expert_feed_forward_length and the shared one): they
+    # are passed as read from the file.
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    for key, attr in (("expert_feed_forward_length", "moe_intermediate_size"),
+                      ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")):
+        field = next((f for name, f in fields.items() if name.endswith("." + key)), None)
+        if field is not None:
+            say[attr] = int(field.contents())
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **say).eval()
+
+
+def read_by_gguf_package(path, like):
+    """Every tensor of the file dequantized by the gguf package, with llama.cpp's conventions undone as its
+    converter documents them (norms less the family's offset, llama's q/k rows back from pairs to halves, a
+    [q; k; v] query_key_value back to head-interleaved, stacked experts split), loaded into a model built from
+    ``like``'s config and adapted as lowbit adapts it (one nn.Linear per expert)."""
+    import re
+
+    import gguf
+
+    from lowbit.export.gguf import head_interleaved_order, rotary_order
+    from lowbit.models.families import family_for
+
+    cfg = like.config
+    arch_name, offset, pairs, qkv_fused = NOT_IN_TRANSFORMERS[cfg.model_type]
+    model = type(like)(cfg).eval()
+    family_for(model)  # adapts it as lowbit does
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
+    names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
     ours = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    state = {}
-    for key in model.state_dict():
-        if key == "lm_head.weight":  # tied to the embedding
-            continue
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    state, used = {}, set()
+    for key, want in model.state_dict().items():
         base, _, suffix = key.rpartition(".")
-        t = ours[f"{names.get_name(base)}.{suffix}"]
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(like.state_dict()[key].shape)
-        state[key] = w - 1 if key.endswith("norm.weight") else w
-    assert len(state) == len(ours)
-    missing, _ = model.load_state_dict(state, strict=False)
-    assert missing == ["lm_head.weight"]
-    model.tie_weights()
+        if suffix not in ("weight", "bias"):  # a bare parameter (attention sinks): .weight in GGUF
+            base, suffix = key, "weight"
+        expert = re.match(r"^(.+\.experts)\.(\d+)\.(.+)$", base)
+        stem = f"{expert[1]}.{expert[3]}" if expert else base
+        gname = f"{names.get_name(stem)}.{suffix}"
+        if gname not in ours:
+            assert key == "lm_head.weight" and cfg.tie_word_embeddings, key
+            continue
+        t = ours[gname]
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        w = w[int(expert[2])] if expert else w
+        w = w.reshape(want.shape)
+        if key.endswith("norm.weight"):
+            w = w - offset
+        if pairs and key.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+            w = w[torch.argsort(rotary_order(w.shape[0], n_head if ".q_proj." in key else n_kv))]
+        if qkv_fused and "query_key_value" in key:
+            w = w[torch.argsort(head_interleaved_order(w.shape[0], n_head))]
+        state[key] = w
+        used.add(gname)
+    assert used == set(ours), set(ours) - used  # every tensor of the file has a place in the model
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    if missing:
+        model.tie_weights()
     return model
 
 
@@ -261,14 +328,15 @@ def test_exported_model_reads_back_with_the_same_logits(model_type, tmp_path):
     diff, scale = max_logit_diff(model, read_back(tmp_path / "m.gguf", model_type, model), tok)
     print(f"{model_type}: max |logit diff| {diff:.2e} of max |logit| {scale:.2f}")
     assert diff < 1e-4 * scale
-    if model_type != "gemma":  # transformers reads no Gemma 1 GGUF file
+    if model_type not in NOT_IN_TRANSFORMERS:  # transformers reads no tokenizer of these files
         back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
         for text in PROBES:
             assert back(text)["input_ids"] == tok(text)["input_ids"], text
 
 
-@pytest.mark.parametrize("model_type,breaks", [("gemma3_text", "norm_offset"), ("llama", "rotary_pairs"),
-                                               ("bloom", "qkv_interleaved")])
+@pytest.mark.parametrize("model_type,breaks", [
+    ("gemma3_text", "norm_offset"), ("gemma", "norm_offset"), ("llama", "rotary_pairs"), ("mixtral", "rotary_pairs"),
+    ("bloom", "qkv_interleaved"), ("gpt_neox", "qkv_interleaved")])
 def test_a_wrong_convention_shows_in_the_logits(model_type, breaks, tmp_path, monkeypatch):
     """The read-back check is sharp enough to catch each convention: Gemma norms written as w, not 1 + w;
     llama q/k rows left in Hugging Face's rotary layout; BLOOM's query_key_value left head-interleaved."""
@@ -413,6 +481,26 @@ def test_unsupported_architectures_and_settings_are_named():
         check_config(FalconConfig(num_hidden_layers=2, new_decoder_architecture=True), ARCHS["falcon"])
     with pytest.raises(LowbitError, match="alibi"):
         check_config(FalconConfig(num_hidden_layers=2, alibi=True), ARCHS["falcon"])
+    from transformers import GPTNeoXConfig, Olmo2Config, Qwen2MoeConfig, Qwen3MoeConfig
+
+    with pytest.raises(LowbitError, match="norm_topk_prob=True.*does not renormalise"):
+        check_config(Qwen2MoeConfig(num_hidden_layers=2, norm_topk_prob=True), ARCHS["qwen2_moe"])
+    with pytest.raises(LowbitError, match="norm_topk_prob=False.*renormalises"):
+        check_config(Qwen3MoeConfig(num_hidden_layers=2, norm_topk_prob=False), ARCHS["qwen3_moe"])
+    with pytest.raises(LowbitError, match="mlp_only_layers"):
+        check_config(Qwen3MoeConfig(num_hidden_layers=2, norm_topk_prob=True, mlp_only_layers=[0]), ARCHS["qwen3_moe"])
+    with pytest.raises(LowbitError, match="q_norm by the hidden size"):
+        check_config(Olmo2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, head_dim=32),
+                     ARCHS["olmo2"])
+    with pytest.raises(LowbitError, match="attention biases"):
+        check_config(GPTNeoXConfig(num_hidden_layers=2, attention_bias=False), ARCHS["gpt_neox"])
+    assert "tanh approximation" in check_config(GPTNeoXConfig(num_hidden_layers=2), ARCHS["gpt_neox"])[0]
+    from transformers import GptOssConfig
+
+    with pytest.raises(LowbitError, match="swiglu_limit"):
+        check_config(GptOssConfig(num_hidden_layers=2, swiglu_limit=10.0), ARCHS["gpt_oss"])
+    with pytest.raises(LowbitError, match="layer_types differ"):
+        check_config(GptOssConfig(num_hidden_layers=2, layer_types=["full_attention"] * 2), ARCHS["gpt_oss"])
 
 
 def test_llama3_rope_scaling_becomes_rope_freqs():

@@ -23,14 +23,19 @@ family's conventions apply, as llama.cpp's own converter applies them:
 - fused projections are written fused, in llama.cpp's row order: Phi-3's qkv_proj and gate_up_proj as they
   are, BLOOM's head-interleaved query_key_value reordered to [q; k; v], Falcon-7B's (multi-query, already
   [q; k; v]) as it is; GPT-2's Conv1D weights, made nn.Linear [out, in] by lowbit, are llama.cpp's layout;
+- mixture-of-experts layers, which lowbit holds as one nn.Linear per expert, are written as llama.cpp's
+  stacked [experts, out, in] tensors (ffn_gate_exps, ffn_up_exps, ffn_down_exps; biases likewise), the
+  router (ffn_gate_inp) in float, Qwen2-MoE's shared expert and its gate as ffn_*_shexp;
 - what llama.cpp computes differently (another activation, a sliding-window layout other than its
-  fixed one, another attention scale, an unsupported rope scaling) is refused, not written.
+  fixed one, another attention scale, an unsupported rope scaling, other top-k routing weights) is
+  refused, not written.
 """
 from __future__ import annotations
 
 import os
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -133,6 +138,11 @@ class Arch:
     # llama.cpp's converter reorders a head-interleaved fused query_key_value (BLOOM) to [q; k; v]
     qkv_interleaved: bool = False
     sliding_window_key: bool = False  # writes attention.sliding_window (0: none), applied to every layer (Phi-3)
+    # llama.cpp rotates only the first partial_rotary_factor of each head (GPT-NeoX): rope.dimension_count says so
+    partial_rope: bool = False
+    parallel_residual_key: bool = False  # writes use_parallel_residual (GPT-NeoX)
+    # Whether llama.cpp renormalises the top-k routing weights of this architecture to sum to one (MoE only)
+    norm_topk: bool | None = None
 
 
 _LLAMA = Arch("llama", rotary_pairs=True, rope_dims=True)
@@ -161,6 +171,19 @@ ARCHS: dict[str, Arch] = {
     "bloom": Arch("bloom", activations=("bloom_gelu",), rope=False, layer_norm=True, qkv_interleaved=True),
     # Falcon (7B layout): parallel attention, multi-query, query_key_value already [q; k; v], halves rotated.
     "falcon": Arch("falcon", activations=("gelu_pytorch_tanh",), layer_norm=True, rope_types=("default",)),
+    # GPT-NeoX / Pythia: head-interleaved query_key_value (as BLOOM), partial rotary over halves, parallel residual.
+    "gpt_neox": Arch("gptneox", activations=("gelu_pytorch_tanh",), layer_norm=True, qkv_interleaved=True,
+                     partial_rope=True, parallel_residual_key=True, rope_types=("default",)),
+    # OLMo 2: norms after attention and MLP (attn_post_norm, ffn_post_norm), q/k norms over all heads.
+    "olmo2": Arch("olmo2", rope_types=("default",)),
+    # Mixtral is llama.cpp's llama with experts: pairs rotated, top-k weights renormalised.
+    "mixtral": replace(_LLAMA, norm_topk=True),
+    "qwen2_moe": Arch("qwen2moe", norm_topk=False),  # its shared expert: ffn_*_shexp, sigmoid gate
+    "qwen3_moe": Arch("qwen3moe", norm_topk=True),
+    # gpt-oss: attention sinks, biases everywhere, router softmax over the top-k logits, clamped SwiGLU
+    # (llama.cpp's swiglu_oai: alpha 1.702, limit 7), sliding window on even layers, YaRN rope.
+    "gpt_oss": Arch("gpt-oss", activations=("swiglu_oai",), swa_every=2, rope_types=("yarn", "default"),
+                    sliding_window_key=True, norm_topk=True),
 }
 
 
@@ -191,6 +214,14 @@ def _rope(cfg, layer_type: str | None = None) -> dict:
     return rp
 
 
+def _partial_rotary(cfg) -> float:
+    return float(_rope(cfg).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None) or 1.0))
+
+
+def _n_experts(cfg) -> int | None:
+    return getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+
+
 def _head_dim(cfg) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
@@ -208,6 +239,16 @@ _REFUSED: dict[str, tuple[tuple[str, object, str], ...]] = {
                ("parallel_attn", True, "llama.cpp's falcon computes attention and MLP in parallel"),
                ("alibi", False, "llama.cpp's falcon uses rotary positions"),
                ("bias", False, "llama.cpp's falcon has no linear biases")),
+    "gpt_neox": (("attention_bias", True, "llama.cpp's gptneox needs the attention biases"),
+                 ("tie_word_embeddings", False, "llama.cpp's gptneox needs its own output matrix")),
+    "olmo2": (("attention_bias", False, "llama.cpp's olmo2 has no attention biases"),),
+    "qwen2_moe": (("decoder_sparse_step", 1, "llama.cpp's qwen2moe has experts in every layer"),
+                  ("mlp_only_layers", [], "llama.cpp's qwen2moe has experts in every layer")),
+    "qwen3_moe": (("decoder_sparse_step", 1, "llama.cpp's qwen3moe has experts in every layer"),
+                  ("mlp_only_layers", [], "llama.cpp's qwen3moe has experts in every layer")),
+    "gpt_oss": (("swiglu_limit", 7.0, "llama.cpp's gpt-oss clamps the SwiGLU at 7"),
+                ("tie_word_embeddings", False, "llama.cpp's gpt-oss needs its own output matrix"),
+                ("attention_bias", True, "llama.cpp's gpt-oss needs the attention biases")),
 }
 
 
@@ -229,12 +270,26 @@ def check_config(cfg, arch: Arch) -> list[str]:
            or getattr(cfg, "activation_function", None) or getattr(cfg, "activation", None))
     if name == "bloom":
         act = "bloom_gelu"  # BloomGelu, tanh-approximated, as llama.cpp's GELU
+    if name == "gpt_oss":
+        act = "swiglu_oai"  # GptOssExperts' clamped SwiGLU, whatever hidden_act says
     if name == "falcon" and act == "gelu":
         act = "gelu_pytorch_tanh"
         notes.append("llama.cpp computes Falcon's exact GELU with the tanh approximation (as its own converter "
                      "accepts): activations differ by up to about 1e-3")
-    if arch.rope and _rope(cfg).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) != 1.0:
+    if name == "gpt_neox" and act == "gelu":
+        act = "gelu_pytorch_tanh"
+        notes.append("llama.cpp computes GPT-NeoX's exact GELU with the tanh approximation (as its own converter "
+                     "accepts): activations differ by up to about 1e-3")
+    if arch.rope and not arch.partial_rope and _partial_rotary(cfg) != 1.0:
         raise LowbitError(f"GGUF export: {name} with partial_rotary_factor != 1 is not supported")
+    if arch.norm_topk is not None:
+        renorm = bool(getattr(cfg, "norm_topk_prob", True))  # Mixtral always renormalises
+        if renorm != arch.norm_topk:
+            raise LowbitError(f"GGUF export: {name} with norm_topk_prob={renorm}; llama.cpp's {arch.gguf} "
+                              f"{'renormalises' if arch.norm_topk else 'does not renormalise'} the top-k weights")
+    if name == "olmo2" and _head_dim(cfg) * cfg.num_attention_heads != cfg.hidden_size:
+        raise LowbitError("GGUF export: olmo2 with heads × head_dim != hidden_size; llama.cpp's olmo2 sizes its "
+                          "q_norm by the hidden size")
     for attr, want, why in _REFUSED.get(name, ()):
         if getattr(cfg, attr, want) != want:
             raise LowbitError(f"GGUF export: {name} with {attr}={getattr(cfg, attr)!r}; {why}")
@@ -264,7 +319,7 @@ def check_config(cfg, arch: Arch) -> list[str]:
     layers = ("sliding_attention", "full_attention") if arch.swa_every else (None,) if arch.rope else ()
     for lt in layers:
         kind = _rope(cfg, lt)["rope_type"]
-        allowed = ("default",) if lt == "sliding_attention" else arch.rope_types if arch.rope_types else \
+        allowed = arch.rope_types if arch.rope_types else ("default",) if lt == "sliding_attention" else \
             ("default", "linear", "llama3") if arch.rotary_pairs else ("default", "linear")
         if kind not in allowed:
             raise LowbitError(f"GGUF export: {name} with rope_type {kind!r}"
@@ -297,10 +352,23 @@ def add_hparams(writer, cfg, arch: Arch, name: str) -> dict[str, np.ndarray]:
         orig = getattr(cfg, "original_max_position_embeddings", None)
         if orig:
             writer.add_rope_scaling_orig_ctx_len(int(orig))
+    if arch.parallel_residual_key:
+        writer.add_parallel_residual(bool(getattr(cfg, "use_parallel_residual", True)))
+    if _n_experts(cfg):
+        writer.add_expert_count(int(_n_experts(cfg)))
+        writer.add_expert_used_count(int(cfg.num_experts_per_tok))
+        ffn_exp = getattr(cfg, "moe_intermediate_size", None) or (cfg.intermediate_size if arch.gguf == "gpt-oss"
+                                                                   else None)
+        if ffn_exp:
+            writer.add_expert_feed_forward_length(int(ffn_exp))
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(int(cfg.shared_expert_intermediate_size))
     if not arch.rope:
         return {}
     if arch.gguf == "falcon":
         writer.add_rope_dimension_count(head_dim)
+    if arch.partial_rope:
+        writer.add_rope_dimension_count(int(head_dim * _partial_rotary(cfg)))
     full = _rope(cfg, "full_attention" if arch.swa_every else None)
     writer.add_rope_freq_base(float(full["rope_theta"]))
     if arch.swa_every:
@@ -316,6 +384,15 @@ def add_hparams(writer, cfg, arch: Arch, name: str) -> dict[str, np.ndarray]:
     if full["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(full["factor"]))
+    elif full["rope_type"] == "yarn":  # as llama.cpp's converter writes it
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(full["original_max_position_embeddings"]))
+        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor)):
+            if full.get(key) is not None:
+                add(float(full[key]))
     elif full["rope_type"] == "llama3":
         extra[f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight"] = llama3_rope_factors(cfg)
     return extra
@@ -351,7 +428,7 @@ def tensor_plan(doc: dict, tensors: dict[str, torch.Tensor], arch: Arch, n_head:
                 names) -> tuple[list[tuple[str, np.ndarray, str | None]], set[str], float]:
     """(GGUF name, data, block type or None for float) for every tensor, with the family's conventions applied;
     the block types used and the largest float16 change in steps."""
-    plan: list[tuple[str, np.ndarray, str | None]] = []
+    plan: list[tuple[str, np.ndarray, str | None]] = []  # Hugging Face names until the end
     packed_names: set[str] = set()
     types, worst = set(), 0.0
     for name, entry in doc["tensors"].items():
@@ -366,7 +443,7 @@ def tensor_plan(doc: dict, tensors: dict[str, torch.Tensor], arch: Arch, n_head:
         kind, blocks, change = gguf_blocks(pt)
         types.add(kind)
         worst = max(worst, change)
-        plan.append((_gguf_name(names, name + ".weight"), blocks, kind))
+        plan.append((name + ".weight", blocks, kind))
     for key, t in tensors.items():
         if key in packed_names:
             continue
@@ -378,8 +455,41 @@ def tensor_plan(doc: dict, tensors: dict[str, torch.Tensor], arch: Arch, n_head:
             t = t[rotary_order(t.shape[0], n_head if key.endswith("q_proj.bias") else n_kv)]
         if arch.qkv_interleaved and key.endswith("query_key_value.bias"):
             t = t[head_interleaved_order(t.shape[0], n_head)]
-        plan.append((_gguf_name(names, key), t.numpy(), None))
-    return plan, types, worst
+        if key.endswith("shared_expert_gate.weight"):  # [1, hidden] -> llama.cpp's {hidden}
+            t = t.reshape(-1)
+        plan.append((key, t.numpy(), None))
+    return [(_gguf_name(names, n), data, kind) for n, data, kind in stack_experts(plan)], types, worst
+
+
+_EXPERT = re.compile(r"^(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<part>weight|bias)$")
+
+
+def stack_experts(plan: list[tuple[str, np.ndarray, str | None]]) -> list[tuple[str, np.ndarray, str | None]]:
+    """lowbit's per-expert linears (``...experts.{e}.gate_proj.weight``) as llama.cpp's stacked tensors
+    (``...experts.gate_proj.weight``, [experts, rows, row bytes]): every expert of a projection must be there,
+    with one shape and one block type."""
+    out: list[tuple[str, np.ndarray, str | None]] = []
+    groups: dict[str, list[tuple[int, np.ndarray, str | None]]] = {}
+    for name, data, kind in plan:
+        m = _EXPERT.match(name)
+        if m is None:
+            out.append((name, data, kind))
+            continue
+        stacked = f"{m['stem']}.{m['proj']}.{m['part']}"
+        if stacked not in groups:
+            out.append((stacked, None, None))  # keeps the place of the first expert in the file
+        groups.setdefault(stacked, []).append((int(m["e"]), data, kind))
+    for i, (name, data, _) in enumerate(out):
+        if data is not None:
+            continue
+        experts = sorted(groups[name], key=lambda x: x[0])
+        if [e for e, _, _ in experts] != list(range(len(experts))):
+            raise LowbitError(f"GGUF export: {name} is missing experts ({[e for e, _, _ in experts]})")
+        if len({(d.shape, d.dtype, k) for _, d, k in experts}) != 1:
+            raise LowbitError(f"GGUF export: the experts of {name} differ in shape or type; llama.cpp stacks "
+                              "them into one tensor")
+        out[i] = (name, np.stack([d for _, d, _ in experts]), experts[0][2])
+    return out
 
 
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
@@ -468,8 +578,9 @@ def _copy_fields(writer, reader) -> None:
 
 
 def _gguf_name(names, hf_name: str) -> str:
+    # a bare parameter (gpt-oss's attention sinks) is written as .weight, as llama.cpp's converter names it
     base, suffix = (hf_name[: -len(".weight")], ".weight") if hf_name.endswith(".weight") else \
-        (hf_name[: -len(".bias")], ".bias") if hf_name.endswith(".bias") else (hf_name, "")
+        (hf_name[: -len(".bias")], ".bias") if hf_name.endswith(".bias") else (hf_name, ".weight")
     mapped = names.get_name(base)
     if mapped is None and base.startswith("transformer."):  # gguf names some BLOOM tensors without the prefix
         mapped = names.get_name(base[len("transformer."):])
