@@ -267,7 +267,7 @@ def decode_rows(args, bandwidth: float) -> list[dict]:
 
 def llama_cpp_row(args, ids: torch.Tensor, packed: Path) -> dict:
     """The W4 g32 model exported by ``lowbit export --to gguf`` (Q4_0), timed in llama.cpp."""
-    from bench._llamacpp import ensure_llama_cpp, run_worker
+    from bench.llamacpp import ensure_llama_cpp, run_worker
     from lowbit.export import export_gguf
 
     gguf_path = packed.parent / (packed.name + "-q4_0.gguf")

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bench._llamacpp import DEFAULT_VENV, ensure_llama_cpp, run_worker  # noqa: E402
+from bench.llamacpp import DEFAULT_VENV, ensure_llama_cpp, run_worker  # noqa: E402
 
 # Runs inside the llama.cpp venv: the logits of every position of one token sequence.
 WORKER = r"""
@@ -103,7 +103,7 @@ def main() -> int:
             with torch.no_grad():
                 ours = model(ids[None]).logits[0].float().numpy()
 
-            def compare(gguf_path: Path) -> tuple[float, float]:
+            def compare(gguf_path: Path, ids=ids, ours=ours) -> tuple[float, float]:
                 out = gguf_path.with_suffix(".npy")
                 run_worker(python, WORKER, {"gguf": str(gguf_path), "ids": ids.tolist(), "out": str(out)})
                 theirs = np.load(out)[:, : ours.shape[1]]

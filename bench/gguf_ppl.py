@@ -11,7 +11,7 @@ vocabulary), PPL = exp(mean next-token NLL). Rows:
   default symmetric grid (15 levels, ±7) and on the full-range grid (``--full-range``: 16 levels, the
   group's signed extreme on -8, which is how llama.cpp fills Q4_0 blocks).
 
-llama.cpp runs in its own venv (bench/_llamacpp.py builds it once; ``--venv`` reuses one).
+llama.cpp runs in its own venv (bench/llamacpp.py builds it once; ``--venv`` reuses one).
 
     python bench/gguf_ppl.py | tee bench/results/gguf_ppl.txt
 """
@@ -26,8 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._llamacpp import DEFAULT_VENV, LLAMA_CPP, ensure_llama_cpp, run_worker  # noqa: E402
-
+from bench.llamacpp import DEFAULT_VENV, LLAMA_CPP, ensure_llama_cpp, run_worker  # noqa: E402
 
 # Runs inside the llama.cpp venv: quantize (optional) and evaluate one GGUF on the windows given.
 WORKER = r"""

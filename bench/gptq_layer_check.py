@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowbit.methods.gptq import factor_hessian, gptq_quantize  # noqa: E402
-from lowbit.quantizer import QuantSpec, dequantize, fake_quantize
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.utils import calculate_qparams
 from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+from lowbit.methods.gptq import factor_hessian, gptq_quantize  # noqa: E402
+from lowbit.quantizer import QuantSpec, dequantize, fake_quantize
+
 torch.manual_seed(0)
 n, out, T = 576, 256, 4096
 chan = torch.exp(torch.randn(n) * 1.0)
@@ -29,8 +31,11 @@ for ao in (False, True):
     args = QuantizationArgs(num_bits=3, type="int", symmetric=False, strategy="group", group_size=64,
                             actorder="static" if ao else None)
     # llm-compressor's min-max observer: the range includes 0, as lowbit's does
-    mn = torch.minimum(W.reshape(out, -1, 64).amin(-1), torch.zeros(1)); mx = torch.maximum(W.reshape(out, -1, 64).amax(-1), torch.zeros(1))
+    mn = torch.minimum(W.reshape(out, -1, 64).amin(-1), torch.zeros(1))
+    mx = torch.maximum(W.reshape(out, -1, 64).amax(-1), torch.zeros(1))
     sc, zp = calculate_qparams(mn, mx, args)
     ql, _, _ = quantize_weight(W[None].clone(), H[None].clone(), sc[None], zp[None], None, args, 128, 0.01)
-    def err(a): d = (W - a); return float(torch.einsum("oi,ij,oj->", d, H, d))
+    def err(a):
+        d = W - a
+        return float(torch.einsum("oi,ij,oj->", d, H, d))
     print("act_order", ao, "lowbit", err(q), "llmc", err(ql[0]), "rtn", err(fake_quantize(W, spec)))

@@ -1,8 +1,16 @@
 """lowbit: low-bit quantization of LLMs (RTN, salient FP16, AWQ, GPTQ, SmoothQuant, W8A8), honestly measured."""
 from .errors import LowbitError
 from .methods import (
-    ActQuantConfig, AWQConfig, AWQGPTQConfig, AWQSearch, GPTQConfig, RotationConfig, RTNConfig, SalientConfig,
-    SmoothQuantConfig, quantize_,
+    ActQuantConfig,
+    AWQConfig,
+    AWQGPTQConfig,
+    AWQSearch,
+    GPTQConfig,
+    RotationConfig,
+    RTNConfig,
+    SalientConfig,
+    SmoothQuantConfig,
+    quantize_,
 )
 from .models import load_model
 from .pack import load

@@ -241,7 +241,8 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _output(o):
+def layer_output(o):
+    """A decoder layer's hidden states, whether it returns them alone or first in a tuple."""
     return o[0] if isinstance(o, tuple) else o
 
 
@@ -266,11 +267,11 @@ class LayerContext:
             return self.run_layer(x)
         mod = self.layer.get_submodule(module_name)
         call = self.module_calls.get(module_name)
-        return torch.cat([_output(call(mod, xb) if call else mod(xb)) for xb in x.split(self.batch_size)])
+        return torch.cat([layer_output(call(mod, xb) if call else mod(xb)) for xb in x.split(self.batch_size)])
 
     def run_layer(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output on hidden states ``x`` [n, seq, hidden], called as the model calls it."""
-        return torch.cat([_output(self.call(self.layer, xb)) for xb in x.split(self.batch_size)])
+        return torch.cat([layer_output(self.call(self.layer, xb)) for xb in x.split(self.batch_size)])
 
     def group_input(self, group: ScalingGroup) -> torch.Tensor | None:
         """What the group's linears read, over every calibration token (an MoE block's whole input,
@@ -393,7 +394,7 @@ def calibrate_layer(
             capture.sources.clear()
             capture.batch = xb.shape[0]
             n_first = n_first or xb.shape[0]
-            y = _output(call(layer, xb.to(dtype)))
+            y = layer_output(call(layer, xb.to(dtype)))
             float_outputs.append(y)
             if propagate == "float":
                 out.append(y)
@@ -413,7 +414,7 @@ def calibrate_layer(
     del ctx, linear_inputs, module_inputs, float_outputs
     if propagate == "quantized":
         for xb in hidden:
-            out.append(_output(call(layer, xb.to(dtype))))
+            out.append(layer_output(call(layer, xb.to(dtype))))
     return groups
 
 

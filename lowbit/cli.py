@@ -337,7 +337,13 @@ def _mixed_probe(spec):
     return SpecMap(spec)
 
 
-QUANTIZE_METHODS = ("rtn", "awq")  # methods that round every weight of every linear: their output packs
+# Methods that round every weight of every linear onto one grid per linear: their output packs exactly.
+QUANTIZE_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "qat", "smoothquant")
+NOT_PACKABLE = {
+    "salient": "salient FP16 keeps a fraction of each matrix's input channels in float; a packed linear holds "
+               "one grid for the whole matrix, so the file cannot hold it (evaluate it with lowbit eval --method "
+               "salient; AWQ protects the same channels by scaling and packs: --method awq)",
+}
 
 
 def _wants_stream(args) -> bool:
@@ -418,6 +424,8 @@ def cmd_quantize_streamed(args) -> int:
 def cmd_quantize(args) -> int:
     from .io import check_writable
 
+    if args.method in NOT_PACKABLE:
+        raise LowbitError(NOT_PACKABLE[args.method])
     if _wants_stream(args):
         return cmd_quantize_streamed(args)
     if not args.save_search and not args.output and not args.save_allocation:
@@ -442,6 +450,10 @@ def cmd_quantize(args) -> int:
         if args.save_search and Path(args.save_search).resolve() == Path(args.output).resolve():
             raise LowbitError("-o and --save-search must be different paths")
     spec = _spec(args)
+    if args.output:
+        from .pack.checkpoint import check_packable
+
+        check_packable(spec)
     opts = _method_options(args, save_search=args.save_search)
     budget = _budget_options(args)
     make_config(args.method, _mixed_probe(spec) if budget.active else spec, opts)
@@ -806,7 +818,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save it packed (-o DIR) and/or its AWQ search")
     _add_model_args(p)
-    p.add_argument("--method", default="awq", choices=QUANTIZE_METHODS, help="rtn or awq (default awq)")
+    p.add_argument("--method", default="awq", choices=(*QUANTIZE_METHODS, *NOT_PACKABLE),
+                   help="rtn, awq (default), gptq (--act-order for GPTQ-R), awq+gptq, qat (block-wise training from "
+                        "AWQ, lowbit qat's defaults) or smoothquant (weights smoothed, then RTN); salient is "
+                        "refused: its float channels do not pack")
     _add_spec_args(p)
     _add_data_args(p)
     _add_method_args(p)

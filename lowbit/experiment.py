@@ -17,13 +17,22 @@ from .data import calib_text, eval_text
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
 from .methods import (
-    ActQuantConfig, AWQConfig, AWQGPTQConfig, GPTQConfig, Pipeline, QATConfig, RTNConfig, SalientConfig,
-    SmoothQuantConfig, needs_calibration, quantize_,
+    ActQuantConfig,
+    AWQConfig,
+    AWQGPTQConfig,
+    GPTQConfig,
+    Pipeline,
+    QATConfig,
+    RTNConfig,
+    SalientConfig,
+    SmoothQuantConfig,
+    needs_calibration,
+    quantize_,
 )
 from .methods.base import detach_runtime
 from .methods.rotation import RotationConfig
 from .models.inventory import retie, tied_parameters
-from .quantizer import QuantSpec
+from .quantizer import QuantSpec, set_codes
 from .specmap import SpecMap, base_spec, bits_per_weight, code_bits
 
 METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat")
@@ -261,6 +270,8 @@ class Session:
         if self._tie_flag is not None:
             self.model.config.tie_word_embeddings = self._tie_flag
         self.model.load_state_dict(self._float_state)
+        for m in self.model.modules():  # the float weights have no codes
+            set_codes(m, None)
 
     def allocate(self, base: QuantSpec, budget: BudgetOptions, progress: bool = True) -> SpecMap:
         """Each linear's width under ``budget`` (or from a saved allocation), chosen on the float model."""

@@ -170,7 +170,7 @@ class QTensor:
     shape: tuple[int, ...]
 
 
-def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """View ``w`` as [rows, n_groups, group] so one set of parameters covers the last axis."""
     if w.dim() == 1:
         w = w.unsqueeze(0)
@@ -286,7 +286,7 @@ def _table_params(spec: QuantSpec) -> bool:
 
 def quantize(w: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None) -> QTensor:
     """Integer codes and parameters of ``w`` under ``spec``."""
-    wg = _grouped(w.float(), spec)
+    wg = grouped(w.float(), spec)
     scale, zero = compute_qparams(wg, spec)
     q = encode(wg, scale, zero, spec, generator)
     params = scale if _table_params(spec) else scale.squeeze(-1)  # a codebook keeps its last axis
@@ -296,7 +296,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None
 def dequantize(qt: QTensor) -> torch.Tensor:
     """Reals represented by ``qt``."""
     codes = qt.q.float() if qt.spec.is_int else qt.q.long()
-    qg = _grouped(codes, qt.spec)
+    qg = grouped(codes, qt.spec)
     scale = qt.scale if _table_params(qt.spec) else qt.scale.unsqueeze(-1)
     return decode(qg, scale, qt.zero.unsqueeze(-1), qt.spec).reshape(qt.shape)
 
@@ -306,10 +306,43 @@ def fake_quantize(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize in one step, keeping ``w``'s dtype and shape."""
-    wg = _grouped(w.float(), spec)
+    wg = grouped(w.float(), spec)
     scale, zero = compute_qparams(wg, spec, clip_ratio)
     if spec.is_int:
         out = decode(encode(wg, scale, zero, spec, generator), scale, zero, spec)
     else:
         out = spec.number_format.round_scaled(wg, scale, spec.rounding == "stochastic", generator)
     return out.reshape(w.shape).to(w.dtype)
+
+
+# ---- the codes a rounded weight came from ------------------------------------------------------
+# A method that rounds a linear leaves its float weight dequantized (for evaluation) and the QTensor it
+# came from beside it, so that packing writes exactly those codes, scales and zero points.
+QTENSOR_ATTR = "lowbit_qtensor"
+
+
+def set_codes(module: torch.nn.Module, qt: QTensor | None) -> None:
+    """Record (or, with None, forget) the QTensor ``module.weight`` was rounded from."""
+    if qt is None:
+        module.__dict__.pop(QTENSOR_ATTR, None)
+    else:
+        module.__dict__[QTENSOR_ATTR] = qt
+
+
+def codes_of(module: torch.nn.Module) -> QTensor | None:
+    """The QTensor ``module.weight`` was rounded from, if a method recorded one."""
+    return module.__dict__.get(QTENSOR_ATTR)
+
+
+@torch.no_grad()
+def round_weight_(module: torch.nn.Module, spec: QuantSpec, generator: torch.Generator | None = None) -> None:
+    """Round ``module.weight`` onto ``spec``'s grid in place (the same values as :func:`fake_quantize`);
+    integer grids record their codes (:func:`codes_of`)."""
+    w = module.weight
+    if not spec.is_int:  # other formats are evaluated, not packed: no codes to keep
+        w.copy_(fake_quantize(w, spec, generator=generator))
+        set_codes(module, None)
+        return
+    qt = quantize(w, spec, generator)
+    w.copy_(dequantize(qt).to(w.dtype))
+    set_codes(module, qt)

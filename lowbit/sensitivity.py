@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calib import _output, first_layer_inputs
+from .calib import first_layer_inputs, layer_output
 from .errors import LowbitError
 from .models.families import family_for
 from .models.inventory import check_finite, quantizable_linears
@@ -84,7 +84,7 @@ def hutchinson_traces(model: nn.Module, samples: torch.Tensor, probes: int = 4, 
         for p in params:
             p.requires_grad_(True)
         for batch in batches:
-            sums += probe_sums(lambda: lm_loss(model, batch), params, probes, gen, bar.update)
+            sums += probe_sums(lambda batch=batch: lm_loss(model, batch), params, probes, gen, bar.update)
     finally:
         bar.close()
         for p, f in zip(params, flags):
@@ -108,13 +108,13 @@ class _Suffix:
         h, self.calls = first_layer_inputs(model, self.family, samples, batch_size=len(samples))
         self.inputs = [h]
         for layer, call in zip(self.layers, self.calls):
-            self.inputs.append(_output(call(layer, self.inputs[-1])))
+            self.inputs.append(layer_output(call(layer, self.inputs[-1])))
 
     def loss(self, start: int) -> float:
         """Calibration loss with layers from ``start`` on recomputed."""
         h = self.inputs[start]
         for layer, call in zip(self.layers[start:], self.calls[start:]):
-            h = _output(call(layer, h))
+            h = layer_output(call(layer, h))
         h = self.model.get_submodule(self.family.final_norm)(h)
         logits = self.model.get_submodule(self.family.head)(h)[:, :-1].float()
         ids = self.samples[:, 1:].to(logits.device)

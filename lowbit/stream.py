@@ -42,8 +42,18 @@ from .models.inventory import check_spec_fits, quantizable_linears
 from .models.lazy import LazyCheckpoint, check_matches, empty_model, materialise, release
 from .pack.bits import packed_words
 from .pack.checkpoint import (
-    EMBED_CHOICES, FORMAT_VERSION, PackedModel, check_output_dir, finish_dir, merge_, pack_embedding_, pack_linear,
-    packed_meta, save_shard, shard_name, write_index,
+    EMBED_CHOICES,
+    FORMAT_VERSION,
+    PackedModel,
+    check_output_dir,
+    finish_dir,
+    merge_,
+    pack_embedding_,
+    pack_linear,
+    packed_meta,
+    save_shard,
+    shard_name,
+    write_index,
 )
 from .quantizer import QuantSpec
 

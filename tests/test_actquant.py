@@ -8,7 +8,13 @@ from conftest import tiny_llama
 from lowbit.errors import LowbitError
 from lowbit.experiment import MethodOptions, make_config
 from lowbit.methods import (
-    ActQuantConfig, GPTQConfig, Pipeline, RTNConfig, SmoothQuantConfig, needs_calibration, quantize_,
+    ActQuantConfig,
+    GPTQConfig,
+    Pipeline,
+    RTNConfig,
+    SmoothQuantConfig,
+    needs_calibration,
+    quantize_,
 )
 from lowbit.methods.base import detach_runtime
 from lowbit.quantizer import QuantSpec

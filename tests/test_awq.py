@@ -8,8 +8,8 @@ from conftest import tiny_llama
 from lowbit.calib import LayerContext, walk_layers
 from lowbit.errors import LowbitError
 from lowbit.methods import AWQConfig, AWQSearch, RTNConfig, SalientConfig, quantize_
-from lowbit.models.fold import fold_scale, producer, tie_index
 from lowbit.models import family_for
+from lowbit.models.fold import fold_scale, producer, tie_index
 from lowbit.quantizer import QuantSpec
 
 SPEC3 = QuantSpec(bits=3, group_size=16)
@@ -217,16 +217,16 @@ def test_architecture_without_groups_is_refused():
 
 def test_gram_blocks_follow_folded_scales():
     """Blocks cut from a rescaled full Gram matrix equal those computed from the scaled inputs."""
-    from lowbit.methods.awq import _Grams
+    from lowbit.methods.awq import Grams
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 10, 32, generator=g)
     s = torch.rand(32, generator=g) + 0.5
-    grams = _Grams()
+    grams = Grams()
     grams.full(x)
     x.div_(s)
     grams.divided(x, s)
-    fresh = _Grams().blocks(x, 8)  # no full matrix: computed from the tokens
+    fresh = Grams().blocks(x, 8)  # no full matrix: computed from the tokens
     assert fresh.shape == (4, 8, 8)
     assert torch.allclose(grams.blocks(x, 8), fresh, atol=1e-5)
 
@@ -248,13 +248,13 @@ def test_token_wise_search_inputs_draw_from_every_sequence():
 def test_single_linear_scores_equal_through_gram_or_tokens():
     """Fewer tokens than inputs (a 7B down_proj on a small calibration set) scores with D X^T
     instead of the Gram matrix; both give tr(D G D^T) / out."""
-    from lowbit.methods.awq import _single_losses, gram
+    from lowbit.methods.awq import gram, single_linear_losses
     from lowbit.quantizer import QuantSpec
 
     g_ = torch.Generator().manual_seed(0)
     w0, x = torch.randn(24, 64, generator=g_), torch.randn(40, 64, generator=g_)
     scales = torch.rand(5, 64, generator=g_) + 0.5
     spec = QuantSpec(bits=3, group_size=16)
-    via_gram = _single_losses(w0, gram(x), scales, spec, x)
-    via_tokens = _single_losses(w0, None, scales, spec, x)
+    via_gram = single_linear_losses(w0, gram(x), scales, spec, x)
+    via_tokens = single_linear_losses(w0, None, scales, spec, x)
     assert torch.allclose(via_gram, via_tokens, rtol=1e-4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import int_spec, signed_like, tiny_llama
 
-from lowbit import QuantSpec, RTNConfig, quantize_
+from lowbit import RTNConfig, quantize_
 from lowbit.cli import main
 from lowbit.export.compressed_tensors import ct_tensors, export_compressed_tensors, pack_rows
 from lowbit.pack.checkpoint import load_packed, pack_model_, save_packed

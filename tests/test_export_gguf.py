@@ -6,13 +6,12 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
+from conftest import int_spec, signed_like
 
 from lowbit.errors import LowbitError
 from lowbit.export.gguf import gguf_blocks, gguf_type, permute_rows
 from lowbit.pack.tensor import PackedTensor
 from lowbit.quantizer import QTensor, QuantSpec
-
-from conftest import int_spec, signed_like
 
 
 def packed(bits: int, group: int, sym: bool | str, rows: int = 8, cols: int = 128, seed: int = 0) -> PackedTensor:

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import byte_tokenizer, tiny_llama, with_outliers
+
 from lowbit import LowbitError
 from lowbit.cli import main
 from lowbit.eval.outliers import MASSIVE_FACTOR, activation_stats, kurtosis

@@ -98,7 +98,7 @@ def test_default_model_gguf_export(default_w4, tmp_path):
     from lowbit.export import export_gguf
     from lowbit.export.gguf import permute_rows
     from lowbit.models.loading import builtin_gguf
-    from lowbit.pack.checkpoint import _read_tensors, read_config
+    from lowbit.pack.checkpoint import read_config, read_tensors
     from lowbit.pack.tensor import PackedTensor
 
     _, out = default_w4
@@ -108,7 +108,7 @@ def test_default_model_gguf_export(default_w4, tmp_path):
     source = {t.name: t for t in gguf.GGUFReader(builtin_gguf("smollm2-135m")).tensors}
     assert set(ours) == set(source)
     assert np.array_equal(ours["token_embd.weight"].data, source["token_embd.weight"].data)
-    doc, tensors = read_config(out), _read_tensors(out / WEIGHTS_NAME)
+    doc, tensors = read_config(out), read_tensors(out / WEIGHTS_NAME)
     name = "model.layers.3.self_attn.q_proj"
     pt = permute_rows(PackedTensor.from_parts(name, doc["tensors"][name], tensors), n_head=9)
     t = ours["blk.3.attn_q.weight"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import int_spec, signed_like
 
 from lowbit.errors import LowbitError
 from lowbit.pack.kernels import QuantLinear, choose_kernel
 from lowbit.pack.tensor import PackedTensor
-from lowbit.quantizer import QTensor, QuantSpec
-
-from conftest import int_spec, signed_like
+from lowbit.quantizer import QTensor
 
 
 def packed(out_f: int, in_f: int, bits: int, group: int | None, sym: bool | str = False, seed: int = 0) -> PackedTensor:

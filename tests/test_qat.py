@@ -11,7 +11,8 @@ from lowbit import quantize_
 from lowbit.errors import LowbitError
 from lowbit.methods import AWQConfig, QATConfig
 from lowbit.methods.base import detach_runtime
-from lowbit.methods.qat import PACT, LearnedGrid, QATConfig as _QC, TrainLog, soft_round, ste_round, train
+from lowbit.methods.qat import PACT, LearnedGrid, TrainLog, soft_round, ste_round, train
+from lowbit.methods.qat import QATConfig as _QC
 from lowbit.pack.checkpoint import pack_model_
 from lowbit.quantizer import QuantSpec, dequantize, fake_quantize
 from tests.conftest import tiny_llama

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import byte_tokenizer, tiny_llama, with_outliers
+
 from lowbit.errors import LowbitError
 from lowbit.methods import AWQConfig, RTNConfig, quantize_
 from lowbit.pack.checkpoint import load_packed, pack_model_, read_config, read_weights

@@ -44,6 +44,7 @@ import torch
 from gguf import Keys
 
 from ..errors import LowbitError
+from ..models.fold import config_head_dim
 from ..pack.tensor import PackedTensor
 
 BLOCK = 32
@@ -222,10 +223,6 @@ def _n_experts(cfg) -> int | None:
     return getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
 
 
-def _head_dim(cfg) -> int:
-    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-
-
 # model type -> (config attribute, the value llama.cpp computes, what it computes instead)
 _REFUSED: dict[str, tuple[tuple[str, object, str], ...]] = {
     "gpt2": (("scale_attn_weights", True, "llama.cpp scales attention by 1/sqrt(head_dim)"),
@@ -287,7 +284,7 @@ def check_config(cfg, arch: Arch) -> list[str]:
         if renorm != arch.norm_topk:
             raise LowbitError(f"GGUF export: {name} with norm_topk_prob={renorm}; llama.cpp's {arch.gguf} "
                               f"{'renormalises' if arch.norm_topk else 'does not renormalise'} the top-k weights")
-    if name == "olmo2" and _head_dim(cfg) * cfg.num_attention_heads != cfg.hidden_size:
+    if name == "olmo2" and config_head_dim(cfg) * cfg.num_attention_heads != cfg.hidden_size:
         raise LowbitError("GGUF export: olmo2 with heads × head_dim != hidden_size; llama.cpp's olmo2 sizes its "
                           "q_norm by the hidden size")
     for attr, want, why in _REFUSED.get(name, ()):
@@ -311,11 +308,11 @@ def check_config(cfg, arch: Arch) -> list[str]:
                               f"{arch.swa_every}th layer full attention)")
     scalar = getattr(cfg, "query_pre_attn_scalar", None)
     if scalar is not None:
-        ok = scalar == _head_dim(cfg) or (cfg.num_hidden_layers == arch.attn_scale_layers
+        ok = scalar == config_head_dim(cfg) or (cfg.num_hidden_layers == arch.attn_scale_layers
                                           and scalar == cfg.hidden_size // cfg.num_attention_heads)
         if not ok:
             raise LowbitError(f"GGUF export: {name} with query_pre_attn_scalar={scalar}; llama.cpp scales "
-                              f"attention by 1/sqrt(head_dim={_head_dim(cfg)})")
+                              f"attention by 1/sqrt(head_dim={config_head_dim(cfg)})")
     layers = ("sliding_attention", "full_attention") if arch.swa_every else (None,) if arch.rope else ()
     for lt in layers:
         kind = _rope(cfg, lt)["rope_type"]
@@ -331,7 +328,7 @@ def check_config(cfg, arch: Arch) -> list[str]:
 def add_hparams(writer, cfg, arch: Arch, name: str) -> dict[str, np.ndarray]:
     """Write ``cfg``'s hyperparameters under llama.cpp's keys; returns extra float tensors (rope_freqs)."""
     a = arch.gguf
-    head_dim, n_head = _head_dim(cfg), cfg.num_attention_heads
+    head_dim, n_head = config_head_dim(cfg), cfg.num_attention_heads
     writer.add_name(name)
     # BLOOM has no context length (ALiBi); llama.cpp's converter writes seq_length or else the width
     ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "seq_length", None) or cfg.hidden_size
@@ -403,7 +400,7 @@ def llama3_rope_factors(cfg) -> np.ndarray:
     Hugging Face's own computation of the scaled frequencies."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    dim = _head_dim(cfg)
+    dim = config_head_dim(cfg)
     base = 1.0 / (float(_rope(cfg)["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     return (base / scaled.float()).numpy().astype(np.float32)

@@ -122,7 +122,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return (xt.T @ xt) / xt.shape[0]
 
 
-class _Grams:
+class Grams:
     """Gram matrices of one layer's linear inputs, each computed once.
 
     Linears that share an input share its matrices; when a scale s is folded into an input
@@ -175,7 +175,7 @@ def search_inputs(x: torch.Tensor, n_samples: int, token_wise: bool, seed: int =
 
 @torch.no_grad()
 def search_scale(
-    ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: torch.Tensor, width: int, grams: _Grams,
+    ctx: LayerContext, group: ScalingGroup, cfg: AWQConfig, index: torch.Tensor, width: int, grams: Grams,
     specs: SpecLike | None = None,
 ):
     """Best α and its scale for ``group``; (None, None, reason) when no candidate is usable.
@@ -208,7 +208,7 @@ def search_scale(
     losses = torch.full((cfg.n_grid,), math.inf)
     try:
         if single:  # many candidates at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
-            losses = sum(torch.cat([_single_losses(w0.float(), g, part, spec, tokens)
+            losses = sum(torch.cat([single_linear_losses(w0.float(), g, part, spec, tokens)
                                     for part in scales.split(_candidates_per_chunk(w0.numel(), cfg.n_grid))])
                          for w0, spec in zip(originals, own))
         else:
@@ -238,7 +238,7 @@ def _candidates_per_chunk(weights: int, n_grid: int) -> int:
     return max(1, min(n_grid, SEARCH_CHUNK_ELEMENTS // max(1, weights)))
 
 
-def _single_losses(w0: torch.Tensor, g: torch.Tensor | None, scales: torch.Tensor, spec: QuantSpec,
+def single_linear_losses(w0: torch.Tensor, g: torch.Tensor | None, scales: torch.Tensor, spec: QuantSpec,
                    tokens: torch.Tensor) -> torch.Tensor:
     """tr(D G D^T) / out for each candidate scale (a row of ``scales``) of a single linear; without
     ``g``, the same as ||D X^T||^2 / (T out) on the ``tokens`` X [T, in]."""
@@ -321,7 +321,7 @@ class AWQLayerStep:
         self.groups: tuple[ScalingGroup, ...] = ()
         self.unclipped: list[str] = []  # linears with no calibration tokens (experts never routed to)
 
-    def _fold(self, ctx: LayerContext, group: ScalingGroup, key: str, grams: _Grams, specs, check) -> None:
+    def _fold(self, ctx: LayerContext, group: ScalingGroup, key: str, grams: Grams, specs, check) -> None:
         layer = ctx.layer
         linears = [layer.get_submodule(n) for n in group.linears]
         readers = [layer.get_submodule(n) for n in group.readers]
@@ -391,7 +391,7 @@ class AWQLayerStep:
             )
         self.groups = ctx.groups
         specs = layer_specs(cfg.spec, f"{self.family.layers}.{ctx.index}.")
-        grams = _Grams()
+        grams = Grams()
         check = self._checker(ctx)
         for group in ctx.groups:
             self._fold(ctx, group, f"{ctx.index}.{group.prev}", grams, specs, check)

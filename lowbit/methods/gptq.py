@@ -27,9 +27,10 @@ from torch import nn
 
 from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
-from ..quantizer import QTensor, QuantSpec, compute_qparams, decode, dequantize, encode, fake_quantize
+from ..quantizer import (
+    QTensor, QuantSpec, compute_qparams, decode, dequantize, encode, grouped, round_weight_, set_codes,
+)
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
-from ..pack.codes import CODES_ATTR
 from .base import QuantReport, prepare
 
 DAMP_RETRIES = 4  # each retry multiplies the dampening by 10
@@ -115,7 +116,7 @@ def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
     elif spec.granularity == "channel":
         wg = w.unsqueeze(1)
     else:
-        wg = w.reshape(w.shape[0], -1, spec.group_size)
+        wg = grouped(w, spec)
     scale, zero = compute_qparams(wg, spec)
     return scale.squeeze(-1), zero.squeeze(-1)
 
@@ -181,7 +182,7 @@ class GPTQRounder:
             raise LowbitError(f"GPTQ needs the calibration inputs of {', '.join(missing)}; none were captured")
         # an expert the router never chose on the calibration set has no Hessian: round it to nearest
         for rel in missing:
-            linears[rel].weight.copy_(fake_quantize(linears[rel].weight, spec_for(spec, rel)))
+            round_weight_(linears[rel], spec_for(spec, rel))
             self.rtn_fallback.append(f"{ctx.index}.{rel}")
         by_input: dict[int, list[str]] = {}
         for rel in (r for r in linears if r not in missing):
@@ -207,7 +208,7 @@ class GPTQRounder:
                     # the codes travel with the weight, so packing need not search for them again
                     own = qt if len(batch) == 1 else QTensor(qt.q[rows], qt.scale[rows], qt.zero[rows], s,
                                                               tuple(m.weight.shape))
-                    m.__dict__[CODES_ATTR] = own
+                    set_codes(m, own)
 
     def info(self) -> dict:
         return {"damp": self.config.damp, "act_order": self.config.act_order, "damp_raised": len(self.damped),

@@ -41,11 +41,9 @@ from tqdm.auto import tqdm
 
 from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
-from ..pack.codes import CODES_ATTR
-from ..quantizer import QTensor, QuantSpec, _grouped, compute_qparams, fake_quantize
+from ..quantizer import QTensor, QuantSpec, compute_qparams, fake_quantize, grouped, set_codes
 from .awq import AWQConfig, apply_awq
 from .base import QuantReport, attach_runtime, prepare
-
 
 Rounding = Literal["ste", "soft", "stochastic"]
 
@@ -138,7 +136,7 @@ class LearnedGrid(nn.Module):
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, rounding: Rounding, lsq: bool,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
-        wg = _grouped(weight.detach().float(), spec)
+        wg = grouped(weight.detach().float(), spec)
         scale, zero = compute_qparams(wg, spec)
         self.spec, self.rounding, self.generator = spec, rounding, generator
         self.shape = tuple(weight.shape)
@@ -154,10 +152,10 @@ class LearnedGrid(nn.Module):
     def _codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hard:  # exact integers and the exact step: what packing will store
             s = (self.scale.detach().clamp(min=1e-8) * self.sign).unsqueeze(-1)
-            u = _grouped(w.detach().float(), self.spec) / s + self.zero.unsqueeze(-1)
+            u = grouped(w.detach().float(), self.spec) / s + self.zero.unsqueeze(-1)
             return torch.clamp(torch.round(u), self.spec.qmin, self.spec.qmax), s
         s = (_scale_grad(self.scale, self.grad_factor).clamp(min=1e-8) * self.sign).unsqueeze(-1)
-        u = torch.clamp(_grouped(w.float(), self.spec) / s + self.zero.unsqueeze(-1), self.spec.qmin, self.spec.qmax)
+        u = torch.clamp(grouped(w.float(), self.spec) / s + self.zero.unsqueeze(-1), self.spec.qmin, self.spec.qmax)
         if self.rounding == "soft":
             return soft_round(u, self.temperature), s
         if self.rounding == "stochastic":
@@ -218,7 +216,7 @@ def finalize(linears: dict[str, nn.Linear]) -> None:
         parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
         lin.weight.requires_grad_(False)
         if codes is not None:
-            lin.__dict__[CODES_ATTR] = codes
+            set_codes(lin, codes)
 
 
 # ---- activations: PACT ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..calib import LayerContext
-from ..quantizer import QuantSpec, fake_quantize
+from ..quantizer import QuantSpec, round_weight_
 from ..specmap import SpecLike, SpecMap, bits_per_weight, spec_for
 from .base import QuantReport, prepare
 
@@ -25,9 +25,9 @@ class RTNConfig:
 
 @torch.no_grad()
 def round_linears(linears: dict[str, nn.Linear], spec: SpecLike) -> None:
-    """Replace each linear's weight by its fake-quantized value (under its own spec), in place."""
+    """Round each linear's weight to nearest on its own spec's grid, in place; the codes travel with it."""
     for name, lin in linears.items():
-        lin.weight.copy_(fake_quantize(lin.weight, spec_for(spec, name)))
+        round_weight_(lin, spec_for(spec, name))
 
 
 def rtn_rounder(ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike) -> None:

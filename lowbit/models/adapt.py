@@ -105,7 +105,7 @@ def _split_experts(module: nn.Module, layout) -> LinearExperts:
     glu = _glu_for(layout.glu, module)
     experts = []
     for e in range(gate_up.shape[0]):
-        pick = (lambda b: None if b is None else b[e])  # noqa: E731 -- per-expert slice of an optional bias
+        pick = (lambda b, e=e: None if b is None else b[e])  # noqa: E731 -- per-expert slice of an optional bias
         experts.append(ExpertMLP(_linear_like(gate_w[e], pick(gate_b)), _linear_like(up_w[e], pick(up_b)),
                                  _linear_like(down[e], pick(d_bias)), glu))
     return LinearExperts(experts)

@@ -22,13 +22,17 @@ from torch import nn
 from ..errors import LowbitError
 
 
-def head_dim(model: nn.Module) -> int | None:
-    """The attention head width of ``model`` (config.head_dim, else hidden / heads), or None."""
-    cfg = getattr(model, "config", None)
+def config_head_dim(cfg) -> int | None:
+    """The attention head width a transformers config states (head_dim, else hidden / heads), or None."""
     hd = getattr(cfg, "head_dim", None)
     if hd is None and cfg is not None and getattr(cfg, "num_attention_heads", None):
         hd = cfg.hidden_size // cfg.num_attention_heads
-    return hd
+    return None if hd is None else int(hd)
+
+
+def head_dim(model: nn.Module) -> int | None:
+    """The attention head width of ``model``, or None."""
+    return config_head_dim(getattr(model, "config", None))
 
 
 def kv_width(model: nn.Module) -> int | None:

@@ -128,9 +128,9 @@ def empty_model(path: Path) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .loading import _quiet_transformers
+    from .quiet import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -9,7 +9,6 @@ big for one PyPI package: its GGUF file is split over four, joined once into the
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..io import atomic_path
+from .quiet import quiet_transformers
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -110,14 +110,6 @@ def builtin_gguf(name: str) -> Path:
     return dest
 
 
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
 def _from_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -201,7 +193,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, kernel: str = "dequant") -> tu
 
     A lowbit packed directory loads with ``kernel`` (default: float weights, exactly as quantized).
     """
-    _quiet_transformers()
+    quiet_transformers()
     kind, where = model_source(name_or_path)
     if kind == "builtin":
         cached = cache_dir() / name_or_path

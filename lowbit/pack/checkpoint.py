@@ -27,12 +27,11 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..io import atomic_dir
 from ..models.families import family_for
 from ..models.inventory import quantizable_linears
-from ..quantizer import QTensor, QuantSpec, dequantize, quantize
+from ..quantizer import QTensor, QuantSpec, codes_of, dequantize, quantize
 from ..specmap import SpecLike, SpecMap, base_spec, check_names, spec_for
-from ..io import atomic_dir
-from .codes import CODES_ATTR
 from .tensor import PackedTensor
 
 FORMAT = "lowbit-packed"
@@ -92,9 +91,11 @@ def _tied(model: nn.Module) -> bool:
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
-def _kept_codes(lin: nn.Linear, spec: QuantSpec) -> QTensor | None:
-    """The codes a method kept on the linear (QAT's learned grid), if they still decode to its weight."""
-    kept = lin.__dict__.get(CODES_ATTR)
+def _method_codes(lin: nn.Linear, spec: QuantSpec) -> QTensor | None:
+    """The codes the method rounded the linear to (:func:`lowbit.quantizer.codes_of`), if they still decode to
+    its weight under ``spec``; None for a weight rounded elsewhere, whose codes are then searched for and
+    verified (:func:`lowbit.pack.codes.grid_codes`)."""
+    kept = codes_of(lin)
     if kept is not None and kept.spec == spec and torch.equal(dequantize(kept).to(lin.weight.dtype), lin.weight):
         return kept
     return None
@@ -106,8 +107,9 @@ def pack_linear(name: str, lin: nn.Linear, spec: QuantSpec, kernel: str = "auto"
     from .kernels import choose_kernel
 
     out = PackedModel()
-    kept = _kept_codes(lin, spec)
-    pt = PackedTensor.from_qtensor(kept) if kept is not None else PackedTensor.from_weight(lin.weight.detach(), spec, name)
+    kept = _method_codes(lin, spec)
+    pt = PackedTensor.from_qtensor(kept) if kept is not None else \
+        PackedTensor.from_weight(lin.weight.detach(), spec, name)
     out.packed[name] = pt
     out.entries[name] = {**pt.meta(), "role": "linear", "kernel": choose_kernel(pt, kernel)}
     if lin.bias is not None:
@@ -168,6 +170,18 @@ def packed_meta(method: str, spec: QuantSpec, embed_info: dict, tied: bool, entr
 
 
 @torch.no_grad()
+def check_packable(spec: SpecLike) -> None:
+    """Refuse, before any work, a spec whose codes a packed file cannot hold (it holds integer grids)."""
+    from ..specmap import base_spec
+
+    s = base_spec(spec)
+    if not s.is_int:
+        raise LowbitError(f"a packed file holds integer grids (--format int: asymmetric, --sym or --full-range); "
+                          f"{s.format} is measured with lowbit eval --format {s.format}, not packed")
+    if not s.symmetric and s.zero_point == "float":
+        raise LowbitError("a packed file stores integer zero points; quantize with zero_point='int'")
+
+
 def pack_model_(model: nn.Module, spec: SpecLike, *, method: str = "unknown", embed: str = "int8",
                 kernel: str = "auto") -> PackedModel:
     """Pack a model whose linears a method has rounded with ``spec`` (one for all, or a SpecMap:
@@ -179,6 +193,7 @@ def pack_model_(model: nn.Module, spec: SpecLike, *, method: str = "unknown", em
     """
     if embed not in EMBED_CHOICES:
         raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
+    check_packable(spec)
     family = family_for(model)
     linears = quantizable_linears(model, family)
     check_names(spec, linears)
@@ -339,7 +354,7 @@ def read_config(path: str | os.PathLike, verify: bool = True) -> dict:
     return doc
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -352,7 +367,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def read_weights(p: Path, doc: dict) -> dict[str, torch.Tensor]:
     """Every tensor of a packed directory: one ``model.safetensors``, or the shards its index names."""
     if WEIGHTS_NAME in doc["files"]:
-        return _read_tensors(p / WEIGHTS_NAME)
+        return read_tensors(p / WEIGHTS_NAME)
     try:
         weight_map = json.loads((p / INDEX_NAME).read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -361,7 +376,7 @@ def read_weights(p: Path, doc: dict) -> dict[str, torch.Tensor]:
     for shard in sorted(set(weight_map.values())):
         if shard not in doc["files"]:
             raise LowbitError(f"{p / INDEX_NAME} names {shard}, which {CONFIG_NAME} does not list")
-        got = _read_tensors(p / shard)
+        got = read_tensors(p / shard)
         wrong = sorted(k for k in got if weight_map.get(k) != shard)
         if wrong:
             raise LowbitError(f"{p / shard} holds {wrong[0]}, which the index puts elsewhere")
@@ -395,12 +410,12 @@ def load_packed(path: str | os.PathLike, kernel: str = "auto", dtype: torch.dtyp
     """
     from transformers import AutoTokenizer
 
-    from ..models.loading import _quiet_transformers
+    from ..models.quiet import quiet_transformers
     from .kernels import KERNELS, QuantLinear, choose_kernel
 
     if kernel not in ("auto", "dequant", *KERNELS):
         raise LowbitError(f"unknown kernel {kernel!r}; choose from auto, dequant, {', '.join(KERNELS)}")
-    _quiet_transformers()
+    quiet_transformers()
     p = Path(path)
     doc = read_config(p, verify=verify)
     tensors = read_weights(p, doc)

@@ -16,7 +16,16 @@ from __future__ import annotations
 import torch
 
 from ..errors import LowbitError
-from ..quantizer import QTensor, QuantSpec, dequantize, encode, full_range_scale, quantize, signed_extreme
+from ..quantizer import (
+    QTensor,
+    QuantSpec,
+    dequantize,
+    encode,
+    full_range_scale,
+    grouped,
+    quantize,
+    signed_extreme,
+)
 
 ULP_STEPS = 4  # scale candidates tried on each side of the estimate
 SPAN_SLACK = 2  # also try ranges spanning qmax - 1 ... qmax - SPAN_SLACK steps
@@ -32,16 +41,6 @@ def _ulp_candidates(x: torch.Tensor, steps: int) -> list[torch.Tensor]:
     return out
 
 
-def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``w`` as [rows, n_groups, group]: the layout of QTensor's scale and zero ([rows, n_groups])."""
-    rows = w.reshape(w.shape[0], -1)
-    if spec.granularity == "tensor":
-        return rows.reshape(1, 1, -1)
-    if spec.granularity == "channel":
-        return rows.unsqueeze(1)
-    return rows.reshape(rows.shape[0], -1, spec.group_size)
-
-
 def _scale_estimate(d: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """Per group, the middle of the interval of scales s with d_i·s rounding to w_i for all i (of the sign of
     ``fallback``: positive, or for full-range symmetric grids the sign that puts the extreme on the lowest code)."""
@@ -52,11 +51,6 @@ def _scale_estimate(d: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, fal
     upper = torch.where(nz, torch.maximum(a, b), torch.inf).amin(-1)
     mid = ((lower + upper) / 2).float()
     return torch.where(torch.isfinite(mid) & (mid * fallback > 0), mid, fallback)  # the sign of the grid's scale
-
-
-# A method that chooses its own grid (QAT's learned steps) keeps the codes on the linear under this
-# attribute; packing uses them when they still decode to the weight exactly.
-CODES_ATTR = "_lowbit_codes"
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ from ..errors import LowbitError
 from ..quantizer import QTensor, QuantSpec, dequantize
 from .bits import pack_bits, packed_words, unpack_bits
 
-
 ROW_BLOCK_ELEMENTS = 1 << 21  # weights packed per block in from_weight (~250 MB of temporaries)
 
 
