@@ -12,7 +12,6 @@ made with the same settings.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -59,7 +58,9 @@ def main() -> int:
     import torch
 
     from lowbit.experiment import CalibOptions, MethodOptions, Session
+    from lowbit.methods import QATConfig
     from lowbit.models import load_model
+    from lowbit.options import dest_of
     from lowbit.quantizer import QuantSpec
 
     settings = {k: getattr(args, k) for k in ("bits", "group_size", "max_windows", "calib_samples", "steps",
@@ -88,11 +89,12 @@ def main() -> int:
         torch.manual_seed(0)  # stochastic rounding draws from torch's generator
         opts = MethodOptions()
         if method == "awq" and rounding == "nearest":
-            opts = dataclasses.replace(opts, save_search=str(search))
+            opts = opts.replace(save_search=str(search))
         if method == "qat":
             steps = args.model_steps if qat.get("mode") == "model" else args.steps
-            opts = dataclasses.replace(opts, load_search=str(search) if search.exists() else None,
-                                       qat=dict(qat, steps=steps, lr=args.lr, scale_lr=args.scale_lr))
+            fields = dict(qat, steps=steps, lr=args.lr, scale_lr=args.scale_lr)
+            opts = opts.replace(load_search=str(search) if search.exists() else None,
+                                **{dest_of(QATConfig, k): v for k, v in fields.items()})
         print(f"{label} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         res = session.run(method, spec, opts, progress=False)

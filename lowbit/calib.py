@@ -21,19 +21,13 @@ from .models.families import Family, ScalingGroup, discover_groups
 
 
 def calib_samples(tokenizer, text: str, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
-    """``n_samples`` distinct, non-overlapping windows of ``seq_len`` tokens, chosen at random (seeded)."""
+    """``n_samples`` distinct, non-overlapping windows of ``seq_len`` tokens of ``text``, chosen at random (seeded).
+    Files, chats and hub datasets: :func:`lowbit.calibration_data.calibration_windows`."""
+    from .calibration_data import draw_windows
+
     if n_samples < 1 or seq_len < 2:
         raise LowbitError(f"need at least 1 calibration sample of 2+ tokens, got {n_samples} x {seq_len}")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n_windows = ids.numel() // seq_len
-    if n_windows < n_samples:
-        raise LowbitError(
-            f"calibration text has {ids.numel()} tokens: enough for {n_windows} samples of {seq_len}, "
-            f"but {n_samples} were requested; use a longer --calib-data or fewer --calib-samples"
-        )
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(n_windows, generator=g)[:n_samples].sort().values
-    return ids[: n_windows * seq_len].view(n_windows, seq_len)[pick].clone()
+    return draw_windows(tokenizer(text, return_tensors="pt").input_ids[0], n_samples, seq_len, seed, "text")
 
 
 class _Stop(Exception):

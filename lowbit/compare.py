@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from .experiment import MethodOptions, Session
@@ -30,7 +29,7 @@ def run_compare(session: Session, methods: list[str], bits: list[int], group_siz
             if method != "fp":
                 spec = QuantSpec(bits=b, granularity="group" if group_size else "channel",
                                  group_size=group_size or 64, symmetric=sym, full_range=full_range)
-            o = replace(opts, salient_by=by) if by else opts
+            o = opts.replace(salient_by=by) if by else opts
             row = session.run(method, spec, o, progress=False, label=label).row()
             rows.append(row)
             if log:

@@ -47,7 +47,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def _from_hub(name: str, config: str | None, split: str, column: str = "text") -> str:
+def fetch_hub_rows(name: str, config: str | None, split: str, limit: int | None = None) -> list[dict]:
+    """Rows of a Hugging Face hub dataset (the first ``limit``), or one clear error when it cannot be had."""
     try:
         import datasets
     except ImportError:
@@ -68,7 +69,13 @@ def _from_hub(name: str, config: str | None, split: str, column: str = "text") -
             f"could not fetch {name} ({split}) from the Hugging Face hub: {type(e).__name__}. "
             "Offline? Point LOWBIT_DATA_DIR or --data-dir at a local copy (see README)."
         ) from None
-    return ds[column]
+    if limit is not None and len(ds) > limit:
+        ds = ds.select(range(limit))
+    return ds.to_list()
+
+
+def _from_hub(name: str, config: str | None, split: str, column: str = "text") -> list[str]:
+    return [r[column] for r in fetch_hub_rows(name, config, split)]
 
 
 def eval_text(data: str | None = None, data_dir: str | None = None) -> str:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calib import calib_samples
-from .data import calib_text, eval_text
+from . import options
+from .calibration_data import Calibration, calibration_windows
+from .data import eval_text
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
 from .methods import (
@@ -43,7 +44,7 @@ class CalibOptions:
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
-    data: str | None = None  # a text file instead of the default calibration text
+    data: str | None = None  # a text file, a chat JSONL or a hub dataset (lowbit.calibration_data)
 
 
 @dataclass
@@ -91,28 +92,12 @@ class BudgetOptions:
                               "--size-budget-mb")
 
 
-@dataclass
-class MethodOptions:
-    """Per-method knobs; each method reads only its own."""
+class MethodOptions(options.MethodOptions):
+    """Every method's options by name (``n_grid``, ``act_order``, ``qat_steps``, ...): declared on the configs
+    below, plus the pipeline's own (a rotation first, activation quantization last)."""
 
-    salient_frac: float = 0.01
-    salient_by: str = "activation"
-    n_grid: int = 20
-    clip: bool = True
-    search_samples: int = 4
-    propagate: str = "quantized"
-    load_search: str | None = None
-    save_search: str | None = None
-    seed: int = 0
-    damp: float = 0.01
-    act_order: bool = False
-    gptq_block_size: int = 128
-    rotate: bool = False  # QuaRot-style rotation before any weight method
-    a_bit: int | None = None  # activation bits; None leaves activations in float
-    a_granularity: str = "token"
-    a_static: bool = False
-    alpha: float = 0.5  # SmoothQuant migration strength
-    qat: dict = field(default_factory=dict)  # QATConfig fields other than spec, awq and a_bit (lowbit qat's options)
+    configs = (SalientConfig, AWQConfig, GPTQConfig, QATConfig, SmoothQuantConfig)
+    extra = {"rotate": False, "a_bit": None, "a_granularity": "token", "a_static": False}
 
 
 def make_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions):
@@ -132,7 +117,7 @@ def _transforms(method: str, opts: MethodOptions) -> tuple:
     """Function-preserving changes of the float model, applied before the weights are rounded."""
     steps: tuple = (RotationConfig(seed=opts.seed),) if opts.rotate else ()
     if method == "smoothquant":
-        steps += (SmoothQuantConfig(alpha=opts.alpha),)
+        steps += (SmoothQuantConfig(**opts.for_config(SmoothQuantConfig)),)
     return steps
 
 
@@ -158,18 +143,15 @@ def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOp
     if method in ("rtn", "smoothquant"):  # SmoothQuant's weights are rounded to nearest after smoothing
         return RTNConfig(spec)
     if method == "salient":
-        return SalientConfig(spec, frac=opts.salient_frac, by=opts.salient_by, seed=opts.seed)
+        return SalientConfig(spec, **opts.for_config(SalientConfig))
     if method in ("awq", "awq+gptq", "qat"):
-        awq = AWQConfig(
-            spec, n_grid=opts.n_grid, clip=opts.clip, search_samples=opts.search_samples,
-            propagate=opts.propagate, load_search=opts.load_search, save_search=opts.save_search,
-        )
+        awq = AWQConfig(spec, **opts.for_config(AWQConfig))
         if method == "awq":
             return awq
         if method == "qat":
-            return QATConfig(spec, awq=awq, a_bit=opts.a_bit, seed=opts.seed, **opts.qat)
+            return QATConfig(spec, awq=awq, a_bit=opts.a_bit, seed=opts.seed, **opts.for_config(QATConfig))
     if method in ("gptq", "awq+gptq"):
-        gptq = GPTQConfig(spec, damp=opts.damp, block_size=opts.gptq_block_size, act_order=opts.act_order)
+        gptq = GPTQConfig(spec, **opts.for_config(GPTQConfig))
         return gptq if method == "gptq" else AWQGPTQConfig(awq, gptq)
     raise LowbitError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
 
@@ -251,16 +233,18 @@ class Session:
         self.windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
         self.calib_options = calib
         self._calib: torch.Tensor | None = None
+        self.calibration_record: Calibration | None = None
         self._float_state = copy.deepcopy(model.state_dict())
         # A rotation unties a tied head; loading the state dict alone would leave two equal copies.
         self._ties = tied_parameters(model)
         self._tie_flag = getattr(getattr(model, "config", None), "tie_word_embeddings", None)
 
     def calibration(self) -> torch.Tensor:
+        """The calibration windows [samples, seq_len] (read once); where they came from: ``calibration_record``."""
         if self._calib is None:
             c = self.calib_options
-            text = calib_text(c.data, self.data_dir)
-            self._calib = calib_samples(self.tokenizer, text, c.samples, c.seq_len, c.seed)
+            self._calib, self.calibration_record = calibration_windows(self.tokenizer, c.data, self.data_dir,
+                                                                       c.samples, c.seq_len, c.seed)
         return self._calib
 
     def restore(self) -> None:
@@ -321,6 +305,8 @@ class Session:
             report = quantize_(self.model, config, calib)
             quant_seconds, bpw, name = time.perf_counter() - start, report.bits_per_weight, report.method
             info = {k: v for k, v in report.info.items() if k != "search"}
+            if calib is not None:
+                info["calibration"] = self.calibration_record.describe()
             if spec is not None:
                 info.update(size_info(self.model, spec))
         if not evaluate:

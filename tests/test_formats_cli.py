@@ -78,17 +78,18 @@ def test_bad_format_options_fail_before_loading_a_model(args, fragments):
 
 
 def test_spec_from_the_command_line():
-    from lowbit.cli import _spec, build_parser
+    from lowbit.cli import build_parser
+    from lowbit.cli.common import spec_from_args
 
-    spec = _spec(build_parser().parse_args(["eval", "--format", "mxfp4"]))
+    spec = spec_from_args(build_parser().parse_args(["eval", "--format", "mxfp4"]))
     assert (spec.format, spec.bits, spec.group_size) == ("mxfp4", 4, 32)
-    spec = _spec(build_parser().parse_args(["eval", "--format", "fp8_e4m3", "--group-size", "0"]))
+    spec = spec_from_args(build_parser().parse_args(["eval", "--format", "fp8_e4m3", "--group-size", "0"]))
     assert (spec.bits, spec.granularity) == (8, "channel")
-    spec = _spec(build_parser().parse_args(["eval", "--format", "kmeans", "--w-bit", "3", "--rounding", "stochastic"]))
+    spec = spec_from_args(build_parser().parse_args(["eval", "--format", "kmeans", "--w-bit", "3", "--rounding", "stochastic"]))
     assert (spec.bits, spec.group_size, spec.rounding) == (3, 64, "stochastic")
-    spec = _spec(build_parser().parse_args(["eval", "--w-bit", "3", "--sym"]))
+    spec = spec_from_args(build_parser().parse_args(["eval", "--w-bit", "3", "--sym"]))
     assert spec == type(spec)(bits=3, symmetric=True)  # int specs as before
-    spec = _spec(build_parser().parse_args(["quantize", "--w-bit", "4", "--group-size", "32", "--full-range"]))
+    spec = spec_from_args(build_parser().parse_args(["quantize", "--w-bit", "4", "--group-size", "32", "--full-range"]))
     assert spec == type(spec)(bits=4, group_size=32, symmetric=True, full_range=True)  # implies --sym
 
 

@@ -24,6 +24,7 @@ from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
+from ..options import option, positive_int
 from ..quantizer import QuantSpec, fake_quantize
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, input_transform, prepare
@@ -33,14 +34,19 @@ from .rtn import Rounder, rtn_rounder
 @dataclass(frozen=True)
 class AWQConfig:
     spec: QuantSpec | SpecMap  # a SpecMap rounds each linear at its own width, in the search too
-    n_grid: int = 20  # α in {0, 1/n, ..., (n-1)/n}
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5  # smallest clip ratio tried is 1 - max_shrink
-    search_samples: int = 4  # sequences' worth of calibration tokens that score α (statistics use all)
-    propagate: str = "quantized"  # next layer's inputs: from the quantized layer, or the float one (llm-awq)
-    load_search: str | None = None
-    save_search: str | None = None
+    n_grid: int = option(20, "points of the α grid over [0, 1)", parse=int)
+    clip: bool = option(True, "skip the weight clipping search")
+    clip_grid: int = option(20, "clip ratios tried per group", parse=int)
+    max_shrink: float = option(0.5, "smallest clip ratio tried is 1 - this", parse=float)
+    search_samples: int = option(
+        4, "α is scored by re-running attention on this many calibration sequences and the MLP on as many "
+           "sequences' worth of tokens drawn from all of them (scale statistics, single-linear groups and the clip "
+           "search use every token)", parse=positive_int)
+    propagate: str = option("quantized", "search each layer on the outputs of the already quantized layers before "
+                                         "it (quantized) or of the float ones (float, as llm-awq)",
+                            choices=("float", "quantized"))
+    load_search: str | None = option(None, "apply a saved AWQ search instead of calibrating", metavar="FILE")
+    save_search: str | None = option(None, "write the AWQ search (safetensors) to FILE", metavar="FILE")
 
     def __post_init__(self) -> None:
         if self.n_grid < 1:

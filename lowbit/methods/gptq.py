@@ -27,8 +27,17 @@ from torch import nn
 
 from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
+from ..options import option, positive_int
 from ..quantizer import (
-    QTensor, QuantSpec, compute_qparams, decode, dequantize, encode, grouped, round_weight_, set_codes,
+    QTensor,
+    QuantSpec,
+    compute_qparams,
+    decode,
+    dequantize,
+    encode,
+    grouped,
+    round_weight_,
+    set_codes,
 )
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, prepare
@@ -39,10 +48,12 @@ DAMP_RETRIES = 4  # each retry multiplies the dampening by 10
 @dataclass(frozen=True)
 class GPTQConfig:
     spec: QuantSpec | SpecMap
-    damp: float = 0.01  # added to H's diagonal, as a fraction of its mean
-    block_size: int = 128  # columns updated eagerly; the rest once per block
-    act_order: bool = False  # GPTQ-R: columns by decreasing Hessian diagonal
-    static_groups: bool = False  # group parameters from the weights before any update (implied by act_order)
+    damp: float = option(0.01, "dampening added to the Hessian diagonal, as a fraction of its mean", parse=float)
+    block_size: int = option(128, "columns updated eagerly before one batched update of the rest",
+                             flag="--gptq-block-size", parse=positive_int)
+    act_order: bool = option(False, "GPTQ-R: round columns by decreasing Hessian diagonal (groups stay contiguous)")
+    static_groups: bool = option(False, "group parameters from the weights before any update (implied by "
+                                        "--act-order)")
 
     def __post_init__(self) -> None:
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp > 0):

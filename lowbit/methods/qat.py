@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
+from ..options import option, positive_int
 from ..quantizer import QTensor, QuantSpec, compute_qparams, fake_quantize, grouped, set_codes
 from .awq import AWQConfig, apply_awq
 from .base import QuantReport, attach_runtime, prepare
@@ -51,20 +52,28 @@ Rounding = Literal["ste", "soft", "stochastic"]
 @dataclass(frozen=True)
 class QATConfig:
     spec: QuantSpec
-    init: Literal["awq", "rtn"] = "awq"
-    mode: Literal["block", "model"] = "block"
-    steps: int = 32  # optimizer steps per decoder layer (block) or in all (model)
-    lr: float = 1e-4  # weights (AdamW)
-    scale_lr: float = 1e-4  # learned step sizes and PACT clips
-    batch_size: int = 2  # calibration sequences per step
-    rounding: Rounding = "ste"
-    temperature: tuple[float, float] = (4.0, 400.0)  # soft rounding: annealed geometrically from -> to
-    learn_weights: bool = True
-    learn_scales: bool = True  # LSQ; off: the initial grid stays fixed
-    distill: float = 1.0  # model mode: weight of the KL to the float logits (the rest: next-token loss)
-    grad_clip: float = 1.0
+    init: Literal["awq", "rtn"] = option("awq", "the method training starts from", choices=("awq", "rtn"))
+    mode: Literal["block", "model"] = option(
+        "block", "block: each decoder layer learns its float outputs, one layer in memory; model: all linears end "
+                 "to end with distillation from the float logits", choices=("block", "model"))
+    steps: int = option(32, "optimizer steps per layer (block) or in all (model)", flag="--qat-steps",
+                        aliases=("--steps",), parse=positive_int)
+    lr: float = option(1e-4, "AdamW learning rate of the weights", parse=float)
+    scale_lr: float = option(1e-4, "learning rate of step sizes and clips", parse=float)
+    batch_size: int = option(2, "calibration sequences per step", parse=positive_int)
+    rounding: Rounding = option(
+        "ste", "rounding in training: ste (nearest, straight-through gradient), soft (annealed smooth staircase) "
+               "or stochastic; the final weights are always rounded to nearest", flag="--qat-rounding",
+        choices=("ste", "soft", "stochastic"))
+    temperature: tuple[float, float] = option((4.0, 400.0), "soft rounding's temperature, annealed geometrically",
+                                              parse=float, nargs=2, metavar=("START", "END"))
+    learn_weights: bool = option(True, "train step sizes (and clips) only")
+    learn_scales: bool = option(True, "keep the initial step sizes fixed (no LSQ)", flag="--no-lsq")
+    distill: float = option(1.0, "model mode: weight of the KL to the float logits; the rest is next-token loss",
+                            parse=float)
+    grad_clip: float = option(1.0, "gradient norm clip", parse=float)
     a_bit: int | None = None  # fake-quantize each linear's input to this many bits during training and after
-    pact: bool = True  # with a_bit: learn the activation clip (PACT); else it stays at the calibration max
+    pact: bool = option(True, "with --a-bit: keep each clip at its calibration maximum")
     seed: int = 0
     awq: AWQConfig | None = None  # init="awq": the AWQ run to start from (default: AWQConfig(spec))
     propagate: Literal["float", "quantized"] = "quantized"  # block mode without AWQ: what feeds the next layer

