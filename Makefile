@@ -29,7 +29,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/lowbit compare --bits 3 --calib-samples 16 --max-windows 4 --out-dir results/demo --force
 
+# lint (ruff, configured in pyproject.toml), then the tests
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

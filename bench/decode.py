@@ -1,5 +1,6 @@
 """CPU inference speed: decode and prompt tokens/s of the default model in fp32, bf16 and lowbit
-W8 / W4 / W3 (packed, through transformers' generate) and of lowbit's GGUF export in llama.cpp, and GEMV timings per weight shape with the
+W8 / W4 / W3 (packed, through transformers' generate) and of lowbit's GGUF export in llama.cpp, and GEMV
+timings per weight shape with the
 effective bandwidth against the machine's measured memory bandwidth.
 
     python bench/decode.py                      # everything, 2 threads, 128 new tokens, 512-token prompt
@@ -115,7 +116,8 @@ def random_packed(n: int, k: int, spec: QuantSpec, seed: int = 0) -> PackedTenso
     groups = k // (spec.group_size if spec.granularity == "group" else k)
     q = torch.randint(spec.qmin, spec.qmax + 1, (n, k), generator=g, dtype=torch.int16)
     scale = torch.rand(n, groups, generator=g) * 0.01 + 1e-3
-    zero = torch.zeros(n, groups) if spec.symmetric else torch.randint(0, spec.qmax + 1, (n, groups), generator=g).float()
+    zero = torch.zeros(n, groups) if spec.symmetric else \
+        torch.randint(0, spec.qmax + 1, (n, groups), generator=g).float()
     return PackedTensor.from_qtensor(QTensor(q, scale, zero, spec, (n, k)))
 
 

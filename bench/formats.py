@@ -71,7 +71,8 @@ def main() -> None:
     print(f"{args.model}, {rows[0]['windows']} windows of WikiText-2 test; AWQ: {args.calib_samples} x "
           f"{args.calib_seq_len} calibration tokens (WikiText-2 validation), search_samples {args.search_samples}, "
           f"n_grid {opts.n_grid}, clip search on")
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, "
           f"{datetime.date.today()}")
     ppl = {(r["label"], r["method"]): r["ppl"] for r in rows}
     print()

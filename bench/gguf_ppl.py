@@ -57,7 +57,8 @@ for w in windows:
     logz = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
     total += float((logz - logits[np.arange(len(w) - 1), w[1:]]).sum())
     count += len(w) - 1
-print(json.dumps({"ppl": math.exp(total / count), "windows": int(len(windows)), "seconds": time.perf_counter() - start}))
+seconds = time.perf_counter() - start
+print(json.dumps({"ppl": math.exp(total / count), "windows": int(len(windows)), "seconds": seconds}))
 """
 
 

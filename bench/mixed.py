@@ -157,7 +157,8 @@ def main() -> None:
     print(f"{args.model}, {rows[0]['windows']} windows of WikiText-2 test; calibration {args.calib_samples} x "
           f"{args.calib_seq_len} tokens of WikiText-2 validation; traces: {args.probes} Hutchinson probes on "
           f"{args.sensitivity_samples} sequences; groups of {args.group_size}, asymmetric INT")
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, "
           f"{datetime.date.today()}")
     print("\nMB: quantized linears only, codes + one fp16 scale and one b-bit zero point per group.\n")
     print("| method | widths | code bits/weight | bits/weight with scales | linears MB | PPL | 2/3/4/8-bit linears |")

@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llm-compressor methods (default awq gptq)")
     p.add_argument("--model", default="smollm2-135m", help="lowbit model name or path (default smollm2-135m)")
     p.add_argument("--seed", type=int, default=0, help="calibration sample seed (default 0)")
-    p.add_argument("--peer-venv", default=str(REPO / ".venv-peers"), help="venv for llm-compressor (default .venv-peers)")
+    p.add_argument("--peer-venv", default=str(REPO / ".venv-peers"),
+                   help="venv for llm-compressor (default .venv-peers)")
     p.add_argument("--skip-lowbit", action="store_true", help="run only llm-compressor")
     p.add_argument("--skip-fp", action="store_true", help="skip the float reference row")
     p.add_argument("--out", default=str(REPO / "results" / "peers.json"), help="JSON rows (default results/peers.json)")

@@ -47,5 +47,6 @@ for lr, slr, steps in configs:
     m = copy.deepcopy(base)
     t = time.time()
     rep = quantize_(m, QATConfig(spec, steps=int(steps), lr=lr, scale_lr=slr, awq=AWQConfig(spec)), calib)
-    print(f"lr {lr:g} slr {slr:g} steps {int(steps)}: KL {kl(m):.4f}  loss first {rep.info['first_loss']:.4g} last {rep.info['last_loss']:.4g} "
+    print(f"lr {lr:g} slr {slr:g} steps {int(steps)}: KL {kl(m):.4f}  "
+          f"loss first {rep.info['first_loss']:.4g} last {rep.info['last_loss']:.4g} "
           f"({time.time()-t:.0f}s)", flush=True)

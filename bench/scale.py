@@ -103,7 +103,8 @@ def make_checkpoint(shape: str, layers: int | None, root: Path) -> Path:
             if len(s) == 1:
                 tensors[tname] = torch.ones(s, dtype=torch.bfloat16)
             else:
-                tensors[tname] = torch.empty(s, dtype=torch.float32).normal_(0.0, 0.02, generator=gen).to(torch.bfloat16)
+                w = torch.empty(s, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
+                tensors[tname] = w.to(torch.bfloat16)
         fname = f"model-{k:05d}-of-{len(plan):05d}.safetensors"
         save_file(tensors, path / fname, metadata={"format": "pt"})
         weight_map.update({t: fname for t in tensors})

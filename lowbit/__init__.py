@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActQuantConfig", "AWQConfig", "AWQGPTQConfig", "AWQSearch", "GPTQConfig", "LowbitError", "QTensor", "QuantSpec",
-    "RotationConfig", "RTNConfig", "SalientConfig", "SmoothQuantConfig", "SpecMap", "dequantize", "fake_quantize", "load",
+    "RotationConfig", "RTNConfig", "SalientConfig", "SmoothQuantConfig", "SpecMap", "dequantize", "fake_quantize",
+    "load",
     "load_model", "quantize", "quantize_",
 ]

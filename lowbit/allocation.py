@@ -226,7 +226,8 @@ def allocate_bits(linears: Mapping[str, nn.Linear], costs: torch.Tensor, base: Q
     bits = {n: choices[int(j)] for n, j in zip(names, choice)}
     code_bits = float((counts * torch.tensor([bits[n] for n in names])).sum()) / total
     meta = {**what, "choices": list(choices), "code_bits_per_weight": code_bits,
-            "linear_mb": sum(replace(base, bits=bits[n]).bits_per_weight() * int(c) for n, c in zip(names, counts)) / 8e6,
+            "linear_mb": sum(replace(base, bits=bits[n]).bits_per_weight() * int(c)
+                             for n, c in zip(names, counts)) / 8e6,
             "cost": info["cost"], "exact": info["exact"],
             "histogram": {str(b): sum(1 for v in bits.values() if v == b) for b in choices}}
     return Allocation(bits, base, meta)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,10 +51,14 @@ class Calibration:
         return asdict(self)
 
 
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?(@[\w.-]+)?$")  # org/name[:config][@split]
+
+
 def _is_hub_id(spec: str) -> bool:
-    return spec.startswith(HUB_PREFIX) or (spec.count("/") == 1 and not Path(spec).exists()
-                                          and not spec.startswith((".", "/", "~")) and not spec.endswith((".txt",
-                                                                                                       ".jsonl")))
+    """``hub:...``, or an ``org/name`` id that is not a local path and does not look like a file name."""
+    if spec.startswith(HUB_PREFIX):
+        return True
+    return bool(_HUB_ID.match(spec)) and not Path(spec).exists() and Path(spec).suffix not in (".txt", ".jsonl")
 
 
 def _check_messages(messages, where: str) -> list[dict]:
@@ -121,6 +126,12 @@ def _tokens(tokenizer, docs: list[str], templated: bool) -> torch.Tensor:
         return tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
     parts = [tokenizer(d, add_special_tokens=False, return_tensors="pt").input_ids[0] for d in docs]
     return torch.cat(parts)
+
+
+def jsonl_text(tokenizer, path: str | os.PathLike) -> str:
+    """A JSONL file of chats (rendered with the chat template) or texts as one text, e.g. to evaluate on."""
+    docs, _ = _jsonl_documents(Path(path), tokenizer)
+    return "".join(docs)
 
 
 def check_source(calib_data: str | os.PathLike | None, data_dir: str | None) -> None:

@@ -54,7 +54,8 @@ def save_chart(rows: list[dict], path: Path, title: str = "") -> Path:
         ppl = [r["ppl"] for r in sel]
         bars = ax.bar(names, ppl, color=[colors.get(n, "#2980b9") for n in names])
         for bar, r in zip(bars, sel):
-            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['ppl']:.1f}\n{r['bits_per_weight']:.2f} b/w",
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(),
+                    f"{r['ppl']:.1f}\n{r['bits_per_weight']:.2f} b/w",
                     ha="center", va="bottom", fontsize=8)
         if fp is not None:
             ax.axhline(fp, ls="--", color="gray", lw=1, label=f"FP {fp:.2f}")

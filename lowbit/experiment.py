@@ -239,6 +239,11 @@ class Session:
         self._ties = tied_parameters(model)
         self._tie_flag = getattr(getattr(model, "config", None), "tie_word_embeddings", None)
 
+    def use_calibration(self, calib: CalibOptions) -> None:
+        """Calibrate the next runs on other data (read when first needed)."""
+        check_positions(self.model, calib.seq_len)
+        self.calib_options, self._calib, self.calibration_record = calib, None, None
+
     def calibration(self) -> torch.Tensor:
         """The calibration windows [samples, seq_len] (read once); where they came from: ``calibration_record``."""
         if self._calib is None:

@@ -251,7 +251,8 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
     run = run_dir(output)
     already = sum(f.stat().st_size for f in (run / "out").glob("*.safetensors")) if resume and run.exists() else 0
     log(f"streaming {source} ({ckpt.nbytes() / 1e9:.2f} GB, {n_layers} layers) -> {output}: "
-        f"output about {estimate / 1e9:.2f} GB" + (f", calibration states {act_bytes / 1e9:.2f} GB" if act_bytes else ""))
+        f"output about {estimate / 1e9:.2f} GB"
+        + (f", calibration states {act_bytes / 1e9:.2f} GB" if act_bytes else ""))
     _check_disk(output.parent, estimate - already + (act_bytes if offload_dir is None else 0), f"the output {output}")
     if offload_dir is not None:
         _check_disk(offload_dir, act_bytes, f"--offload-activations {offload_dir}")

@@ -1,4 +1,5 @@
-"""--calib-data: text files, chat JSONL rendered with the chat template, hub datasets; seeded, recorded, refused clearly."""
+"""--calib-data: text files, chat JSONL rendered with the chat template, hub datasets; seeded, recorded,
+refused clearly."""
 from __future__ import annotations
 
 import json

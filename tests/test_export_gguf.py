@@ -383,7 +383,8 @@ def test_float16_embedding_stays_float16(tmp_path):
     info = export_gguf(quantize_and_pack(model, tok, tmp_path / "m", embed="fp16"), tmp_path / "m.gguf")
     tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     assert info["types"] == ["Q4_0"] and tensors["token_embd.weight"].tensor_type.name == "F16"
-    assert tensors["output.weight"].tensor_type.name == "F16" and tensors["output_norm.weight"].tensor_type.name == "F32"
+    assert tensors["output.weight"].tensor_type.name == "F16"
+    assert tensors["output_norm.weight"].tensor_type.name == "F32"
     diff, _ = max_logit_diff(model, read_back(tmp_path / "m.gguf", "llama", model), tok)
     assert diff == 0.0
 

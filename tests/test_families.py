@@ -158,7 +158,8 @@ def test_a_wrong_norm_convention_is_caught_by_the_fold_check():
 
 
 GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "falcon",
-                 "bloom", "gpt_neox", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")  # read back: test_export_gguf.py
+                 "bloom", "gpt_neox", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe",
+                 "gpt_oss")  # read back: test_export_gguf.py
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -85,7 +85,8 @@ def test_spec_from_the_command_line():
     assert (spec.format, spec.bits, spec.group_size) == ("mxfp4", 4, 32)
     spec = spec_from_args(build_parser().parse_args(["eval", "--format", "fp8_e4m3", "--group-size", "0"]))
     assert (spec.bits, spec.granularity) == (8, "channel")
-    spec = spec_from_args(build_parser().parse_args(["eval", "--format", "kmeans", "--w-bit", "3", "--rounding", "stochastic"]))
+    spec = spec_from_args(build_parser().parse_args(["eval", "--format", "kmeans", "--w-bit", "3",
+                                                     "--rounding", "stochastic"]))
     assert (spec.bits, spec.group_size, spec.rounding) == (3, 64, "stochastic")
     spec = spec_from_args(build_parser().parse_args(["eval", "--w-bit", "3", "--sym"]))
     assert spec == type(spec)(bits=3, symmetric=True)  # int specs as before

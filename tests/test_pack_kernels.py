@@ -25,7 +25,8 @@ def packed(out_f: int, in_f: int, bits: int, group: int | None, sym: bool | str 
     n_groups = in_f // (group or in_f)
     q = torch.randint(spec.qmin, spec.qmax + 1, (out_f, in_f), generator=g, dtype=torch.int16)
     scale = signed_like(2.0 ** torch.randint(-8, -3, (out_f, n_groups), generator=g).float(), sym, g)
-    zero = torch.zeros(out_f, n_groups) if sym else torch.randint(0, spec.qmax + 1, (out_f, n_groups), generator=g).float()
+    zero = torch.zeros(out_f, n_groups) if sym else \
+        torch.randint(0, spec.qmax + 1, (out_f, n_groups), generator=g).float()
     return PackedTensor.from_qtensor(QTensor(q, scale, zero, spec, (out_f, in_f)))
 
 

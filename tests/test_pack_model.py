@@ -52,7 +52,8 @@ def test_grid_codes_recover_a_rounding_tie_that_leaves_the_top_code_unused():
 
 
 @settings(max_examples=25, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.sampled_from([False, True, "full"]), rows=st.integers(1, 9), groups=st.integers(1, 4),
+@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.sampled_from([False, True, "full"]), rows=st.integers(1, 9),
+       groups=st.integers(1, 4),
        group=st.sampled_from([8, 32, 64]), seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 1.0, 300.0]))
 def test_grid_codes_property(bits, sym, rows, groups, group, seed, scale):
     spec = int_spec(bits, group, sym)
@@ -113,7 +114,8 @@ def _save(model, spec, path, **kw) -> Path:
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("method,bits,tied,sym", [("rtn", 4, False, False), ("rtn", 3, True, False), ("awq", 4, True, False),
+@pytest.mark.parametrize("method,bits,tied,sym", [("rtn", 4, False, False), ("rtn", 3, True, False),
+                                                  ("awq", 4, True, False),
                                                   ("rtn", 8, False, False), ("awq", 4, False, "full")])
 def test_reload_gives_identical_logits(tmp_path, method, bits, tied, sym):
     model, spec = _quantized_tiny(method, bits, tied=tied, sym=sym)

@@ -244,7 +244,8 @@ def test_row_blocks_pack_like_the_whole_matrix(monkeypatch, spec):
 
     w = fake_quantize(torch.randn(100, 40, generator=torch.Generator().manual_seed(0)), spec)
     raw = torch.randn(100, 40, generator=torch.Generator().manual_seed(1))
-    whole = [tensor.PackedTensor.from_qtensor(grid_codes(w, spec)), tensor.PackedTensor.from_qtensor(quantize(raw, spec))]
+    whole = [tensor.PackedTensor.from_qtensor(grid_codes(w, spec)),
+             tensor.PackedTensor.from_qtensor(quantize(raw, spec))]
     monkeypatch.setattr(tensor, "ROW_BLOCK_ELEMENTS", 33 * 40)  # blocks of 32 rows, the last one short
     blocks = [tensor.PackedTensor.from_weight(w, spec),
               tensor.PackedTensor.from_weight(raw, spec, codes=lambda x, s, _n: quantize(x, s))]

@@ -10,7 +10,8 @@ GROUP_HELP = "group size along the input dimension (must divide every layer's in
 
 
 FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf16, fp32, eXmY[_bZ] (custom float, "
-               "bias Z), nf4 (nf2-nf8), mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8_e4m3, mxfp8_e5m2, mxint8, bfp, log2, kmeans, "
+               "bias Z), nf4 (nf2-nf8), mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8_e4m3, mxfp8_e5m2, mxint8, bfp, log2, "
+               "kmeans, "
                "binary, ternary")
 
 
@@ -62,7 +63,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="evaluate on this UTF-8 text file instead of WikiText-2 test")
+    p.add_argument("--data", help="evaluate on this UTF-8 text file, or a JSONL file of chats (rendered with the "
+                                  "model's chat template), instead of WikiText-2 test")
     p.add_argument("--data-dir", help="directory with wikitext-2-raw/ and wikitext-2/ (default: $LOWBIT_DATA_DIR, "
                                       "else the Hugging Face hub)")
     p.add_argument("--max-windows", type=positive, help="evaluate only the first N windows")
@@ -262,19 +264,23 @@ def method_options(args, save_search: str | None = None):
 
 
 def session_from_args(args):
+    from ..calibration_data import check_source, jsonl_text
     from ..data import eval_text
     from ..experiment import CalibOptions, Session
     from ..models import load_model
     from ..models.loading import model_source
 
     model_source(args.model)  # a bad --model or bad data fails before the slow model load
-    text = eval_text(args.data, args.data_dir)
+    chats = args.data is not None and str(args.data).endswith(".jsonl")  # rendered once the tokenizer is loaded
+    text = None if chats else eval_text(args.data, args.data_dir)
+    if chats:
+        check_source(args.data, None)
     if hasattr(args, "calib_data"):
-        from ..calibration_data import check_source
-
         check_source(args.calib_data, args.data_dir)
     # Only eval reads a packed model with a chosen kernel; quantize's --kernel is what it records.
     model, tok = load_model(args.model, kernel=args.kernel if args.command == "eval" else "dequant")
+    if chats:
+        text = jsonl_text(tok, args.data)
     calib = CalibOptions(args.calib_samples, args.calib_seq_len, args.seed, args.calib_data) \
         if hasattr(args, "calib_samples") else None
     return Session(model, tok, text=text, data_dir=args.data_dir, seq_len=args.seq_len,

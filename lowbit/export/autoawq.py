@@ -10,7 +10,8 @@ Per quantized linear ``NAME`` ([out, in] weight, groups of g along the input):
 
 and w = (code - zero)·scale. lowbit's asymmetric codes are exactly these; a symmetric W4 model
 (w = (u - 7)·s) is written with every zero point 7 (8 for the full-range grid, whose scales may
-be negative). The only loss is storing the scales as float16, as the format demands; the export reports the largest change this makes to any
+be negative). The only loss is storing the scales as float16, as the format demands; the export reports the
+largest change this makes to any
 weight, in quantization steps (zero when lowbit already stored float16 scales).
 """
 from __future__ import annotations

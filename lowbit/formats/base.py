@@ -59,7 +59,8 @@ class Format:
             raise LowbitError(f"{self.name} has no infinity; infinite inputs are refused{beyond}")
         return x
 
-    def round(self, x: torch.Tensor, stochastic: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def round(self, x: torch.Tensor, stochastic: bool = False,
+              generator: torch.Generator | None = None) -> torch.Tensor:
         """The representable value nearest ``x`` (or a stochastic neighbour), in ``x``'s float dtype."""
         x = self.check(x)
         return self._round(x, stochastic, generator).to(x.dtype)

@@ -19,7 +19,8 @@ def explain_value(fmt: Format, x: float) -> dict:
     return fmt.explain(x)
 
 
-def quantize_values(values: list[float], fmt_name: str, bits: int | None = None, clip: tuple[float, float] | None = None,
+def quantize_values(values: list[float], fmt_name: str, bits: int | None = None,
+                    clip: tuple[float, float] | None = None,
                     symmetric: bool = False, zero_point: str = "float", block: int | None = None,
                     full_range: bool = False) -> dict:
     """Scale, zero point, codes and dequantized values of a short list under one format.

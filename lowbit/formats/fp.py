@@ -162,7 +162,8 @@ class FloatFormat(Format):
         out = {
             "format": self.name, "input": x, "code": code, "bits": self.code_bits(code),
             "sign": s, "exponent_bits": format(ef, f"0{self.E}b"), "exponent_field": ef, "bias": self.bias,
-            "exponent": (ef - self.bias) if ef else self.emin, "mantissa_bits": format(mf, f"0{self.M}b") if self.M else "",
+            "exponent": (ef - self.bias) if ef else self.emin,
+            "mantissa_bits": format(mf, f"0{self.M}b") if self.M else "",
             "mantissa": frac, "significand": (0.0 if ef == 0 else 1.0) + frac, "kind": kind, "stored": stored,
         }
         if math.isfinite(stored) and math.isfinite(x):

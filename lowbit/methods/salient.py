@@ -25,7 +25,8 @@ class SalientConfig:
     spec: QuantSpec
     frac: float = option(0.01, "fraction of input channels kept in FP", flag="--salient-frac", parse=float)
     by: Literal["activation", "weight", "random"] = option(
-        "activation", "how salient channels are chosen", flag="--salient-by", choices=("activation", "weight", "random"))
+        "activation", "how salient channels are chosen", flag="--salient-by",
+        choices=("activation", "weight", "random"))
     seed: int = option(0, "seed for calibration samples, random channels, rotations and QAT batches", parse=int)
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 A directory holds
 
 - ``model.safetensors`` (or shards ``model-0000i-of-0000n.safetensors`` with
-  ``model.safetensors.index.json``, as :mod:`lowbit.stream` writes): for each quantized linear ``NAME``, ``NAME.qweight`` (int32 bit
+  ``model.safetensors.index.json``, as :mod:`lowbit.stream` writes): for each quantized linear ``NAME``,
+  ``NAME.qweight`` (int32 bit
   stream, see :mod:`lowbit.pack.bits`), ``NAME.scales`` and, if asymmetric, ``NAME.qzeros``;
   the embedding (and an untied output head) the same way at 8 bits, or as float; every
   other tensor (norms, biases) as it was;
@@ -243,7 +244,8 @@ def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
         if not force:
             raise LowbitError(f"{p} exists; pass --force to overwrite it")
         if not (p.is_dir() and is_packed_dir(p)):
-            raise LowbitError(f"{p} exists and is not a lowbit model directory; refusing to replace it even with --force")
+            raise LowbitError(f"{p} exists and is not a lowbit model directory; refusing to replace it even with "
+                              "--force")
     if not p.parent.is_dir():
         raise LowbitError(f"directory {p.parent} does not exist")
     return p
@@ -466,7 +468,8 @@ def load_packed(path: str | os.PathLike, kernel: str = "auto", dtype: torch.dtyp
     missing = [k for k in missing if k.rpartition(".")[0] not in replaced]
     if missing or unexpected:
         raise LowbitError(f"{p / WEIGHTS_NAME} does not match the model: "
-                          f"missing {', '.join(missing[:5]) or 'nothing'}; unexpected {', '.join(unexpected[:5]) or 'nothing'}")
+                          f"missing {', '.join(missing[:5]) or 'nothing'}; "
+                          f"unexpected {', '.join(unexpected[:5]) or 'nothing'}")
     model.eval().requires_grad_(False)
     tok = None
     if "tokenizer_config.json" in doc["files"]:  # written without a tokenizer (tests, bare models): None

@@ -73,7 +73,8 @@ def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     q_best = grouped(qt.q, spec).reshape(-1, width).clone()
     z_best = qt.zero.expand(n_rows, n_groups).reshape(-1).clone()
     s_best = qt.scale.expand(n_rows, n_groups).reshape(-1).clone()
-    exact = (((q_best - z_best.unsqueeze(-1)) * s_best.unsqueeze(-1)).to(w.dtype).float() == wg.reshape(-1, width)).all(-1)
+    decoded = ((q_best - z_best.unsqueeze(-1)) * s_best.unsqueeze(-1)).to(w.dtype).float()
+    exact = (decoded == wg.reshape(-1, width)).all(-1)
     # Groups are independent: search only those the plain re-quantization did not reproduce.
     todo = (~exact).nonzero().squeeze(1)
     sub_w = grouped(w, spec).reshape(-1, width)[todo]
