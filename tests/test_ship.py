@@ -19,6 +19,7 @@ from lowbit.methods import AWQGPTQConfig, QATConfig
 from lowbit.pack import tensor as pack_tensor
 from lowbit.pack.checkpoint import load_packed, pack_model_, save_packed
 from lowbit.quantizer import codes_of, dequantize
+from lowbit.specmap import SpecMap
 
 SPEC = QuantSpec(bits=3, group_size=32)
 
@@ -27,7 +28,9 @@ SPEC = QuantSpec(bits=3, group_size=32)
     RTNConfig(SPEC), AWQConfig(SPEC, n_grid=4, clip_grid=4), GPTQConfig(SPEC, act_order=True),
     AWQGPTQConfig(AWQConfig(SPEC, n_grid=4, clip_grid=4), GPTQConfig(SPEC, act_order=True)),
     QATConfig(SPEC, steps=2, awq=AWQConfig(SPEC, n_grid=4, clip_grid=4)),
-], ids=["rtn", "awq", "gptq-r", "awq+gptq-r", "qat"])
+    GPTQConfig(SpecMap.from_bits(SPEC, {"model.layers.0.mlp.down_proj": 2, "model.layers.1.self_attn.q_proj": 8}),
+               act_order=True),
+], ids=["rtn", "awq", "gptq-r", "awq+gptq-r", "qat", "gptq-r-mixed"])
 def test_packing_writes_the_methods_own_codes(config, tmp_path, monkeypatch):
     """Every linear carries the QTensor it was rounded from; packing uses it and never searches for codes."""
     model = tiny_llama()
@@ -43,7 +46,8 @@ def test_packing_writes_the_methods_own_codes(config, tmp_path, monkeypatch):
         raise AssertionError("packing searched for codes the method already had")
 
     monkeypatch.setattr(pack_tensor.PackedTensor, "from_weight", classmethod(no_search))
-    save_packed(pack_model_(model, SPEC, method="x", embed="fp32"), model.config, None, tmp_path / "q")
+    spec = getattr(config, "spec", SPEC)
+    save_packed(pack_model_(model, spec, method="x", embed="fp32"), model.config, None, tmp_path / "q")
     reloaded, _ = load_packed(tmp_path / "q", kernel="dequant")
     ids = calib[:2]
     with torch.no_grad():
@@ -132,3 +136,22 @@ def test_packed_awq_gptq_r_w4_exports_to_gguf_and_compressed_tensors(tmp_path):
     ref = ours.model.layers[0].mlp.down_proj.weight
     # GGUF holds float16 block scales: within a 1/1000 of a step of lowbit's weights
     assert (w - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+@pytest.mark.model
+def test_calibrated_on_chats_end_to_end(tiny_dir, tmp_path, capsys):
+    """A chat JSONL calibrates AWQ (rendered with the default model's chat template), the packed directory records
+    it, and the held-out chats evaluate the file."""
+    from importlib.resources import files
+
+    chats = files("lowbit") / "assets" / "chat"
+    out = tmp_path / "q"
+    row = cli_json(capsys, "quantize", "--model", str(tiny_dir), "--method", "awq", "--w-bit", "4", "--group-size",
+                   "32", "--calib-data", str(chats / "calib.jsonl"), "--calib-samples", "4", "--calib-seq-len", "64",
+                   "--n-grid", "4", "-o", str(out), "--json")
+    assert "calib.jsonl (chat, 101 conversations" in row["calibration"]
+    doc = json.loads((out / "lowbit.json").read_text())
+    assert doc["calibration"]["kind"] == "chat" and doc["calibration"]["samples"] == 4
+    res = cli_json(capsys, "eval", "--model", str(out), "--data", str(chats / "heldout.jsonl"), "--seq-len", "64",
+                   "--max-windows", "2", "--json")
+    assert res["windows"] == 2 and res["ppl"] > 1

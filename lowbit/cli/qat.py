@@ -22,7 +22,6 @@ from .quantize import save_packed_from_session
 
 
 def run(args) -> int:
-    import dataclasses
     import tempfile
 
     from ..experiment import make_config
@@ -41,11 +40,11 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_start:  # the method QAT starts from, alone: what training adds is the difference
             search = str(Path(tmp) / "awq.safetensors") if args.init == "awq" else None
-            start = session.run(args.init, spec, dataclasses.replace(opts, save_search=search),
+            start = session.run(args.init, spec, opts.replace(save_search=search),
                                 progress=not args.json)
             rows.append(dict(start.row(), method=f"{args.init} (QAT's start)"))
             if search:  # QAT re-walks the layers with these scales instead of searching again
-                opts = dataclasses.replace(opts, load_search=search)
+                opts = opts.replace(load_search=search)
         # With -o the trained model is measured after packing (its embedding as the file stores it).
         result = session.run("qat", spec, opts, progress=not args.json, evaluate=not (args.no_eval or args.output))
     row = result.row()
