@@ -72,3 +72,13 @@ def signed_like(scale: torch.Tensor, sym: bool | str, g: torch.Generator) -> tor
     if sym != "full":
         return scale
     return scale * (torch.randint(0, 2, scale.shape, generator=g) * 2 - 1).to(scale.dtype)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(default_model, tmp_path_factory) -> Path:
+    """A tiny random Llama with the default model's tokenizer, saved as a Hugging Face checkpoint."""
+    _, tok = default_model
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab=49152, hidden=64).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

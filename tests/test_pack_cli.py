@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,16 +29,6 @@ def test_packed_model_is_not_quantized_twice(tmp_path):
     quantize_(model, RTNConfig(QuantSpec(bits=4, group_size=32)))
     out = save_packed(pack_model_(model, QuantSpec(bits=4, group_size=32)), model.config, None, tmp_path / "m")
     assert_clean_error(run("eval", "--model", str(out), "--method", "rtn"), "already quantized")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(default_model, tmp_path_factory) -> Path:
-    """A tiny random Llama with the default model's tokenizer, saved as a Hugging Face checkpoint."""
-    _, tok = default_model
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152, hidden=64).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 @pytest.mark.model

@@ -7,7 +7,6 @@ writes the codes the method rounded to, without searching for them.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -72,22 +71,12 @@ def cli_json(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(default_model, tmp_path_factory) -> Path:
-    """A tiny random Llama with the default model's tokenizer, as a Hugging Face checkpoint."""
-    _, tok = default_model
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152, hidden=64).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("method", [["rtn"], ["awq"], ["gptq", "--act-order"], ["awq+gptq", "--act-order"],
                                     ["qat"], ["smoothquant"]], ids=lambda m: " ".join(m))
-def test_quantize_then_eval_the_file_equals_eval_in_memory(method, tiny_dir, tmp_path, data_dir, capsys):
+def test_quantize_then_eval_the_file_equals_eval_in_memory(method, tiny_ckpt, tmp_path, data_dir, capsys):
     data = ("--seq-len", "64", "--max-windows", "2", "--data-dir", str(data_dir), "--json")
-    common = ("--model", str(tiny_dir), "--method", *method, "--w-bit", "3", "--group-size", "32",
+    common = ("--model", str(tiny_ckpt), "--method", *method, "--w-bit", "3", "--group-size", "32",
               "--calib-samples", "4", "--calib-seq-len", "64", "--n-grid", "4", *data)
     in_memory = cli_json(capsys, "eval", *common)
     out = tmp_path / "q"
@@ -139,14 +128,14 @@ def test_packed_awq_gptq_r_w4_exports_to_gguf_and_compressed_tensors(tmp_path):
 
 
 @pytest.mark.model
-def test_calibrated_on_chats_end_to_end(tiny_dir, tmp_path, capsys):
+def test_calibrated_on_chats_end_to_end(tiny_ckpt, tmp_path, capsys):
     """A chat JSONL calibrates AWQ (rendered with the default model's chat template), the packed directory records
     it, and the held-out chats evaluate the file."""
     from importlib.resources import files
 
     chats = files("lowbit") / "assets" / "chat"
     out = tmp_path / "q"
-    row = cli_json(capsys, "quantize", "--model", str(tiny_dir), "--method", "awq", "--w-bit", "4", "--group-size",
+    row = cli_json(capsys, "quantize", "--model", str(tiny_ckpt), "--method", "awq", "--w-bit", "4", "--group-size",
                    "32", "--calib-data", str(chats / "calib.jsonl"), "--calib-samples", "4", "--calib-seq-len", "64",
                    "--n-grid", "4", "-o", str(out), "--json")
     assert "calib.jsonl (chat, 101 conversations" in row["calibration"]

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..errors import LowbitError
+from ..options import positive_int
 
 GROUP_HELP = "group size along the input dimension (must divide every layer's input width); 0 = per output channel"
 
@@ -35,14 +36,7 @@ def bits_arg(text: str) -> int:
     return b
 
 
-def positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+positive = positive_int  # an integer of at least 1
 
 
 def non_negative(text: str) -> int:
