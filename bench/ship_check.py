@@ -10,7 +10,7 @@ the three commands a user would, as subprocesses:
 and prints both perplexities and whether they are equal. Then it packs AWQ+GPTQ-R at W4 g64 and
 exports it to GGUF and compressed-tensors.
 
-    python bench/ship_check.py [--max-windows 16] [--calib-samples 16] [--methods rtn,awq]
+    python bench/ship_check.py [--max-windows 16] [--calib-samples 16] [--methods rtn,awq] [--qat-steps 32]
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def main() -> int:
     p.add_argument("--max-windows", default="16")
     p.add_argument("--calib-samples", default="16")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--qat-steps", default="32", help="QAT's optimizer steps per layer (default 32, its own)")
     args = p.parse_args()
     spec = ["--w-bit", "3", "--group-size", "64", "--calib-samples", args.calib_samples]
     data = ["--max-windows", args.max_windows]
@@ -46,7 +47,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.methods.split(","):
             start = time.perf_counter()
-            method = ["--method", *METHODS[label]]
+            method = ["--method", *METHODS[label]] + (["--qat-steps", args.qat_steps] if label == "qat" else [])
             mem = lowbit("eval", *method, *spec, *data)
             out = str(Path(tmp) / label)
             made = lowbit("quantize", *method, *spec, *data, "-o", out, "--embed", "fp32")
