@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .data import calib_text, read_text
+from .data import HUB_CALIB_ROWS, calib_text, read_text
 from .errors import LowbitError
 
 HUB_PREFIX = "hub:"
-HUB_ROWS = 20000  # rows read from a hub dataset at most (as pile-val's default)
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def _hub_documents(spec: str, tokenizer) -> tuple[list[str], str]:
     name = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
     name, _, split = name.partition("@")
     name, _, config = name.partition(":")
-    rows = fetch_hub_rows(name, config or None, split or "train", limit=HUB_ROWS)
+    rows = fetch_hub_rows(name, config or None, split or "train", limit=HUB_CALIB_ROWS)
     first = rows[0] if rows else {}
     if "messages" in first:
         return [_render(tokenizer, _check_messages(r["messages"], f"{name} row {i}"), f"{name} row {i}")

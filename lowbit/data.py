@@ -15,6 +15,7 @@ TEST_FILE = Path("wikitext-2-raw") / "wiki.test.raw"
 CALIB_FILE = Path("wikitext-2") / "valid.txt"
 HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 HUB_CALIB = ("mit-han-lab/pile-val-backup", None)
+HUB_CALIB_ROWS = 20000  # pile-val's first rows: plenty for any calibration set, without reading all 214k
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -74,8 +75,8 @@ def fetch_hub_rows(name: str, config: str | None, split: str, limit: int | None 
     return ds.to_list()
 
 
-def _from_hub(name: str, config: str | None, split: str, column: str = "text") -> list[str]:
-    return [r[column] for r in fetch_hub_rows(name, config, split)]
+def _from_hub(name: str, config: str | None, split: str, column: str = "text", limit: int | None = None) -> list[str]:
+    return [r[column] for r in fetch_hub_rows(name, config, split, limit)]
 
 
 def eval_text(data: str | None = None, data_dir: str | None = None) -> str:
@@ -97,5 +98,4 @@ def calib_text(calib_data: str | None = None, data_dir: str | None = None) -> st
     d = resolve_data_dir(data_dir)
     if d is not None:
         return read_text(d / CALIB_FILE)
-    rows = _from_hub(*HUB_CALIB, split="validation")
-    return "\n\n".join(rows[:20000])
+    return "\n\n".join(_from_hub(*HUB_CALIB, split="validation", limit=HUB_CALIB_ROWS))

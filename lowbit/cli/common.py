@@ -130,10 +130,7 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, title: str, skip: tup
             kw["type"] = o.parse
         if o.nargs:
             kw["nargs"] = o.nargs
-        if o.metavar or o.parse in (int, float):
-            kw["metavar"] = o.metavar or {int: "N", float: "X"}[o.parse]
-        elif o.parse is not None and o.parse.__name__ == "positive_int":
-            kw["metavar"] = "N"
+        kw["metavar"] = o.metavar or {int: "N", positive_int: "N", float: "X"}.get(o.parse)
         g.add_argument(*flags, **kw)
 
 
