@@ -220,7 +220,8 @@ class Session:
 
     def __init__(self, model: nn.Module, tokenizer, *, text: str | None = None, data_dir: str | None = None,
                  seq_len: int = 2048, max_windows: int | None = None, calib: CalibOptions | None = None):
-        """``text`` is the evaluation text (default: WikiText-2 test from ``data_dir`` or the hub)."""
+        """``text`` is the evaluation text (default: WikiText-2 test from ``data_dir`` or the hub, read when first
+        needed, so a run that only quantizes works without it)."""
         from .models.families import family_for
 
         family_for(model)  # adapts the structure (experts as linears) before the float weights are kept
@@ -229,8 +230,8 @@ class Session:
         self.model = model
         self.tokenizer = tokenizer
         self.data_dir = data_dir
-        text = eval_text(None, data_dir) if text is None else text
-        self.windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
+        self._eval = (text, seq_len, max_windows)
+        self._windows: torch.Tensor | None = None
         self.calib_options = calib
         self._calib: torch.Tensor | None = None
         self.calibration_record: Calibration | None = None
@@ -238,6 +239,15 @@ class Session:
         # A rotation unties a tied head; loading the state dict alone would leave two equal copies.
         self._ties = tied_parameters(model)
         self._tie_flag = getattr(getattr(model, "config", None), "tie_word_embeddings", None)
+
+    @property
+    def windows(self) -> torch.Tensor:
+        """The evaluation windows [n, seq_len] (tokenized once)."""
+        if self._windows is None:
+            text, seq_len, max_windows = self._eval
+            text = eval_text(None, self.data_dir) if text is None else text
+            self._windows = tokenize_windows(self.tokenizer, text, seq_len, max_windows)
+        return self._windows
 
     def use_calibration(self, calib: CalibOptions) -> None:
         """Calibrate the next runs on other data (read when first needed)."""

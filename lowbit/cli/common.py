@@ -263,14 +263,17 @@ def session_from_args(args):
 
     model_source(args.model)  # a bad --model or bad data fails before the slow model load
     chats = args.data is not None and str(args.data).endswith(".jsonl")  # rendered once the tokenizer is loaded
-    text = None if chats else eval_text(args.data, args.data_dir)
+    # Read now, so missing evaluation data fails before the slow part; a run that only quantizes does not need it.
+    evaluates = getattr(args, "eval", True) and not (getattr(args, "no_eval", False)
+                                                     and getattr(args, "no_start", False))
+    text = None if chats or not evaluates else eval_text(args.data, args.data_dir)
     if chats:
         check_source(args.data, None)
     if hasattr(args, "calib_data"):
         check_source(args.calib_data, args.data_dir)
     # Only eval reads a packed model with a chosen kernel; quantize's --kernel is what it records.
     model, tok = load_model(args.model, kernel=args.kernel if args.command == "eval" else "dequant")
-    if chats:
+    if chats and evaluates:
         text = jsonl_text(tok, args.data)
     calib = CalibOptions(args.calib_samples, args.calib_seq_len, args.seed, args.calib_data) \
         if hasattr(args, "calib_samples") else None
