@@ -1,135 +1,200 @@
-"""lowbit's GGUF export in llama.cpp, against llama.cpp's own quantization of the same weights.
+"""GGUF files judged by llama.cpp: llama.cpp's own quantization (with and without an importance matrix)
+against lowbit's methods written into the same GGUF types and recipes.
 
-Both files are evaluated by llama.cpp itself (llama-cpp-python) on the project's protocol:
-the same 2048-token windows of WikiText-2 test, tokenized by lowbit (the GGUF carries the same
-vocabulary), PPL = exp(mean next-token NLL). Rows:
+Every file is scored by ``llama-perplexity -c 2048 --chunks N`` (llama.cpp's protocol: the second half of
+each 2048-token chunk of WikiText-2 test) and, in a second column, by lowbit's protocol (every token of N
+2048-token windows, the file loaded by transformers' GGUF reader into torch). The importance matrix is
+computed by ``llama-imatrix`` on exactly the calibration windows lowbit's methods use (16 x 512 tokens of
+WikiText-2 validation, decoded to text), so both sides see the same calibration text.
 
-- llama.cpp Q4_0: ``llama_model_quantize`` of the source GGUF (whose float weights are lowbit's
-  FP reference) to Q4_0, token embedding kept Q8_0 as in lowbit's export;
-- lowbit RTN and AWQ W4 g32 symmetric, packed, exported with ``lowbit export --to gguf``: Q4_0
-  blocks holding lowbit's own codes (the embedding is the source's Q8_0, unchanged); on lowbit's
-  default symmetric grid (15 levels, ±7) and on the full-range grid (``--full-range``: 16 levels, the
-  group's signed extreme on -8, which is how llama.cpp fills Q4_0 blocks).
+Rows, one per recipe x source: llama.cpp without imatrix, llama.cpp with imatrix, lowbit RTN, lowbit
+imatrix (RTN with the importance-weighted scale fit, lowbit's own statistic), AWQ, GPTQ-R, AWQ+GPTQ-R;
+each with the file's size and bits per linear weight. Results are cached per row in the work directory
+(``--workdir``), so a rerun only computes what is missing; ``--plot`` draws PPL against bits per weight.
 
-llama.cpp runs in its own venv (bench/llamacpp.py builds it once; ``--venv`` reuses one).
-
-    python bench/gguf_ppl.py | tee bench/results/gguf_ppl.txt
+    python bench/llamacpp.py --tools        # once: llama-quantize, llama-imatrix, llama-perplexity
+    python bench/gguf_ppl.py --workdir results/gguf | tee bench/results/gguf_ppl.txt
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.llamacpp import DEFAULT_VENV, LLAMA_CPP, ensure_llama_cpp, run_worker  # noqa: E402
+from bench.llamacpp import (  # noqa: E402
+    ensure_llama_tools,
+    gguf_types,
+    llama_imatrix,
+    llama_perplexity,
+    llama_quantize,
+)
 
-# Runs inside the llama.cpp venv: quantize (optional) and evaluate one GGUF on the windows given.
-WORKER = r"""
-import json, math, sys, time
-import numpy as np
-import llama_cpp
-job = json.loads(sys.argv[1])
-path = job["gguf"]
-if job.get("quantize_from"):
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    p.allow_requantize = True
-    p.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
-    p.output_tensor_type = llama_cpp.GGML_TYPE_Q8_0
-    p.nthread = job["threads"]
-    rc = llama_cpp.llama_model_quantize(job["quantize_from"].encode(), path.encode(), p)
-    if rc != 0:
-        sys.exit(f"llama_model_quantize failed with {rc}")
-windows = np.load(job["windows"])
-llm = llama_cpp.Llama(model_path=path, n_ctx=windows.shape[1], n_batch=512, n_threads=job["threads"],
-                      logits_all=True, verbose=False)
-total, count, start = 0.0, 0, time.perf_counter()
-for w in windows:
-    llm.reset()
-    llm.eval(w.tolist())
-    logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
-    m = logits.max(-1, keepdims=True)
-    logz = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
-    total += float((logz - logits[np.arange(len(w) - 1), w[1:]]).sum())
-    count += len(w) - 1
-seconds = time.perf_counter() - start
-print(json.dumps({"ppl": math.exp(total / count), "windows": int(len(windows)), "seconds": seconds}))
-"""
+RECIPES = ("Q4_0", "Q2_K", "Q3_K_M", "Q4_K_M")
+SOURCES = ("llama.cpp", "llama.cpp+imatrix", "rtn", "imatrix", "awq", "gptq", "awq+gptq")
+LOWBIT_ARGS = {"gptq": ["--act-order"], "awq+gptq": ["--act-order"]}  # GPTQ-R: act-order
 
 
-def llama_ppl(python: Path, job: dict) -> dict:
-    return run_worker(python, WORKER, job)
+def data_dir() -> Path:
+    d = os.environ.get("LOWBIT_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    if not Path(d).is_dir():
+        sys.exit("no local data: set LOWBIT_DATA_DIR to the folder with wikitext-2-raw/ and wikitext-2/")
+    os.environ["LOWBIT_DATA_DIR"] = d
+    return Path(d)
+
+
+def lowbit(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"lowbit {' '.join(args)} failed:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
+
+
+def lowbit_ppl(path: Path, windows: int) -> float:
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", "--model", str(path), "--max-windows",
+                           str(windows), "--json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"lowbit eval {path} failed:\n" + "\n".join(proc.stderr.splitlines()[-10:]))
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return float((row[-1] if isinstance(row, list) else row)["ppl"])
+
+
+def linear_bits(path: Path) -> float:
+    """Bits per weight of the file's linear layers (embedding and norms excluded)."""
+    import gguf
+
+    bits = n = 0
+    for t in gguf.GGUFReader(path).tensors:
+        if len(t.shape) >= 2 and t.name not in ("token_embd.weight", "output.weight"):
+            bits += 8 * int(t.n_bytes)
+            n += int(t.n_elements)
+    return bits / n
+
+
+def prepare(work: Path, tools: Path, args) -> dict[str, Path]:
+    """F32 GGUF of lowbit's FP reference, the calibration text and llama.cpp's importance matrix."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lowbit.calibration_data import calibration_windows
+    from lowbit.models.loading import builtin_gguf
+
+    src = builtin_gguf("smollm2-135m")
+    f32 = work / "f32.gguf"
+    if not f32.exists():
+        llama_quantize(tools, src, f32, "F32")
+    calib = work / "calib.txt"
+    if not calib.exists():
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        windows, _ = calibration_windows(tok, None, None, args.calib_samples, 512, 0)
+        calib.write_text("".join(tok.decode(w) for w in windows.to(torch.long)))
+    imatrix = work / "imatrix.gguf"
+    if not imatrix.exists():
+        llama_imatrix(tools, f32, calib, imatrix, 512, args.calib_samples)
+    return {"f32": f32, "calib": calib, "imatrix": imatrix}
+
+
+def make_file(source: str, recipe: str, work: Path, tools: Path, files: dict[str, Path], args) -> Path:
+    out = work / f"{source.replace('+', '-')}-{recipe}.gguf"
+    if out.exists():
+        return out
+    if source.startswith("llama.cpp"):
+        llama_quantize(tools, files["f32"], out, recipe, files["imatrix"] if source.endswith("imatrix") else None)
+        return out
+    packed = work / f"{source.replace('+', '-')}-{recipe}"
+    method = "rtn" if source == "imatrix" else source
+    extra = ["--importance", "imatrix"] if source == "imatrix" else []
+    lowbit("quantize", "--model", "smollm2-135m", "--method", method, "--gguf", recipe, "--calib-samples",
+           str(args.calib_samples), "--calib-seq-len", "512", *LOWBIT_ARGS.get(source, []), *extra,
+           "-o", str(packed), "--force")
+    lowbit("export", "--model", str(packed), "--to", "gguf", "-o", str(out), "--force")
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    p.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
+    p.add_argument("--chunks", type=int, default=16, help="2048-token chunks / windows scored")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--venv", default=str(DEFAULT_VENV))
-    p.add_argument("--workdir", help="keep the GGUF files here (default: a temporary directory)")
-    p.add_argument("--grids", nargs="+", choices=("sym", "sym-full"), default=["sym", "sym-full"],
-                   help="lowbit's symmetric grids to export (default both)")
+    p.add_argument("--no-lowbit-ppl", action="store_true", help="skip the second column (lowbit's protocol)")
+    p.add_argument("--workdir", default=str(REPO / "results" / "gguf"))
+    p.add_argument("--plot", help="write a PNG of PPL against bits per linear weight here")
     args = p.parse_args()
 
-    import numpy as np
-    import torch
-
-    from lowbit.experiment import CalibOptions, MethodOptions, Session
-    from lowbit.export import export_gguf
-    from lowbit.models import load_model
-    from lowbit.models.loading import builtin_gguf
-    from lowbit.pack.checkpoint import pack_model_, save_packed
-    from lowbit.quantizer import QuantSpec
-
-    if not os.environ.get("LOWBIT_DATA_DIR") and (REPO.parent / "shared" / "data").is_dir():
-        os.environ["LOWBIT_DATA_DIR"] = str(REPO.parent / "shared" / "data")
-    python = ensure_llama_cpp(Path(args.venv))
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="lowbit-gguf-"))
+    test = data_dir() / "wikitext-2-raw" / "wiki.test.raw"
+    tools = ensure_llama_tools()
+    work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    files = prepare(work, tools, args)
+    cache_path = work / "rows.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
 
-    model, tok = load_model("smollm2-135m")
-    session = Session(model, tok, max_windows=args.max_windows, calib=CalibOptions(args.calib_samples, 512))
-    windows = work / "windows.npy"
-    np.save(windows, session.windows.numpy().astype(np.int64))
-    job = {"windows": str(windows), "threads": args.threads}
-    rows = []
+    def row_for(key: str, path: Path) -> dict:
+        if key not in cache or (not args.no_lowbit_ppl and cache[key].get("lowbit_ppl") is None):
+            start = time.perf_counter()
+            row = cache.get(key) or {"ppl": llama_perplexity(tools, path, test, 2048, args.chunks, args.threads),
+                                     "bytes": path.stat().st_size, "bpw": linear_bits(path),
+                                     "types": gguf_types(path)}
+            if not args.no_lowbit_ppl:
+                row["lowbit_ppl"] = lowbit_ppl(path, args.chunks)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            cache[key] = row
+            cache_path.write_text(json.dumps(cache, indent=1))
+        return cache[key]
 
-    src = builtin_gguf("smollm2-135m")
-    ref = llama_ppl(python, dict(job, gguf=str(src)))
-    fp = session.run("fp", None, progress=False).ppl
-    rows.append(("source GGUF (lowbit's FP reference)", "Q4_1 + Q8_0 embedding", ref, fp))
-    own = work / "llamacpp-q4_0.gguf"
-    r = llama_ppl(python, dict(job, gguf=str(own), quantize_from=str(src)))
-    rows.append(("llama.cpp's own Q4_0 of the same weights", "Q4_0 + Q8_0 embedding", r, None))
-    for grid in args.grids:  # Q4_0 holds 32 weights, one scale, no offset: either symmetric grid
-        spec = QuantSpec(bits=4, group_size=32, symmetric=True, full_range=grid == "sym-full")
-        for method in ("rtn", "awq"):
-            res = session.run(method, spec, MethodOptions(), progress=False)
-            packed = pack_model_(session.model, spec, method=method)
-            name = f"lowbit-{method}-{grid}"
-            out = save_packed(packed, session.model.config, tok, work / name, force=True,
-                              extra={"source_model": "smollm2-135m"})
-            gguf_path = work / f"{name}-q4_0.gguf"
-            info = export_gguf(out, gguf_path, force=True)
-            r = llama_ppl(python, dict(job, gguf=str(gguf_path)))
-            rows.append((f"lowbit {method.upper()} W4 g32 {grid}, exported", "+".join(info["types"]), r, res.ppl))
+    rows = [("F32", "lowbit's FP reference", row_for("F32", files["f32"]))]
+    for recipe in args.recipes:
+        for source in args.sources:
+            path = make_file(source, recipe, work, tools, files, args)
+            rows.append((recipe, source, row_for(f"{recipe}/{source}", path)))
+            print(f"{recipe} {source}: {rows[-1][2]['ppl']:.3f}", file=sys.stderr, flush=True)
 
-    print(f"SmolLM2-135M-Instruct, {args.max_windows} windows of WikiText-2 test (2048 tokens), evaluated by "
-          f"llama.cpp ({LLAMA_CPP}, {args.threads} threads); lowbit AWQ calibrated on {args.calib_samples} x 512 "
-          f"tokens of WikiText-2 validation; {torch.__version__}")
+    f32 = rows[0][2]["ppl"]
+    print(f"SmolLM2-135M-Instruct; llama-perplexity -c 2048 --chunks {args.chunks} on WikiText-2 test; second PPL "
+          f"column: lowbit's protocol ({args.chunks} windows of 2048, every token); calibration and imatrix: "
+          f"{args.calib_samples} x 512 tokens of WikiText-2 validation; llama.cpp from llama-cpp-python 0.3.36's "
+          "sources")
     print()
-    print("| model | GGUF types | PPL in llama.cpp | PPL in lowbit (torch) |")
-    print("| --- | --- | ---: | ---: |")
-    for label, types, r, ours in rows:
-        print(f"| {label} | {types} | {r['ppl']:.3f} | {'' if ours is None else f'{ours:.3f}'} |")
-    print(f"\nfiles in {work}")
+    print("| recipe | source | MB | bits / linear weight | PPL (llama.cpp) | PPL (lowbit protocol) | gap to F32 "
+          "recovered vs imatrix | linear types |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for recipe, source, r in rows:
+        base = cache.get(f"{recipe}/llama.cpp+imatrix")
+        rec = "" if base is None or source.startswith("llama.cpp") or recipe == "F32" else \
+            f"{(base['ppl'] - r['ppl']) / (base['ppl'] - f32) * 100:+.0f} %"
+        types = ", ".join(f"{n} {k}" for k, n in sorted(r["types"].items(), key=lambda kv: -kv[1]))
+        lp = r.get("lowbit_ppl")
+        print(f"| {recipe} | {source} | {r['bytes'] / 1e6:.1f} | {r['bpw']:.2f} | {r['ppl']:.3f} | "
+              f"{'' if lp is None else f'{lp:.3f}'} | {rec} | {types} |")
+    if args.plot:
+        plot(rows, args.plot)
     return 0
+
+
+def plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for source in dict.fromkeys(s for _, s, _ in rows):
+        pts = sorted((r["bpw"], r["ppl"], recipe) for recipe, s, r in rows if s == source)
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-" if len(pts) > 1 else "*", label=source)
+    ax.set_xlabel("bits per linear weight")
+    ax.set_ylabel("PPL (llama-perplexity)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

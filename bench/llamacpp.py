@@ -1,8 +1,11 @@
-"""llama-cpp-python for the benchmarks: built once into its own venv, driven through a subprocess.
+"""llama.cpp for the benchmarks, from the ``llama-cpp-python`` sdist on PyPI (no wheel for this platform).
 
-llama-cpp-python has no wheel for this platform on PyPI, so it is compiled from source (about
-10-15 minutes on 2 cores) into a separate venv; the benchmarks send it a small worker script and a
-JSON job and read one JSON line back.
+Two builds, each once, into ignored folders of the repo:
+
+- llama-cpp-python in its own venv (about 10-15 minutes on 2 cores); the benchmarks send it a small worker
+  script and a JSON job and read one JSON line back;
+- llama.cpp's command-line tools (``llama-quantize``, ``llama-imatrix``, ``llama-perplexity``), compiled with
+  cmake from the sources the same sdist vendors, into ``.llamacpp-tools/`` (``python bench/llamacpp.py --tools``).
 """
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ import sys
 from pathlib import Path
 
 LLAMA_CPP = "llama-cpp-python==0.3.36"
-DEFAULT_VENV = Path(__file__).resolve().parent.parent / ".venv-llamacpp"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_VENV = REPO / ".venv-llamacpp"
+TOOLS_DIR = REPO / ".llamacpp-tools"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 
 
 def ensure_llama_cpp(venv: str | os.PathLike = DEFAULT_VENV) -> Path:
@@ -39,3 +45,96 @@ def run_worker(python: Path, code: str, job: dict) -> dict:
     if proc.returncode != 0:
         sys.exit(f"llama.cpp job {job} failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ensure_llama_tools(root: str | os.PathLike = TOOLS_DIR) -> Path:
+    """The folder holding llama.cpp's ``llama-quantize``, ``llama-imatrix`` and ``llama-perplexity``, built
+    from the sdist's vendored sources on first use (pip downloads the sdist; cmake + a C++ compiler needed)."""
+    import shutil
+    import tarfile
+
+    root = Path(root)
+    bin_dir = root / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TOOLS):
+        return bin_dir
+    if not shutil.which("cmake"):
+        sys.exit("building llama.cpp's tools needs cmake (apt install cmake)")
+    root.mkdir(parents=True, exist_ok=True)
+    src = root / "src"
+    if not (src / "CMakeLists.txt").exists():
+        name = "llama_cpp_python-" + LLAMA_CPP.split("==")[1]  # the sdist's file name
+        sdist = root / f"{name}.tar.gz"
+        if not sdist.exists():
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            "-d", str(root), LLAMA_CPP], check=True)
+        print(f"extracting llama.cpp from {sdist.name} ...", file=sys.stderr, flush=True)
+        prefix = f"{name}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(src, members=[m for m in members if m.name], filter="data")
+    print(f"building {', '.join(TOOLS)} into {bin_dir} (once; about 10 minutes) ...", file=sys.stderr, flush=True)
+    build = root / "build"
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+             "-DBUILD_SHARED_LIBS=OFF"]
+    if shutil.which("ninja"):
+        flags += ["-G", "Ninja"]
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build), *flags], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
+                   check=True, stdout=subprocess.DEVNULL)
+    return bin_dir
+
+
+def run_tool(bin_dir: Path, tool: str, *args: str) -> str:
+    """Run one of llama.cpp's tools; its combined output (llama.cpp logs to stderr)."""
+    proc = subprocess.run([str(Path(bin_dir) / tool), *map(str, args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+        sys.exit(f"{tool} {' '.join(map(str, args))} failed:\n{tail}")
+    return proc.stdout + proc.stderr
+
+
+def llama_quantize(bin_dir: Path, src: Path, dst: Path, ftype: str, imatrix: Path | None = None,
+                   threads: int = 2) -> None:
+    args = ["--allow-requantize"] + (["--imatrix", imatrix] if imatrix else []) + [src, dst, ftype, threads]
+    run_tool(bin_dir, "llama-quantize", *args)
+
+
+def llama_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, ctx: int, chunks: int, threads: int = 2) -> None:
+    run_tool(bin_dir, "llama-imatrix", "-m", model, "-f", text, "-o", out, "-c", ctx, "-b", ctx, "--chunks", chunks,
+             "-t", threads, "--no-ppl")
+
+
+def llama_perplexity(bin_dir: Path, model: Path, text: Path, ctx: int = 2048, chunks: int = 16,
+                     threads: int = 2) -> float:
+    """``llama-perplexity``'s final estimate (it scores the second half of each ``ctx``-token chunk)."""
+    import re
+
+    out = run_tool(bin_dir, "llama-perplexity", "-m", model, "-f", text, "-c", ctx, "-b", ctx, "--chunks", chunks,
+                   "-t", threads)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    if m is None:
+        sys.exit(f"llama-perplexity printed no final estimate for {model}:\n" + "\n".join(out.splitlines()[-10:]))
+    return float(m.group(1))
+
+
+def gguf_types(path: Path) -> dict[str, int]:
+    """How many tensors of each GGML type a GGUF file holds (matrices only)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        if len(t.shape) >= 2 and t.name != "token_embd.weight":
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="build llama.cpp for the benchmarks (once)")
+    p.add_argument("--tools", action="store_true", help="the command-line tools (default: the Python venv)")
+    a = p.parse_args()
+    print(ensure_llama_tools() if a.tools else ensure_llama_cpp())

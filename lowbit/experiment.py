@@ -22,6 +22,7 @@ from .methods import (
     AWQConfig,
     AWQGPTQConfig,
     GPTQConfig,
+    ImatrixConfig,
     Pipeline,
     QATConfig,
     RTNConfig,
@@ -36,7 +37,7 @@ from .models.inventory import retie, tied_parameters
 from .quantizer import QuantSpec, set_codes
 from .specmap import SpecMap, base_spec, bits_per_weight, code_bits
 
-METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat")
+METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix")
 
 
 @dataclass
@@ -128,7 +129,7 @@ def _runtime_steps(method: str, opts: MethodOptions) -> tuple:
     return (ActQuantConfig(bits=opts.a_bit, granularity=opts.a_granularity, static=opts.a_static),)
 
 
-MIXED_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "smoothquant")  # those that take a per-linear SpecMap
+MIXED_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "smoothquant", "imatrix")  # those that take a per-linear SpecMap
 
 
 def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions):
@@ -140,10 +141,15 @@ def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOp
     if isinstance(spec, SpecMap) and method not in MIXED_METHODS:
         raise LowbitError(f"method {method} takes one spec for all linears; a bit allocation (--bits-budget, "
                           f"--size-budget-mb, --allocation) works with {', '.join(MIXED_METHODS)}")
+    if method == "qat" and base_spec(spec).ggml is not None:
+        raise LowbitError("QAT learns float steps that no GGUF block type stores (float16 scales, K-quants' integer "
+                          "sub-block scales); use --method awq+gptq --act-order for GGUF types")
     if method in ("rtn", "smoothquant"):  # SmoothQuant's weights are rounded to nearest after smoothing
         return RTNConfig(spec)
     if method == "salient":
         return SalientConfig(spec, **opts.for_config(SalientConfig))
+    if method == "imatrix":
+        return ImatrixConfig(spec)
     if method in ("awq", "awq+gptq", "qat"):
         awq = AWQConfig(spec, **opts.for_config(AWQConfig))
         if method == "awq":

@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 
 from .errors import LowbitError
-from .formats import Format, canonical, fixed_width, get_format, is_block
+from .formats import Format, GGMLType, canonical, fixed_width, get_format, ggml_type, is_block
+from .formats import ggml as ggml_grid
 from .formats.base import stochastic_floor
 
 Granularity = Literal["tensor", "channel", "group"]
@@ -52,6 +53,11 @@ class QuantSpec:
     ``rounding="stochastic"`` rounds up or down at random with the probabilities that make
     the result unbiased.
 
+    A GGUF block type as ``format`` (``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0``, ``q2_k`` ... ``q6_k``;
+    :mod:`lowbit.formats.ggml`) is an integer grid that fixes the rest: its width, its block as the group,
+    signed full-range codes or unsigned codes with a float offset, and parameters rounded as the file
+    stores them, so every method's codes go into the GGUF file unchanged.
+
     ``full_range=True`` (symmetric int only) uses all 2^b codes, -2^(b-1) ... 2^(b-1) - 1, as
     llama.cpp's Q4_0 and Q8_0 do: the group's signed extreme lands on -2^(b-1), so the scale is
     negative when that extreme is positive. The restricted grid (the default) gives up one of
@@ -72,6 +78,14 @@ class QuantSpec:
         name = canonical(self.format)
         width = fixed_width(name)  # refuses unknown names
         _set(self, "format", name)
+        if (t := ggml_type(name)) is not None:
+            if self.granularity != "group" or (self.group_size not in (64, t.block)):
+                raise LowbitError(f"{t.name} has its own blocks of {t.block} weights; leave granularity and "
+                                  "group size out")
+            _set(self, "group_size", t.block)
+            _set(self, "symmetric", t.signed)
+            _set(self, "full_range", t.signed)
+            _set(self, "zero_point", "int" if t.signed else "float")
         if width is not None and type(self.bits) is _DefaultBits:
             _set(self, "bits", width)
         elif width is not None and self.bits != width:
@@ -89,9 +103,9 @@ class QuantSpec:
             raise LowbitError(f"zero_point must be 'int' or 'float', got {self.zero_point!r}")
         if self.rounding not in ("nearest", "stochastic"):
             raise LowbitError(f"rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
-        if name != "int":
+        if name != "int" and self.ggml is None:
             _set(self, "symmetric", True)
-        if self.full_range and not (name == "int" and self.symmetric):
+        if self.full_range and not (name == "int" and self.symmetric) and self.ggml is None:
             raise LowbitError("full_range applies to symmetric integers only (it puts the signed extreme on "
                               "-2^(bits-1)); add symmetric=True or drop full_range")
         if is_block(name) and self.granularity != "group":
@@ -105,8 +119,19 @@ class QuantSpec:
 
     @property
     def is_int(self) -> bool:
-        """Uniform integers with zero points, computed in this module (the original path)."""
-        return self.format == "int"
+        """Uniform integers with zero points, computed in this module (the original path; GGUF block types too)."""
+        return self.format == "int" or self.ggml is not None
+
+    @property
+    def ggml(self) -> GGMLType | None:
+        """The GGUF block type this spec is, if it is one."""
+        return ggml_type(self.format)
+
+    @property
+    def span(self) -> int:
+        """Consecutive inputs that share parameters (a K-quant's super-block); widths must be multiples."""
+        t = self.ggml
+        return t.span if t is not None else self.group_size
 
     @property
     def number_format(self) -> Format:
@@ -124,7 +149,7 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     def fits(self, in_features: int) -> bool:
-        return self.granularity != "group" or in_features % self.group_size == 0
+        return self.granularity != "group" or in_features % self.span == 0
 
     def bits_per_weight(self, scale_bits: int = 16) -> float:
         """Storage cost per weight including the group's parameters.
@@ -136,6 +161,8 @@ class QuantSpec:
         """
         if self.granularity != "group":
             return float(self.bits)
+        if self.ggml is not None:
+            return self.ggml.bits_per_weight
         if not self.is_int:
             return self.bits + self.number_format.group_bits(None if scale_bits == 16 else scale_bits) / self.group_size
         extra = scale_bits + (0 if self.symmetric else self.bits)
@@ -144,6 +171,8 @@ class QuantSpec:
     def describe(self) -> str:
         gran = {"tensor": "per-tensor", "channel": "per-channel", "group": f"g{self.group_size}"}[self.granularity]
         sr = " stochastic" if self.rounding == "stochastic" else ""
+        if self.ggml is not None:
+            return self.ggml.name + sr
         if not self.is_int:
             return f"{self.format} {gran}{sr}"
         kind = ("sym-full" if self.full_range else "sym") if self.symmetric else "asym"
@@ -179,6 +208,9 @@ def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return w2.reshape(1, 1, -1)
     if spec.granularity == "channel":
         return w2.unsqueeze(1)
+    if spec.ggml is not None and w2.shape[1] % spec.span:
+        raise LowbitError(f"{spec.ggml.name} needs rows that are multiples of {spec.span} weights; this one has "
+                          f"{w2.shape[1]} (llama.cpp's recipes give such a tensor a fallback type)")
     if w2.shape[1] % spec.group_size:
         raise LowbitError(
             f"group size {spec.group_size} does not divide the input width {w2.shape[1]}; "
@@ -193,14 +225,21 @@ def fitting_group_sizes(width: int) -> list[int]:
 
 
 def compute_qparams(
-    wg: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | float | None = None
+    wg: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | float | None = None,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for grouped weights ``wg`` ([..., group]); reduces the last axis.
 
     ``clip_ratio`` may be a tensor broadcastable to the parameters (the AWQ clip search
-    passes one ratio per group and candidate).
+    passes one ratio per group and candidate). GGUF block types take ``wg`` as [rows, n_groups, group]
+    (a K-quant's super-blocks are consecutive groups) and optionally ``importance`` (broadcastable to
+    ``wg``): the weight of each element's squared error in the scale fit.
     """
     ratio = spec.clip_ratio if clip_ratio is None else clip_ratio
+    if spec.ggml is not None:
+        if wg.dim() == 2:  # one row of groups
+            return tuple(p.squeeze(0) for p in ggml_grid.block_params(wg.unsqueeze(0), spec.ggml, ratio, importance))
+        return ggml_grid.block_params(wg, spec.ggml, ratio, importance)
     if not spec.is_int:
         return spec.number_format.qparams(wg, ratio)
     if spec.full_range:
@@ -262,6 +301,8 @@ def encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Quan
     """
     if not spec.is_int:
         return spec.number_format.encode_scaled(wg, scale, spec.rounding == "stochastic", generator)
+    if spec.ggml is not None:  # a K-quant sub-block may have the integer scale 0: its codes are 0
+        scale = scale.where(scale != 0, torch.inf)
     if spec.zero_point == "float" and not spec.symmetric:
         return torch.clamp(_round((wg - zero) / scale, spec, generator), spec.qmin, spec.qmax)
     return torch.clamp(_round(wg / scale, spec, generator) + zero, spec.qmin, spec.qmax)
@@ -284,10 +325,13 @@ def _table_params(spec: QuantSpec) -> bool:
     return getattr(spec.number_format, "table_params", False)
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None) -> QTensor:
-    """Integer codes and parameters of ``w`` under ``spec``."""
+def quantize(w: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None,
+             importance: torch.Tensor | None = None) -> QTensor:
+    """Integer codes and parameters of ``w`` under ``spec``; ``importance`` [in_features] weights each input
+    channel's squared error in the scale fit of GGUF block types (:func:`compute_qparams`)."""
     wg = grouped(w.float(), spec)
-    scale, zero = compute_qparams(wg, spec)
+    imp = None if importance is None else grouped(importance.float().reshape(1, -1), spec)
+    scale, zero = compute_qparams(wg, spec, importance=imp)
     q = encode(wg, scale, zero, spec, generator)
     params = scale if _table_params(spec) else scale.squeeze(-1)  # a codebook keeps its last axis
     return QTensor(q.to(_code_dtype(spec.bits)).reshape(w.shape), params, zero.squeeze(-1), spec, tuple(w.shape))
@@ -335,14 +379,15 @@ def codes_of(module: torch.nn.Module) -> QTensor | None:
 
 
 @torch.no_grad()
-def round_weight_(module: torch.nn.Module, spec: QuantSpec, generator: torch.Generator | None = None) -> None:
-    """Round ``module.weight`` onto ``spec``'s grid in place (the same values as :func:`fake_quantize`);
-    integer grids record their codes (:func:`codes_of`)."""
+def round_weight_(module: torch.nn.Module, spec: QuantSpec, generator: torch.Generator | None = None,
+                  importance: torch.Tensor | None = None) -> None:
+    """Round ``module.weight`` onto ``spec``'s grid in place (the same values as :func:`fake_quantize`, or with
+    ``importance`` its importance-weighted fit); integer grids record their codes (:func:`codes_of`)."""
     w = module.weight
     if not spec.is_int:  # other formats are evaluated, not packed: no codes to keep
         w.copy_(fake_quantize(w, spec, generator=generator))
         set_codes(module, None)
         return
-    qt = quantize(w, spec, generator)
+    qt = quantize(w, spec, generator, importance)
     w.copy_(dequantize(qt).to(w.dtype))
     set_codes(module, qt)

@@ -23,6 +23,7 @@ class SpecMap:
 
     default: QuantSpec
     overrides: tuple[tuple[str, QuantSpec], ...] = ()
+    recipe: str | None = None  # the llama.cpp recipe (GGUF file type) the map was made from, if any
     _lookup: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -41,17 +42,23 @@ class SpecMap:
 
     def within(self, prefix: str) -> SpecMap:
         """The overrides under ``prefix`` (e.g. ``model.layers.3.``), keyed by the rest of their names."""
-        return SpecMap(self.default, {n[len(prefix):]: s for n, s in self.overrides if n.startswith(prefix)})
+        return SpecMap(self.default, {n[len(prefix):]: s for n, s in self.overrides if n.startswith(prefix)},
+                       self.recipe)
 
     def names(self) -> list[str]:
         return [n for n, _ in self.overrides]
 
     def describe(self) -> str:
+        if self.recipe:
+            return f"GGUF {self.recipe}"
         widths = sorted({s.bits for _, s in self.overrides} | {self.default.bits})
         return f"mixed W{'/'.join(map(str, widths))} ({self.default.describe()} otherwise)"
 
     def to_dict(self) -> dict:
-        return {"default": self.default.to_dict(), "overrides": {n: s.to_dict() for n, s in self.overrides}}
+        d = {"default": self.default.to_dict(), "overrides": {n: s.to_dict() for n, s in self.overrides}}
+        if self.recipe:
+            d["recipe"] = self.recipe
+        return d
 
 
 SpecLike = QuantSpec | SpecMap

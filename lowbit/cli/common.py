@@ -16,7 +16,8 @@ FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf1
                "binary, ternary")
 
 
-METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat")  # experiment.METHOD_NAMES
+# experiment.METHOD_NAMES
+METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix")
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,6 +89,10 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="int", help=f"number format: {FORMAT_HELP} (default int)")
     p.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest",
                    help="round to nearest (default) or stochastically (unbiased; seeded by --seed)")
+    p.add_argument("--gguf", type=str.upper, metavar="RECIPE",
+                   help="round each linear onto the GGUF block type llama.cpp's recipe RECIPE gives it (Q4_0, Q5_0, "
+                        "Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, ...), so lowbit export "
+                        "--to gguf writes exactly the codes the method chose; replaces --w-bit/--group-size/--format")
 
 
 CALIB_HELP = ("calibration data: a text file, a JSONL file of chats ({\"messages\": [...]}, rendered with the "
@@ -226,8 +231,23 @@ def activation_options(args) -> dict:
 
 
 def spec_from_args(args):
+    """The spec the options describe; with --gguf, the recipe's default type (:func:`recipe_spec` gives the map)."""
     from ..formats import canonical
     from ..quantizer import QuantSpec
+
+    if getattr(args, "gguf", None):
+        from ..export.gguf_recipes import RECIPES
+
+        if args.gguf not in RECIPES:
+            raise LowbitError(f"unknown GGUF recipe {args.gguf!r}; choose from {', '.join(RECIPES)}")
+        given = [f for f, v in (("--w-bit", args.w_bit), ("--group-size", args.group_size),
+                                ("--format", args.format != "int"), ("--sym", args.sym),
+                                ("--full-range", args.full_range)) if v not in (None, False)]
+        if given:
+            raise LowbitError(f"--gguf {args.gguf} sets every linear's format; drop {', '.join(given)}")
+        if getattr(args, "bits_budget", None) or getattr(args, "allocation", None):
+            raise LowbitError("--gguf and a bit budget (--bits-budget/--allocation) both choose the widths; use one")
+        return QuantSpec(format=RECIPES[args.gguf][0], rounding=args.rounding)
 
     fmt = canonical(args.format)
     kw = {"format": fmt, "symmetric": args.sym, "rounding": args.rounding, "full_range": args.full_range}
@@ -314,6 +334,22 @@ def warn_not_done(info: dict) -> None:
         names = info["float_weights"]
         print(f"lowbit: note: {len(names)} matrices stay in float ({100 * (1 - info['quantized_fraction']):.2f}% "
               f"of the layers' weights): {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}", file=sys.stderr)
+
+
+def recipe_spec(args, session, spec):
+    """With --gguf, the per-linear GGUF types of the loaded model under the recipe (llama.cpp's imatrix
+    variant for methods that calibrate); else ``spec`` unchanged."""
+    if not getattr(args, "gguf", None):
+        return spec
+    from dataclasses import replace
+
+    from ..export.gguf_recipes import recipe_specs
+
+    recipe = recipe_specs(session.model, args.gguf, calibrated=args.method not in ("rtn", "fp"))
+    if spec.rounding != "nearest":
+        recipe = replace(recipe, default=replace(recipe.default, rounding=spec.rounding),
+                         overrides=tuple((n, replace(s, rounding=spec.rounding)) for n, s in recipe.overrides))
+    return recipe
 
 
 def mixed_probe(spec):

@@ -16,6 +16,7 @@ from .common import (
     budget_options,
     method_options,
     mixed_probe,
+    recipe_spec,
     session_from_args,
     spec_from_args,
     table,
@@ -32,13 +33,15 @@ def run(args) -> int:
     budget = budget_options(args)
     if budget.active and args.method == "fp":
         raise LowbitError("a bit budget or --allocation needs a weight method: --method rtn, awq, gptq or awq+gptq")
-    make_config(args.method, mixed_probe(spec) if budget.active else spec, opts)  # refuse bad options early
+    mixed = budget.active or args.gguf
+    make_config(args.method, mixed_probe(spec) if mixed else spec, opts)  # refuse bad options early
     if (args.method != "fp" or args.rotate) and model_source(args.model)[0] == "lowbit":
         raise LowbitError(f"{args.model} is already quantized (a lowbit packed model); evaluate it with --method fp "
                           "and without --rotate")
     session = session_from_args(args)
     if budget.active:
         spec = session.allocate(spec, budget, progress=not args.json)
+    spec = recipe_spec(args, session, spec)
     result = session.run(args.method, spec, opts, progress=not args.json)
     warn_not_done(result.info)
     row = result.row()
@@ -56,8 +59,10 @@ def run(args) -> int:
 
             lins = [e for e in doc["tensors"].values() if e["role"] == "linear"]
             n = [e["shape"][0] * e["shape"][1] for e in lins]
-            bpw = sum(replace(packed_spec, bits=e["bits"]).bits_per_weight() * k for e, k in zip(lins, n)) / sum(n)
-            row.update(w_bit="mixed", bits_per_weight=round(bpw, 4))
+            specs = [QuantSpec(format=e["format"]) if e.get("format", "int") != "int"  # a GGUF block type
+                     else replace(packed_spec, bits=e["bits"]) for e in lins]
+            bpw = sum(s.bits_per_weight() * k for s, k in zip(specs, n)) / sum(n)
+            row.update(w_bit=doc.get("gguf_recipe") or "mixed", bits_per_weight=round(bpw, 4))
     if args.json:
         print(json.dumps(row))
     else:

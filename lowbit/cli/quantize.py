@@ -18,13 +18,14 @@ from .common import (
     budget_options,
     method_options,
     mixed_probe,
+    recipe_spec,
     session_from_args,
     spec_from_args,
     table,
     warn_not_done,
 )
 
-QUANTIZE_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "qat", "smoothquant")
+QUANTIZE_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "qat", "smoothquant", "imatrix")
 
 
 NOT_PACKABLE = {
@@ -77,6 +78,9 @@ def run_streamed(args) -> int:
         if on:
             raise LowbitError(f"{flag} is not available with --stream (it needs the whole model in memory)")
     spec = spec_from_args(args)
+    if args.gguf:
+        raise LowbitError("--gguf is not supported with streamed quantization (--stream, --resume, "
+                          "--offload-activations, --act-dtype, or a checkpoint larger than memory) yet")
     config = make_config(args.method, spec, method_options(args))
     src = local_checkpoint(args.model)
     tok = None
@@ -144,10 +148,11 @@ def run(args) -> int:
         check_packable(spec)
     opts = method_options(args, save_search=args.save_search)
     budget = budget_options(args)
-    make_config(args.method, mixed_probe(spec) if budget.active else spec, opts)
+    make_config(args.method, mixed_probe(spec) if budget.active or args.gguf else spec, opts)
     session = session_from_args(args)
     if budget.active:
         spec = session.allocate(spec, budget, progress=not args.json)
+    spec = recipe_spec(args, session, spec)
     result = session.run(args.method, spec, opts, progress=not args.json, evaluate=False)
     warn_not_done(result.info)
     row = {k: v for k, v in result.row().items() if k not in ("ppl", "windows", "tokens", "eval_seconds")}
@@ -173,9 +178,10 @@ def save_packed_from_session(session, spec, args) -> dict:
 
     model = session.model
     packed = pack_model_(model, spec, method=args.method, embed=args.embed, kernel=args.kernel)
+    recipe = getattr(spec, "recipe", None)
     out = save_packed(packed, model.config, session.tokenizer, args.output, force=args.force,
                       generation_config=getattr(model, "generation_config", None),
-                      extra={"source_model": args.model,
+                      extra={"source_model": args.model, **({"gguf_recipe": recipe} if recipe else {}),
                              **({"calibration": session.calibration_record.as_dict()}
                                 if session.calibration_record is not None else {})})
     fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
@@ -192,8 +198,9 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--method", default="awq", choices=(*QUANTIZE_METHODS, *NOT_PACKABLE),
                    help="rtn, awq (default), gptq (--act-order for GPTQ-R), awq+gptq, qat (block-wise training from "
-                        "AWQ, lowbit qat's defaults) or smoothquant (weights smoothed, then RTN); salient is "
-                        "refused: its float channels do not pack")
+                        "AWQ, lowbit qat's defaults), smoothquant (weights smoothed, then RTN) or imatrix (GGUF "
+                        "types: scales fitted with the calibration's mean x², llama.cpp's importance matrix); "
+                        "salient is refused: its float channels do not pack")
     add_spec_args(p)
     add_data_args(p)
     add_method_args(p, ("awq", "gptq", "qat", "smoothquant"))

@@ -44,15 +44,21 @@ import torch
 from gguf import Keys
 
 from ..errors import LowbitError
+from ..formats.ggml import to_blocks
 from ..models.fold import config_head_dim
 from ..pack.tensor import PackedTensor
 
 BLOCK = 32
-FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12,
+              "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+              "Q2_K_S": 21}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+PURE_FILE_TYPES = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}  # a single K type names its _S file type
 
 
 def gguf_type(pt: PackedTensor) -> str:
     """The GGUF block type that holds ``pt`` exactly (up to float16 scales), or a LowbitError saying what fits."""
+    if pt.ggml is not None:
+        return pt.ggml.name
     if pt.group_size % BLOCK == 0:
         if pt.bits == 4:
             return "Q4_0" if pt.symmetric else "Q4_1"
@@ -69,6 +75,9 @@ def gguf_blocks(pt: PackedTensor) -> tuple[str, np.ndarray, float]:
     quantization steps of its group)."""
     kind = gguf_type(pt)
     rows = pt.shape[0]
+    if pt.ggml is not None:  # quantized on the type's own grid: the codes and parameters go in as they are
+        qt = pt.to_qtensor()
+        return kind, to_blocks(qt.q, qt.scale, qt.zero, pt.ggml), 0.0
     u = pt.codes().to(torch.int16)
 
     def per_block(t: torch.Tensor) -> torch.Tensor:  # [rows, n_groups] -> [rows, n_blocks, 1]
@@ -113,9 +122,10 @@ def permute_rows(pt: PackedTensor, n_head: int, order: torch.Tensor | None = Non
     from ..pack.bits import pack_bits
 
     codes = pt.codes()[order]
-    zeros = None if pt.symmetric else pack_bits(pt.zeros()[order].to(torch.int64), pt.bits)
+    zeros = None if pt.symmetric or pt.qzeros is None else pack_bits(pt.zeros()[order].to(torch.int64), pt.bits)
+    offsets = None if pt.offsets is None else pt.offsets[order].contiguous()
     return PackedTensor(pt.shape, pt.bits, pt.group_size, pt.symmetric, pack_bits(codes.to(torch.int64), pt.bits),
-                        pt.scales[order].contiguous(), zeros, pt.full_range)
+                        pt.scales[order].contiguous(), zeros, pt.full_range, pt.format, offsets)
 
 
 @dataclass(frozen=True)
@@ -534,7 +544,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
     names = gguf.get_tensor_name_map(arch_id, n_layers)
     tensors = read_weights(model_dir, doc)
     plan, types, worst = tensor_plan(doc, tensors, arch, n_head, n_kv, offset, names)
-    main_type = "Q4_0" if "Q4_0" in types else "Q4_1" if "Q4_1" in types else "Q8_0"
+    main_type = file_type(doc, types)
 
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch.gguf)
@@ -560,6 +570,31 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
     return {"path": str(out), "bytes": out.stat().st_size, "types": sorted(types), "file_type": main_type,
             "max_change_steps": worst, "tensors": len(plan), "architecture": arch.gguf,
             "metadata": "source GGUF" if reader is not None else "Hugging Face config", "warnings": notes}
+
+
+def gguf_linear_names(model, linear_names: list[str]) -> dict[str, str]:
+    """llama.cpp's tensor name (``blk.3.attn_v.weight``) of each of ``model``'s linears; experts by their
+    stacked tensor (``blk.3.ffn_down_exps.weight``)."""
+    cfg = model.config
+    arch = arch_for(cfg.model_type)
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
+    names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    out = {}
+    for n in linear_names:
+        m = _EXPERT.match(n + ".weight")
+        out[n] = _gguf_name(names, f"{m['stem']}.{m['proj']}.weight" if m else n + ".weight")
+    return out
+
+
+def file_type(doc: dict, types: set[str]) -> str:
+    """The llama.cpp file type to state: the recipe the model was quantized for, else its main block type."""
+    recipe = doc.get("gguf_recipe")
+    if recipe in FILE_TYPES:
+        return recipe
+    for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        if t in types:
+            return PURE_FILE_TYPES.get(t, t)
+    return "Q8_0"
 
 
 def _copy_fields(writer, reader) -> None:

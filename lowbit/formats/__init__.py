@@ -11,6 +11,9 @@
     kmeans     a codebook of 2^b values learned per tensor or group
     binary ternary
                ±s and {-s, 0, s} with a per-group scale
+    q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k
+               llama.cpp's GGUF block types: integer grids whose parameters are stored as the file stores
+               them (float16, K-quants' integer sub-block scales on a float16 super-block scale)
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..errors import LowbitError
 from .base import Format
 from .block import BlockFormat
 from .fp import FloatFormat
+from .ggml import GGML_TYPES, GGMLType, ggml_type
 from .integer import IntFormat
 from .kmeans import KMeansFormat
 from .lut import BinaryFormat, Log2Format, TableFormat, TernaryFormat, nf_format
@@ -54,7 +58,7 @@ def canonical(name: str) -> str:
 
 def format_names() -> list[str]:
     """The names ``get_format`` knows (custom eXmY and nfK patterns aside)."""
-    return ["int", *FLOATS, *MX, "bfp", "nf4", "log2", "kmeans", "binary", "ternary"]
+    return ["int", *FLOATS, *MX, "bfp", "nf4", "log2", "kmeans", "binary", "ternary", *GGML_TYPES]
 
 
 def fixed_width(name: str) -> int | None:
@@ -62,6 +66,8 @@ def fixed_width(name: str) -> int | None:
     n = canonical(name)
     if n in PARAMETRIC:
         return None
+    if n in GGML_TYPES:
+        return GGML_TYPES[n].bits
     if n in FLOATS:
         e, m, _, _ = FLOATS[n]
         return 1 + e + m
@@ -105,8 +111,8 @@ def get_format(name: str, bits: int | None = None, block: int | None = None) -> 
             raise LowbitError(f"bfp takes 2 to 16 bits (sign + mantissa), got {bits}")
         element = IntFormat(bits, symmetric=True, frac_bits=bits - 2, name=f"fixed{bits}")
         return BlockFormat(element, f"bfp{bits}", block or MX_BLOCK)
-    if n == "int":
-        return IntFormat(bits)
+    if n == "int" or n in GGML_TYPES:  # GGUF block types are integer grids (lowbit.quantizer computes them)
+        return IntFormat(bits or width)
     if n == "log2":
         return Log2Format(bits)
     if n == "kmeans":
@@ -123,7 +129,7 @@ def get_format(name: str, bits: int | None = None, block: int | None = None) -> 
 
 
 __all__ = [
-    "BinaryFormat", "BlockFormat", "FloatFormat", "Format", "IntFormat", "KMeansFormat", "Log2Format",
-    "TableFormat", "TernaryFormat", "canonical", "fixed_width", "format_names", "get_format", "is_block",
+    "BinaryFormat", "BlockFormat", "FloatFormat", "Format", "GGMLType", "IntFormat", "KMeansFormat", "Log2Format",
+    "TableFormat", "TernaryFormat", "canonical", "fixed_width", "format_names", "get_format", "ggml_type", "is_block",
     "nf_format",
 ]

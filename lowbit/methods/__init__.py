@@ -14,6 +14,7 @@ from .awq import AWQConfig, AWQSearch, apply_awq
 from .awq_gptq import AWQGPTQConfig, apply_awq_gptq
 from .base import QuantReport
 from .gptq import GPTQConfig, apply_gptq
+from .imatrix import ImatrixConfig, apply_imatrix
 from .pipeline import Pipeline, apply_pipeline
 from .qat import QATConfig, apply_qat
 from .rotation import RotationConfig, apply_rotation
@@ -31,6 +32,7 @@ HANDLERS: dict[type, Callable[..., QuantReport]] = {
     SmoothQuantConfig: apply_smoothquant,
     ActQuantConfig: apply_actquant,
     QATConfig: apply_qat,
+    ImatrixConfig: apply_imatrix,
 }
 
 
@@ -44,7 +46,7 @@ def needs_calibration(config) -> bool:
         return config.load_search is None
     if isinstance(config, ActQuantConfig):
         return config.static
-    return isinstance(config, (GPTQConfig, AWQGPTQConfig, SmoothQuantConfig, QATConfig))
+    return isinstance(config, (GPTQConfig, AWQGPTQConfig, SmoothQuantConfig, QATConfig, ImatrixConfig))
 
 
 def _handler(config) -> Callable[..., QuantReport]:
@@ -85,6 +87,7 @@ __all__ = [
     "AWQGPTQConfig",
     "AWQSearch",
     "GPTQConfig",
+    "ImatrixConfig",
     "Pipeline",
     "QATConfig",
     "QuantReport",

@@ -140,14 +140,17 @@ def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block
     n = w.shape[1]
     w[:, factor.dead] = 0
     gs = spec.group_size if spec.granularity == "group" else n
+    # Parameters are set per span of columns: a group, or a K-quant's super-block of groups (its integer
+    # sub-block scales share one float16 scale, so they are chosen together from the span's current weights).
+    span = spec.span if spec.granularity == "group" else n
     dynamic = spec.granularity == "group" and factor.perm is None and not static_groups
     scale, zero = _qparams(w, spec)  # final for static groups; overwritten group by group otherwise
     order = torch.arange(n) if factor.perm is None else factor.perm
     if factor.perm is not None:
         w = w[:, factor.perm]
     col_scale, col_zero = scale[:, order // gs], zero[:, order // gs]  # parameters of each processed column
-    if dynamic:  # blocks hold whole groups, so a group's parameters see every update made before its start
-        block_size = max(gs, block_size - block_size % gs)
+    if dynamic:  # blocks hold whole spans, so a span's parameters see every update made before its start
+        block_size = max(span, block_size - block_size % span)
     u = factor.u
     codes = torch.empty_like(w)
     for i1 in range(0, n, block_size):
@@ -156,10 +159,12 @@ def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block
         err = torch.empty_like(w1)
         for i in range(i2 - i1):
             c = i1 + i
-            if dynamic and c % gs == 0:
-                s, z = compute_qparams(w1[:, i : i + gs], spec)
-                scale[:, c // gs], zero[:, c // gs] = s[:, 0], z[:, 0]
-            elif not dynamic:
+            if dynamic and c % span == 0:
+                sp, zp = compute_qparams(grouped(w1[:, i : i + span], spec), spec)
+                scale[:, c // gs : (c + span) // gs], zero[:, c // gs : (c + span) // gs] = sp[..., 0], zp[..., 0]
+            if dynamic:
+                s, z = scale[:, c // gs].unsqueeze(1), zero[:, c // gs].unsqueeze(1)
+            else:
                 s, z = col_scale[:, c : c + 1], col_zero[:, c : c + 1]
             col = w1[:, i : i + 1]
             q = encode(col, s, z, spec)

@@ -36,8 +36,8 @@ from ..specmap import SpecLike, SpecMap, base_spec, check_names, spec_for
 from .tensor import PackedTensor
 
 FORMAT = "lowbit-packed"
-FORMAT_VERSION = 2  # 2 added full-range symmetric tensors; files without any are still written as 1
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added full-range symmetric tensors, 3 GGUF block types; files need the version of what they hold
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_NAME = "lowbit.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # a sharded directory (written by lowbit.stream)
@@ -179,7 +179,7 @@ def check_packable(spec: SpecLike) -> None:
     if not s.is_int:
         raise LowbitError(f"a packed file holds integer grids (--format int: asymmetric, --sym or --full-range); "
                           f"{s.format} is measured with lowbit eval --format {s.format}, not packed")
-    if not s.symmetric and s.zero_point == "float":
+    if not s.symmetric and s.zero_point == "float" and s.ggml is None:
         raise LowbitError("a packed file stores integer zero points; quantize with zero_point='int'")
 
 
@@ -314,11 +314,13 @@ def finish_dir(tmp: Path, meta: dict, entries: dict, config, tokenizer, generati
     # A reader of version 1 would shift full-range codes by 2^(bits-1)-1 instead of 2^(bits-1): such files say 2,
     # so that reader refuses them; all others stay readable by it.
     full = any(isinstance(e, dict) and e.get("full_range") for e in entries.values())
+    blocks = any(isinstance(e, dict) and e.get("format", "int") != "int" for e in entries.values())
     doc = {
-        "format": FORMAT, "format_version": FORMAT_VERSION if full else 1,
+        "format": FORMAT, "format_version": 3 if blocks else 2 if full else 1,
         "packing": "codes row-major, unsigned (symmetric shifted by 2^(bits-1)-1, by 2^(bits-1) where a tensor says "
                    "full_range); every 32 codes fill `bits` int32 words, code i at bits [i*bits, (i+1)*bits) "
-                   "little-endian; w = (u - zero) * scale",
+                   "little-endian; w = (u - zero) * scale, or for a tensor with a GGUF block `format` "
+                   "w = (u - 2^(bits-1)) * scale (signed types) or u * scale + offset",
         **meta, "tensors": entries, "files": files,
     }
     attn = getattr(config, "_attn_implementation", None)
@@ -437,6 +439,7 @@ def load_packed(path: str | os.PathLike, kernel: str = "auto", dtype: torch.dtyp
         if want != pt.shape:
             raise LowbitError(f"{name}: packed shape {list(pt.shape)} does not match the model's {list(want)}")
         chosen = entry.get("kernel", "dequant") if kernel == "auto" else kernel
+        chosen = chosen if chosen == "dequant" else choose_kernel(pt, chosen)  # what this tensor can run
         if entry["role"] == "embedding":
             state[f"{name}.weight"] = pt.dequantize(dtype)
             if not doc.get("tied_embeddings") or chosen == "dequant":

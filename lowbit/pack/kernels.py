@@ -49,7 +49,11 @@ def _int4_fits(pt: PackedTensor) -> bool:
 
 def applicable(pt: PackedTensor, kernel: str) -> bool:
     """Whether ``kernel`` can compute with ``pt``."""
-    if kernel in ("unpack", "dequant"):
+    if kernel == "dequant":
+        return True
+    if pt.format != "int":  # GGUF block types (float offsets, K-quant scales) reload as float weights
+        return False
+    if kernel == "unpack":
         return True
     if kernel == "int4":
         return pt.bits <= 4 and _int4_fits(pt)
@@ -67,7 +71,7 @@ def choose_kernel(pt: PackedTensor, requested: str = "auto") -> str:
     for k in ("int4", "int8", "int4x2", "unpack"):
         if applicable(pt, k):
             return k
-    return "unpack"
+    return "dequant"
 
 
 def _int4_weight(codes: torch.Tensor) -> torch.Tensor:

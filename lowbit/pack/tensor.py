@@ -3,7 +3,9 @@
 The codes are stored unsigned, u = q - qmin (symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1] are
 shifted up by 2^(b-1) - 1, full-range ones in [-2^(b-1), 2^(b-1) - 1] by 2^(b-1)), so every width
 packs the same way, and w = (u - z)·s with z the integer zero point (for symmetric the constant
-shift, not stored). Dequantization goes
+shift, not stored). A GGUF block type (``format`` q4_0 ... q6_k) keeps its parameters as its file needs
+them: float scales (a K-quant's d·sc, exact in float32) and, for unsigned types, float offsets m in
+``NAME.offsets`` with w = u·s + m. Dequantization goes
 back through :class:`QTensor` and :func:`quantizer.dequantize`, so a packed weight reloads
 to exactly the float weights the quantizer produced.
 """
@@ -38,6 +40,14 @@ class PackedTensor:
     scales: torch.Tensor  # [rows, n_groups], float32 (float16 when that holds every scale exactly)
     qzeros: torch.Tensor | None  # int32 stream of rows*n_groups zero points; None when symmetric
     full_range: bool = False  # symmetric over all 2^b codes (scales may be negative)
+    format: str = "int"  # or a GGUF block type (lowbit.formats.ggml)
+    offsets: torch.Tensor | None = None  # [rows, n_groups] float offsets of an unsigned GGUF type
+
+    @property
+    def ggml(self):
+        from ..formats import ggml_type
+
+        return ggml_type(self.format)
 
     @property
     def n_groups(self) -> int:
@@ -52,6 +62,8 @@ class PackedTensor:
 
     @property
     def spec(self) -> QuantSpec:
+        if self.format != "int":
+            return QuantSpec(format=self.format)
         if self.group_size == self.shape[1]:
             return QuantSpec(bits=self.bits, granularity="channel", symmetric=self.symmetric,
                              full_range=self.full_range)
@@ -65,7 +77,7 @@ class PackedTensor:
         spec = qt.spec
         if len(qt.shape) != 2:
             raise LowbitError(f"only 2-D weights are packed, got shape {tuple(qt.shape)}")
-        if spec.zero_point == "float" and not spec.symmetric:
+        if spec.zero_point == "float" and not spec.symmetric and spec.ggml is None:
             raise LowbitError("packing stores integer zero points; quantize with zero_point='int'")
         rows, cols = qt.shape
         group = spec.group_size if spec.granularity == "group" else cols
@@ -74,6 +86,12 @@ class PackedTensor:
         zeros = qt.zero.expand(rows, n_groups)
         offset = -spec.qmin
         codes = qt.q.to(torch.int64) + offset
+        if spec.ggml is not None:  # float offsets (unsigned types), no integer zero points
+            offsets = None if spec.symmetric else zeros.float().contiguous()
+            if small_scales and offsets is not None:
+                offsets = _small(offsets)
+            return cls((rows, cols), spec.bits, group, spec.symmetric, pack_bits(codes, spec.bits),
+                       _small(scales) if small_scales else scales, None, spec.full_range, spec.format, offsets)
         qzeros = None if spec.symmetric else pack_bits(zeros.round().to(torch.int64), spec.bits)
         if small_scales:
             scales = _small(scales)
@@ -99,8 +117,9 @@ class PackedTensor:
                  for i in range(0, rows, step)]
         first = parts[0]
         qzeros = None if first.qzeros is None else torch.cat([p.qzeros for p in parts])
+        offsets = None if first.offsets is None else _small(torch.cat([p.offsets for p in parts]))
         return cls((rows, cols), first.bits, first.group_size, first.symmetric, torch.cat([p.qweight for p in parts]),
-                   _small(torch.cat([p.scales for p in parts])), qzeros, first.full_range)
+                   _small(torch.cat([p.scales for p in parts])), qzeros, first.full_range, first.format, offsets)
 
     def check(self, name: str = "tensor") -> None:
         """Refuse inconsistent parts (a corrupt or hand-edited file), naming what is wrong."""
@@ -110,11 +129,19 @@ class PackedTensor:
                               f"shape {list(self.shape)})")
         if self.full_range and not self.symmetric:
             raise LowbitError(f"{name}: full_range is set on an asymmetric weight")
+        t = self.ggml
+        if self.format != "int" and (t is None or (t.bits, t.block, t.signed, t.signed) !=
+                                     (self.bits, self.group_size, self.symmetric, self.full_range)
+                                     or cols % t.span):
+            raise LowbitError(f"{name}: bad GGUF block type {self.format!r} for bits {self.bits}, group "
+                              f"{self.group_size}, shape {list(self.shape)}")
         expect = {
             "qweight": (self.qweight, (packed_words(rows * cols, self.bits),), torch.int32),
             "scales": (self.scales, (rows, self.n_groups), None),
         }
-        if not self.symmetric:
+        if not self.symmetric and self.format != "int":
+            expect["offsets"] = (self.offsets, (rows, self.n_groups), None)
+        elif not self.symmetric:
             expect["qzeros"] = (self.qzeros, (packed_words(rows * self.n_groups, self.bits),), torch.int32)
         for part, (t, shape, dtype) in expect.items():
             if t is None:
@@ -137,7 +164,10 @@ class PackedTensor:
     def to_qtensor(self) -> QTensor:
         """The quantizer's view: signed codes for symmetric, unsigned plus zero point otherwise."""
         q = self.codes().to(torch.int16) - self.offset
-        zero = torch.zeros(self.shape[0], self.n_groups) if self.symmetric else self.zeros().float()
+        if self.offsets is not None:
+            zero = self.offsets.float()
+        else:
+            zero = torch.zeros(self.shape[0], self.n_groups) if self.symmetric else self.zeros().float()
         return QTensor(q, self.scales.float(), zero, self.spec, self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -148,6 +178,8 @@ class PackedTensor:
         out = {f"{prefix}.qweight": self.qweight, f"{prefix}.scales": self.scales}
         if self.qzeros is not None:
             out[f"{prefix}.qzeros"] = self.qzeros
+        if self.offsets is not None:
+            out[f"{prefix}.offsets"] = self.offsets
         return out
 
     def meta(self) -> dict:
@@ -155,6 +187,8 @@ class PackedTensor:
                 "symmetric": self.symmetric}
         if self.full_range:  # written only when set, so files of the restricted grid read as before
             meta["full_range"] = True
+        if self.format != "int":
+            meta["format"] = self.format
         return meta
 
     @classmethod
@@ -163,7 +197,8 @@ class PackedTensor:
         try:
             pt = cls(tuple(meta["shape"]), int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]),
                      tensors.get(f"{prefix}.qweight"), tensors.get(f"{prefix}.scales"), tensors.get(f"{prefix}.qzeros"),
-                     bool(meta.get("full_range", False)))
+                     bool(meta.get("full_range", False)), str(meta.get("format", "int")),
+                     tensors.get(f"{prefix}.offsets"))
         except (KeyError, TypeError, ValueError) as e:
             raise LowbitError(f"{prefix}: bad entry in the quantization config ({e})") from None
         pt.check(prefix)

@@ -1,0 +1,278 @@
+"""llama.cpp's GGUF block types as quantization grids: the legacy ones and the K-quants.
+
+Each is a uniform integer grid with per-block parameters, so lowbit's methods (RTN, AWQ, GPTQ, QAT)
+round onto it like any integer spec, and the file holds exactly those codes:
+
+    Q4_0 Q5_0 Q8_0   blocks of 32, x = d·q, q signed over all 2^b codes, d float16
+    Q4_1 Q5_1        blocks of 32, x = d·q + m, q unsigned, d and m float16
+    Q2_K Q4_K Q5_K   super-blocks of 256 in sub-blocks of 16 (Q2_K) or 32: x = (d·sc)·q - dmin·mn, q unsigned,
+                     sc and mn unsigned 4-bit (Q2_K) or 6-bit integers, d and dmin float16 per super-block
+    Q3_K Q6_K        super-blocks of 256 in sub-blocks of 16: x = (d·sc)·q, q signed over all 2^b codes,
+                     sc a signed 6-bit (Q3_K) or 8-bit (Q6_K) integer, d float16 per super-block
+
+A K-quant's sub-block scale d·sc is exact in float32 (11 + 8 significant bits), so lowbit keeps it as the
+group's float scale and recovers (d, sc) when writing the file (:func:`split_scales`); every (d, sc) that
+reproduces the scales gives the same weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import LowbitError
+
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One GGUF block type: its grid, block structure and size."""
+
+    name: str  # as gguf.GGMLQuantizationType spells it
+    bits: int
+    block: int  # weights per scale (sub-block for K-quants)
+    signed: bool  # codes over all 2^b signed values, x = s·q; else unsigned with an offset, x = s·q + m
+    type_size: int  # bytes per block (per super-block for K-quants)
+    super_block: int | None = None  # 256 for K-quants
+    scale_bits: int | None = None  # width of a K-quant's integer sub-block scales (and mins)
+
+    @property
+    def span(self) -> int:
+        """Weights that share parameters: a row's width must be a multiple of this."""
+        return self.super_block or self.block
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.type_size / self.span
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    @property
+    def scale_range(self) -> tuple[int, int]:
+        """Integer range of a K-quant's sub-block scales (and, unsigned, of its mins)."""
+        if self.signed:
+            return -(1 << (self.scale_bits - 1)), (1 << (self.scale_bits - 1)) - 1
+        return 0, (1 << self.scale_bits) - 1
+
+
+GGML_TYPES: dict[str, GGMLType] = {t.name.lower(): t for t in (
+    GGMLType("Q4_0", 4, 32, True, 18),
+    GGMLType("Q4_1", 4, 32, False, 20),
+    GGMLType("Q5_0", 5, 32, True, 22),
+    GGMLType("Q5_1", 5, 32, False, 24),
+    GGMLType("Q8_0", 8, 32, True, 34),
+    GGMLType("Q2_K", 2, 16, False, 84, QK_K, 4),
+    GGMLType("Q3_K", 3, 16, True, 110, QK_K, 6),
+    GGMLType("Q4_K", 4, 32, False, 144, QK_K, 6),
+    GGMLType("Q5_K", 5, 32, False, 176, QK_K, 6),
+    GGMLType("Q6_K", 6, 16, True, 210, QK_K, 8),
+)}
+
+
+def ggml_type(name: str) -> GGMLType | None:
+    return GGML_TYPES.get(str(name).lower())
+
+
+def _half(t: torch.Tensor) -> torch.Tensor:
+    return t.half().float()
+
+
+def signed_extreme(t: torch.Tensor) -> torch.Tensor:
+    """Per row of the last axis (kept), the value of largest magnitude with its sign."""
+    return t.gather(-1, t.abs().argmax(dim=-1, keepdim=True))
+
+
+def block_range(wg: torch.Tensor, t: GGMLType, ratio, importance: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float scale and offset of every block of ``wg`` [..., block] before any storage rounding.
+
+    Signed types put the block's signed extreme (times ``ratio``) on the lowest code, as llama.cpp does.
+    Unsigned types span [min(min, 0), max(max, 0)] times ``ratio``. With ``importance`` (broadcastable to
+    ``wg``: the weight of each element's squared error) the scale (and offset) are refit by weighted least
+    squares over candidate codes, the search of llama.cpp's make_qx_quants / make_qkx2_quants, vectorised.
+    """
+    if t.signed:
+        scale = signed_extreme(wg) * ratio / t.qmin
+        if importance is None:
+            return scale, torch.zeros_like(scale)
+        return weighted_fit_signed(wg, t, scale, importance.expand_as(wg)), torch.zeros_like(scale)
+    # The range holds 0 (as lowbit's asymmetric integers; K-quants must, their mins are stored negated).
+    lo, hi = wg.amin(-1, keepdim=True).clamp(max=0) * ratio, wg.amax(-1, keepdim=True).clamp(min=0) * ratio
+    scale = (hi - lo) / t.qmax
+    if importance is None:
+        return scale, lo
+    return weighted_fit(wg, t, lo, hi, importance.expand_as(wg))
+
+
+def weighted_fit_signed(wg: torch.Tensor, t: GGMLType, scale: torch.Tensor, weights: torch.Tensor,
+                        steps: int = 9, rdelta: float = 0.1) -> torch.Tensor:
+    """Scale per block minimising the weighted squared error: codes from inverse scales (-qmin + rdelta·i) /
+    extreme for i in -steps..steps, then the least-squares scale for those codes; the plain scale competes."""
+    ext = scale * t.qmin  # the signed extreme (times the ratio)
+    k = -t.qmin + rdelta * torch.arange(-steps, steps + 1, dtype=wg.dtype)
+    inv = -k / ext.where(ext != 0, 1).unsqueeze(-1)  # [..., 1, C]
+    x, w = wg.unsqueeze(-1), weights.unsqueeze(-1)
+    q = torch.round(x * inv).clamp(t.qmin, t.qmax)
+    sqq, sqx = (w * q * q).sum(-2), (w * q * x).sum(-2)
+    cand = torch.where(sqq > 0, sqx / sqq.clamp(min=1e-30), 0.0)
+    err = (w * (q * cand.unsqueeze(-2) - x) ** 2).sum(-2)
+    q0 = torch.round(wg / scale.where(scale != 0, torch.inf)).clamp(t.qmin, t.qmax)
+    base_err = (weights * (q0 * scale - wg) ** 2).sum(-1, keepdim=True)
+    best = err.argmin(-1, keepdim=True)
+    return torch.where((err.gather(-1, best) < base_err) & (ext != 0), cand.gather(-1, best), scale)
+
+
+def weighted_fit(wg: torch.Tensor, t: GGMLType, lo: torch.Tensor, hi: torch.Tensor, weights: torch.Tensor,
+                 steps: int = 20, rdelta: float = 0.1, rmin: float = -1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) per block minimising the weighted squared error: codes from candidate inverse
+    scales (qmax + rmin + rdelta·i) / (hi - lo), then the least-squares scale and offset for those codes;
+    the best candidate (the plain range included) wins."""
+    nmax = t.qmax
+    width = (hi - lo).clamp(min=1e-30)
+    cand = (nmax + rmin + rdelta * torch.arange(steps + 1, dtype=wg.dtype)) / width.unsqueeze(-1)  # [..., 1, C]
+    x = wg.unsqueeze(-1)  # [..., block, 1]
+    w = weights.unsqueeze(-1)
+    q = torch.round((x - lo.unsqueeze(-1)) * cand).clamp(0, nmax)  # [..., block, C]
+    sw, sx = w.sum(-2), (w * x).sum(-2)
+    sq, sqq, sqx = (w * q).sum(-2), (w * q * q).sum(-2), (w * q * x).sum(-2)
+    det = sw * sqq - sq * sq
+    ok = det > 0
+    scale = torch.where(ok, (sw * sqx - sq * sx) / det.where(ok, 1), 0.0)
+    off = torch.where(ok, (sqq * sx - sq * sqx) / det.where(ok, 1), 0.0)
+    pos = off > 0  # the range holds 0 (K-quants store the offset negated): refit the scale alone, offset 0
+    scale = torch.where(pos, sqx / sqq.clamp(min=1e-30), scale)
+    off = torch.where(pos, 0.0, off)
+    ok = ok & (scale > 0)
+    err = (w * (q * scale.unsqueeze(-2) + off.unsqueeze(-2) - x) ** 2).sum(-2)
+    base = (hi - lo) / nmax
+    qb = torch.round((wg - lo) / base.clamp(min=1e-30)).clamp(0, nmax)
+    base_err = (weights * (qb * base + lo - wg) ** 2).sum(-1, keepdim=True)
+    err = torch.where(ok, err, torch.inf)
+    best = err.argmin(-1, keepdim=True)
+    better = err.gather(-1, best) < base_err
+    return (torch.where(better, scale.gather(-1, best), base), torch.where(better, off.gather(-1, best), lo))
+
+
+def block_params(wg: torch.Tensor, t: GGMLType, ratio=1.0, importance: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset per block of ``wg`` [rows, n_blocks, block] exactly as the file will hold them
+    (float16 for legacy types; d·sc and -dmin·mn on the super-block's grid for K-quants)."""
+    scale, off = block_range(wg.float(), t, ratio, importance)
+    if t.super_block is None:
+        return _half(scale), (torch.zeros_like(scale) if t.signed else _half(off))
+    rows, n = wg.shape[0], wg.shape[1]
+    per = t.super_block // t.block
+    s = scale.reshape(rows, n // per, per)
+    lo_q, hi_q = t.scale_range
+    if t.signed:
+        d = _half(signed_extreme(s) / lo_q)
+        sc = torch.round(s / d.where(d != 0, 1)).clamp(lo_q, hi_q)
+        return (d * sc).reshape(rows, n, 1), torch.zeros_like(scale)
+    d = _half(s.amax(-1, keepdim=True) / hi_q)
+    sc = torch.round(s / d.where(d != 0, 1)).clamp(lo_q, hi_q)
+    mins = (-off).reshape(rows, n // per, per)
+    dmin = _half(mins.amax(-1, keepdim=True) / hi_q)
+    mn = torch.round(mins / dmin.where(dmin != 0, 1)).clamp(lo_q, hi_q)
+    return (d * sc).reshape(rows, n, 1), (-(dmin * mn)).reshape(rows, n, 1)
+
+
+def split_scales(s: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d [n_super], sc [n_super, per]) with d float16 and sc integers in the type's scale range such
+    that d·sc == s exactly, for float32 sub-block scales ``s`` [n_super, per]; raises if there is none."""
+    lo_q, hi_q = t.scale_range
+    ext = signed_extreme(s) if t.signed else s.amax(-1, keepdim=True)
+    ks = torch.tensor([k for k in range(hi_q if not t.signed else lo_q, 0 if not t.signed else hi_q + 1,
+                                        -1 if not t.signed else 1) if k != 0], dtype=torch.float32)
+    d = ext / ks  # [n_super, K] candidates: the extreme's integer is one of ks
+    sc = torch.round(s.unsqueeze(1) / d.where(d != 0, 1).unsqueeze(-1))  # [n_super, K, per]
+    ok = (_half(d) == d) & ((d.unsqueeze(-1) * sc) == s.unsqueeze(1)).all(-1) & \
+         (sc >= lo_q).all(-1) & (sc <= hi_q).all(-1)
+    zero = (s == 0).all(-1)
+    if not bool((ok.any(-1) | zero).all()):
+        raise LowbitError(f"scales not on a {t.name} super-block grid (d·sc with d float16): these weights were not "
+                          f"rounded on {t.name}'s grid")
+    first = ok.float().argmax(-1, keepdim=True)
+    d_best = torch.where(zero, 0.0, d.gather(-1, first).squeeze(-1))
+    sc_best = torch.where(zero.unsqueeze(-1), 0.0, sc.gather(1, first.unsqueeze(-1).expand(-1, 1, s.shape[-1]))
+                          .squeeze(1))
+    return d_best, sc_best.to(torch.int64)
+
+
+def _u8(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.uint8).numpy()
+
+
+def _fp16_bytes(d: torch.Tensor) -> np.ndarray:
+    return d.half().numpy().view(np.uint8).reshape(d.shape[0], 2)
+
+
+def to_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, t: GGMLType) -> np.ndarray:
+    """GGUF bytes [rows, row bytes] of a matrix quantized on ``t``'s grid: ``codes`` [rows, cols] (signed
+    for signed types), ``scale``/``zero`` [rows, cols // block] as :func:`block_params` made them."""
+    rows, cols = codes.shape
+    nb = rows * cols // t.span
+    u = (codes.to(torch.int64) - t.qmin).reshape(nb, t.span)  # unsigned codes
+    s = scale.float().reshape(nb, -1)
+    z = zero.float().reshape(nb, -1)
+    name = t.name
+    if t.super_block is None and not (torch.equal(_half(s), s) and torch.equal(_half(z), z)):
+        raise LowbitError(f"{name} stores float16 scales and offsets; these are not float16 (the weights were not "
+                          f"rounded on {name}'s grid)")
+    if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        parts = [_fp16_bytes(s)]
+        if not t.signed:
+            parts.append(_fp16_bytes(z))
+        if name == "Q8_0":
+            parts.append((u + t.qmin).to(torch.int8).numpy().view(np.uint8))
+        else:
+            if t.bits == 5:
+                hi = ((u >> 4) & 1) << torch.arange(32)
+                parts.append(hi.sum(-1).to(torch.int64).numpy().astype(np.uint32).view(np.uint8).reshape(nb, 4))
+            lo = u & 0xF
+            parts.append(_u8(lo[:, :16] | (lo[:, 16:] << 4)))
+        return np.concatenate(parts, -1).reshape(rows, -1)
+    d, sc = split_scales(s, t)
+    if not t.signed:
+        dmin, mn = split_scales(-z, t)
+    if name == "Q2_K":  # scales(16: sc | mn << 4) qs(64) d dmin
+        qs = u.reshape(nb, 2, 4, 32)
+        qs = sum((qs[:, :, j] << (2 * j)) for j in range(4)).reshape(nb, 64)
+        return np.concatenate([_u8(sc | (mn << 4)), _u8(qs), _fp16_bytes(d), _fp16_bytes(dmin)], -1
+                              ).reshape(rows, -1)
+    if name == "Q3_K":  # hmask(32) qs(64) scales(12) d
+        hmask = ((u >> 2) & 1).reshape(nb, 8, 32)
+        hmask = sum(hmask[:, j] << j for j in range(8))
+        ql = (u & 3).reshape(nb, 2, 4, 32)
+        qs = sum((ql[:, :, j] << (2 * j)) for j in range(4)).reshape(nb, 64)
+        v = sc - t.scale_range[0]  # stored with +32
+        low = (v[:, :8] & 0xF) | ((v[:, 8:] & 0xF) << 4)
+        high = v >> 4  # 2 bits; scale i goes to byte 8 + i % 4 at bits 2·(i // 4)
+        high = sum(high[:, 4 * j:4 * j + 4] << (2 * j) for j in range(4))
+        return np.concatenate([_u8(hmask), _u8(qs), _u8(low), _u8(high), _fp16_bytes(d)], -1).reshape(rows, -1)
+    if name in ("Q4_K", "Q5_K"):  # d dmin scales(12) [qh(32)] qs(128)
+        a = (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6)
+        b = (mn[:, :4] & 0x3F) | ((mn[:, 4:] >> 4) << 6)
+        c = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
+        parts = [_fp16_bytes(d), _fp16_bytes(dmin), _u8(a), _u8(b), _u8(c)]
+        if name == "Q5_K":
+            qh = ((u >> 4) & 1).reshape(nb, 8, 32)
+            parts.append(_u8(sum(qh[:, j] << j for j in range(8))))
+        lo = (u & 0xF).reshape(nb, 4, 2, 32)
+        parts.append(_u8((lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(nb, 128)))
+        return np.concatenate(parts, -1).reshape(rows, -1)
+    if name == "Q6_K":  # ql(128) qh(64) scales(16, int8) d
+        ql = (u & 0xF).reshape(nb, 2, 2, 64)
+        ql = (ql[:, :, 0] | (ql[:, :, 1] << 4)).reshape(nb, 128)
+        qh = (u >> 4).reshape(nb, 2, 4, 32)
+        qh = sum((qh[:, :, j] << (2 * j)) for j in range(4)).reshape(nb, 64)
+        return np.concatenate([_u8(ql), _u8(qh), sc.to(torch.int8).numpy().view(np.uint8), _fp16_bytes(d)], -1
+                              ).reshape(rows, -1)
+    raise ValueError(f"no GGUF writer for {name}")

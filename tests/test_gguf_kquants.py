@@ -1,0 +1,202 @@
+"""llama.cpp's GGUF block types as lowbit grids: the bytes lowbit writes decode (by the gguf package, llama.cpp's
+reference dequantizers ported to numpy) to exactly lowbit's weights; llama.cpp's recipes give each tensor the
+type llama-quantize gives it; every weight method's codes go into the file unchanged."""
+from __future__ import annotations
+
+from collections import Counter
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_llama
+
+from lowbit import AWQConfig, GPTQConfig, RTNConfig, quantize_
+from lowbit.cli import main
+from lowbit.errors import LowbitError
+from lowbit.export.gguf_recipes import bits_per_weight, recipe_specs
+from lowbit.formats.ggml import GGML_TYPES, block_params, split_scales, to_blocks
+from lowbit.methods import AWQGPTQConfig
+from lowbit.quantizer import QuantSpec, dequantize, encode, quantize
+
+TYPES = sorted(GGML_TYPES)
+
+
+def hard_weights(rows: int = 8, cols: int = 512, seed: int = 0) -> torch.Tensor:
+    """Gaussian rows of different scales, with an all-zero super-block, a lone outlier and an all-positive block."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)
+    w[0, :256] = 0
+    w[1, 5] = 40
+    w[2, 32:64] = w[2, 32:64].abs() + 1
+    return w
+
+
+@pytest.mark.parametrize("importance", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("name", TYPES)
+def test_written_blocks_decode_to_lowbits_weights(name, importance):
+    spec = QuantSpec(format=name)
+    t = spec.ggml
+    w = hard_weights()
+    imp = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(1)) if importance else None
+    qt = quantize(w, spec, importance=imp)
+    assert int(qt.q.min()) >= t.qmin and int(qt.q.max()) <= t.qmax
+    blocks = to_blocks(qt.q, qt.scale, qt.zero, t)
+    assert blocks.shape == (w.shape[0], w.shape[1] // t.span * t.type_size)
+    theirs = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, t.name))
+    assert np.array_equal(theirs, dequantize(qt).numpy())
+    rel = float((dequantize(qt) - w)[3:].pow(2).mean().sqrt() / w[3:].std())
+    assert rel < 2.0 ** -t.bits * 2.5, rel  # a grid of 2^b levels, not a broken one
+
+
+@pytest.mark.parametrize("name", [n for n in TYPES if GGML_TYPES[n].super_block])
+def test_super_block_scales_are_recovered_exactly(name):
+    t = GGML_TYPES[name]
+    w = hard_weights(4, 1024)
+    scale, zero = block_params(w.reshape(4, -1, t.block), t)
+    s = scale.reshape(-1, t.super_block // t.block)
+    d, sc = split_scales(s, t)
+    lo, hi = t.scale_range
+    assert torch.equal(d.half().float(), d) and int(sc.min()) >= lo and int(sc.max()) <= hi
+    assert torch.equal(d.unsqueeze(-1) * sc, s)
+    with pytest.raises(LowbitError, match="super-block grid"):
+        split_scales(s + 1e-3, t)  # scales that are not d·sc are refused, not written wrong
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_the_weighted_fit_never_loses_on_its_own_objective(name):
+    """The importance-weighted fit (llama.cpp's search) chooses per block; the plain range is a candidate."""
+    t = GGML_TYPES[name]
+    w = hard_weights(16, 512, seed=3)
+    imp = torch.rand(512, generator=torch.Generator().manual_seed(4)) ** 4
+    wg = w.reshape(16, -1, t.block)
+    impg = imp.reshape(1, -1, t.block)
+    spec = QuantSpec(format=name)
+    errs = []
+    for i in (None, impg):
+        s, z = block_params(wg, t, 1.0, i)
+        q = encode(wg, s, z, spec)
+        errs.append(float((impg * (q * s + z - wg) ** 2).sum()))
+    if t.super_block is None:  # legacy types: per block, so on the whole too
+        assert errs[1] <= errs[0]
+    assert errs[1] <= errs[0] * 1.02  # K-quants: the super-block's scale rounding is shared
+
+
+def test_widths_a_type_cannot_hold_are_refused_in_one_line():
+    assert not QuantSpec(format="q4_k").fits(576) and QuantSpec(format="q4_0").fits(576)
+    with pytest.raises(LowbitError, match="multiples of 256"):
+        quantize(torch.randn(4, 576), QuantSpec(format="q4_k"))
+    with pytest.raises(LowbitError, match="its own blocks"):
+        QuantSpec(format="q4_k", group_size=128)
+    with pytest.raises(LowbitError, match="has 4 bits"):
+        QuantSpec(format="q4_0", bits=3)
+
+
+def meta_llama(hidden: int, inter: int, layers: int, heads: int, kv: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True)
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg)
+
+
+# What llama-quantize (llama-cpp-python 0.3.36's sources) wrote for SmolLM2-135M (30 layers, rows of 576 and
+# 1536): the types of the 210 linears in its files, as bench/gguf_ppl.py prints them.
+SMOLLM2_FILES = {
+    ("Q4_0", True): {"Q4_0": 207, "Q4_1": 3},
+    ("Q4_0", False): {"Q4_0": 210},
+    ("Q2_K", True): {"Q4_0": 180, "Q3_K": 30},
+    ("Q3_K_M", True): {"Q4_0": 120, "Q5_0": 58, "Q5_1": 2, "Q5_K": 1, "Q4_K": 29},
+    ("Q4_K_M", True): {"Q5_0": 166, "Q4_K": 16, "Q8_0": 14, "Q6_K": 14},
+}
+
+
+@pytest.mark.parametrize("recipe,calibrated", sorted(SMOLLM2_FILES))
+def test_recipes_give_the_types_llama_quantize_gives(recipe, calibrated):
+    model = meta_llama(576, 1536, 30, 9, 3)
+    specs = recipe_specs(model, recipe, calibrated)
+    got = Counter(specs.spec_for(f"model.layers.{i}.{rel}").ggml.name for i in range(30)
+                  for rel in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    assert got == Counter(SMOLLM2_FILES[recipe, calibrated])
+
+
+def test_recipes_where_every_row_fits_a_super_block():
+    """Widths of 256 multiples: no fallback; Q4_K_M's use_more_bits layers (first and last eighth, every third)
+    get Q6_K for attn_v and ffn_down; Q2_K keeps Q2_K for q, k, gate, up."""
+    model = meta_llama(256, 512, 8, 4, 1)  # 4 query heads per kv head
+    m = recipe_specs(model, "Q4_K_M", calibrated=True)
+    six = [i for i in range(8) if m.spec_for(f"model.layers.{i}.self_attn.v_proj").ggml.name == "Q6_K"]
+    assert six == [0, 3, 6, 7]
+    assert [m.spec_for(f"model.layers.{i}.mlp.down_proj").ggml.name for i in range(8)].count("Q6_K") == 4
+    assert m.spec_for("model.layers.1.mlp.up_proj").ggml.name == "Q4_K"
+    q2 = recipe_specs(model, "Q2_K", calibrated=True)
+    assert q2.spec_for("model.layers.0.self_attn.v_proj").ggml.name == "Q4_K"  # 4 heads share a kv head
+    assert q2.spec_for("model.layers.0.self_attn.o_proj").ggml.name == "Q3_K"
+    assert q2.spec_for("model.layers.0.mlp.gate_proj").ggml.name == "Q2_K"
+    assert abs(bits_per_weight(model, q2) - 2.98) < 0.05
+
+
+def tiny_256():
+    return tiny_llama(hidden=256, layers=2, heads=4, kv_heads=2)
+
+
+@pytest.mark.parametrize("recipe", ["Q2_K", "Q4_K_M"])
+@pytest.mark.parametrize("method", ["rtn", "imatrix", "awq", "gptq", "gptq-r", "awq+gptq-r"])
+def test_every_method_writes_its_codes_into_the_gguf_file(method, recipe, tmp_path):
+    """Quantized on the recipe's grids, packed, exported: transformers' GGUF reader (the gguf package's
+    dequantizers) gives back the logits of the model in memory."""
+    import warnings
+
+    from test_export_gguf import read_back
+
+    from lowbit.export import export_gguf
+    from lowbit.methods import ImatrixConfig
+    from lowbit.pack.checkpoint import load_packed, pack_model_, save_packed
+
+    model = tiny_256()
+    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    spec = recipe_specs(model, recipe, calibrated=method != "rtn")
+    awq, gptq = AWQConfig(spec, n_grid=4, clip_grid=4), GPTQConfig(spec, act_order=method.endswith("-r"))
+    config = {"rtn": RTNConfig(spec), "imatrix": ImatrixConfig(spec), "awq": awq, "gptq": gptq, "gptq-r": gptq,
+              "awq+gptq-r": AWQGPTQConfig(awq, gptq)}[method]
+    quantize_(model, config, calib)
+    src = save_packed(pack_model_(model, spec, method=method, embed="fp32"), model.config, byte_tokenizer(),
+                      tmp_path / "q", extra={"gguf_recipe": recipe})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = export_gguf(src, tmp_path / "m.gguf")
+    assert info["file_type"] == recipe and info["max_change_steps"] == 0.0
+    ours, _ = load_packed(src, kernel="dequant")
+    theirs = read_back(tmp_path / "m.gguf", "llama", ours)
+    ids = calib[:2]
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+        assert torch.equal(a, model(ids).logits)
+    assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+
+
+def test_gptq_on_a_k_grid_beats_rounding_to_nearest():
+    """Error feedback on the real Q3_K grid lowers the layer's output error against RTN on that grid."""
+    from lowbit.methods.gptq import factor_hessian, gptq_quantize, hessian
+
+    g = torch.Generator().manual_seed(0)
+    # correlated inputs (what error feedback exploits), channels of unequal size
+    x = (torch.randn(2048, 64, generator=g) @ torch.randn(64, 512, generator=g) + torch.randn(2048, 512, generator=g)
+         ) * torch.linspace(0.2, 3, 512)
+    w = torch.randn(64, 512, generator=g)
+    spec = QuantSpec(format="q3_k")
+    for act_order in (False, True):
+        qt = gptq_quantize(w, factor_hessian(hessian(x), 0.01, act_order, "test"), spec)
+        rtn = quantize(w, spec)
+        err = lambda q: float(((dequantize(q) - w) @ x.T).pow(2).mean())  # noqa: E731
+        assert err(qt) < 0.85 * err(rtn), (act_order, err(qt), err(rtn))
+        split_scales(qt.scale.reshape(-1, 16), spec.ggml)  # its sub-block scales are on the super-block grid
+
+
+def test_gguf_option_conflicts_are_one_line(capsys):
+    assert main(["quantize", "--gguf", "Q3_K_M", "--w-bit", "3", "-o", "x"]) == 2
+    assert "drop --w-bit" in capsys.readouterr().err
+    assert main(["quantize", "--gguf", "Q7_K", "-o", "x"]) == 2
+    assert "unknown GGUF recipe" in capsys.readouterr().err
