@@ -13,7 +13,8 @@ each with the file's size and bits per linear weight. Results are cached per row
 (``--workdir``), so a rerun only computes what is missing; ``--plot`` draws PPL against bits per weight.
 
     python bench/llamacpp.py --tools        # once: llama-quantize, llama-imatrix, llama-perplexity
-    python bench/gguf_ppl.py --workdir results/gguf | tee bench/results/gguf_ppl.txt
+    python bench/gguf_ppl.py | tee bench/results/gguf_ppl.txt
+    python bench/gguf_ppl.py --model gemma3-270m --recipes Q3_K_M Q2_K | tee bench/results/gguf_ppl_gemma3.txt
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def prepare(work: Path, tools: Path, args) -> dict[str, Path]:
     from lowbit.calibration_data import calibration_windows
     from lowbit.models.loading import builtin_gguf
 
-    src = builtin_gguf("smollm2-135m")
+    src = builtin_gguf(args.model)
     f32 = work / "f32.gguf"
     if not f32.exists():
         llama_quantize(tools, src, f32, "F32")
@@ -107,30 +108,29 @@ def make_file(source: str, recipe: str, work: Path, tools: Path, files: dict[str
         llama_quantize(tools, files["f32"], out, recipe, files["imatrix"] if source.endswith("imatrix") else None)
         return out
     packed = work / f"{source.replace('+', '-')}-{recipe}"
-    method = "rtn" if source == "imatrix" else source
-    extra = ["--importance", "imatrix"] if source == "imatrix" else []
-    lowbit("quantize", "--model", "smollm2-135m", "--method", method, "--gguf", recipe, "--calib-samples",
-           str(args.calib_samples), "--calib-seq-len", "512", *LOWBIT_ARGS.get(source, []), *extra,
-           "-o", str(packed), "--force")
+    lowbit("quantize", "--model", args.model, "--method", source, "--gguf", recipe, "--calib-samples",
+           str(args.calib_samples), "--calib-seq-len", "512", *LOWBIT_ARGS.get(source, []), "-o", str(packed),
+           "--force")
     lowbit("export", "--model", str(packed), "--to", "gguf", "-o", str(out), "--force")
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", choices=("smollm2-135m", "gemma3-270m"))
     p.add_argument("--recipes", nargs="+", default=list(RECIPES))
     p.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
     p.add_argument("--chunks", type=int, default=16, help="2048-token chunks / windows scored")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-lowbit-ppl", action="store_true", help="skip the second column (lowbit's protocol)")
-    p.add_argument("--workdir", default=str(REPO / "results" / "gguf"))
+    p.add_argument("--workdir", help="files and cached rows (default results/gguf/MODEL)")
     p.add_argument("--plot", help="write a PNG of PPL against bits per linear weight here")
     args = p.parse_args()
 
     test = data_dir() / "wikitext-2-raw" / "wiki.test.raw"
     tools = ensure_llama_tools()
-    work = Path(args.workdir)
+    work = Path(args.workdir or REPO / "results" / "gguf" / args.model)
     work.mkdir(parents=True, exist_ok=True)
     files = prepare(work, tools, args)
     cache_path = work / "rows.json"
@@ -157,7 +157,7 @@ def main() -> int:
             print(f"{recipe} {source}: {rows[-1][2]['ppl']:.3f}", file=sys.stderr, flush=True)
 
     f32 = rows[0][2]["ppl"]
-    print(f"SmolLM2-135M-Instruct; llama-perplexity -c 2048 --chunks {args.chunks} on WikiText-2 test; second PPL "
+    print(f"{args.model}; llama-perplexity -c 2048 --chunks {args.chunks} on WikiText-2 test; second PPL "
           f"column: lowbit's protocol ({args.chunks} windows of 2048, every token); calibration and imatrix: "
           f"{args.calib_samples} x 512 tokens of WikiText-2 validation; llama.cpp from llama-cpp-python 0.3.36's "
           "sources")

@@ -200,3 +200,28 @@ def test_gguf_option_conflicts_are_one_line(capsys):
     assert "drop --w-bit" in capsys.readouterr().err
     assert main(["quantize", "--gguf", "Q7_K", "-o", "x"]) == 2
     assert "unknown GGUF recipe" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_quantize_with_a_recipe_then_export_from_the_command_line(tiny_ckpt, tmp_path, data_dir, capsys):
+    """`lowbit quantize --gguf RECIPE` then `lowbit export --to gguf`: the file states the recipe, holds its types
+    (rows of 64 fall back from K-quants to 32-blocks as llama.cpp's do) and evaluates as the packed model."""
+    import json
+
+    data = ("--seq-len", "64", "--max-windows", "2", "--data-dir", str(data_dir), "--json")
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "imatrix", "--gguf", "q4_k_m", "--calib-samples",
+                 "4", "--calib-seq-len", "64", "-o", str(out), *data]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["method"] == "imatrix" and json.loads((out / "lowbit.json").read_text())["gguf_recipe"] == "Q4_K_M"
+    assert main(["export", "--model", str(out), "--to", "gguf", "-o", str(tmp_path / "m.gguf")]) == 0
+    capsys.readouterr()
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert int(reader.get_field("general.file_type").contents()) == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    kinds = {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.")} - {"F32"}
+    assert kinds == {"Q5_0", "Q8_0"}  # Q4_K -> Q5_0, Q6_K -> Q8_0 on rows of 64
+    assert main(["eval", "--model", str(out), *data]) == 0
+    packed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--model", str(tmp_path / "m.gguf"), *data]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] == pytest.approx(packed["ppl"],
+                                                                                                 rel=1e-5)

@@ -54,6 +54,8 @@ class GPTQConfig:
     act_order: bool = option(False, "GPTQ-R: round columns by decreasing Hessian diagonal (groups stay contiguous)")
     static_groups: bool = option(False, "group parameters from the weights before any update (implied by "
                                         "--act-order)")
+    weighted_params: bool = option(True, "GGUF block types: do not weight each block's scale fit by the Hessian "
+                                         "diagonal (the inputs' mean x², llama.cpp's importance statistic)")
 
     def __post_init__(self) -> None:
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp > 0):
@@ -120,7 +122,8 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _qparams(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per (row, group) of ``w`` [out, in] as the quantizer sets them: [rows, n_groups]."""
     if spec.granularity == "tensor":
         wg = w.reshape(1, 1, -1)
@@ -128,14 +131,16 @@ def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
         wg = w.unsqueeze(1)
     else:
         wg = grouped(w, spec)
-    scale, zero = compute_qparams(wg, spec)
+    imp = None if importance is None or spec.granularity != "group" else grouped(importance.reshape(1, -1), spec)
+    scale, zero = compute_qparams(wg, spec, importance=imp)
     return scale.squeeze(-1), zero.squeeze(-1)
 
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block_size: int = 128,
-                  static_groups: bool = False) -> QTensor:
-    """Codes and parameters of ``w`` [out, in] rounded by GPTQ; groups are contiguous in the original columns."""
+                  static_groups: bool = False, importance: torch.Tensor | None = None) -> QTensor:
+    """Codes and parameters of ``w`` [out, in] rounded by GPTQ; groups are contiguous in the original columns.
+    ``importance`` [in] weights the parameter fit of GGUF block types (the Hessian diagonal)."""
     w = w.detach().float().clone()
     n = w.shape[1]
     w[:, factor.dead] = 0
@@ -144,7 +149,8 @@ def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block
     # sub-block scales share one float16 scale, so they are chosen together from the span's current weights).
     span = spec.span if spec.granularity == "group" else n
     dynamic = spec.granularity == "group" and factor.perm is None and not static_groups
-    scale, zero = _qparams(w, spec)  # final for static groups; overwritten group by group otherwise
+    imp = importance if spec.ggml is not None else None
+    scale, zero = _qparams(w, spec, imp)  # final for static groups; overwritten group by group otherwise
     order = torch.arange(n) if factor.perm is None else factor.perm
     if factor.perm is not None:
         w = w[:, factor.perm]
@@ -160,7 +166,8 @@ def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block
         for i in range(i2 - i1):
             c = i1 + i
             if dynamic and c % span == 0:
-                sp, zp = compute_qparams(grouped(w1[:, i : i + span], spec), spec)
+                part = None if imp is None else grouped(imp[c : c + span].reshape(1, -1), spec)
+                sp, zp = compute_qparams(grouped(w1[:, i : i + span], spec), spec, importance=part)
                 scale[:, c // gs : (c + span) // gs], zero[:, c // gs : (c + span) // gs] = sp[..., 0], zp[..., 0]
             if dynamic:
                 s, z = scale[:, c // gs].unsqueeze(1), zero[:, c // gs].unsqueeze(1)
@@ -214,7 +221,8 @@ class GPTQRounder:
             for s, batch in _batches(linears, rels, spec):
                 w = torch.cat([m.weight for m in batch])
                 with one_thread():
-                    qt = gptq_quantize(w, factor, s, self.config.block_size, self.config.static_groups)
+                    qt = gptq_quantize(w, factor, s, self.config.block_size, self.config.static_groups,
+                                       h.diagonal().clone() if self.config.weighted_params else None)
                 wq = dequantize(qt)
                 start = 0
                 for m, part in zip(batch, wq.split([m.out_features for m in batch])):
