@@ -40,6 +40,8 @@ from bench.llamacpp import (  # noqa: E402
 RECIPES = ("Q4_0", "Q2_K", "Q3_K_M", "Q4_K_M")
 SOURCES = ("llama.cpp", "llama.cpp+imatrix", "rtn", "imatrix", "awq", "gptq", "awq+gptq")
 LOWBIT_ARGS = {"gptq": ["--act-order"], "awq+gptq": ["--act-order"]}  # GPTQ-R: act-order
+LABELS = {"rtn": "lowbit RTN", "imatrix": "lowbit imatrix", "awq": "lowbit AWQ", "gptq": "lowbit GPTQ-R",
+          "awq+gptq": "lowbit AWQ+GPTQ-R"}
 
 
 def data_dir() -> Path:
@@ -126,15 +128,23 @@ def main() -> int:
     p.add_argument("--no-lowbit-ppl", action="store_true", help="skip the second column (lowbit's protocol)")
     p.add_argument("--workdir", help="files and cached rows (default results/gguf/MODEL)")
     p.add_argument("--plot", help="write a PNG of PPL against bits per linear weight here")
+    p.add_argument("--table-only", action="store_true", help="print the rows already measured; make nothing")
     args = p.parse_args()
 
     test = data_dir() / "wikitext-2-raw" / "wiki.test.raw"
-    tools = ensure_llama_tools()
     work = Path(args.workdir or REPO / "results" / "gguf" / args.model)
-    work.mkdir(parents=True, exist_ok=True)
-    files = prepare(work, tools, args)
     cache_path = work / "rows.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    if args.table_only:
+        rows = [(k.split("/")[0], k.split("/")[1] if "/" in k else "lowbit's FP reference", r)
+                for k, r in cache.items() if k == "F32" or (k.split("/")[0] in args.recipes
+                                                           and k.split("/")[1] in args.sources)]
+        order = {r: i for i, r in enumerate(["F32", *args.recipes])}
+        rows.sort(key=lambda x: (order[x[0]], SOURCES.index(x[1]) if x[1] in SOURCES else -1))
+        return report(rows, cache, args)
+    tools = ensure_llama_tools()
+    work.mkdir(parents=True, exist_ok=True)
+    files = prepare(work, tools, args)
 
     def row_for(key: str, path: Path) -> dict:
         if key not in cache or (not args.no_lowbit_ppl and cache[key].get("lowbit_ppl") is None):
@@ -145,8 +155,12 @@ def main() -> int:
             if not args.no_lowbit_ppl:
                 row["lowbit_ppl"] = lowbit_ppl(path, args.chunks)
             row["seconds"] = round(time.perf_counter() - start, 1)
+            # merge with the file as it is now: another run may have added rows meanwhile
+            cache.update(json.loads(cache_path.read_text()) if cache_path.exists() else {})
             cache[key] = row
-            cache_path.write_text(json.dumps(cache, indent=1))
+            tmp = cache_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(cache_path)
         return cache[key]
 
     rows = [("F32", "lowbit's FP reference", row_for("F32", files["f32"]))]
@@ -156,6 +170,10 @@ def main() -> int:
             rows.append((recipe, source, row_for(f"{recipe}/{source}", path)))
             print(f"{recipe} {source}: {rows[-1][2]['ppl']:.3f}", file=sys.stderr, flush=True)
 
+    return report(rows, cache, args)
+
+
+def report(rows, cache: dict, args) -> int:
     f32 = rows[0][2]["ppl"]
     print(f"{args.model}; llama-perplexity -c 2048 --chunks {args.chunks} on WikiText-2 test; second PPL "
           f"column: lowbit's protocol ({args.chunks} windows of 2048, every token); calibration and imatrix: "
@@ -171,30 +189,57 @@ def main() -> int:
             f"{(base['ppl'] - r['ppl']) / (base['ppl'] - f32) * 100:+.0f} %"
         types = ", ".join(f"{n} {k}" for k, n in sorted(r["types"].items(), key=lambda kv: -kv[1]))
         lp = r.get("lowbit_ppl")
-        print(f"| {recipe} | {source} | {r['bytes'] / 1e6:.1f} | {r['bpw']:.2f} | {r['ppl']:.3f} | "
+        print(f"| {recipe} | {LABELS.get(source, source)} | {r['bytes'] / 1e6:.1f} | {r['bpw']:.2f} | {r['ppl']:.3f} | "
               f"{'' if lp is None else f'{lp:.3f}'} | {rec} | {types} |")
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, args.model)
     return 0
 
 
-def plot(rows, path: str) -> None:
+def packed_rows(model: str) -> list[dict]:
+    """lowbit's own packed weight-only rows (W2/W3/W4) from bench/ptq_table.py's results, same model."""
+    path = REPO / "bench" / "results" / "ptq_table.json"
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    if doc.get("settings", {}).get("model") != model:
+        return []
+    return [r for r in doc["rows"] if r.get("tool") == "lowbit" and r.get("a_label") == "16" and r.get("bits")]
+
+
+def plot(rows, path: str, model: str) -> None:
+    """PPL against bits per linear weight: llama-perplexity of every GGUF file (left); lowbit's protocol
+    for the same files and for lowbit's packed INT rows, which llama.cpp cannot run (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=False)
     for source in dict.fromkeys(s for _, s, _ in rows):
-        pts = sorted((r["bpw"], r["ppl"], recipe) for recipe, s, r in rows if s == source)
-        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-" if len(pts) > 1 else "*", label=source)
-    ax.set_xlabel("bits per linear weight")
-    ax.set_ylabel("PPL (llama-perplexity)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        label = LABELS.get(source, source)
+        pts = sorted((r["bpw"], r["ppl"], r.get("lowbit_ppl")) for _, s, r in rows if s == source)
+        style = "o-" if len(pts) > 1 else "*"
+        left.plot([x for x, _, _ in pts], [y for _, y, _ in pts], style, label=label)
+        own = [(x, lp) for x, _, lp in pts if lp is not None]
+        if own:
+            right.plot([x for x, _ in own], [y for _, y in own], style, label=f"{label} (GGUF)")
+    packed = packed_rows(model)
+    for label in dict.fromkeys(r["label"] for r in packed):
+        pts = sorted((r["bits_per_weight"], r["ppl"]) for r in packed if r["label"] == label)
+        right.plot([x for x, _ in pts], [y for _, y in pts], "s--", alpha=0.7, label=f"{label} (packed INT g64)")
+    for ax, title in ((left, "llama-perplexity (GGUF files)"), (right, "lowbit's protocol")):
+        ax.set_xlabel("bits per linear weight")
+        ax.set_ylabel("PPL")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(model, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,17 @@ from lowbit import AWQConfig, GPTQConfig, RTNConfig, quantize_
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export.gguf_recipes import bits_per_weight, recipe_specs
-from lowbit.formats.ggml import GGML_TYPES, block_params, split_scales, to_blocks
+from lowbit.formats.ggml import (
+    GGML_TYPES,
+    block_params,
+    block_range,
+    fit_super_scale,
+    refine_signed,
+    refine_unsigned,
+    signed_extreme,
+    split_scales,
+    to_blocks,
+)
 from lowbit.methods import AWQGPTQConfig
 from lowbit.quantizer import QuantSpec, dequantize, encode, quantize
 
@@ -80,6 +90,58 @@ def test_the_weighted_fit_never_loses_on_its_own_objective(name):
     if t.super_block is None:  # legacy types: per block, so on the whole too
         assert errs[1] <= errs[0]
     assert errs[1] <= errs[0] * 1.02  # K-quants: the super-block's scale rounding is shared
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q3_k", "q4_k"])
+def test_refinement_only_ever_lowers_each_blocks_weighted_error(name):
+    """Alternating codes and least-squares parameters: per block never worse, and better somewhere."""
+    t = GGML_TYPES[name]
+    wg = hard_weights(16, 512, seed=5).reshape(16, -1, t.block)
+    imp = (torch.rand(512, generator=torch.Generator().manual_seed(6)) ** 4).reshape(1, -1, t.block).expand_as(wg)
+    if t.signed:
+        s0 = signed_extreme(wg) / t.qmin
+        z0 = torch.zeros_like(s0)
+        s1, z1 = refine_signed(wg, t, s0, imp), z0
+    else:
+        z0 = wg.amin(-1, keepdim=True).clamp(max=0)
+        s0 = (wg.amax(-1, keepdim=True).clamp(min=0) - z0) / t.qmax
+        s1, z1 = refine_unsigned(wg, t, s0, z0, imp)
+    spec = QuantSpec(format=name)
+
+    def err(s, z):
+        return (imp * (encode(wg, s, z, spec) * s + z - wg) ** 2).sum(-1)
+    e0, e1 = err(s0, z0), err(s1, z1)
+    assert bool((e1 <= e0 * (1 + 1e-6)).all()) and float(e1.sum()) < 0.99 * float(e0.sum())
+    assert bool((z1 <= 0).all())
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+def test_weighted_super_block_scales_lower_the_weighted_error(name):
+    """With importance, d (and dmin) are fit to the sub-block scales by weighted least squares instead of
+    putting the largest on the end of the range: the file's weights get closer where it matters."""
+    t = GGML_TYPES[name]
+    wg = hard_weights(16, 512, seed=7).reshape(16, -1, t.block)
+    imp = (torch.rand(512, generator=torch.Generator().manual_seed(8)) ** 4).reshape(1, -1, t.block)
+    spec = QuantSpec(format=name)
+    scale, off = block_range(wg, t, 1.0, imp)
+    per = t.super_block // t.block
+
+    def err(s, z):
+        return float((imp * (encode(wg, s, z, spec) * s + z - wg) ** 2).sum())
+    s, z = block_params(wg, t, 1.0, imp)
+    # the same sub-block fit with d from the extreme, as without importance
+    lo_q, hi_q = t.scale_range
+    sb = scale.reshape(16, -1, per)
+    d0, sc0 = fit_super_scale(sb, None, (signed_extreme(sb) / lo_q) if t.signed else sb.amax(-1, keepdim=True) / hi_q,
+                              lo_q, hi_q)
+    s0 = (d0 * sc0).reshape_as(scale)
+    if not t.signed:
+        mins = (-off).reshape(16, -1, per)
+        m0, mn0 = fit_super_scale(mins, None, mins.amax(-1, keepdim=True) / hi_q, lo_q, hi_q)
+        z0 = -(m0 * mn0).reshape_as(off)
+    else:
+        z0 = torch.zeros_like(s0)
+    assert err(s, z) < err(s0, z0)
 
 
 def test_widths_a_type_cannot_hold_are_refused_in_one_line():

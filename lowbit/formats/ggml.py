@@ -24,6 +24,7 @@ import torch
 from ..errors import LowbitError
 
 QK_K = 256
+REFINE_ROUNDS = 3  # alternating refinements after the candidate search (each only ever lowers the error)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,25 @@ def weighted_fit_signed(wg: torch.Tensor, t: GGMLType, scale: torch.Tensor, weig
     q0 = torch.round(wg / scale.where(scale != 0, torch.inf)).clamp(t.qmin, t.qmax)
     base_err = (weights * (q0 * scale - wg) ** 2).sum(-1, keepdim=True)
     best = err.argmin(-1, keepdim=True)
-    return torch.where((err.gather(-1, best) < base_err) & (ext != 0), cand.gather(-1, best), scale)
+    scale = torch.where((err.gather(-1, best) < base_err) & (ext != 0), cand.gather(-1, best), scale)
+    return refine_signed(wg, t, scale, weights)
+
+
+def _weighted_err(wg, weights, q, scale, off=0.0) -> torch.Tensor:
+    return (weights * (q * scale + off - wg) ** 2).sum(-1, keepdim=True)
+
+
+def refine_signed(wg: torch.Tensor, t: GGMLType, scale: torch.Tensor, weights: torch.Tensor,
+                  rounds: int = REFINE_ROUNDS) -> torch.Tensor:
+    """Alternate the two halves of the weighted least-squares problem the search above samples: codes
+    for the scale, then the best scale for those codes; a block keeps a step only if its error drops."""
+    for _ in range(rounds):
+        q = torch.round(wg / scale.where(scale != 0, torch.inf)).clamp(t.qmin, t.qmax)
+        new = (weights * q * wg).sum(-1, keepdim=True) / (weights * q * q).sum(-1, keepdim=True).clamp(min=1e-30)
+        qn = torch.round(wg / new.where(new != 0, torch.inf)).clamp(t.qmin, t.qmax)
+        better = (_weighted_err(wg, weights, qn, new) < _weighted_err(wg, weights, q, scale)) & (new != 0)
+        scale = torch.where(better, new, scale)
+    return scale
 
 
 def weighted_fit(wg: torch.Tensor, t: GGMLType, lo: torch.Tensor, hi: torch.Tensor, weights: torch.Tensor,
@@ -158,7 +177,60 @@ def weighted_fit(wg: torch.Tensor, t: GGMLType, lo: torch.Tensor, hi: torch.Tens
     err = torch.where(ok, err, torch.inf)
     best = err.argmin(-1, keepdim=True)
     better = err.gather(-1, best) < base_err
-    return (torch.where(better, scale.gather(-1, best), base), torch.where(better, off.gather(-1, best), lo))
+    scale, off = torch.where(better, scale.gather(-1, best), base), torch.where(better, off.gather(-1, best), lo)
+    return refine_unsigned(wg, t, scale, off, weights)
+
+
+def refine_unsigned(wg: torch.Tensor, t: GGMLType, scale: torch.Tensor, off: torch.Tensor, weights: torch.Tensor,
+                    rounds: int = REFINE_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`refine_signed` for x = s·q + m with m <= 0: codes for (s, m), then the weighted least-squares
+    (s, m) for those codes (m pinned to 0 where it would turn positive)."""
+    sw, sx = weights.sum(-1, keepdim=True), (weights * wg).sum(-1, keepdim=True)
+    for _ in range(rounds):
+        q = torch.round((wg - off) / scale.where(scale > 0, torch.inf)).clamp(0, t.qmax)
+        sq, sqq, sqx = ((weights * q).sum(-1, keepdim=True), (weights * q * q).sum(-1, keepdim=True),
+                        (weights * q * wg).sum(-1, keepdim=True))
+        det = sw * sqq - sq * sq
+        ok = det > 0
+        new = torch.where(ok, (sw * sqx - sq * sx) / det.where(ok, 1), 0.0)
+        new_off = torch.where(ok, (sqq * sx - sq * sqx) / det.where(ok, 1), 0.0)
+        pos = new_off > 0
+        new = torch.where(pos, sqx / sqq.clamp(min=1e-30), new)
+        new_off = torch.where(pos, 0.0, new_off)
+        qn = torch.round((wg - new_off) / new.where(new > 0, torch.inf)).clamp(0, t.qmax)
+        better = ((_weighted_err(wg, weights, qn, new, new_off) < _weighted_err(wg, weights, q, scale, off))
+                  & ok & (new > 0))
+        scale, off = torch.where(better, new, scale), torch.where(better, new_off, off)
+    return scale, off
+
+
+def fit_super_scale(v: torch.Tensor, a: torch.Tensor | None, d: torch.Tensor, lo_q: int, hi_q: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K-quant super-block's float16 d and integer sub-block values sc ≈ v / d, [..., per] each.
+
+    Without weights ``a`` d is ``d`` (the extreme on the end of the range), as llama.cpp does without an
+    importance matrix. With them, d minimises sum a·(d·sc - v)² over candidates around ``d`` and the
+    least-squares d of each candidate's integers (llama.cpp fits these scales by weighted least squares
+    too, make_qx_quants / make_qp_quants on the sub-block scales)."""
+    def ints(dd):
+        return torch.round(v / dd.where(dd != 0, 1)).clamp(lo_q, hi_q)
+    d = _half(d)
+    if a is None:
+        return d, ints(d)
+    cands = [d] + [_half(d * f) for f in torch.linspace(0.85, 1.15, 31).tolist()]
+    for c in list(cands[1:]):
+        sc = ints(c)
+        cands.append(_half((a * sc * v).sum(-1, keepdim=True) / (a * sc * sc).sum(-1, keepdim=True).clamp(min=1e-30)))
+    best, best_err = d, None
+    for c in cands:
+        c = torch.where(c == 0, d, c)
+        err = (a * (c * ints(c) - v) ** 2).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best, best_err = torch.where(better, c, best), torch.where(better, err, best_err)
+    return best, ints(best)
 
 
 def block_params(wg: torch.Tensor, t: GGMLType, ratio=1.0, importance: torch.Tensor | None = None
@@ -172,15 +244,18 @@ def block_params(wg: torch.Tensor, t: GGMLType, ratio=1.0, importance: torch.Ten
     per = t.super_block // t.block
     s = scale.reshape(rows, n // per, per)
     lo_q, hi_q = t.scale_range
+    a = a_min = None
+    if importance is not None:
+        w = importance.expand_as(wg).float()
+        # a sub-block scale off by a factor (1 + e) moves its weights' error by about e²·sum(w·x²)
+        a = ((w * wg.float() ** 2).sum(-1) / (scale.squeeze(-1) ** 2).clamp(min=1e-30)).reshape(rows, n // per, per)
+        a_min = w.sum(-1).reshape(rows, n // per, per)  # an offset error moves every weight of the block
     if t.signed:
-        d = _half(signed_extreme(s) / lo_q)
-        sc = torch.round(s / d.where(d != 0, 1)).clamp(lo_q, hi_q)
+        d, sc = fit_super_scale(s, a, signed_extreme(s) / lo_q, lo_q, hi_q)
         return (d * sc).reshape(rows, n, 1), torch.zeros_like(scale)
-    d = _half(s.amax(-1, keepdim=True) / hi_q)
-    sc = torch.round(s / d.where(d != 0, 1)).clamp(lo_q, hi_q)
+    d, sc = fit_super_scale(s, a, s.amax(-1, keepdim=True) / hi_q, lo_q, hi_q)
     mins = (-off).reshape(rows, n // per, per)
-    dmin = _half(mins.amax(-1, keepdim=True) / hi_q)
-    mn = torch.round(mins / dmin.where(dmin != 0, 1)).clamp(lo_q, hi_q)
+    dmin, mn = fit_super_scale(mins, a_min, mins.amax(-1, keepdim=True) / hi_q, lo_q, hi_q)
     return (d * sc).reshape(rows, n, 1), (-(dmin * mn)).reshape(rows, n, 1)
 
 
