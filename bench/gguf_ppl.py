@@ -216,6 +216,12 @@ def plot(rows, path: str, model: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=False)
+    for recipe, _, r in rows:  # the float reference as a line, so the axis shows the low-bit range
+        if recipe == "F32":
+            left.axhline(r["ppl"], color="k", ls=":", label="F32")
+            if r.get("lowbit_ppl") is not None:
+                right.axhline(r["lowbit_ppl"], color="k", ls=":", label="F32")
+    rows = [row for row in rows if row[0] != "F32"]
     for source in dict.fromkeys(s for _, s, _ in rows):
         label = LABELS.get(source, source)
         pts = sorted((r["bpw"], r["ppl"], r.get("lowbit_ppl")) for _, s, r in rows if s == source)
@@ -233,7 +239,8 @@ def plot(rows, path: str, model: str) -> None:
         ax.set_ylabel("PPL")
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(model, fontsize=10)
     fig.tight_layout()
