@@ -160,16 +160,7 @@ def weighted_fit(wg: torch.Tensor, t: GGMLType, lo: torch.Tensor, hi: torch.Tens
     x = wg.unsqueeze(-1)  # [..., block, 1]
     w = weights.unsqueeze(-1)
     q = torch.round((x - lo.unsqueeze(-1)) * cand).clamp(0, nmax)  # [..., block, C]
-    sw, sx = w.sum(-2), (w * x).sum(-2)
-    sq, sqq, sqx = (w * q).sum(-2), (w * q * q).sum(-2), (w * q * x).sum(-2)
-    det = sw * sqq - sq * sq
-    ok = det > 0
-    scale = torch.where(ok, (sw * sqx - sq * sx) / det.where(ok, 1), 0.0)
-    off = torch.where(ok, (sqq * sx - sq * sqx) / det.where(ok, 1), 0.0)
-    pos = off > 0  # the range holds 0 (K-quants store the offset negated): refit the scale alone, offset 0
-    scale = torch.where(pos, sqx / sqq.clamp(min=1e-30), scale)
-    off = torch.where(pos, 0.0, off)
-    ok = ok & (scale > 0)
+    scale, off, ok = _least_squares_unsigned(x, w, q, dim=-2)
     err = (w * (q * scale.unsqueeze(-2) + off.unsqueeze(-2) - x) ** 2).sum(-2)
     base = (hi - lo) / nmax
     qb = torch.round((wg - lo) / base.clamp(min=1e-30)).clamp(0, nmax)
@@ -185,23 +176,30 @@ def refine_unsigned(wg: torch.Tensor, t: GGMLType, scale: torch.Tensor, off: tor
                     rounds: int = REFINE_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`refine_signed` for x = s·q + m with m <= 0: codes for (s, m), then the weighted least-squares
     (s, m) for those codes (m pinned to 0 where it would turn positive)."""
-    sw, sx = weights.sum(-1, keepdim=True), (weights * wg).sum(-1, keepdim=True)
     for _ in range(rounds):
         q = torch.round((wg - off) / scale.where(scale > 0, torch.inf)).clamp(0, t.qmax)
-        sq, sqq, sqx = ((weights * q).sum(-1, keepdim=True), (weights * q * q).sum(-1, keepdim=True),
-                        (weights * q * wg).sum(-1, keepdim=True))
-        det = sw * sqq - sq * sq
-        ok = det > 0
-        new = torch.where(ok, (sw * sqx - sq * sx) / det.where(ok, 1), 0.0)
-        new_off = torch.where(ok, (sqq * sx - sq * sqx) / det.where(ok, 1), 0.0)
-        pos = new_off > 0
-        new = torch.where(pos, sqx / sqq.clamp(min=1e-30), new)
-        new_off = torch.where(pos, 0.0, new_off)
+        new, new_off, ok = _least_squares_unsigned(wg, weights, q, dim=-1)
         qn = torch.round((wg - new_off) / new.where(new > 0, torch.inf)).clamp(0, t.qmax)
-        better = ((_weighted_err(wg, weights, qn, new, new_off) < _weighted_err(wg, weights, q, scale, off))
-                  & ok & (new > 0))
+        better = (_weighted_err(wg, weights, qn, new, new_off) < _weighted_err(wg, weights, q, scale, off)) & ok
         scale, off = torch.where(better, new, scale), torch.where(better, new_off, off)
     return scale, off
+
+
+def _least_squares_unsigned(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, dim: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted least-squares (scale, offset) of x ≈ scale·q + offset over ``dim`` (kept for dim=-1), with
+    the offset pinned to 0 where it would turn positive (the range holds 0; K-quants store it negated);
+    and where the fit is usable (a positive scale)."""
+    def total(t: torch.Tensor) -> torch.Tensor:
+        return t.sum(dim, keepdim=dim == -1)
+    sw, sx, sq, sqq, sqx = total(w), total(w * x), total(w * q), total(w * q * q), total(w * q * x)
+    det = sw * sqq - sq * sq
+    ok = det > 0
+    scale = torch.where(ok, (sw * sqx - sq * sx) / det.where(ok, 1), 0.0)
+    off = torch.where(ok, (sqq * sx - sq * sqx) / det.where(ok, 1), 0.0)
+    pos = off > 0
+    scale = torch.where(pos, sqx / sqq.clamp(min=1e-30), scale)
+    return scale, torch.where(pos, 0.0, off), ok & (scale > 0)
 
 
 def fit_super_scale(v: torch.Tensor, a: torch.Tensor | None, d: torch.Tensor, lo_q: int, hi_q: int
@@ -217,19 +215,14 @@ def fit_super_scale(v: torch.Tensor, a: torch.Tensor | None, d: torch.Tensor, lo
     d = _half(d)
     if a is None:
         return d, ints(d)
-    cands = [d] + [_half(d * f) for f in torch.linspace(0.85, 1.15, 31).tolist()]
-    for c in list(cands[1:]):
-        sc = ints(c)
-        cands.append(_half((a * sc * v).sum(-1, keepdim=True) / (a * sc * sc).sum(-1, keepdim=True).clamp(min=1e-30)))
-    best, best_err = d, None
-    for c in cands:
-        c = torch.where(c == 0, d, c)
-        err = (a * (c * ints(c) - v) ** 2).sum(-1, keepdim=True)
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best, best_err = torch.where(better, c, best), torch.where(better, err, best_err)
+    v1, a1 = v.unsqueeze(-1), a.unsqueeze(-1)  # [..., per, 1] against candidates [..., 1, C]
+    near = _half(d.unsqueeze(-1) * torch.linspace(0.85, 1.15, 31))
+    sc = torch.round(v1 / near.where(near != 0, 1)).clamp(lo_q, hi_q)
+    lsq = _half((a1 * sc * v1).sum(-2, keepdim=True) / (a1 * sc * sc).sum(-2, keepdim=True).clamp(min=1e-30))
+    cands = torch.cat([d.unsqueeze(-1), near, lsq], -1)
+    cands = torch.where(cands == 0, d.unsqueeze(-1), cands)
+    err = (a1 * (cands * torch.round(v1 / cands.where(cands != 0, 1)).clamp(lo_q, hi_q) - v1) ** 2).sum(-2)
+    best = cands.squeeze(-2).gather(-1, err.argmin(-1, keepdim=True))  # the first of equals: d before the rest
     return best, ints(best)
 
 
