@@ -135,12 +135,12 @@ def main() -> int:
     work = Path(args.workdir or REPO / "results" / "gguf" / args.model)
     cache_path = work / "rows.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    if args.table_only:
-        rows = [(k.split("/")[0], k.split("/")[1] if "/" in k else "lowbit's FP reference", r)
-                for k, r in cache.items() if k == "F32" or (k.split("/")[0] in args.recipes
-                                                           and k.split("/")[1] in args.sources)]
-        order = {r: i for i, r in enumerate(["F32", *args.recipes])}
-        rows.sort(key=lambda x: (order[x[0]], SOURCES.index(x[1]) if x[1] in SOURCES else -1))
+    if args.table_only:  # the rows a run with these arguments would print, those measured so far
+        rows = [("F32", "lowbit's FP reference", cache["F32"])] if "F32" in cache else []
+        rows += [(recipe, source, cache[f"{recipe}/{source}"]) for recipe in args.recipes for source in args.sources
+                 if f"{recipe}/{source}" in cache]
+        if not rows or rows[0][0] != "F32":
+            sys.exit(f"no F32 row measured in {cache_path}: run without --table-only first")
         return report(rows, cache, args)
     tools = ensure_llama_tools()
     work.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def report(rows, cache: dict, args) -> int:
 
 
 def packed_rows(model: str) -> list[dict]:
-    """lowbit's own packed weight-only rows (W2/W3/W4) from bench/ptq_table.py's results, same model."""
+    """lowbit's own packed weight-only INT rows from bench/ptq_table.py's results, same model."""
     path = REPO / "bench" / "results" / "ptq_table.json"
     if not path.exists():
         return []
