@@ -215,14 +215,18 @@ def fit_super_scale(v: torch.Tensor, a: torch.Tensor | None, d: torch.Tensor, lo
     d = _half(d)
     if a is None:
         return d, ints(d)
-    v1, a1 = v.unsqueeze(-1), a.unsqueeze(-1)  # [..., per, 1] against candidates [..., 1, C]
-    near = _half(d.unsqueeze(-1) * torch.linspace(0.85, 1.15, 31))
-    sc = torch.round(v1 / near.where(near != 0, 1)).clamp(lo_q, hi_q)
-    lsq = _half((a1 * sc * v1).sum(-2, keepdim=True) / (a1 * sc * sc).sum(-2, keepdim=True).clamp(min=1e-30))
-    cands = torch.cat([d.unsqueeze(-1), near, lsq], -1)
-    cands = torch.where(cands == 0, d.unsqueeze(-1), cands)
-    err = (a1 * (cands * torch.round(v1 / cands.where(cands != 0, 1)).clamp(lo_q, hi_q) - v1) ** 2).sum(-2)
-    best = cands.squeeze(-2).gather(-1, err.argmin(-1, keepdim=True))  # the first of equals: d before the rest
+
+    def err(c):
+        return (a * (c * ints(c) - v) ** 2).sum(-1, keepdim=True)
+
+    near = [_half(d * f) for f in torch.linspace(0.85, 1.15, 31).tolist()]
+    lsq = [_half((a * sc * v).sum(-1, keepdim=True) / (a * sc * sc).sum(-1, keepdim=True).clamp(min=1e-30))
+           for sc in map(ints, near)]
+    best, best_err = d, err(d)
+    for c in near + lsq:  # per candidate over all super-blocks at once; the first of equals wins
+        c = torch.where(c == 0, d, c)
+        e = err(c)
+        best, best_err = torch.where(e < best_err, c, best), torch.minimum(e, best_err)
     return best, ints(best)
 
 
