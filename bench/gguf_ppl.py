@@ -38,10 +38,10 @@ from bench.llamacpp import (  # noqa: E402
 )
 
 RECIPES = ("Q4_0", "Q2_K", "Q3_K_M", "Q4_K_M")
-SOURCES = ("llama.cpp", "llama.cpp+imatrix", "rtn", "imatrix", "awq", "gptq", "awq+gptq")
+SOURCES = ("llama.cpp", "llama.cpp+imatrix", "rtn", "imatrix", "awq", "gptq", "awq+gptq", "blockwise")
 LOWBIT_ARGS = {"gptq": ["--act-order"], "awq+gptq": ["--act-order"]}  # GPTQ-R: act-order
 LABELS = {"rtn": "lowbit RTN", "imatrix": "lowbit imatrix", "awq": "lowbit AWQ", "gptq": "lowbit GPTQ-R",
-          "awq+gptq": "lowbit AWQ+GPTQ-R"}
+          "awq+gptq": "lowbit AWQ+GPTQ-R", "blockwise": "lowbit block-wise"}
 
 
 def data_dir() -> Path:

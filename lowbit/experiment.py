@@ -21,6 +21,7 @@ from .methods import (
     ActQuantConfig,
     AWQConfig,
     AWQGPTQConfig,
+    BlockwiseConfig,
     GPTQConfig,
     ImatrixConfig,
     Pipeline,
@@ -37,7 +38,7 @@ from .models.inventory import retie, tied_parameters
 from .quantizer import QuantSpec, set_codes
 from .specmap import SpecMap, base_spec, bits_per_weight, code_bits
 
-METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix")
+METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix", "blockwise")
 
 
 @dataclass
@@ -97,7 +98,7 @@ class MethodOptions(options.MethodOptions):
     """Every method's options by name (``n_grid``, ``act_order``, ``qat_steps``, ...): declared on the configs
     below, plus the pipeline's own (a rotation first, activation quantization last)."""
 
-    configs = (SalientConfig, AWQConfig, GPTQConfig, QATConfig, SmoothQuantConfig)
+    configs = (SalientConfig, AWQConfig, GPTQConfig, QATConfig, BlockwiseConfig, SmoothQuantConfig)
     extra = {"rotate": False, "a_bit": None, "a_granularity": "token", "a_static": False}
 
 
@@ -129,7 +130,8 @@ def _runtime_steps(method: str, opts: MethodOptions) -> tuple:
     return (ActQuantConfig(bits=opts.a_bit, granularity=opts.a_granularity, static=opts.a_static),)
 
 
-MIXED_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "smoothquant", "imatrix")  # those that take a per-linear SpecMap
+# the methods that take a per-linear SpecMap
+MIXED_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "smoothquant", "imatrix", "blockwise")
 
 
 def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions):
@@ -150,12 +152,15 @@ def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOp
         return SalientConfig(spec, **opts.for_config(SalientConfig))
     if method == "imatrix":
         return ImatrixConfig(spec)
-    if method in ("awq", "awq+gptq", "qat"):
+    if method in ("awq", "awq+gptq", "qat", "blockwise"):
         awq = AWQConfig(spec, **opts.for_config(AWQConfig))
         if method == "awq":
             return awq
         if method == "qat":
             return QATConfig(spec, awq=awq, a_bit=opts.a_bit, seed=opts.seed, **opts.for_config(QATConfig))
+    if method == "blockwise":  # its start is AWQ+GPTQ-R
+        gptq = GPTQConfig(spec, **{**opts.for_config(GPTQConfig), "act_order": True})
+        return BlockwiseConfig(spec, awq=awq, gptq=gptq, seed=opts.seed, **opts.for_config(BlockwiseConfig))
     if method in ("gptq", "awq+gptq"):
         gptq = GPTQConfig(spec, **opts.for_config(GPTQConfig))
         return gptq if method == "gptq" else AWQGPTQConfig(awq, gptq)

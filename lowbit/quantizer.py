@@ -363,14 +363,30 @@ def fake_quantize(
 # A method that rounds a linear leaves its float weight dequantized (for evaluation) and the QTensor it
 # came from beside it, so that packing writes exactly those codes, scales and zero points.
 QTENSOR_ATTR = "lowbit_qtensor"
+LATENT_ATTR = "lowbit_latent"  # the real values the codes rounded, where a method knows them (GPTQ's updated weights)
 
 
 def set_codes(module: torch.nn.Module, qt: QTensor | None) -> None:
-    """Record (or, with None, forget) the QTensor ``module.weight`` was rounded from."""
+    """Record (or, with None, forget) the QTensor ``module.weight`` was rounded from (new codes make a recorded
+    latent stale: it is forgotten)."""
+    module.__dict__.pop(LATENT_ATTR, None)
     if qt is None:
         module.__dict__.pop(QTENSOR_ATTR, None)
     else:
         module.__dict__[QTENSOR_ATTR] = qt
+
+
+def set_latent(module: torch.nn.Module, latent: torch.Tensor | None) -> None:
+    """Record (or, with None, forget) the values the codes of ``module`` are the nearest rounding of (after
+    :func:`set_codes`)."""
+    if latent is None:
+        module.__dict__.pop(LATENT_ATTR, None)
+    else:
+        module.__dict__[LATENT_ATTR] = latent
+
+
+def latent_of(module: torch.nn.Module) -> torch.Tensor | None:
+    return module.__dict__.get(LATENT_ATTR)
 
 
 def codes_of(module: torch.nn.Module) -> QTensor | None:

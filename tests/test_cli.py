@@ -50,6 +50,9 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     (["qat", "--scale-lr=-1e-3"], ["scale lr must be positive"]),
     (["qat", "--steps", "0"], ["--steps", "at least 1"]),
     (["qat", "--distill", "2"], ["distillation weight must be in [0, 1]"]),
+    (["eval", "--method", "blockwise", "--bw-lr", "0"], ["lr must be positive"]),
+    (["eval", "--method", "blockwise", "--format", "nf4"], ["integer grid", "nf4"]),
+    (["eval", "--method", "blockwise", "--bw-steps", "0"], ["--bw-steps", "at least 1"]),
 ])
 def test_bad_input_fails_fast_with_one_line(args, fragments):
     assert_clean_error(run(*args), *fragments)
@@ -151,6 +154,23 @@ def test_qat_tiny_checkpoint_packs_what_it_trained(tmp_path, tokenizer_dir, data
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ppl"] == pytest.approx(trained["ppl"], rel=1e-6)
     assert_clean_error(run("qat", "--model", str(ckpt), *common, "-o", str(out)), "exists; pass --force")
+
+
+@pytest.mark.model
+def test_blockwise_tiny_checkpoint_packs_what_it_trained(tmp_path, tokenizer_dir, data_dir):
+    ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
+    out = tmp_path / "packed"
+    common = ["--model", str(ckpt), "--method", "blockwise", "--w-bit", "3", "--group-size", "16", "--calib-samples",
+              "6", "--calib-seq-len", "64", "--n-grid", "3", "--bw-steps", "4", "--e2e-steps", "2"]
+    evaluated = run("eval", *common, "--seq-len", "128", "--max-windows", "2", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    row = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert row["method"] == "blockwise" and row["ppl"] > 1
+    proc = run("quantize", *common, "--embed", "fp32", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    proc = run("eval", "--model", str(out), "--seq-len", "128", "--max-windows", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ppl"] == pytest.approx(row["ppl"], rel=1e-6)
 
 
 @pytest.mark.model

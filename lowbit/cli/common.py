@@ -17,7 +17,7 @@ FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf1
 
 
 # experiment.METHOD_NAMES
-METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix")
+METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix", "blockwise")
 
 
 class Parser(argparse.ArgumentParser):
@@ -142,6 +142,7 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, title: str, skip: tup
 METHOD_GROUPS = {"salient": ("SalientConfig", "salient"), "awq": ("AWQConfig", "awq"),
                  "gptq": ("GPTQConfig", "gptq (also the rounding step of awq+gptq)"),
                  "qat": ("QATConfig", "qat (training from awq or rtn)"),
+                 "blockwise": ("BlockwiseConfig", "blockwise (reconstruction per decoder layer from awq+gptq-r)"),
                  "smoothquant": ("SmoothQuantConfig", "smoothquant")}
 
 

@@ -75,11 +75,12 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--method", default="fp", choices=METHOD_CHOICES,
                    help="fp (no weight quantization), rtn, salient (keep some channels in FP), awq, gptq, awq+gptq "
-                        "(AWQ scales, then GPTQ rounding) or smoothquant (activation outliers moved into the "
+                        "(AWQ scales, then GPTQ rounding), blockwise (AWQ+GPTQ-R, then each decoder layer trained "
+                        "to reproduce the float layer's outputs) or smoothquant (activation outliers moved into the "
                         "weights, then RTN); any of them combines with --a-bit (default fp)")
     add_spec_args(p)
     add_data_args(p)
-    add_method_args(p, ("salient", "awq", "gptq", "qat", "smoothquant"))
+    add_method_args(p, ("salient", "awq", "gptq", "qat", "blockwise", "smoothquant"))
     add_activation_args(p)
     add_budget_args(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing --save-allocation file")

@@ -25,7 +25,7 @@ from .common import (
     warn_not_done,
 )
 
-QUANTIZE_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "qat", "smoothquant", "imatrix")
+QUANTIZE_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "qat", "smoothquant", "imatrix", "blockwise")
 
 
 NOT_PACKABLE = {
@@ -198,12 +198,14 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--method", default="awq", choices=(*QUANTIZE_METHODS, *NOT_PACKABLE),
                    help="rtn, awq (default), gptq (--act-order for GPTQ-R), awq+gptq, qat (block-wise training from "
-                        "AWQ, lowbit qat's defaults), smoothquant (weights smoothed, then RTN) or imatrix (GGUF "
+                        "AWQ, lowbit qat's defaults), blockwise (AWQ+GPTQ-R, then each decoder layer trained to "
+                        "reproduce the float one; --fast for the short recipe), smoothquant (weights smoothed, then "
+                        "RTN) or imatrix (GGUF "
                         "types: scales fitted with the calibration's mean x², llama.cpp's importance matrix); "
                         "salient is refused: its float channels do not pack")
     add_spec_args(p)
     add_data_args(p)
-    add_method_args(p, ("awq", "gptq", "qat", "smoothquant"))
+    add_method_args(p, ("awq", "gptq", "qat", "blockwise", "smoothquant"))
     add_activation_args(p)
     add_budget_args(p)
     p.add_argument("-o", "--output", metavar="DIR", help="write the packed model (safetensors + lowbit.json + "

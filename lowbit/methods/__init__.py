@@ -13,6 +13,7 @@ from .actquant import ActQuantConfig, apply_actquant
 from .awq import AWQConfig, AWQSearch, apply_awq
 from .awq_gptq import AWQGPTQConfig, apply_awq_gptq
 from .base import QuantReport
+from .blockwise import BlockwiseConfig, apply_blockwise
 from .gptq import GPTQConfig, apply_gptq
 from .imatrix import ImatrixConfig, apply_imatrix
 from .pipeline import Pipeline, apply_pipeline
@@ -32,6 +33,7 @@ HANDLERS: dict[type, Callable[..., QuantReport]] = {
     SmoothQuantConfig: apply_smoothquant,
     ActQuantConfig: apply_actquant,
     QATConfig: apply_qat,
+    BlockwiseConfig: apply_blockwise,
     ImatrixConfig: apply_imatrix,
 }
 
@@ -46,7 +48,8 @@ def needs_calibration(config) -> bool:
         return config.load_search is None
     if isinstance(config, ActQuantConfig):
         return config.static
-    return isinstance(config, (GPTQConfig, AWQGPTQConfig, SmoothQuantConfig, QATConfig, ImatrixConfig))
+    return isinstance(config, (GPTQConfig, AWQGPTQConfig, SmoothQuantConfig, QATConfig, ImatrixConfig,
+                                   BlockwiseConfig))
 
 
 def _handler(config) -> Callable[..., QuantReport]:
@@ -90,6 +93,7 @@ __all__ = [
     "ImatrixConfig",
     "Pipeline",
     "QATConfig",
+    "BlockwiseConfig",
     "QuantReport",
     "RotationConfig",
     "RTNConfig",

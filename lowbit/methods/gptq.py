@@ -38,6 +38,7 @@ from ..quantizer import (
     grouped,
     round_weight_,
     set_codes,
+    set_latent,
 )
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, prepare
@@ -138,9 +139,13 @@ def _qparams(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None =
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block_size: int = 128,
-                  static_groups: bool = False, importance: torch.Tensor | None = None) -> QTensor:
+                  static_groups: bool = False, importance: torch.Tensor | None = None,
+                  latent: torch.Tensor | None = None) -> QTensor:
     """Codes and parameters of ``w`` [out, in] rounded by GPTQ; groups are contiguous in the original columns.
-    ``importance`` [in] weights the parameter fit of GGUF block types (the Hessian diagonal)."""
+    ``importance`` [in] weights the parameter fit of GGUF block types (the Hessian diagonal). ``latent`` [out, in],
+    if given, receives each column as it was just before its rounding (the original weights plus the error
+    feedback of the columns before it): the codes are its nearest rounding, and its distance to the next
+    rounding boundary says how cheaply a later method may flip a code."""
     w = w.detach().float().clone()
     n = w.shape[1]
     w[:, factor.dead] = 0
@@ -174,6 +179,8 @@ def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block
             else:
                 s, z = col_scale[:, c : c + 1], col_zero[:, c : c + 1]
             col = w1[:, i : i + 1]
+            if latent is not None:
+                latent[:, order[c]] = col[:, 0]
             q = encode(col, s, z, spec)
             codes[:, c : c + 1] = q
             e = (col - decode(q, s, z, spec)).squeeze(1) / u1[i, i]
@@ -198,6 +205,7 @@ class GPTQRounder:
     damped: list[str] = field(default_factory=list)  # Hessians that needed more than config.damp
     dead_columns: int = 0
     rtn_fallback: list[str] = field(default_factory=list)  # linears with no calibration tokens, rounded to nearest
+    keep_latent: bool = False  # record each weight's pre-rounding value beside its codes (set_latent)
 
     def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike) -> None:
         missing = [rel for rel in linears if rel not in ctx.linear_inputs or ctx.linear_inputs[rel].numel() == 0]
@@ -220,9 +228,10 @@ class GPTQRounder:
             self.dead_columns += int(factor.dead.sum())
             for s, batch in _batches(linears, rels, spec):
                 w = torch.cat([m.weight for m in batch])
+                latent = torch.empty(w.shape) if self.keep_latent else None
                 with one_thread():
                     qt = gptq_quantize(w, factor, s, self.config.block_size, self.config.static_groups,
-                                       h.diagonal().clone() if self.config.weighted_params else None)
+                                       h.diagonal().clone() if self.config.weighted_params else None, latent)
                 wq = dequantize(qt)
                 start = 0
                 for m, part in zip(batch, wq.split([m.out_features for m in batch])):
@@ -233,6 +242,8 @@ class GPTQRounder:
                     own = qt if len(batch) == 1 else QTensor(qt.q[rows], qt.scale[rows], qt.zero[rows], s,
                                                               tuple(m.weight.shape))
                     set_codes(m, own)
+                    if latent is not None:
+                        set_latent(m, latent[rows])
 
     def info(self) -> dict:
         return {"damp": self.config.damp, "act_order": self.config.act_order, "damp_raised": len(self.damped),

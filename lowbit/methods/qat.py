@@ -343,7 +343,7 @@ def _param_groups(linears: dict[str, nn.Linear], quantizers: dict[str, nn.Module
     return groups
 
 
-def _trainable_only(model: nn.Module, params: list[nn.Parameter]) -> dict[nn.Parameter, bool]:
+def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> dict[nn.Parameter, bool]:
     """Freeze every parameter of ``model`` except ``params``; returns the previous flags."""
     before = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -353,7 +353,7 @@ def _trainable_only(model: nn.Module, params: list[nn.Parameter]) -> dict[nn.Par
     return before
 
 
-def _restore_flags(flags: dict[nn.Parameter, bool]) -> None:
+def restore_flags(flags: dict[nn.Parameter, bool]) -> None:
     for p, f in flags.items():
         p.requires_grad_(f)
 
@@ -379,7 +379,7 @@ class BlockTrainer:
         if cfg.a_bit is not None:
             pacts = attach_pact(self.model, linears, cfg.a_bit, _input_alphas(ctx, list(linears)), cfg.pact)
         groups = _param_groups(linears, quantizers, cfg, [p.alpha for p in pacts.values()])
-        flags = _trainable_only(ctx.layer, [p for g in groups for p in g["params"]])
+        flags = trainable_only(ctx.layer, [p for g in groups for p in g["params"]])
         dtype = next(ctx.layer.parameters()).dtype
         x = torch.cat([b.to(dtype) for b in ctx.inputs])
         target = torch.cat(ctx.outputs)
@@ -394,7 +394,7 @@ class BlockTrainer:
                 log = train(groups, loss_fn, x.shape[0], cfg, list(quantizers.values()), f"qat layer {ctx.index}",
                             self.generator)
         finally:
-            _restore_flags(flags)
+            restore_flags(flags)
             finalize(linears)
         self.logs.append(log)
 
@@ -452,7 +452,7 @@ def _train_model(model: nn.Module, teacher: nn.Module, linears: dict[str, nn.Lin
         pacts = attach_pact(model, linears, cfg.a_bit, _calib_input_alphas(model, linears, calib[:cfg.batch_size]),
                             cfg.pact)
     groups = _param_groups(linears, quantizers, cfg, [p.alpha for p in pacts.values()])
-    flags = _trainable_only(model, [p for g in groups for p in g["params"]])
+    flags = trainable_only(model, [p for g in groups for p in g["params"]])
     was_training = model.training
     model.eval()  # no dropout: the float model is the target
 
@@ -474,7 +474,7 @@ def _train_model(model: nn.Module, teacher: nn.Module, linears: dict[str, nn.Lin
         with torch.enable_grad():
             log = train(groups, loss_fn, calib.shape[0], cfg, list(quantizers.values()), "qat (model)", generator)
     finally:
-        _restore_flags(flags)
+        restore_flags(flags)
         finalize(linears)
         model.train(was_training)
     return log
