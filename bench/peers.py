@@ -27,8 +27,10 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -523,19 +525,28 @@ def print_report(args: argparse.Namespace, report: dict, rows: list[dict], out: 
     print(f"rows: {out}   logs: {log}")
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # a SIGTERM ends the run like Ctrl-C: the running job is killed, finished rows are kept
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return run(args)
     except PeersError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: the rows that finished are in --out; run the same command again to go on", file=sys.stderr)
         return 130
     except OSError as e:
         print(f"error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
