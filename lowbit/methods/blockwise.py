@@ -240,8 +240,9 @@ class FloatParams:
 
 def norm_parameters(layer: nn.Module) -> list[nn.Parameter]:
     """The weights and biases of the normalisation modules inside ``layer`` (RMSNorm, LayerNorm, q/k norms)."""
-    return [p for m in layer.modules() if m is not layer and type(m).__name__.endswith(("Norm", "NormGated"))
-            or isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)]
+    norms = [m for m in layer.modules()
+             if m is not layer and (isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("Norm", "NormGated")))]
+    return [p for m in norms for p in m.parameters(recurse=False)]
 
 
 @dataclass
