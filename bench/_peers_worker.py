@@ -266,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--eval-data", help="evaluate on this text (or chat .jsonl) file instead of WikiText-2 test")
+    p.add_argument("--second-text", help="also evaluate the same quantized model on this text (or chat .jsonl) file")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=200, help="AutoRound: tuning steps per block (its default 200)")
@@ -274,17 +275,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def eval_windows(tok, args: argparse.Namespace) -> torch.Tensor:
+def eval_windows(tok, data: str | None, args: argparse.Namespace) -> torch.Tensor:
     """The evaluation windows ``lowbit eval`` reads for the same ``--data`` (chats rendered the same way)."""
     from lowbit.data import eval_text
     from lowbit.eval.perplexity import tokenize_windows
 
-    if args.eval_data is not None and str(args.eval_data).endswith(".jsonl"):
+    if data is not None and str(data).endswith(".jsonl"):
         from lowbit.calibration_data import jsonl_text
 
-        text = jsonl_text(tok, args.eval_data)
+        text = jsonl_text(tok, data)
     else:
-        text = eval_text(args.eval_data, None)
+        text = eval_text(data, None)
     return tokenize_windows(tok, text, args.seq_len, args.max_windows)
 
 
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit.models.inventory import quantizable_linears
 
     model, tok = load_model(args.model)
-    windows = eval_windows(tok, args)
+    windows = eval_windows(tok, args.eval_data, args)
+    second = None if args.second_text is None else eval_windows(tok, args.second_text, args)
     row: dict = {"tool": TOOLS[args.method], "method": args.method, "bits": args.bits,
                  "group_size": args.group_size, "quant_seconds": None}
     if args.method == "fp":
@@ -324,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     res = perplexity(model, windows, progress=False)
     row.update(ppl=round(res.ppl, 4), windows=res.windows, eval_seconds=round(res.seconds, 2))
+    if second is not None:
+        res = perplexity(model, second, progress=False)
+        row.update(ppl_second=round(res.ppl, 4), windows_second=res.windows)
     print(json.dumps(row), flush=True)
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -78,7 +79,8 @@ DEFAULT_LOWBIT_METHODS = ("awq", "gptq")
 # Hessian diagonal, groups fixed beforehand. lowbit's --act-order is that algorithm.
 ACT_ORDER_METHODS = ("gptq", "awq+gptq")
 # Fields of a job's JSON result that a row keeps (lowbit's CLI adds more of its own).
-RESULT_FIELDS = ("ppl", "quant_seconds", "windows", "eval_seconds", "quantized_linears", "max_levels_per_group",
+RESULT_FIELDS = ("ppl", "ppl_second", "windows_second", "quant_seconds", "windows", "eval_seconds",
+                 "quantized_linears", "max_levels_per_group",
                  "weights_changed", "recipe", "iters", "lr", "batch_size", "train_dtype", "scale_dtype",
                  "awq_skipped_v_o", "versions", "pin_memory_patched", "bits_per_weight")
 
@@ -177,6 +179,8 @@ def worker_cmd(python: Path, args: argparse.Namespace, method: str, bits: int | 
            "--group-size", str(args.group_size), *_common_args(args)]
     if args.eval_data:
         cmd += ["--eval-data", args.eval_data]
+    if args.second_text:
+        cmd += ["--second-text", args.second_text]
     if method == "autoround":
         cmd += ["--iters", str(args.autoround_iters), "--batch-size", str(args.autoround_batch_size)]
         if args.autoround_lr is not None:
@@ -196,6 +200,8 @@ def lowbit_cmd(args: argparse.Namespace, method: str, bits: int | None) -> list[
         cmd += ["--w-bit", str(bits), "--group-size", str(args.group_size), *lowbit_extra_args(args, method)]
     if args.eval_data:
         cmd += ["--data", args.eval_data]
+    if args.second_text:
+        cmd += ["--second-text", args.second_text]
     return cmd + ["--json"]
 
 
@@ -259,7 +265,10 @@ def row_key(key: dict) -> str:
 
 
 def _eval_key(args: argparse.Namespace) -> dict:
-    return {"model": args.model, "max_windows": args.max_windows, "eval_data": args.eval_data}
+    key = {"model": args.model, "max_windows": args.max_windows, "eval_data": args.eval_data}
+    if args.second_text:  # absent otherwise, so rows measured before the option existed keep their keys
+        key["second_text"] = args.second_text
+    return key
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
@@ -320,11 +329,16 @@ def load_rows(out: Path) -> dict[str, dict]:
     return {r["key"]: r for r in rows if "key" in r}
 
 
-def save_rows(out: Path, stored: dict[str, dict], report: dict) -> None:
-    """Write every row ever measured (this run's replace older ones with the same key), atomically."""
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(report, rows=list(stored.values())), indent=1))
-    tmp.replace(out)
+def save_rows(out: Path, measured: dict[str, dict], report: dict) -> None:
+    """Merge this run's rows into ``out`` (replacing older ones with the same key), atomically and under a
+    lock, so two runs started side by side (one per bit width on two cores) keep each other's rows."""
+    with out.with_suffix(".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stored = load_rows(out)
+        stored.update(measured)
+        tmp = out.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(report, rows=list(stored.values())), indent=1))
+        tmp.replace(out)
 
 
 def _fmt(value, spec: str) -> str:
@@ -332,11 +346,13 @@ def _fmt(value, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Plain-text table: tool, method, bits, group, recipe, PPL, quant seconds."""
-    head = ["tool", "method", "bits", "group", "recipe", "PPL", "quant s"]
+    """Plain-text table: tool, method, bits, group, recipe, PPL (and on the second text), quant seconds."""
+    second = any("ppl_second" in r for r in rows)
+    head = ["tool", "method", "bits", "group", "recipe", "PPL"] + (["PPL 2nd text"] if second else []) + ["quant s"]
     cells = [head] + [[r["tool"], r["method"], _fmt(r.get("bits"), ""), _fmt(r.get("group_size"), ""),
-                       r.get("recipe") or "-", "failed" if r.get("error") else _fmt(r.get("ppl"), ".3f"),
-                       _fmt(r.get("quant_seconds"), ".1f")] for r in rows]
+                       r.get("recipe") or "-", "failed" if r.get("error") else _fmt(r.get("ppl"), ".3f")]
+                      + ([_fmt(r.get("ppl_second"), ".3f")] if second else [])
+                      + [_fmt(r.get("quant_seconds"), ".1f")] for r in rows]
     left = {0, 1, 4}
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
@@ -391,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive, default=16, help="2048-token evaluation windows (default 16)")
     p.add_argument("--eval-data", help="evaluate every row on this text (or chat .jsonl) file instead of "
                                        "WikiText-2 test; passed to the workers and to `lowbit eval --data`")
+    p.add_argument("--second-text", metavar="FILE",
+                   help="also evaluate every quantized model on this text (or chat .jsonl) file, with the same "
+                        "windows: one quantization, an ordering checked on a second text (e.g. bench/second_text.py)")
     p.add_argument("--peers", nargs="*", choices=tuple(PEERS), default=list(PEERS),
                    help="peer tools to run (default all: llm-compressor autoround hqq; none: just lowbit)")
     p.add_argument("--methods", nargs="+", choices=PEERS["llm-compressor"].methods,
@@ -427,11 +446,12 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.skip_lowbit:
         args.lowbit_methods = []
-    if args.eval_data:
-        path = Path(args.eval_data).resolve()
-        if not path.is_file():
-            raise PeersError(f"--eval-data {args.eval_data}: no such file")
-        args.eval_data = str(path)
+    for option in ("eval_data", "second_text"):
+        if getattr(args, option):
+            path = Path(getattr(args, option)).resolve()
+            if not path.is_file():
+                raise PeersError(f"--{option.replace('_', '-')} {getattr(args, option)}: no such file")
+            setattr(args, option, str(path))
     if args.lowbit_methods and not LOWBIT_CLI.exists():
         raise PeersError(f"{LOWBIT_CLI} not found: run `make install` first, or pass --lowbit-methods with no names")
     out = Path(args.out)
@@ -446,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
     _append_log(log, f"\n##### {report['date']}: {shlex.join(sys.argv)}\n")
     pythons: dict[str, Path | PeersError] = {}  # a venv is built (or fails) once per run
     rows: list[dict] = []
+    measured: dict[str, dict] = {}  # this run's rows, merged into ``out`` as each finishes
     failures = 0
 
     for job in plan(args):
@@ -480,10 +501,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             row.update(ppl=None, quant_seconds=None, error=str(e))
         rows.append(row)
-        stored[key] = row
-        save_rows(out, stored, report)  # keep what finished if a later run dies
+        measured[key] = row
+        save_rows(out, measured, report)  # keep what finished if a later run dies
 
-    save_rows(out, stored, report)
+    save_rows(out, measured, report)
     print_report(args, report, rows, out, log)
     return 1 if failures else 0
 
@@ -495,7 +516,8 @@ def print_report(args: argparse.Namespace, report: dict, rows: list[dict], out: 
     windows = sorted({r["windows"] for r in rows if r.get("windows")})
     n_windows = windows[0] if len(windows) == 1 else args.max_windows
     print(f"\n{args.model}, {args.calib_samples} x {args.calib_seq_len} calibration tokens (WikiText-2 validation, "
-          f"seed {args.seed}), evaluation: {n_windows} x 2048-token windows of {text}")
+          f"seed {args.seed}), evaluation: {n_windows} x 2048-token windows of {text}"
+          + (f"; PPL 2nd text: the same models on {Path(args.second_text).name}" if args.second_text else ""))
     print(f"machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]} at start; "
           f"date: {report['date']}")
     dates = sorted(r["date"] for r in rows if r.get("date"))

@@ -139,6 +139,26 @@ def test_tiny_checkpoint_end_to_end_json(tmp_path, tokenizer_dir, data_dir):
 
 
 @pytest.mark.model
+def test_second_text_scores_the_same_quantized_model(tmp_path, tokenizer_dir, capsys):
+    from lowbit.cli import main
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
+    first, other = tmp_path / "first.txt", tmp_path / "other.txt"
+    first.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    other.write_text("Colourless green ideas sleep furiously; 1, 2, 3, 5, 8, 13. " * 300)
+    common = ["eval", "--model", str(ckpt), "--method", "rtn", "--w-bit", "3", "--group-size", "16", "--data",
+              str(first), "--seq-len", "128", "--max-windows", "2", "--json"]
+    assert main([*common, "--second-text", str(first)]) == 0
+    same = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert same["ppl_second"] == pytest.approx(same["ppl"]) and same["windows_second"] == 2
+    assert main([*common, "--second-text", str(other)]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["ppl"] == pytest.approx(same["ppl"]) and row["ppl_second"] != pytest.approx(row["ppl"])
+    assert main([*common, "--second-text", str(tmp_path / "missing.txt")]) == 2
+    assert "data file not found" in capsys.readouterr().err
+
+
+@pytest.mark.model
 def test_qat_tiny_checkpoint_packs_what_it_trained(tmp_path, tokenizer_dir, data_dir):
     ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
     out = tmp_path / "packed"

@@ -158,3 +158,25 @@ def test_coverage_must_match_lowbit_linears():
         worker.check_coverage({"a"}, {"a", "b"}, "tool")
     with pytest.raises(worker.NotQuantized, match="nothing was quantized"):
         worker.check_coverage(set(), {"a"}, "tool")
+
+
+def test_second_text_reaches_both_and_keys_only_when_given(tmp_path):
+    text = str(tmp_path / "jargon.txt")
+    plain, second = args("--peers", "autoround", "--bits", "3"), args("--peers", "autoround", "--bits", "3",
+                                                                       "--second-text", text)
+    assert all("second_text" not in j.key for j in peers.plan(plain))  # older rows keep their keys
+    assert all(j.key["second_text"] == text for j in peers.plan(second))
+    lowbit = peers.lowbit_cmd(second, "blockwise", 3)
+    assert lowbit[lowbit.index("--second-text") + 1] == text
+    cmd = peers.worker_cmd(Path("python"), second, "autoround", 3)
+    assert cmd[cmd.index("--second-text") + 1] == text
+    assert "PPL 2nd text" in peers.table([{"tool": "x", "method": "y", "ppl": 1.0, "ppl_second": 2.0}])
+    assert "PPL 2nd text" not in peers.table([{"tool": "x", "method": "y", "ppl": 1.0}])
+
+
+def test_runs_side_by_side_keep_each_others_rows(tmp_path):
+    out = tmp_path / "peers.json"
+    peers.save_rows(out, {"a": {"key": "a", "ppl": 1.0}}, {"date": "1"})
+    peers.save_rows(out, {"b": {"key": "b", "ppl": 2.0}}, {"date": "2"})  # another run: knew nothing of "a"
+    peers.save_rows(out, {"a": {"key": "a", "ppl": 3.0}}, {"date": "3"})
+    assert peers.load_rows(out) == {"a": {"key": "a", "ppl": 3.0}, "b": {"key": "b", "ppl": 2.0}}

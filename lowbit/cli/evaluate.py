@@ -38,6 +38,7 @@ def run(args) -> int:
     if (args.method != "fp" or args.rotate) and model_source(args.model)[0] == "lowbit":
         raise LowbitError(f"{args.model} is already quantized (a lowbit packed model); evaluate it with --method fp "
                           "and without --rotate")
+    second = second_text(args)  # read now: a bad file fails before the slow part
     session = session_from_args(args)
     if budget.active:
         spec = session.allocate(spec, budget, progress=not args.json)
@@ -63,11 +64,42 @@ def run(args) -> int:
                      else replace(packed_spec, bits=e["bits"]) for e in lins]
             bpw = sum(s.bits_per_weight() * k for s, k in zip(specs, n)) / sum(n)
             row.update(w_bit=doc.get("gguf_recipe") or "mixed", bits_per_weight=round(bpw, 4))
+    columns = RESULT_COLUMNS
+    if second is not None:
+        row.update(evaluate_second_text(session, second, args))
+        columns = RESULT_COLUMNS + [("ppl_second", "PPL (second text)", ".3f")]
     if args.json:
         print(json.dumps(row))
     else:
-        print(table([row], RESULT_COLUMNS))
+        print(table([row], columns))
     return 0
+
+
+def second_text(args) -> str | None:
+    """The --second-text file's text (a .jsonl of chats is rendered once the tokenizer is loaded), or None."""
+    if args.second_text is None:
+        return None
+    from ..calibration_data import check_source
+    from ..data import eval_text
+
+    if str(args.second_text).endswith(".jsonl"):
+        check_source(args.second_text, None)
+        return args.second_text
+    return eval_text(args.second_text, None)
+
+
+def evaluate_second_text(session, text: str, args) -> dict:
+    """The same quantized model's perplexity on a second text: one quantization, two verdicts, so an ordering
+    of methods can be checked on text that is not WikiText-2 without quantizing again."""
+    from ..eval.perplexity import perplexity, tokenize_windows
+
+    if str(args.second_text).endswith(".jsonl"):
+        from ..calibration_data import jsonl_text
+
+        text = jsonl_text(session.tokenizer, args.second_text)
+    windows = tokenize_windows(session.tokenizer, text, args.seq_len, args.max_windows)
+    res = perplexity(session.model, windows, progress=not args.json)
+    return {"second_text": str(args.second_text), "ppl_second": res.ppl, "windows_second": res.windows}
 
 
 def add_parser(sub) -> None:
@@ -80,6 +112,9 @@ def add_parser(sub) -> None:
                         "weights, then RTN); any of them combines with --a-bit (default fp)")
     add_spec_args(p)
     add_data_args(p)
+    p.add_argument("--second-text", metavar="FILE",
+                   help="also evaluate the quantized model on this text file (or chat .jsonl), with the same windows; "
+                        "its PPL is the row's ppl_second")
     add_method_args(p, ("salient", "awq", "gptq", "qat", "blockwise", "smoothquant"))
     add_activation_args(p)
     add_budget_args(p)
