@@ -27,6 +27,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """A command-line integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
 def option(default: Any, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (),
            choices: Iterable | None = None, parse: Callable[[str], Any] | None = None, metavar: str | None = None,
            nargs: int | None = None) -> Any:

@@ -53,6 +53,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     (["eval", "--method", "blockwise", "--bw-lr", "0"], ["lr must be positive"]),
     (["eval", "--method", "blockwise", "--format", "nf4"], ["integer grid", "nf4"]),
     (["eval", "--method", "blockwise", "--bw-steps", "0"], ["--bw-steps", "at least 1"]),
+    (["eval", "--method", "blockwise", "--bw-holdout", "-1"], ["--bw-holdout", "must not be negative"]),
 ])
 def test_bad_input_fails_fast_with_one_line(args, fragments):
     assert_clean_error(run(*args), *fragments)

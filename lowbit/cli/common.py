@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import LowbitError
-from ..options import positive_int
+from ..options import non_negative_int, positive_int
 
 GROUP_HELP = "group size along the input dimension (must divide every layer's input width); 0 = per output channel"
 
@@ -40,14 +40,7 @@ def bits_arg(text: str) -> int:
 positive = positive_int  # an integer of at least 1
 
 
-def non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {v}")
-    return v
+non_negative = non_negative_int  # an integer of at least 0
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -135,7 +128,7 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, title: str, skip: tup
             kw["type"] = o.parse
         if o.nargs:
             kw["nargs"] = o.nargs
-        kw["metavar"] = o.metavar or {int: "N", positive_int: "N", float: "X"}.get(o.parse)
+        kw["metavar"] = o.metavar or {int: "N", positive_int: "N", non_negative_int: "N", float: "X"}.get(o.parse)
         g.add_argument(*flags, **kw)
 
 

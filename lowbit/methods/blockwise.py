@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..calib import Activations, LayerContext, calibrate_layer, first_layer_batches, layer_output
 from ..errors import LowbitError
-from ..options import option, positive_int
+from ..options import non_negative_int, option, positive_int
 from ..quantizer import QTensor, QuantSpec, codes_of, dequantize, grouped, latent_of, set_codes, set_latent
 from ..specmap import SpecMap, bits_per_weight
 from .awq import AWQConfig, AWQLayerStep
@@ -46,13 +46,6 @@ E2E_LOGIT_BYTES = 512 * 2**20  # float32 logits of one end-to-end step, at most
 # The recipes: optimizer steps per layer, how often the held-out loss is checked, and the end-to-end steps.
 RECIPES = {"default": {"steps": 160, "check_every": 20, "patience": 3, "e2e_steps": 64},
            "fast": {"steps": 48, "check_every": 12, "patience": 2, "e2e_steps": 32}}
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
 
 
 @dataclass(frozen=True)
@@ -71,13 +64,13 @@ class BlockwiseConfig:
                             flag="--bw-norm-lr", parse=float)
     batch_size: int = option(4, "calibration sequences per step", flag="--bw-batch", parse=positive_int)
     holdout: int = option(2, "calibration sequences held out for early stopping (0: none, train all steps)",
-                          flag="--bw-holdout", parse=_nonnegative_int, metavar="N")
+                          flag="--bw-holdout", parse=non_negative_int, metavar="N")
     soft: bool = option(False, "soft rounding in training (annealed staircase) instead of the straight-through "
                                "estimator", flag="--bw-soft")
     bf16: bool = option(True, "train in float32 instead of bfloat16 autocast", flag="--no-bw-bf16")
     e2e_steps: int | None = option(None, "then tune only the step sizes end to end for N steps (E2E-QP; default: "
                                          "the recipe's, 64 or 32 with --fast; 0 skips it)", flag="--e2e-steps",
-                                   parse=_nonnegative_int, metavar="N")
+                                   parse=non_negative_int, metavar="N")
     e2e_lr: float = option(1e-3, "Adam learning rate of the log step sizes end to end", parse=float)
     seed: int = 0
 
