@@ -8,7 +8,7 @@ there is not run again (``--redo`` runs it anyway).
 
     python bench/blockwise.py --bits 3 --methods rtn awq+gptq blockwise
     python bench/blockwise.py --bits 3 --methods blockwise --fast
-    python bench/blockwise.py --model gemma3-270m --group-size 128 --bits 3
+    python bench/blockwise.py --model gemma3-270m --group-size 128 --bits 3 --methods fp rtn awq+gptq blockwise
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LOWBIT = [sys.executable, "-m", "lowbit.cli"]
 METHOD_ARGS = {"awq+gptq": ["--act-order"], "blockwise": []}
-LABELS = {"rtn": "RTN", "awq+gptq": "AWQ+GPTQ-R (block-wise's start)", "blockwise": "block-wise"}
+LABELS = {"fp": "FP (the float reference)", "rtn": "RTN", "awq+gptq": "AWQ+GPTQ-R (block-wise's start)",
+          "blockwise": "block-wise"}
 
 
 def lowbit(*args: str) -> dict:
@@ -41,7 +42,17 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load:.2f} at start"
 
 
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
+    if method == "fp":  # the float model itself: nothing to quantize or pack
+        wiki = lowbit("eval", "--model", args.model, "--max-windows", str(args.max_windows))
+        other = lowbit("eval", "--model", args.model, "--data", str(second), "--max-windows", str(args.max_windows))
+        return {"key": key, "method": method, "bits": 16, "group_size": 0, "recipe": "", "e2e_steps": 0,
+                "ppl": wiki["ppl"], "ppl_second": other["ppl"], "quant_seconds": 0.0, "wall_seconds": 0.0,
+                "disk_mb": None, "machine": machine(), "date": now()}
     out = REPO / "results" / "blockwise" / args.model / key.replace("+", "-").replace("/", "_")
     extra = [*METHOD_ARGS.get(method, []), *(["--fast"] if method == "blockwise" and args.fast else []),
              *(["--e2e-steps", str(args.e2e_steps)] if method == "blockwise" and args.e2e_steps is not None else [])]
@@ -58,7 +69,7 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
             "e2e_steps": q.get("e2e_steps", 0) if method == "blockwise" else 0,
             "ppl": wiki["ppl"], "ppl_second": other["ppl"], "quant_seconds": round(q.get("quant_seconds", seconds), 1),
             "wall_seconds": round(seconds, 1), "disk_mb": q.get("disk_mb"), "machine": machine(),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "date": now()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                                      text=True, check=True).stdout.strip())
         for bits in args.bits:
             for method in args.methods:
-                key = f"{method}/w{bits}/g{args.group_size}"
+                key = "fp" if method == "fp" else f"{method}/w{bits}/g{args.group_size}"
                 if method == "blockwise":
                     key += f"/{'fast' if args.fast else 'default'}" + ("" if args.e2e_steps is None else
                                                                         f"/e2e{args.e2e_steps}")
