@@ -46,12 +46,16 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def evaluate(model: str, second: Path, args) -> dict:
+    """WikiText-2 test and the second text from one model load (``lowbit eval --second-text``)."""
+    return lowbit("eval", "--model", model, "--max-windows", str(args.max_windows), "--second-text", str(second))
+
+
 def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
     if method == "fp":  # the float model itself: nothing to quantize or pack
-        wiki = lowbit("eval", "--model", args.model, "--max-windows", str(args.max_windows))
-        other = lowbit("eval", "--model", args.model, "--data", str(second), "--max-windows", str(args.max_windows))
+        res = evaluate(args.model, second, args)
         return {"key": key, "method": method, "bits": 16, "group_size": 0, "recipe": "", "e2e_steps": 0,
-                "ppl": wiki["ppl"], "ppl_second": other["ppl"], "quant_seconds": 0.0, "wall_seconds": 0.0,
+                "ppl": res["ppl"], "ppl_second": res["ppl_second"], "quant_seconds": 0.0, "wall_seconds": 0.0,
                 "disk_mb": None, "machine": machine(), "date": now()}
     out = REPO / "results" / "blockwise" / args.model / key.replace("+", "-").replace("/", "_")
     extra = [*METHOD_ARGS.get(method, []), *(["--fast"] if method == "blockwise" and args.fast else []),
@@ -62,12 +66,12 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
                str(args.group_size), "--calib-samples", str(args.calib_samples), "--calib-seq-len", "512", *extra,
                "-o", str(out), "--force")
     seconds = time.perf_counter() - start
-    wiki = lowbit("eval", "--model", str(out), "--max-windows", str(args.max_windows))
-    other = lowbit("eval", "--model", str(out), "--data", str(second), "--max-windows", str(args.max_windows))
+    res = evaluate(str(out), second, args)
     return {"key": key, "method": method, "bits": bits, "group_size": args.group_size,
             "recipe": ("fast" if args.fast else "default") if method == "blockwise" else "",
             "e2e_steps": q.get("e2e_steps", 0) if method == "blockwise" else 0,
-            "ppl": wiki["ppl"], "ppl_second": other["ppl"], "quant_seconds": round(q.get("quant_seconds", seconds), 1),
+            "ppl": res["ppl"], "ppl_second": res["ppl_second"],
+            "quant_seconds": round(q.get("quant_seconds", seconds), 1),
             "wall_seconds": round(seconds, 1), "disk_mb": q.get("disk_mb"), "machine": machine(),
             "date": now()}
 
