@@ -5,13 +5,24 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from zoo import ZOO, tiny_model, tiny_samples
 
 from lowbit import QuantSpec, quantize_
 from lowbit.errors import LowbitError
 from lowbit.formats.ggml import to_blocks
 from lowbit.methods import AWQConfig, AWQGPTQConfig, BlockwiseConfig, GPTQConfig
-from lowbit.methods.blockwise import LearnedCodes, Schedule, TunedSteps, attach, detach, fit, norm_parameters
+from lowbit.methods.blockwise import (
+    LearnedCodes,
+    Schedule,
+    TunedSteps,
+    attach,
+    detach,
+    distillation_loss,
+    fit,
+    norm_parameters,
+    teacher_top_k,
+)
 from lowbit.models.families import family_for
 from lowbit.models.inventory import quantizable_linears
 from lowbit.pack.checkpoint import load_packed, pack_model_, save_packed
@@ -120,6 +131,35 @@ def test_bad_options_and_formats_are_refused():
         BlockwiseConfig(SPEC3, lr=0.0)
     with pytest.raises(LowbitError, match="calibration"):
         quantize_(tiny_model("llama"), BlockwiseConfig(SPEC3, steps=2))
+    with pytest.raises(LowbitError, match="e2e loss"):
+        BlockwiseConfig(SPEC3, e2e_loss="mse")
+
+
+def test_distillation_is_the_teachers_cross_entropy_and_least_at_the_teacher():
+    """With every token kept, the loss is the full cross-entropy against the teacher's distribution; the teacher
+    itself scores lower than a perturbed model; the top-k cut keeps the teacher's most likely tokens."""
+    model = tiny_model("llama")
+    ids = tiny_samples(model, 3, 16, seed=0)
+    vocab = model.config.vocab_size
+    full = teacher_top_k(model, ids, batch=2, k=vocab)
+    ref = logits(model, ids)
+    p, logq = F.softmax(ref, -1), F.log_softmax(ref, -1)
+    assert torch.allclose(distillation_loss(ref, full), -(p * logq).sum(-1).mean(), atol=1e-5)
+    assert distillation_loss(ref, full) < distillation_loss(ref + torch.randn_like(ref), full)
+    top = teacher_top_k(model, ids, batch=3, k=8)
+    assert top[0].shape == (3, 16, 8) and top[1].dtype == torch.int32
+    assert torch.equal(top[1].long(), logq.topk(8, -1).indices)
+
+
+def test_end_to_end_distillation_runs_and_keeps_its_best_held_out_step():
+    model = tiny_model("llama")
+    calib = tiny_samples(model, 8, 32, seed=0)
+    report = quantize_(model, BlockwiseConfig(SPEC3, steps=6, e2e_steps=8, e2e_loss="kd"), calib)
+    assert report.info["e2e_loss"] == "kd"
+    assert report.info["e2e_heldout_best"] <= report.info["e2e_heldout_start"]
+    for lin in quantizable_linears(model, family_for(model)).values():
+        qt = codes_of(lin)
+        assert torch.equal(dequantize(qt).to(lin.weight.dtype), lin.weight)
 
 
 # ---- the method on every family --------------------------------------------------------------------------
@@ -185,24 +225,52 @@ def test_blockwise_lowers_the_error_of_its_start_on_a_llama():
     assert report.info["e2e_heldout_best"] <= report.info["e2e_heldout_start"]
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
-def test_gguf_block_types_learn_codes_only_and_write_exact_blocks(fmt):
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q3_k", "q2_k"])
+def test_gguf_block_types_write_exact_blocks_and_learn_only_what_the_file_holds(fmt):
+    """Float16 block scales (Q4_0, Q4_1) are learned and stay float16; K-quants' integer sub-block scales stay."""
     spec = QuantSpec(format=fmt)
-    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
-    lin = torch.nn.Linear(64, 8, bias=False)
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(4))
+    lin = torch.nn.Linear(256, 8, bias=False)
     with torch.no_grad():
         lin.weight.copy_(w)
     round_weight_(lin, spec)
     before = codes_of(lin)
     grid = attach({"x": lin})["x"]
-    assert grid.offset.requires_grad and not grid.log_scale.requires_grad and not grid.zero_shift.requires_grad
+    free = spec.ggml.super_block is None
+    assert grid.offset.requires_grad and grid.log_scale.requires_grad == free
+    assert grid.zero_shift.requires_grad == (free and not spec.symmetric)
     with torch.no_grad():
         grid.offset.add_(torch.randn_like(grid.offset))
+        if free:
+            grid.log_scale.add_(0.01 * torch.randn_like(grid.log_scale))
+        if grid.zero_shift.requires_grad:
+            grid.zero_shift.add_(0.1 * torch.randn_like(grid.zero_shift))
     detach({"x": lin})
     qt = codes_of(lin)
     assert not torch.equal(qt.q, before.q)
-    assert torch.equal(qt.scale, before.scale) and torch.equal(qt.zero, before.zero)
-    to_blocks(qt.q, qt.scale, qt.zero, spec.ggml)  # refuses parameters the file cannot hold
+    assert torch.equal(qt.scale, before.scale) != free
+    if not free:
+        assert torch.equal(qt.zero, before.zero)
+    assert torch.equal(dequantize(qt).to(lin.weight.dtype), lin.weight)
+    to_blocks(qt.q, qt.scale, qt.zero, spec.ggml)  # refuses parameters the file cannot hold (not float16)
+
+
+def test_end_to_end_step_sizes_of_float16_block_types_stay_float16():
+    model = tiny_model("llama")
+    calib = tiny_samples(model, 8, 32, seed=0)
+    spec = QuantSpec(format="q4_0")
+    starts = copy.deepcopy(model)
+    quantize_(starts, BlockwiseConfig(spec, steps=4, e2e_steps=0), calib)
+    report = quantize_(model, BlockwiseConfig(spec, steps=4, e2e_steps=6, e2e_lr=2e-2), calib)
+    assert report.info["e2e_steps"] > 0
+    moved = 0
+    for (name, lin), ref in zip(quantizable_linears(model, family_for(model)).items(),
+                                quantizable_linears(starts, family_for(starts)).values()):
+        qt = codes_of(lin)
+        assert torch.equal(qt.q, codes_of(ref).q), name  # end to end moves step sizes only
+        moved += not torch.equal(qt.scale, codes_of(ref).scale)
+        to_blocks(qt.q, qt.scale, qt.zero, spec.ggml)
+    assert moved or report.info["e2e_best_step"] == 0
 
 
 def test_gguf_recipe_types_run_end_to_end():

@@ -182,11 +182,11 @@ def test_blockwise_tiny_checkpoint_packs_what_it_trained(tmp_path, tokenizer_dir
     ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
     out = tmp_path / "packed"
     common = ["--model", str(ckpt), "--method", "blockwise", "--w-bit", "3", "--group-size", "16", "--calib-samples",
-              "6", "--calib-seq-len", "64", "--n-grid", "3", "--bw-steps", "4", "--e2e-steps", "2"]
+              "6", "--calib-seq-len", "64", "--n-grid", "3", "--bw-steps", "4", "--e2e-steps", "2", "--e2e-loss", "kd"]
     evaluated = run("eval", *common, "--seq-len", "128", "--max-windows", "2", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     row = json.loads(evaluated.stdout.strip().splitlines()[-1])
-    assert row["method"] == "blockwise" and row["ppl"] > 1
+    assert row["method"] == "blockwise" and row["ppl"] > 1 and row["e2e_loss"] == "kd"
     proc = run("quantize", *common, "--embed", "fp32", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     proc = run("eval", "--model", str(out), "--seq-len", "128", "--max-windows", "2", "--json")

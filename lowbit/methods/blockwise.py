@@ -11,14 +11,16 @@ EfficientQAT's choice). What is learned, per linear (EfficientQAT's Block-AP on 
 - the group's step size ``s = s₀·exp(γ)`` (a smaller step clips: OmniQuant's learnable clipping);
 - the group's zero point (integer grids round it with the straight-through estimator).
 
-Codes always stay on the target grid, so the result packs exactly; GGUF block types (K-quants' integer
-sub-block scales, float16 block scales) keep GPTQ's scales and learn only the rounding. Training
+Codes always stay on the target grid, so the result packs exactly; K-quants keep GPTQ's integer sub-block
+scales and learn only the rounding, GGUF's float16 block scales are learned as float16 values. Training
 runs in bfloat16 autocast (this CPU's AVX-512 BF16 makes a step about twice as fast), and stops
 early on a held-out slice of the calibration set: the parameters kept are those with the lowest
 held-out loss, the start included, so a layer never ends worse on held-out data than GPTQ left it.
 
 An optional last pass (EfficientQAT's E2E-QP) freezes every code and zero point and tunes only the
-step sizes, end to end, on next-token loss plus distillation from the float model's logits.
+step sizes, end to end: on next-token loss over the calibration text, or (``e2e_loss="kd"``) on
+distillation from the float model's next-token distribution (its top-k log-probabilities, taken before
+quantization), which teaches what the float model predicts rather than what the calibration text says.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from .gptq import GPTQConfig, GPTQRounder, warn_if_few_tokens
 from .qat import restore_flags, soft_round, ste_round, trainable_only
 
 E2E_LOGIT_BYTES = 512 * 2**20  # float32 logits of one end-to-end step, at most
+TEACHER_TOP_K = 64  # the float model's most likely next tokens kept per position for distillation
 # The recipes: optimizer steps per layer, how often the held-out loss is checked, and the end-to-end steps.
 RECIPES = {"default": {"steps": 160, "check_every": 20, "patience": 3, "e2e_steps": 64},
            "fast": {"steps": 48, "check_every": 12, "patience": 2, "e2e_steps": 32}}
@@ -72,6 +75,9 @@ class BlockwiseConfig:
                                          "the recipe's, 64 or 32 with --fast; 0 skips it)", flag="--e2e-steps",
                                    parse=non_negative_int, metavar="N")
     e2e_lr: float = option(1e-3, "Adam learning rate of the log step sizes end to end", parse=float)
+    e2e_loss: str = option("ce", "the end-to-end loss: ce (next-token cross-entropy on the calibration text) or kd "
+                                 "(distillation from the float model's top-64 next-token probabilities)",
+                           choices=("ce", "kd"))
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +89,8 @@ class BlockwiseConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise LowbitError(f"block-wise {name.replace('_', ' ')} must be positive, got {v!r}")
+        if self.e2e_loss not in ("ce", "kd"):
+            raise LowbitError(f"block-wise e2e loss must be 'ce' or 'kd', got {self.e2e_loss!r}")
         if self.batch_size < 1 or self.holdout < 0 or (self.e2e_steps is not None and self.e2e_steps < 0):
             raise LowbitError("block-wise batch size must be at least 1, held-out sequences and E2E steps at least 0")
         specs = [self.spec] if isinstance(self.spec, QuantSpec) else [self.spec.default, *(s for _, s in
@@ -103,6 +111,21 @@ class BlockwiseConfig:
 
 
 # ---- one linear's weight as learnable codes -----------------------------------------------------------
+
+
+def free_parameters(spec: QuantSpec) -> bool:
+    """Whether training may move a grid's step sizes and offsets: lowbit's own grids, and GGUF types with float16
+    block parameters (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0). K-quants' sub-block scales are integers on a super-block's
+    grid: their codes move, their scales stay."""
+    return spec.ggml is None or spec.ggml.super_block is None
+
+
+def stored(spec: QuantSpec, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the file stores it: GGUF's legacy block parameters are float16 (rounded with a straight-through
+    gradient, so training sees the values the file will hold); K-quants' stay as they are (not learned)."""
+    if spec.ggml is None or spec.ggml.super_block is not None:
+        return t
+    return t.detach().half().float() + (t - t.detach())  # exactly the float16 value, t's gradient
 
 
 class LearnedCodes(nn.Module):
@@ -131,9 +154,9 @@ class LearnedCodes(nn.Module):
         self.hard = False  # exact nearest rounding, no gradient (held-out checks and the final codes)
 
     def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.s0 * torch.exp(self.log_scale)
+        s = stored(self.spec, self.s0 * torch.exp(self.log_scale))
         if self.float_zero:
-            return s, self.z0 + self.zero_shift * self.s0.abs()
+            return s, stored(self.spec, self.z0 + self.zero_shift * self.s0.abs())
         z = self.z0 + self.zero_shift
         if not self.spec.symmetric:
             z = torch.clamp(torch.round(z) if self.hard else ste_round(z), self.spec.qmin, self.spec.qmax)
@@ -186,14 +209,14 @@ class LearnedCodes(nn.Module):
 
 
 def attach(linears: dict[str, nn.Linear]) -> dict[str, LearnedCodes]:
-    """Parametrize each linear's weight by its recorded codes (the method before must have left them). GGUF block
-    types keep their scales and offsets (K-quants' are integers on a super-block's grid): only codes move."""
+    """Parametrize each linear's weight by its recorded codes (the method before must have left them). K-quants
+    keep their scales and mins (integers on a super-block's grid): only their codes move."""
     out = {}
     for name, lin in linears.items():
         qt = codes_of(lin)
         if qt is None:
             raise LowbitError(f"{name} has no codes to start from (its rounding step recorded none)")
-        free = qt.spec.ggml is None
+        free = free_parameters(qt.spec)
         grid = LearnedCodes(qt, free, free, latent_of(lin))
         set_latent(lin, None)
         parametrize.register_parametrization(lin, "weight", grid, unsafe=True)
@@ -416,14 +439,17 @@ class TunedSteps(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros_like(self.s0))
         self.hard, self.temperature = False, None  # the codes are fixed: nothing to round
 
+    def _scale(self) -> torch.Tensor:
+        return stored(self.spec, self.s0 * torch.exp(self.log_scale))
+
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
-        s = self.s0 * torch.exp(self.log_scale)
+        s = self._scale()
         w = self.q * s + self.z if self.float_zero else (self.q - self.z) * s
         return w.reshape(self.shape)
 
     @torch.no_grad()
     def qtensor(self) -> QTensor:
-        s = (self.s0 * torch.exp(self.log_scale)).squeeze(-1)
+        s = self._scale().squeeze(-1)
         return QTensor(self.q.reshape(self.shape).to(torch.int16), s, self.z.squeeze(-1).clone(), self.spec,
                        self.shape)
 
@@ -435,13 +461,47 @@ class TunedSteps(nn.Module):
         self.log_scale.copy_(state[0])
 
 
-def tune_steps_e2e(model: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor, cfg: BlockwiseConfig
-                   ) -> dict:
+def e2e_batch(model: nn.Module, calib: torch.Tensor, batch_size: int) -> int:
+    """Sequences per end-to-end step: the logits are the pass's largest tensor (Gemma 3's vocabulary has 262k
+    entries), at most ~512 MB of them."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    return max(1, min(batch_size, E2E_LOGIT_BYTES // (4 * vocab * calib.shape[1])))
+
+
+@torch.no_grad()
+def teacher_top_k(model: nn.Module, calib: torch.Tensor, batch: int, k: int = TEACHER_TOP_K
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (float) model's k most likely next tokens at every calibration position: their log-probabilities
+    [n, seq, k] and token ids. Kept instead of the logits (16 × 512 positions × 49k vocabulary would be 1.6 GB)."""
+    was_training = model.training
+    model.eval()
+    values, indices = [], []
+    for ids in calib.split(batch):
+        logp = F.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
+        top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        values.append(top.values)
+        indices.append(top.indices.to(torch.int32))
+    model.train(was_training)
+    return torch.cat(values), torch.cat(indices)
+
+
+def distillation_loss(logits: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the model's next-token distribution against the teacher's top-k probabilities (the
+    mass outside the top k is left out), averaged over positions."""
+    values, indices = teacher
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, indices.long())
+    return -(values.exp() * logp).sum(-1).mean()
+
+
+def tune_steps_e2e(model: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor, cfg: BlockwiseConfig,
+                   teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """EfficientQAT's E2E-QP: every code and zero point frozen, each group's step size trained end to end on
-    next-token loss over the calibration samples, the best held-out step kept. GGUF types keep their scales."""
-    tuned = {n: lin for n, lin in linears.items() if codes_of(lin) is not None and codes_of(lin).spec.ggml is None}
+    next-token loss over the calibration samples (or, given ``teacher``'s top-k log-probabilities, on
+    distillation from them), the best held-out step kept. K-quants keep their scales."""
+    tuned = {n: lin for n, lin in linears.items() if codes_of(lin) is not None and free_parameters(codes_of(lin).spec)}
     if not tuned:
-        return {"e2e": "skipped: no linear has integer codes with free step sizes"}
+        return {"e2e": "skipped: no linear has codes with free step sizes (K-quants' are integers)"}
     grids = []
     for lin in tuned.values():
         grids.append(TunedSteps(codes_of(lin)))
@@ -456,12 +516,11 @@ def tune_steps_e2e(model: nn.Module, linears: dict[str, nn.Linear], calib: torch
         ids = calib[idx]
         with autocast:
             logits = model(ids, use_cache=False).logits
+        if teacher is not None:
+            return distillation_loss(logits, (teacher[0][idx], teacher[1][idx]))
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
 
-    # the logits are the largest tensor of the pass (Gemma 3's vocabulary has 262k entries): at most ~512 MB of them
-    head = model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
-    batch = max(1, min(cfg.batch_size, E2E_LOGIT_BYTES // (4 * vocab * calib.shape[1])))
+    batch = e2e_batch(model, calib, cfg.batch_size)
     steps = cfg.recipe["e2e_steps"]
     sched = Schedule(steps, max(1, min(8, steps // 4)), 2, batch, cfg.holdout)
     try:
@@ -472,7 +531,8 @@ def tune_steps_e2e(model: nn.Module, linears: dict[str, nn.Linear], calib: torch
         restore_flags(flags)
         detach(tuned)
         model.train(was_training)
-    return {"e2e_heldout_start": start, "e2e_heldout_best": best, "e2e_best_step": best_step, "e2e_steps": steps}
+    return {"e2e_loss": "kd" if teacher is not None else "ce", "e2e_heldout_start": start, "e2e_heldout_best": best,
+            "e2e_best_step": best_step, "e2e_steps": steps}
 
 
 # ---- the method ----------------------------------------------------------------------------------------
@@ -492,12 +552,15 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
     if awq_cfg.load_search:
         raise LowbitError("block-wise reconstruction searches AWQ's scales on its own layer walk; drop --load-search")
     started = time.perf_counter()
+    e2e_steps = config.recipe["e2e_steps"]
+    teacher = (teacher_top_k(model, calib, e2e_batch(model, calib, config.batch_size))
+               if e2e_steps and config.e2e_loss == "kd" else None)  # from the float model, before any rounding
     gptq = GPTQRounder(gptq_cfg)
     rounder = BlockReconstructor(config, gptq)
     awq = AWQLayerStep(model, family, awq_cfg, None, rounder)
     _walk(model, family, calib, awq, rounder)
     logs = rounder.logs
-    e2e = tune_steps_e2e(model, linears, calib, config) if config.recipe["e2e_steps"] else {}
+    e2e = tune_steps_e2e(model, linears, calib, config, teacher) if e2e_steps else {}
     info: dict = {"recipe": "fast" if config.fast else "default", "steps": sum(lg.steps for lg in logs),
                   "block_seconds": round(time.perf_counter() - started, 1),
                   "heldout_start": _mean(lg.start for lg in logs), "heldout_best": _mean(lg.best for lg in logs),
