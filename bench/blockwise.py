@@ -8,6 +8,7 @@ there is not run again (``--redo`` runs it anyway).
 
     python bench/blockwise.py --bits 3 --methods rtn awq+gptq blockwise
     python bench/blockwise.py --bits 3 --methods blockwise --fast
+    python bench/blockwise.py --bits 2 --methods blockwise --e2e-loss kd
     python bench/blockwise.py --model gemma3-270m --group-size 128 --bits 3 --methods fp rtn awq+gptq blockwise
 """
 from __future__ import annotations
@@ -59,7 +60,8 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
                 "disk_mb": None, "machine": machine(), "date": now()}
     out = REPO / "results" / "blockwise" / args.model / key.replace("+", "-").replace("/", "_")
     extra = [*METHOD_ARGS.get(method, []), *(["--fast"] if method == "blockwise" and args.fast else []),
-             *(["--e2e-steps", str(args.e2e_steps)] if method == "blockwise" and args.e2e_steps is not None else [])]
+             *(["--e2e-steps", str(args.e2e_steps)] if method == "blockwise" and args.e2e_steps is not None else []),
+             *(["--e2e-loss", args.e2e_loss] if method == "blockwise" and args.e2e_loss != "ce" else [])]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     q = lowbit("quantize", "--model", args.model, "--method", method, "--w-bit", str(bits), "--group-size",
@@ -68,7 +70,8 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
     seconds = time.perf_counter() - start
     res = evaluate(str(out), second, args)
     return {"key": key, "method": method, "bits": bits, "group_size": args.group_size,
-            "recipe": ("fast" if args.fast else "default") if method == "blockwise" else "",
+            "recipe": (("fast" if args.fast else "default") + (", E2E distilled" if args.e2e_loss == "kd" else "")
+                       if method == "blockwise" else ""),
             "e2e_steps": q.get("e2e_steps", 0) if method == "blockwise" else 0,
             "ppl": res["ppl"], "ppl_second": res["ppl_second"],
             "quant_seconds": round(q.get("quant_seconds", seconds), 1),
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--fast", action="store_true", help="block-wise's fast recipe")
     p.add_argument("--e2e-steps", type=int, help="block-wise's end-to-end step-size steps (default: the recipe's)")
+    p.add_argument("--e2e-loss", choices=("ce", "kd"), default="ce",
+                   help="block-wise's end-to-end loss: next-token cross-entropy (default) or distillation from float")
     p.add_argument("--redo", action="store_true", help="run rows already in the cache again")
     p.add_argument("--table-only", action="store_true", help="print the cached rows")
     args = p.parse_args(argv)
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 if method == "blockwise":
                     key += f"/{'fast' if args.fast else 'default'}" + ("" if args.e2e_steps is None else
                                                                         f"/e2e{args.e2e_steps}")
+                    key += "/kd" if args.e2e_loss == "kd" else ""
                 if key in cache and not args.redo:
                     continue
                 print(f"running {key} ...", file=sys.stderr, flush=True)

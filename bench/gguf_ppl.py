@@ -126,12 +126,18 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-lowbit-ppl", action="store_true", help="skip the second column (lowbit's protocol)")
+    p.add_argument("--second-text", metavar="FILE",
+                   help="also score every file on this text with llama-perplexity (e.g. the Jargon File from "
+                        "bench/second_text.py): an ordering that holds off WikiText-2, not a calibration effect")
     p.add_argument("--workdir", help="files and cached rows (default results/gguf/MODEL)")
     p.add_argument("--plot", help="write a PNG of PPL against bits per linear weight here")
     p.add_argument("--table-only", action="store_true", help="print the rows already measured; make nothing")
     args = p.parse_args()
 
     test = data_dir() / "wikitext-2-raw" / "wiki.test.raw"
+    if args.second_text and not Path(args.second_text).is_file():
+        sys.exit(f"error: --second-text {args.second_text}: no such file (python bench/second_text.py makes the "
+                 "Jargon File)")
     work = Path(args.workdir or REPO / "results" / "gguf" / args.model)
     cache_path = work / "rows.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -147,13 +153,18 @@ def main() -> int:
     files = prepare(work, tools, args)
 
     def row_for(key: str, path: Path) -> dict:
-        if key not in cache or (not args.no_lowbit_ppl and cache[key].get("lowbit_ppl") is None):
+        second = str(Path(args.second_text).resolve()) if args.second_text else None
+        if key not in cache or (not args.no_lowbit_ppl and cache[key].get("lowbit_ppl") is None) or (
+                second and cache[key].get("second_text") != second):
             start = time.perf_counter()
             row = cache.get(key) or {"ppl": llama_perplexity(tools, path, test, 2048, args.chunks, args.threads),
                                      "bytes": path.stat().st_size, "bpw": linear_bits(path),
                                      "types": gguf_types(path)}
-            if not args.no_lowbit_ppl:
+            if not args.no_lowbit_ppl and row.get("lowbit_ppl") is None:
                 row["lowbit_ppl"] = lowbit_ppl(path, args.chunks)
+            if second and row.get("second_text") != second:
+                row["ppl_second"] = llama_perplexity(tools, path, Path(second), 2048, args.chunks, args.threads)
+                row["second_text"] = second
             row["seconds"] = round(time.perf_counter() - start, 1)
             # merge with the file as it is now: another run may have added rows meanwhile
             cache.update(json.loads(cache_path.read_text()) if cache_path.exists() else {})
@@ -179,18 +190,23 @@ def report(rows, cache: dict, args) -> int:
           f"column: lowbit's protocol ({args.chunks} windows of 2048, every token); calibration and imatrix: "
           f"{args.calib_samples} x 512 tokens of WikiText-2 validation; llama.cpp from llama-cpp-python 0.3.36's "
           "sources")
+    second = any(r.get("ppl_second") is not None for _, _, r in rows)
+    if second:
+        print(f"third PPL column: llama-perplexity on {Path(rows[0][2].get('second_text', '?')).name}, same protocol")
     print()
-    print("| recipe | source | MB | bits / linear weight | PPL (llama.cpp) | PPL (lowbit protocol) | gap to F32 "
-          "recovered vs imatrix | linear types |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| recipe | source | MB | bits / linear weight | PPL (llama.cpp) | PPL (lowbit protocol) | "
+          + ("PPL 2nd text (llama.cpp) | " if second else "") + "gap to F32 recovered vs imatrix | linear types |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | " + ("---: | " if second else "") + "---: | --- |")
     for recipe, source, r in rows:
         base = cache.get(f"{recipe}/llama.cpp+imatrix")
         rec = "" if base is None or source.startswith("llama.cpp") or recipe == "F32" else \
-            f"{(base['ppl'] - r['ppl']) / (base['ppl'] - f32) * 100:+.0f} %"
+            f"{(base['ppl'] - r['ppl']) / (base['ppl'] - f32) * 100:+.1f} %"
         types = ", ".join(f"{n} {k}" for k, n in sorted(r["types"].items(), key=lambda kv: -kv[1]))
         lp = r.get("lowbit_ppl")
+        ps = r.get("ppl_second")
+        extra = (("" if ps is None else f"{ps:.3f}") + " | ") if second else ""
         print(f"| {recipe} | {LABELS.get(source, source)} | {r['bytes'] / 1e6:.1f} | {r['bpw']:.2f} | {r['ppl']:.3f} | "
-              f"{'' if lp is None else f'{lp:.3f}'} | {rec} | {types} |")
+              f"{'' if lp is None else f'{lp:.3f}'} | {extra}{rec} | {types} |")
     if args.plot:
         plot(rows, args.plot, args.model)
     return 0

@@ -487,11 +487,14 @@ def teacher_top_k(model: nn.Module, calib: torch.Tensor, batch: int, k: int = TE
 
 
 def distillation_loss(logits: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the model's next-token distribution against the teacher's top-k probabilities (the
-    mass outside the top k is left out), averaged over positions."""
+    """Cross-entropy of the model's next-token distribution against the teacher's, over the teacher's top k
+    tokens and one bucket for all the rest, averaged over positions. The bucket matters: without it the loss
+    falls when the model piles the tail's mass onto the top k, which sharpens it and costs every rarer token."""
     values, indices = teacher
-    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, indices.long())
-    return -(values.exp() * logp).sum(-1).mean()
+    logq = F.log_softmax(logits.float(), dim=-1).gather(-1, indices.long())
+    p_tail = (1 - values.exp().sum(-1)).clamp_min(0)
+    logq_tail = torch.log1p(-logq.exp().sum(-1).clamp(max=1 - 1e-6))
+    return -((values.exp() * logq).sum(-1) + p_tail * logq_tail).mean()
 
 
 def tune_steps_e2e(model: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor, cfg: BlockwiseConfig,
