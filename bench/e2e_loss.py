@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.second_text import jargon  # noqa: E402
 
 
 def cli_args(args, extra: list[str]):
@@ -104,8 +105,7 @@ def main() -> int:
     else:
         if not Path(args.snapshot).is_file():
             sys.exit(f"error: no snapshot {args.snapshot}; make it with --block-only first")
-        second = Path(subprocess.run([sys.executable, str(REPO / "bench" / "second_text.py")], capture_output=True,
-                                     text=True, check=True).stdout.strip())
+        second = jargon()
         row = variant(args, extra, second)
     print(json.dumps({"model": args.model, "bits": args.bits, "group_size": args.group_size, **row}, default=str))
     return 0

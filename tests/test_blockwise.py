@@ -20,6 +20,7 @@ from lowbit.methods.blockwise import (
     detach,
     distillation_loss,
     fit,
+    fit_block,
     norm_parameters,
     teacher_top_k,
 )
@@ -124,6 +125,32 @@ def test_fit_keeps_the_start_when_training_only_hurts():
     assert torch.equal(after.q, before.q) and torch.equal(after.scale, before.scale)
 
 
+def test_token_loss_is_not_drowned_by_an_attention_sink():
+    """One position with a massive hidden state (as an attention sink's, ~1000x the others here): under plain MSE
+    the fit serves that position; under the per-token loss the other positions' relative error falls further."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(32, 64, generator=gen)
+    x = torch.randn(12, 8, 64, generator=gen)
+    x[:, 0] *= 1000.0
+    target = x @ w.T
+    errors = {}
+    for loss in ("mse", "token"):
+        lin = torch.nn.Linear(64, 32, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        round_weight_(lin, QuantSpec(bits=2, group_size=32))
+        grids = attach({"lin": lin})
+        cfg = BlockwiseConfig(QuantSpec(bits=2, group_size=32), steps=200, holdout=0, bf16=False, block_loss=loss,
+                              lr=0.05, scale_lr=0.01)
+        with torch.enable_grad():
+            fit_block(lin, x, target, list(grids.values()), cfg, torch.Generator().manual_seed(0))
+        detach({"lin": lin})
+        with torch.no_grad():
+            rel = ((lin(x) - target).pow(2).sum(-1) / target.pow(2).sum(-1))[:, 1:].mean()
+        errors[loss] = rel.item()
+    assert errors["token"] < 0.8 * errors["mse"], errors
+
+
 def test_bad_options_and_formats_are_refused():
     with pytest.raises(LowbitError, match="integer grid"):
         BlockwiseConfig(QuantSpec(format="nf4"))
@@ -133,6 +160,8 @@ def test_bad_options_and_formats_are_refused():
         quantize_(tiny_model("llama"), BlockwiseConfig(SPEC3, steps=2))
     with pytest.raises(LowbitError, match="e2e loss"):
         BlockwiseConfig(SPEC3, e2e_loss="mse")
+    with pytest.raises(LowbitError, match="block-wise loss"):
+        BlockwiseConfig(SPEC3, block_loss="l1")
 
 
 def test_distillation_is_the_teachers_cross_entropy_and_least_at_the_teacher():
@@ -273,6 +302,23 @@ def test_end_to_end_step_sizes_of_float16_block_types_stay_float16():
         moved += not torch.equal(qt.scale, codes_of(ref).scale)
         to_blocks(qt.q, qt.scale, qt.zero, spec.ggml)
     assert moved or report.info["e2e_best_step"] == 0
+
+
+def test_all_k_quants_skip_the_end_to_end_pass_and_its_teacher(monkeypatch):
+    """K-quants' scales are integers: nothing is free end to end, so neither the pass nor its teacher runs."""
+    from conftest import tiny_llama
+
+    import lowbit.methods.blockwise as bw
+
+    model = tiny_llama(hidden=256, layers=1)  # rows that fill K-quant super-blocks
+    calib = tiny_samples(model, 16, 32, seed=0)
+
+    def no_teacher(*_a, **_k):
+        raise AssertionError("the float model's teacher was computed for nothing")
+
+    monkeypatch.setattr(bw, "teacher_top_k", no_teacher)
+    report = quantize_(model, BlockwiseConfig(QuantSpec(format="q3_k"), steps=2, e2e_steps=4, e2e_loss="kd"), calib)
+    assert report.info["e2e"].startswith("skipped")
 
 
 def test_gguf_recipe_types_run_end_to_end():

@@ -38,7 +38,7 @@ from ..calib import Activations, LayerContext, calibrate_layer, first_layer_batc
 from ..errors import LowbitError
 from ..options import non_negative_int, option, positive_int
 from ..quantizer import QTensor, QuantSpec, codes_of, dequantize, grouped, latent_of, set_codes, set_latent
-from ..specmap import SpecMap, bits_per_weight
+from ..specmap import SpecMap, bits_per_weight, spec_for
 from .awq import AWQConfig, AWQLayerStep
 from .base import QuantReport, prepare
 from .gptq import GPTQConfig, GPTQRounder, warn_if_few_tokens
@@ -75,6 +75,10 @@ class BlockwiseConfig:
                                          "the recipe's, 64 or 32 with --fast; 0 skips it)", flag="--e2e-steps",
                                    parse=non_negative_int, metavar="N")
     e2e_lr: float = option(1e-3, "Adam learning rate of the log step sizes end to end", parse=float)
+    block_loss: str = option("mse", "the per-layer loss: mse (squared error of the layer's outputs) or token (each "
+                                    "position's squared error over its float output's energy, so an attention sink's "
+                                    "massive hidden state does not drown the other positions)", flag="--bw-loss",
+                             choices=("mse", "token"))
     e2e_loss: str = option("ce", "the end-to-end loss: ce (next-token cross-entropy on the calibration text) or kd "
                                  "(distillation from the float model's top-64 next-token probabilities)",
                            choices=("ce", "kd"))
@@ -89,6 +93,8 @@ class BlockwiseConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise LowbitError(f"block-wise {name.replace('_', ' ')} must be positive, got {v!r}")
+        if self.block_loss not in ("mse", "token"):
+            raise LowbitError(f"block-wise loss must be 'mse' or 'token', got {self.block_loss!r}")
         if self.e2e_loss not in ("ce", "kd"):
             raise LowbitError(f"block-wise e2e loss must be 'ce' or 'kd', got {self.e2e_loss!r}")
         if self.batch_size < 1 or self.holdout < 0 or (self.e2e_steps is not None and self.e2e_steps < 0):
@@ -350,10 +356,17 @@ def fit_block(run, x: torch.Tensor, target: torch.Tensor, grids: list[LearnedCod
     sched = Schedule(r["steps"], r["check_every"], r["patience"], cfg.batch_size, cfg.holdout, cfg.soft)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
+    energy = None
+    if cfg.block_loss == "token":  # mean square of each position's float output, floored at a millionth of the mean
+        energy = target.float().pow(2).mean(-1, keepdim=True)
+        energy = energy.clamp_min(1e-6 * energy.mean().item())
+
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         with autocast:
             out = layer_output(run(x[idx]))
-        return F.mse_loss(out.float(), target[idx].float())
+        if energy is None:
+            return F.mse_loss(out.float(), target[idx].float())
+        return ((out.float() - target[idx].float()).pow(2) / energy[idx]).mean()
 
     groups = [{"params": [g.offset for g in grids], "lr": cfg.lr}]
     scales = [p for g in grids for p in (g.log_scale, g.zero_shift) if p.requires_grad]
@@ -556,6 +569,8 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
         raise LowbitError("block-wise reconstruction searches AWQ's scales on its own layer walk; drop --load-search")
     started = time.perf_counter()
     e2e_steps = config.recipe["e2e_steps"]
+    if not any(free_parameters(spec_for(config.spec, name)) for name in linears):
+        e2e_steps = 0  # every linear is a K-quant: no step size is free to tune end to end
     teacher = (teacher_top_k(model, calib, e2e_batch(model, calib, config.batch_size))
                if e2e_steps and config.e2e_loss == "kd" else None)  # from the float model, before any rounding
     gptq = GPTQRounder(gptq_cfg)
@@ -563,7 +578,9 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
     awq = AWQLayerStep(model, family, awq_cfg, None, rounder)
     _walk(model, family, calib, awq, rounder)
     logs = rounder.logs
-    e2e = tune_steps_e2e(model, linears, calib, config, teacher) if e2e_steps else {}
+    e2e = tune_steps_e2e(model, linears, calib, config, teacher) if e2e_steps else (
+        {} if not config.recipe["e2e_steps"] else
+        {"e2e": "skipped: no linear has codes with free step sizes (K-quants' are integers)"})
     info: dict = {"recipe": "fast" if config.fast else "default", "steps": sum(lg.steps for lg in logs),
                   "block_seconds": round(time.perf_counter() - started, 1),
                   "heldout_start": _mean(lg.start for lg in logs), "heldout_best": _mean(lg.best for lg in logs),
