@@ -65,8 +65,7 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
     out = REPO / "results" / "blockwise" / args.model / key.replace("+", "-").replace("/", "_")
     extra = [*METHOD_ARGS.get(method, []), *(["--fast"] if method == "blockwise" and args.fast else []),
              *(["--e2e-steps", str(args.e2e_steps)] if method == "blockwise" and args.e2e_steps is not None else []),
-             *(["--e2e-loss", args.e2e_loss] if method == "blockwise" and args.e2e_loss != "ce" else []),
-             *(["--bw-loss", args.bw_loss] if method == "blockwise" and args.bw_loss != "mse" else [])]
+             *(["--e2e-loss", args.e2e_loss] if method == "blockwise" and args.e2e_loss != "ce" else [])]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     q = lowbit("quantize", "--model", args.model, "--method", method, "--w-bit", str(bits), "--group-size",
@@ -75,8 +74,8 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
     seconds = time.perf_counter() - start
     res = evaluate(str(out), second, args)
     return {"key": key, "method": method, "bits": bits, "group_size": args.group_size,
-            "recipe": (("fast" if args.fast else "default") + (", per-token loss" if args.bw_loss == "token" else "")
-                       + (", E2E distilled" if args.e2e_loss == "kd" else "") if method == "blockwise" else ""),
+            "recipe": (("fast" if args.fast else "default") + (", E2E distilled" if args.e2e_loss == "kd" else "")
+                       if method == "blockwise" else ""),
             "e2e_steps": q.get("e2e_steps", 0) if method == "blockwise" else 0,
             "ppl": res["ppl"], "ppl_second": res["ppl_second"],
             "quant_seconds": round(q.get("quant_seconds", seconds), 1),
@@ -96,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-steps", type=int, help="block-wise's end-to-end step-size steps (default: the recipe's)")
     p.add_argument("--e2e-loss", choices=("ce", "kd"), default="ce",
                    help="block-wise's end-to-end loss: next-token cross-entropy (default) or distillation from float")
-    p.add_argument("--bw-loss", choices=("mse", "token"), default="mse",
-                   help="block-wise's per-layer loss: squared error (default) or per-token relative squared error")
     p.add_argument("--redo", action="store_true", help="run rows already in the cache again")
     p.add_argument("--table-only", action="store_true", help="print the cached rows")
     args = p.parse_args(argv)
@@ -115,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
                     key += f"/{'fast' if args.fast else 'default'}" + ("" if args.e2e_steps is None else
                                                                         f"/e2e{args.e2e_steps}")
                     key += "/kd" if args.e2e_loss == "kd" else ""
-                    key += "/token" if args.bw_loss == "token" else ""
                 if key in cache and not args.redo:
                     continue
                 print(f"running {key} ...", file=sys.stderr, flush=True)

@@ -72,7 +72,8 @@ def variant(args, extra: list[str], second: Path) -> dict:
     session = session_from_args(a)
     cfg = make_config("blockwise", spec_from_args(a), method_options(a))
     model, calib = session.model, session.calibration()
-    teacher = teacher_top_k(model, calib, e2e_batch(model, calib, cfg.batch_size)) if cfg.e2e_loss == "kd" else None
+    kd = cfg.e2e_loss == "kd"
+    teacher = teacher_top_k(model, calib, e2e_batch(model, calib, cfg.recipe["batch"])) if kd else None
     snap = torch.load(args.snapshot, weights_only=False)
     if snap["bits"] != args.bits:
         sys.exit(f"error: {args.snapshot} holds a W{snap['bits']} block phase, not W{args.bits}")

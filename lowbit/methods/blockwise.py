@@ -47,8 +47,8 @@ from .qat import restore_flags, soft_round, ste_round, trainable_only
 E2E_LOGIT_BYTES = 512 * 2**20  # float32 logits of one end-to-end step, at most
 TEACHER_TOP_K = 64  # the float model's most likely next tokens kept per position for distillation
 # The recipes: optimizer steps per layer, how often the held-out loss is checked, and the end-to-end steps.
-RECIPES = {"default": {"steps": 160, "check_every": 20, "patience": 3, "e2e_steps": 64},
-           "fast": {"steps": 48, "check_every": 12, "patience": 2, "e2e_steps": 32}}
+RECIPES = {"default": {"steps": 160, "check_every": 20, "patience": 3, "e2e_steps": 64, "batch": 4},
+           "fast": {"steps": 48, "check_every": 12, "patience": 2, "e2e_steps": 32, "batch": 2}}
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class BlockwiseConfig:
     spec: QuantSpec | SpecMap  # one grid, or one per linear (mixed widths, a GGUF recipe's types)
     awq: AWQConfig | None = None  # the start's AWQ (default AWQConfig(spec))
     gptq: GPTQConfig | None = None  # the start's rounding (default GPTQ-R: act order)
-    fast: bool = option(False, "the fast recipe (48 steps per layer, earlier stopping, 32 end-to-end steps)")
+    fast: bool = option(False, "the fast recipe (48 steps per layer of 2 sequences, earlier stopping, 32 end-to-end "
+                               "steps)")
     steps: int | None = option(None, "optimizer steps per decoder layer (default: the recipe's, 160 or 48 with "
                                      "--fast)", flag="--bw-steps", parse=positive_int)
     lr: float = option(5e-3, "Adam learning rate of the rounding offsets, in steps of the grid", flag="--bw-lr",
@@ -65,7 +66,8 @@ class BlockwiseConfig:
                              parse=float)
     norm_lr: float = option(1e-4, "Adam learning rate of the layer's norm weights (they stay in float; 0: frozen)",
                             flag="--bw-norm-lr", parse=float)
-    batch_size: int = option(4, "calibration sequences per step", flag="--bw-batch", parse=positive_int)
+    batch_size: int | None = option(None, "calibration sequences per step (default: the recipe's, 4 or 2 with "
+                                          "--fast)", flag="--bw-batch", parse=positive_int)
     holdout: int = option(2, "calibration sequences held out for early stopping (0: none, train all steps)",
                           flag="--bw-holdout", parse=non_negative_int, metavar="N")
     soft: bool = option(False, "soft rounding in training (annealed staircase) instead of the straight-through "
@@ -75,10 +77,6 @@ class BlockwiseConfig:
                                          "the recipe's, 64 or 32 with --fast; 0 skips it)", flag="--e2e-steps",
                                    parse=non_negative_int, metavar="N")
     e2e_lr: float = option(1e-3, "Adam learning rate of the log step sizes end to end", parse=float)
-    block_loss: str = option("mse", "the per-layer loss: mse (squared error of the layer's outputs) or token (each "
-                                    "position's squared error over its float output's energy, so an attention sink's "
-                                    "massive hidden state does not drown the other positions)", flag="--bw-loss",
-                             choices=("mse", "token"))
     e2e_loss: str = option("ce", "the end-to-end loss: ce (next-token cross-entropy on the calibration text) or kd "
                                  "(distillation from the float model's top-64 next-token probabilities)",
                            choices=("ce", "kd"))
@@ -93,11 +91,10 @@ class BlockwiseConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise LowbitError(f"block-wise {name.replace('_', ' ')} must be positive, got {v!r}")
-        if self.block_loss not in ("mse", "token"):
-            raise LowbitError(f"block-wise loss must be 'mse' or 'token', got {self.block_loss!r}")
         if self.e2e_loss not in ("ce", "kd"):
             raise LowbitError(f"block-wise e2e loss must be 'ce' or 'kd', got {self.e2e_loss!r}")
-        if self.batch_size < 1 or self.holdout < 0 or (self.e2e_steps is not None and self.e2e_steps < 0):
+        if ((self.batch_size is not None and self.batch_size < 1) or self.holdout < 0
+                or (self.e2e_steps is not None and self.e2e_steps < 0)):
             raise LowbitError("block-wise batch size must be at least 1, held-out sequences and E2E steps at least 0")
         specs = [self.spec] if isinstance(self.spec, QuantSpec) else [self.spec.default, *(s for _, s in
                                                                                       self.spec.overrides)]
@@ -113,6 +110,8 @@ class BlockwiseConfig:
             r["steps"] = self.steps
         if self.e2e_steps is not None:
             r["e2e_steps"] = self.e2e_steps
+        if self.batch_size is not None:
+            r["batch"] = self.batch_size
         return r
 
 
@@ -353,20 +352,13 @@ def fit_block(run, x: torch.Tensor, target: torch.Tensor, grids: list[LearnedCod
               ) -> tuple[float, float, int, int]:
     """Train ``grids`` so that ``run(x[idx])`` matches ``target[idx]`` (mean squared error); see :func:`fit`."""
     r = cfg.recipe
-    sched = Schedule(r["steps"], r["check_every"], r["patience"], cfg.batch_size, cfg.holdout, cfg.soft)
+    sched = Schedule(r["steps"], r["check_every"], r["patience"], r["batch"], cfg.holdout, cfg.soft)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
-
-    energy = None
-    if cfg.block_loss == "token":  # mean square of each position's float output, floored at a millionth of the mean
-        energy = target.float().pow(2).mean(-1, keepdim=True)
-        energy = energy.clamp_min(1e-6 * energy.mean().item())
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         with autocast:
             out = layer_output(run(x[idx]))
-        if energy is None:
-            return F.mse_loss(out.float(), target[idx].float())
-        return ((out.float() - target[idx].float()).pow(2) / energy[idx]).mean()
+        return F.mse_loss(out.float(), target[idx].float())
 
     groups = [{"params": [g.offset for g in grids], "lr": cfg.lr}]
     scales = [p for g in grids for p in (g.log_scale, g.zero_shift) if p.requires_grad]
@@ -536,7 +528,7 @@ def tune_steps_e2e(model: nn.Module, linears: dict[str, nn.Linear], calib: torch
             return distillation_loss(logits, (teacher[0][idx], teacher[1][idx]))
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
 
-    batch = e2e_batch(model, calib, cfg.batch_size)
+    batch = e2e_batch(model, calib, cfg.recipe["batch"])
     steps = cfg.recipe["e2e_steps"]
     sched = Schedule(steps, max(1, min(8, steps // 4)), 2, batch, cfg.holdout)
     try:
@@ -571,7 +563,7 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
     e2e_steps = config.recipe["e2e_steps"]
     if not any(free_parameters(spec_for(config.spec, name)) for name in linears):
         e2e_steps = 0  # every linear is a K-quant: no step size is free to tune end to end
-    teacher = (teacher_top_k(model, calib, e2e_batch(model, calib, config.batch_size))
+    teacher = (teacher_top_k(model, calib, e2e_batch(model, calib, config.recipe["batch"]))
                if e2e_steps and config.e2e_loss == "kd" else None)  # from the float model, before any rounding
     gptq = GPTQRounder(gptq_cfg)
     rounder = BlockReconstructor(config, gptq)
