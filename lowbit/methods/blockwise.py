@@ -561,18 +561,15 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
         raise LowbitError("block-wise reconstruction searches AWQ's scales on its own layer walk; drop --load-search")
     started = time.perf_counter()
     e2e_steps = config.recipe["e2e_steps"]
-    if not any(free_parameters(spec_for(config.spec, name)) for name in linears):
-        e2e_steps = 0  # every linear is a K-quant: no step size is free to tune end to end
+    free = any(free_parameters(spec_for(config.spec, name)) for name in linears)  # all K-quants: nothing to tune
     teacher = (teacher_top_k(model, calib, e2e_batch(model, calib, config.recipe["batch"]))
-               if e2e_steps and config.e2e_loss == "kd" else None)  # from the float model, before any rounding
+               if e2e_steps and free and config.e2e_loss == "kd" else None)  # from the float model, before rounding
     gptq = GPTQRounder(gptq_cfg)
     rounder = BlockReconstructor(config, gptq)
     awq = AWQLayerStep(model, family, awq_cfg, None, rounder)
     _walk(model, family, calib, awq, rounder)
     logs = rounder.logs
-    e2e = tune_steps_e2e(model, linears, calib, config, teacher) if e2e_steps else (
-        {} if not config.recipe["e2e_steps"] else
-        {"e2e": "skipped: no linear has codes with free step sizes (K-quants' are integers)"})
+    e2e = tune_steps_e2e(model, linears, calib, config, teacher) if e2e_steps else {}
     info: dict = {"recipe": "fast" if config.fast else "default", "steps": sum(lg.steps for lg in logs),
                   "block_seconds": round(time.perf_counter() - started, 1),
                   "heldout_start": _mean(lg.start for lg in logs), "heldout_best": _mean(lg.best for lg in logs),
