@@ -75,6 +75,9 @@ PEERS = {
     "hqq": Peer("hqq", "autoround", ("hqq",)),
 }
 DEFAULT_LOWBIT_METHODS = ("awq", "gptq")
+# `lowbit eval --method` choices (lowbit.experiment.METHOD_NAMES; a test keeps the two equal): a misspelt
+# method fails at the command line, not as a failed row after an hour of peers
+LOWBIT_METHODS = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix", "blockwise")
 # llm-compressor's GPTQ defaults to actorder="static" (an alias of "weight"): columns by decreasing
 # Hessian diagonal, groups fixed beforehand. lowbit's --act-order is that algorithm.
 ACT_ORDER_METHODS = ("gptq", "awq+gptq")
@@ -271,11 +274,18 @@ def _eval_key(args: argparse.Namespace) -> dict:
     return key
 
 
+def _names(values: list[str], flag: str) -> list[str]:
+    """The names given, once each; ``none`` (alone) means no names, as the flag given bare does."""
+    if "none" in values and len(values) > 1:
+        raise PeersError(f"{flag} none takes no other names, got {' '.join(values)}")
+    return [] if values == ["none"] else list(dict.fromkeys(values))
+
+
 def plan(args: argparse.Namespace) -> list[Job]:
     """Every row this run shows, in order: float references, then per bit width the peers and lowbit."""
     calib = {"calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed}
     jobs: list[Job] = []
-    args.peers, args.lowbit_methods = list(dict.fromkeys(args.peers)), list(dict.fromkeys(args.lowbit_methods))
+    args.peers, args.lowbit_methods = _names(args.peers, "--peers"), _names(args.lowbit_methods, "--lowbit-methods")
     peer_envs = list(dict.fromkeys(PEERS[p].env for p in args.peers))
     if not args.skip_fp:
         if args.lowbit_methods:
@@ -410,13 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-text", metavar="FILE",
                    help="also evaluate every quantized model on this text (or chat .jsonl) file, with the same "
                         "windows: one quantization, an ordering checked on a second text (e.g. bench/second_text.py)")
-    p.add_argument("--peers", nargs="*", choices=tuple(PEERS), default=list(PEERS),
-                   help="peer tools to run (default all: llm-compressor autoround hqq; none: just lowbit)")
+    p.add_argument("--peers", nargs="*", choices=(*PEERS, "none"), default=list(PEERS),
+                   help="peer tools to run (default all: llm-compressor autoround hqq; none, or the flag alone: "
+                        "just lowbit)")
     p.add_argument("--methods", nargs="+", choices=PEERS["llm-compressor"].methods,
                    default=list(PEERS["llm-compressor"].methods), help="llm-compressor methods (default awq gptq)")
     p.add_argument("--lowbit-methods", nargs="*", default=list(DEFAULT_LOWBIT_METHODS), metavar="METHOD",
+                   choices=(*LOWBIT_METHODS, "none"),
                    help="lowbit rows, each `lowbit eval --method METHOD` (default awq gptq; e.g. awq+gptq, "
-                        "blockwise; none: no lowbit rows). gptq and awq+gptq get --act-order")
+                        "blockwise; none, or the flag alone: no lowbit rows). gptq and awq+gptq get --act-order")
     p.add_argument("--lowbit-args", default="", metavar="ARGS",
                    help="extra arguments for every lowbit row, one quoted string (e.g. \"--bw-steps 50\")")
     p.add_argument("--skip-lowbit", action="store_true", help="no lowbit rows (same as --lowbit-methods alone)")
@@ -444,6 +456,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.environ.get("LOWBIT_DATA_DIR"):
         print("note: LOWBIT_DATA_DIR is unset and ../shared/data is missing; the tools will try the HF hub",
               file=sys.stderr)
+    args.peers, args.lowbit_methods = _names(args.peers, "--peers"), _names(args.lowbit_methods, "--lowbit-methods")
     if args.skip_lowbit:
         args.lowbit_methods = []
     for option in ("eval_data", "second_text"):

@@ -69,6 +69,23 @@ def test_any_lowbit_method_with_extra_args():
     assert "--act-order" not in job.command
 
 
+def test_none_means_no_rows_and_unknown_methods_fail_at_the_command_line(capsys):
+    from lowbit.experiment import METHOD_NAMES
+
+    assert peers.LOWBIT_METHODS == METHOD_NAMES
+    bare = [j.label for j in peers.plan(args("--peers", "--lowbit-methods", "blockwise", "--bits", "3", "--skip-fp"))]
+    named = [j.label for j in peers.plan(args("--peers", "none", "--lowbit-methods", "blockwise", "--bits", "3",
+                                              "--skip-fp"))]
+    assert bare == named == ["lowbit blockwise W3"]
+    only_peer = peers.plan(args("--peers", "hqq", "--lowbit-methods", "none", "--bits", "3", "--skip-fp"))
+    assert [j.label for j in only_peer] == ["hqq W3"]
+    with pytest.raises(peers.PeersError, match="none takes no other"):
+        peers.plan(args("--peers", "none", "hqq"))
+    with pytest.raises(SystemExit):
+        args("--lowbit-methods", "blockwize")
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_table_is_aligned_and_marks_failures():
     rows = [{"tool": "float", "method": "fp", "recipe": "in .venv", "ppl": 20.8216},
             {"tool": "autoround", "method": "autoround", "bits": 3, "group_size": 64,
