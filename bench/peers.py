@@ -482,7 +482,10 @@ def run(args: argparse.Namespace) -> int:
     measured: dict[str, dict] = {}  # this run's rows, merged into ``out`` as each finishes
     failures = 0
 
-    for job in plan(args):
+    jobs = plan(args)
+    if not jobs:
+        raise PeersError("nothing to run: no peers, no lowbit methods and --skip-fp")
+    for job in jobs:
         key = row_key(job.key)
         old = stored.get(key)
         if old is not None and not old.get("error") and not args.rerun:

@@ -69,7 +69,7 @@ def test_any_lowbit_method_with_extra_args():
     assert "--act-order" not in job.command
 
 
-def test_none_means_no_rows_and_unknown_methods_fail_at_the_command_line(capsys):
+def test_none_means_no_rows_and_unknown_methods_fail_at_the_command_line(capsys, tmp_path):
     from lowbit.experiment import METHOD_NAMES
 
     assert peers.LOWBIT_METHODS == METHOD_NAMES
@@ -81,6 +81,9 @@ def test_none_means_no_rows_and_unknown_methods_fail_at_the_command_line(capsys)
     assert [j.label for j in only_peer] == ["hqq W3"]
     with pytest.raises(peers.PeersError, match="none takes no other"):
         peers.plan(args("--peers", "none", "hqq"))
+    assert peers.main(["--peers", "none", "--lowbit-methods", "none", "--skip-fp", "--out",
+                       str(tmp_path / "rows.json")]) == 1
+    assert "nothing to run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         args("--lowbit-methods", "blockwize")
     assert "invalid choice" in capsys.readouterr().err
