@@ -456,7 +456,6 @@ def run(args: argparse.Namespace) -> int:
     if not os.environ.get("LOWBIT_DATA_DIR"):
         print("note: LOWBIT_DATA_DIR is unset and ../shared/data is missing; the tools will try the HF hub",
               file=sys.stderr)
-    args.peers, args.lowbit_methods = _names(args.peers, "--peers"), _names(args.lowbit_methods, "--lowbit-methods")
     if args.skip_lowbit:
         args.lowbit_methods = []
     for option in ("eval_data", "second_text"):
@@ -465,6 +464,9 @@ def run(args: argparse.Namespace) -> int:
             if not path.is_file():
                 raise PeersError(f"--{option.replace('_', '-')} {getattr(args, option)}: no such file")
             setattr(args, option, str(path))
+    jobs = plan(args)  # also reads `none` as no names
+    if not jobs:
+        raise PeersError("nothing to run: no peers, no lowbit methods and --skip-fp")
     if args.lowbit_methods and not LOWBIT_CLI.exists():
         raise PeersError(f"{LOWBIT_CLI} not found: run `make install` first, or pass --lowbit-methods with no names")
     out = Path(args.out)
@@ -482,9 +484,6 @@ def run(args: argparse.Namespace) -> int:
     measured: dict[str, dict] = {}  # this run's rows, merged into ``out`` as each finishes
     failures = 0
 
-    jobs = plan(args)
-    if not jobs:
-        raise PeersError("nothing to run: no peers, no lowbit methods and --skip-fp")
     for job in jobs:
         key = row_key(job.key)
         old = stored.get(key)
