@@ -16,7 +16,7 @@ FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf1
                "binary, ternary")
 
 
-# experiment.METHOD_NAMES
+# experiment.METHOD_NAMES (a test keeps the two equal)
 METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix", "blockwise")
 
 
