@@ -8,7 +8,8 @@ there is not run again (``--redo`` runs it anyway).
 
     python bench/blockwise.py --bits 3 --methods rtn awq+gptq blockwise
     python bench/blockwise.py --bits 3 --methods blockwise --fast
-    python bench/blockwise.py --bits 2 --methods blockwise --e2e-loss kd
+    python bench/blockwise.py --bits 2 --methods blockwise --e2e-loss kd \
+        --blockwise-args "--bw-holdout 0 --bw-scale-lr 4e-3 --e2e-lr 5e-3"
     python bench/blockwise.py --model gemma3-270m --group-size 128 --bits 3 --methods fp rtn awq+gptq blockwise
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import datetime as dt
 import json
 import os
 import platform
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -57,15 +60,17 @@ def evaluate(model: str, second: Path, args) -> dict:
 
 
 def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
+    host = machine()  # before the row runs, so its load average is what else was running
     if method == "fp":  # the float model itself: nothing to quantize or pack
         res = evaluate(args.model, second, args)
         return {"key": key, "method": method, "bits": 16, "group_size": 0, "recipe": "", "e2e_steps": 0,
                 "ppl": res["ppl"], "ppl_second": res["ppl_second"], "quant_seconds": 0.0, "wall_seconds": 0.0,
-                "disk_mb": None, "machine": machine(), "date": now()}
-    out = REPO / "results" / "blockwise" / args.model / key.replace("+", "-").replace("/", "_")
+                "disk_mb": None, "machine": host, "date": now()}
+    out = REPO / "results" / "blockwise" / args.model / re.sub(r"[^\w.-]+", "_", key.replace("+", "-"))
     extra = [*METHOD_ARGS.get(method, []), *(["--fast"] if method == "blockwise" and args.fast else []),
              *(["--e2e-steps", str(args.e2e_steps)] if method == "blockwise" and args.e2e_steps is not None else []),
-             *(["--e2e-loss", args.e2e_loss] if method == "blockwise" and args.e2e_loss != "ce" else [])]
+             *(["--e2e-loss", args.e2e_loss] if method == "blockwise" and args.e2e_loss != "ce" else []),
+             *(shlex.split(args.blockwise_args) if method == "blockwise" else [])]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     q = lowbit("quantize", "--model", args.model, "--method", method, "--w-bit", str(bits), "--group-size",
@@ -75,11 +80,12 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
     res = evaluate(str(out), second, args)
     return {"key": key, "method": method, "bits": bits, "group_size": args.group_size,
             "recipe": (("fast" if args.fast else "default") + (", E2E distilled" if args.e2e_loss == "kd" else "")
+                       + (f", {args.blockwise_args}" if args.blockwise_args else "")
                        if method == "blockwise" else ""),
             "e2e_steps": q.get("e2e_steps", 0) if method == "blockwise" else 0,
             "ppl": res["ppl"], "ppl_second": res["ppl_second"],
             "quant_seconds": round(q.get("quant_seconds", seconds), 1),
-            "wall_seconds": round(seconds, 1), "disk_mb": q.get("disk_mb"), "machine": machine(),
+            "wall_seconds": round(seconds, 1), "disk_mb": q.get("disk_mb"), "machine": host,
             "date": now()}
 
 
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-steps", type=int, help="block-wise's end-to-end step-size steps (default: the recipe's)")
     p.add_argument("--e2e-loss", choices=("ce", "kd"), default="ce",
                    help="block-wise's end-to-end loss: next-token cross-entropy (default) or distillation from float")
+    p.add_argument("--blockwise-args", default="",
+                   help="more options for block-wise's quantize, one string, e.g. \"--bw-holdout 0 --e2e-lr 5e-3\"")
     p.add_argument("--redo", action="store_true", help="run rows already in the cache again")
     p.add_argument("--table-only", action="store_true", help="print the cached rows")
     args = p.parse_args(argv)
@@ -112,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     key += f"/{'fast' if args.fast else 'default'}" + ("" if args.e2e_steps is None else
                                                                         f"/e2e{args.e2e_steps}")
                     key += "/kd" if args.e2e_loss == "kd" else ""
+                    key += f"/{' '.join(shlex.split(args.blockwise_args))}" if args.blockwise_args else ""
                 if key in cache and not args.redo:
                     continue
                 print(f"running {key} ...", file=sys.stderr, flush=True)

@@ -323,6 +323,13 @@ def plan(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+def recipe_label(planned: str, reported: str | None, tool: str) -> str:
+    """The recipe column: what the run reports, and for lowbit the extra options too (they change its result)."""
+    if not reported:
+        return planned
+    return f"{reported}, {planned}" if tool == "lowbit" and planned else reported
+
+
 def load_rows(out: Path) -> dict[str, dict]:
     """Rows already measured, by key; rows from before keys were stored are left out (re-run them)."""
     if not out.exists():
@@ -508,7 +515,8 @@ def run(args: argparse.Namespace) -> int:
                     raise python
                 cmd = worker_cmd(python, args, job.base["method"], job.base.get("bits"))
             result = run_json(cmd, log, job.label)
-            row.update({k: result[k] for k in RESULT_FIELDS if k in result and not (k == "recipe" and not result[k])})
+            row.update({k: result[k] for k in RESULT_FIELDS if k in result and k != "recipe"})
+            row["recipe"] = recipe_label(row.get("recipe", ""), result.get("recipe"), job.base["tool"])
             if job.base["tool"] == "float":
                 row["quant_seconds"] = None  # lowbit's CLI says 0.0 for fp: nothing was quantized
         except PeersError as e:

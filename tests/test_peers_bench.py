@@ -118,7 +118,7 @@ def test_rows_are_kept_and_rerun_only_when_asked(tmp_path, monkeypatch):
         calls.append(label)
         if "gptq" in label:
             raise peers.PeersError(f"{label} failed")
-        return {"ppl": 30.0 + len(calls), "quant_seconds": 1.0, "method": "ignored"}
+        return {"ppl": 30.0 + len(calls), "quant_seconds": 1.0, "method": "ignored", "recipe": "default"}
 
     monkeypatch.setattr(peers, "run_json", fake)
     monkeypatch.setattr(peers, "machine", lambda: {"cpu": "test", "cores": 2, "load_average": [0.0]})
@@ -133,6 +133,18 @@ def test_rows_are_kept_and_rerun_only_when_asked(tmp_path, monkeypatch):
     assert peers.main(["--peers", "--lowbit-methods", "awq", "--bits", "4", "--skip-fp", "--out", out]) == 0
     stored = peers.load_rows(Path(out))
     assert sorted((r["method"], r["bits"]) for r in stored.values()) == [("awq", 3), ("awq", 4), ("gptq", 3)]
+    assert {r["recipe"] for r in stored.values() if not r.get("error")} == {"default"}
+    assert peers.main(["--peers", "--lowbit-methods", "awq", "--bits", "4", "--skip-fp", "--out", out,
+                       "--lowbit-args", "--n-grid 10"]) == 0  # other options: another row, labelled by them
+    assert [r["recipe"] for r in peers.load_rows(Path(out)).values()].count("default, n-grid 10") == 1
+
+
+def test_recipe_label_keeps_lowbit_options_and_a_peers_own_words():
+    assert peers.recipe_label("e2e-lr 5e-3", "default", "lowbit") == "default, e2e-lr 5e-3"
+    assert peers.recipe_label("", "default", "lowbit") == "default"
+    reported = "iters 50, lr 0.02, batch 8"
+    assert peers.recipe_label("iters 50, lr auto", reported, "autoround") == reported
+    assert peers.recipe_label("in .venv", None, "float") == "in .venv"
 
 
 def quantized_linear(rows: int = 4, cols: int = 128, bits: int = 3, group: int = 64) -> nn.Linear:
