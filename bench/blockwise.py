@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.peers import options  # noqa: E402
 from bench.second_text import jargon  # noqa: E402
 
 LOWBIT = [sys.executable, "-m", "lowbit.cli"]
@@ -70,7 +70,7 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
     extra = [*METHOD_ARGS.get(method, []), *(["--fast"] if method == "blockwise" and args.fast else []),
              *(["--e2e-steps", str(args.e2e_steps)] if method == "blockwise" and args.e2e_steps is not None else []),
              *(["--e2e-loss", args.e2e_loss] if method == "blockwise" and args.e2e_loss != "ce" else []),
-             *(shlex.split(args.blockwise_args) if method == "blockwise" else [])]
+             *(args.blockwise_args if method == "blockwise" else [])]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     q = lowbit("quantize", "--model", args.model, "--method", method, "--w-bit", str(bits), "--group-size",
@@ -80,7 +80,7 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
     res = evaluate(str(out), second, args)
     return {"key": key, "method": method, "bits": bits, "group_size": args.group_size,
             "recipe": (("fast" if args.fast else "default") + (", E2E distilled" if args.e2e_loss == "kd" else "")
-                       + (f", {args.blockwise_args}" if args.blockwise_args else "")
+                       + (f", {' '.join(args.blockwise_args)}" if args.blockwise_args else "")
                        if method == "blockwise" else ""),
             "e2e_steps": q.get("e2e_steps", 0) if method == "blockwise" else 0,
             "ppl": res["ppl"], "ppl_second": res["ppl_second"],
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-steps", type=int, help="block-wise's end-to-end step-size steps (default: the recipe's)")
     p.add_argument("--e2e-loss", choices=("ce", "kd"), default="ce",
                    help="block-wise's end-to-end loss: next-token cross-entropy (default) or distillation from float")
-    p.add_argument("--blockwise-args", default="",
+    p.add_argument("--blockwise-args", type=options, default="",
                    help="more options for block-wise's quantize, one string, e.g. \"--bw-holdout 0 --e2e-lr 5e-3\"")
     p.add_argument("--redo", action="store_true", help="run rows already in the cache again")
     p.add_argument("--table-only", action="store_true", help="print the cached rows")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     key += f"/{'fast' if args.fast else 'default'}" + ("" if args.e2e_steps is None else
                                                                         f"/e2e{args.e2e_steps}")
                     key += "/kd" if args.e2e_loss == "kd" else ""
-                    key += f"/{' '.join(shlex.split(args.blockwise_args))}" if args.blockwise_args else ""
+                    key += f"/{' '.join(args.blockwise_args)}" if args.blockwise_args else ""
                 if key in cache and not args.redo:
                     continue
                 print(f"running {key} ...", file=sys.stderr, flush=True)

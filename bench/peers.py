@@ -193,7 +193,7 @@ def worker_cmd(python: Path, args: argparse.Namespace, method: str, bits: int | 
 
 def lowbit_extra_args(args: argparse.Namespace, method: str) -> list[str]:
     """What a lowbit row adds to ``lowbit eval``: --act-order for the GPTQ methods, then --lowbit-args."""
-    return (["--act-order"] if method in ACT_ORDER_METHODS else []) + shlex.split(args.lowbit_args or "")
+    return (["--act-order"] if method in ACT_ORDER_METHODS else []) + list(args.lowbit_args)
 
 
 def lowbit_cmd(args: argparse.Namespace, method: str, bits: int | None) -> list[str]:
@@ -407,6 +407,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def options(text: str) -> list[str]:
+    """One quoted string of command-line options, split as a shell would (a refused string: one line, exit 2)."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r}: {e}") from None
+
+
 def _bits(text: str) -> int:
     value = int(text)
     if not 2 <= value <= 8:
@@ -436,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=(*LOWBIT_METHODS, "none"),
                    help="lowbit rows, each `lowbit eval --method METHOD` (default awq gptq; e.g. awq+gptq, "
                         "blockwise; none, or the flag alone: no lowbit rows). gptq and awq+gptq get --act-order")
-    p.add_argument("--lowbit-args", default="", metavar="ARGS",
+    p.add_argument("--lowbit-args", type=options, default="", metavar="ARGS",
                    help="extra arguments for every lowbit row, one quoted string (e.g. \"--bw-steps 50\")")
     p.add_argument("--skip-lowbit", action="store_true", help="no lowbit rows (same as --lowbit-methods alone)")
     p.add_argument("--autoround-iters", type=_positive, default=200,

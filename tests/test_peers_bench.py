@@ -139,6 +139,12 @@ def test_rows_are_kept_and_rerun_only_when_asked(tmp_path, monkeypatch):
     assert [r["recipe"] for r in peers.load_rows(Path(out)).values()].count("default, n-grid 10") == 1
 
 
+def test_unsplittable_lowbit_args_are_one_line_at_the_command_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        args("--lowbit-args", "--foo 'x")
+    assert e.value.code == 2 and "cannot split" in capsys.readouterr().err
+
+
 def test_recipe_label_keeps_lowbit_options_and_a_peers_own_words():
     assert peers.recipe_label("e2e-lr 5e-3", "default", "lowbit") == "default, e2e-lr 5e-3"
     assert peers.recipe_label("", "default", "lowbit") == "default"
