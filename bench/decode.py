@@ -115,7 +115,7 @@ def random_packed(n: int, k: int, spec: QuantSpec, seed: int = 0) -> PackedTenso
     g = torch.Generator().manual_seed(seed)
     groups = k // (spec.group_size if spec.granularity == "group" else k)
     q = torch.randint(spec.qmin, spec.qmax + 1, (n, k), generator=g, dtype=torch.int16)
-    scale = torch.rand(n, groups, generator=g) * 0.01 + 1e-3
+    scale = (torch.rand(n, groups, generator=g) * 0.01 + 1e-3).half().float()  # packed scales are float16
     zero = torch.zeros(n, groups) if spec.symmetric else \
         torch.randint(0, spec.qmax + 1, (n, groups), generator=g).float()
     return PackedTensor.from_qtensor(QTensor(q, scale, zero, spec, (n, k)))

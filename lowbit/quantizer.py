@@ -257,12 +257,33 @@ def signed_extreme(wg: torch.Tensor) -> torch.Tensor:
     return wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True))
 
 
+# Integer grids store their scales as float16 (packed files, every export): the quantizer rounds each scale
+# there when it sets it, so the evaluated weights are the stored ones and bits per weight count 16 per scale.
+SCALE_MIN = 2.0**-24  # the smallest positive float16 (subnormal): the floor of a scale's magnitude
+SCALE_MAX = float(torch.finfo(torch.float16).max)
+
+
+def half_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` (magnitudes below :data:`SCALE_MIN` raised to it, sign kept) rounded to the nearest float16, as
+    float32. Raises :class:`LowbitError` for a finite scale beyond float16's range; non-finite ones pass (searches
+    skip them)."""
+    s = scale.float()
+    s = torch.where(s.abs() < SCALE_MIN, torch.where(s < 0, -SCALE_MIN, SCALE_MIN), s)
+    h = s.half().float()
+    big = torch.isinf(h) & torch.isfinite(s)
+    if bool(big.any()):
+        raise LowbitError(f"a quantization scale of {float(s[big].abs().max()):.6g} exceeds float16's largest value "
+                          f"({SCALE_MAX:g}), in which integer grids store their scales: the weights are too large "
+                          "(check the model for exploding values, or use a GGUF type or a float format)")
+    return h
+
+
 def full_range_scale(extreme: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (and zero zero point) that put the signed ``extreme`` on the negative ``code`` (-2^(b-1) for
-    the full-range grid)."""
+    """Scale (float16-exact) and zero zero point that put the signed ``extreme`` on the negative ``code``
+    (-2^(b-1) for the full-range grid)."""
     scale = extreme.float() / code
-    scale = torch.where(scale.abs() < 1e-8, torch.full_like(scale, 1e-8), scale)
-    return scale, torch.zeros_like(scale)
+    scale = torch.where(scale.abs() < SCALE_MIN, torch.full_like(scale, SCALE_MIN), scale)
+    return half_scale(scale), torch.zeros_like(scale)
 
 
 def qparams_from_range(
@@ -280,11 +301,12 @@ def qparams_from_range(
         scale = fmt.scale_for(torch.maximum(hi.abs(), lo.abs()))
         return scale, torch.zeros_like(scale)
     if spec.symmetric:
-        scale = (torch.maximum(hi.abs(), lo.abs()) / spec.qmax).clamp(min=1e-8)
+        scale = half_scale((torch.maximum(hi.abs(), lo.abs()) / spec.qmax).clamp(min=SCALE_MIN))
         return scale, torch.zeros_like(scale)
-    scale = ((hi - lo) / spec.qmax).clamp(min=1e-8)
-    if spec.zero_point == "float":
+    scale = ((hi - lo) / spec.qmax).clamp(min=SCALE_MIN)
+    if spec.zero_point == "float":  # never packed: its scale stays as computed
         return scale, lo.expand_as(scale).clone()
+    scale = half_scale(scale)  # the zero point from the scale as stored
     return scale, torch.round(-lo / scale).clamp(0, spec.qmax)
 
 

@@ -28,7 +28,7 @@ def random_packed(bits: int, group: int, sym: bool, rows: int, cols: int, seed: 
     g = torch.Generator().manual_seed(seed)
     spec = int_spec(bits, group, sym)
     q = torch.randint(spec.qmin, spec.qmax + 1, (rows, cols), generator=g, dtype=torch.int16)
-    scale = signed_like(torch.rand(rows, cols // group, generator=g) + 0.01, sym, g)
+    scale = signed_like((torch.rand(rows, cols // group, generator=g) + 0.01).half().float(), sym, g)  # as stored
     zero = torch.zeros_like(scale) if sym else torch.randint(0, spec.qmax + 1, scale.shape, generator=g).float()
     return PackedTensor.from_qtensor(QTensor(q, scale, zero, spec, (rows, cols)))
 

@@ -1,4 +1,5 @@
-"""``lowbit inspect``: activation outliers of one layer's linear inputs, before and after a transform."""
+"""``lowbit inspect``: activation outliers of one layer's linear inputs, before and after a transform; or, for a
+packed model directory without ``--layer``, what each packed tensor costs on disk."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,25 @@ INSPECT_COLUMNS = [
     ("max_median", "max/median", ".2f"), ("massive", "massive", ""), ("max_abs", "max |x|", ".4g"),
     ("median_abs", "median |x|", ".4g"), ("top", "top channels (channel:max |x|)", ""),
 ]
+STORAGE_COLUMNS = [
+    ("name", "tensor", ""), ("size", "shape", ""), ("format", "format", ""), ("bytes", "bytes", ""),
+    ("bits_per_weight", "bits/weight", ".3f"), ("scale_dtype", "scales", ""),
+]
+
+
+def run_storage(args) -> int:
+    """The per-tensor storage table of a packed directory, and its quantized linears' bits per weight."""
+    from ..pack.storage import storage
+
+    size = storage(args.model)
+    if args.json:
+        print(json.dumps(size))
+        return 0
+    rows = [{**r, "size": "x".join(map(str, r["shape"]))} for r in size["tensors"]]
+    print(table(rows, STORAGE_COLUMNS))
+    print(f"\nquantized linears: {size['linear_bytes']} bytes for {size['linear_weights']} weights, "
+          f"{size['bits_per_weight']:.4f} bits per weight; weight files: {size['file_bytes']} bytes")
+    return 0
 
 
 def run(args) -> int:
@@ -19,6 +39,12 @@ def run(args) -> int:
     from ..io import check_writable
     from ..models.loading import load_model, model_source
 
+    kind, _ = model_source(args.model)
+    if args.layer is None:
+        if kind != "lowbit":
+            raise LowbitError("--layer is required (the decoder layer whose inputs to inspect); without it --model "
+                              "must be a packed model directory, whose per-tensor storage is listed")
+        return run_storage(args)
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LowbitError(f"--out-dir {out_dir} is a file, not a directory")
@@ -26,7 +52,6 @@ def run(args) -> int:
     paths = figure_paths(out_dir, args.layer, ["float"] + ([args.transform] if args.transform else []))
     for p in paths.values():
         check_writable(p, args.force)
-    kind, _ = model_source(args.model)
     if kind == "lowbit" and args.transform:
         raise LowbitError(f"{args.model} is a packed model; --transform needs float weights")
     from ..calibration_data import calibration_windows, check_source
@@ -55,9 +80,12 @@ def add_parser(sub) -> None:
     from ..inspect import TRANSFORMS
 
     p = sub.add_parser("inspect", help="activation outliers of one layer's linear inputs: a table of per-channel "
-                                       "statistics and 3D surface / heat-map PNGs, before and after a transform")
+                                       "statistics and 3D surface / heat-map PNGs, before and after a transform; "
+                                       "for a packed model directory without --layer, each packed tensor's shape, "
+                                       "format, bytes, bits per weight and scale dtype")
     add_model_args(p)
-    p.add_argument("--layer", type=non_negative, required=True, help="decoder layer index (0 = first)")
+    p.add_argument("--layer", type=non_negative, help="decoder layer index (0 = first); required unless --model is "
+                                                      "a packed directory (then: its storage table)")
     p.add_argument("--transform", choices=tuple(TRANSFORMS), help="also show the layer after this function-"
                                                                   "preserving transform of the float model")
     p.add_argument("--calib-data", help="calibration text file (default: WikiText-2 validation from the data dir, "
@@ -70,5 +98,6 @@ def add_parser(sub) -> None:
     p.add_argument("--out-dir", default="results", help="where the PNGs go (default results/): "
                                                         "layerN_STAGE_surface.png and layerN_STAGE_heatmap.png")
     p.add_argument("--force", action="store_true", help="overwrite existing PNGs")
-    p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of the table")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of the table (the "
+                                                       "storage report: one JSON object)")
     p.set_defaults(func=run)

@@ -12,7 +12,8 @@ EfficientQAT's choice). What is learned, per linear (EfficientQAT's Block-AP on 
 - the group's zero point (integer grids round it with the straight-through estimator).
 
 Codes always stay on the target grid, so the result packs exactly; K-quants keep GPTQ's integer sub-block
-scales and learn only the rounding, GGUF's float16 block scales are learned as float16 values. Training
+scales and learn only the rounding; float16 scales (lowbit's integer grids, GGUF's legacy block scales) are
+learned as float16 values. Training
 runs in bfloat16 autocast (this CPU's AVX-512 BF16 makes a step about twice as fast), and stops
 early on a held-out slice of the calibration set: the parameters kept are those with the lowest
 held-out loss, the start included, so a layer never ends worse on held-out data than GPTQ left it.
@@ -37,7 +38,18 @@ from tqdm.auto import tqdm
 from ..calib import Activations, LayerContext, calibrate_layer, first_layer_batches, layer_output
 from ..errors import LowbitError
 from ..options import non_negative_int, option, positive_int
-from ..quantizer import QTensor, QuantSpec, codes_of, dequantize, grouped, latent_of, set_codes, set_latent
+from ..quantizer import (
+    SCALE_MAX,
+    QTensor,
+    QuantSpec,
+    codes_of,
+    dequantize,
+    grouped,
+    half_scale,
+    latent_of,
+    set_codes,
+    set_latent,
+)
 from ..specmap import SpecMap, bits_per_weight, spec_for
 from .awq import AWQConfig, AWQLayerStep
 from .base import QuantReport, prepare
@@ -133,6 +145,15 @@ def stored(spec: QuantSpec, t: torch.Tensor) -> torch.Tensor:
     return t.detach().half().float() + (t - t.detach())  # exactly the float16 value, t's gradient
 
 
+def stored_scale(spec: QuantSpec, t: torch.Tensor) -> torch.Tensor:
+    """A step size ``t`` as the file stores it: float16 for lowbit's integer grids too (a straight-through
+    gradient, so training sees the step the file will hold; one trained beyond float16's range saturates, and the
+    held-out check judges it); GGUF types as :func:`stored` says."""
+    if spec.ggml is None and not (spec.zero_point == "float" and not spec.symmetric):
+        return half_scale(t.detach().clamp(-SCALE_MAX, SCALE_MAX)) + (t - t.detach())
+    return stored(spec, t)
+
+
 class LearnedCodes(nn.Module):
     """A linear's weight as codes on its grid that training may move (a parametrization of ``weight``).
 
@@ -159,7 +180,7 @@ class LearnedCodes(nn.Module):
         self.hard = False  # exact nearest rounding, no gradient (held-out checks and the final codes)
 
     def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s = stored(self.spec, self.s0 * torch.exp(self.log_scale))
+        s = stored_scale(self.spec, self.s0 * torch.exp(self.log_scale))
         if self.float_zero:
             return s, stored(self.spec, self.z0 + self.zero_shift * self.s0.abs())
         z = self.z0 + self.zero_shift
@@ -445,7 +466,7 @@ class TunedSteps(nn.Module):
         self.hard, self.temperature = False, None  # the codes are fixed: nothing to round
 
     def _scale(self) -> torch.Tensor:
-        return stored(self.spec, self.s0 * torch.exp(self.log_scale))
+        return stored_scale(self.spec, self.s0 * torch.exp(self.log_scale))
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
         s = self._scale()

@@ -42,7 +42,17 @@ from tqdm.auto import tqdm
 from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..options import option, positive_int
-from ..quantizer import QTensor, QuantSpec, compute_qparams, fake_quantize, grouped, set_codes
+from ..quantizer import (
+    SCALE_MAX,
+    SCALE_MIN,
+    QTensor,
+    QuantSpec,
+    compute_qparams,
+    fake_quantize,
+    grouped,
+    half_scale,
+    set_codes,
+)
 from .awq import AWQConfig, apply_awq
 from .base import QuantReport, attach_runtime, prepare
 
@@ -160,7 +170,10 @@ class LearnedGrid(nn.Module):
 
     def _codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hard:  # exact integers and the exact step: what packing will store
-            s = (self.scale.detach().clamp(min=1e-8) * self.sign).unsqueeze(-1)
+            s = self.scale.detach().clamp(min=SCALE_MIN)
+            if self.spec.ggml is None or self.spec.ggml.super_block is None:  # a float16 step in the file
+                s = half_scale(s.clamp(max=SCALE_MAX))  # a step trained beyond float16's range saturates
+            s = (s * self.sign).unsqueeze(-1)
             u = grouped(w.detach().float(), self.spec) / s + self.zero.unsqueeze(-1)
             return torch.clamp(torch.round(u), self.spec.qmin, self.spec.qmax), s
         s = (_scale_grad(self.scale, self.grad_factor).clamp(min=1e-8) * self.sign).unsqueeze(-1)

@@ -109,7 +109,7 @@ def pack_linear(name: str, lin: nn.Linear, spec: QuantSpec, kernel: str = "auto"
 
     out = PackedModel()
     kept = _method_codes(lin, spec)
-    pt = PackedTensor.from_qtensor(kept) if kept is not None else \
+    pt = PackedTensor.from_qtensor(kept, name=name) if kept is not None else \
         PackedTensor.from_weight(lin.weight.detach(), spec, name)
     out.packed[name] = pt
     out.entries[name] = {**pt.meta(), "role": "linear", "kernel": choose_kernel(pt, kernel)}

@@ -8,8 +8,9 @@ rounding tie left the top code unused (range spans qmax - 1 steps) scale and zer
 both come out wrong. :func:`grid_codes` therefore tries the step counts qmax, qmax - 1,
 qmax - 2 and, for each, estimates the scale as the middle of the interval that every
 weight allows (which also finds a scale when the weights were rounded to bf16 after
-dequantization), checks the float scales a few ulps around it, and keeps per group the first
-that reproduces every weight exactly; weights on no such grid are refused.
+dequantization), checks the scales a few ulps around it, and keeps per group the first that
+reproduces every weight exactly; weights on no such grid are refused. The scales tried are float16
+values, as lowbit's integer grids store them (GGUF block types: float32, their own rounding).
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import torch
 
 from ..errors import LowbitError
 from ..quantizer import (
+    SCALE_MIN,
     QTensor,
     QuantSpec,
     dequantize,
     encode,
     full_range_scale,
     grouped,
+    half_scale,
     quantize,
     signed_extreme,
 )
@@ -31,14 +34,15 @@ ULP_STEPS = 4  # scale candidates tried on each side of the estimate
 SPAN_SLACK = 2  # also try ranges spanning qmax - 1 ... qmax - SPAN_SLACK steps
 
 
-def _ulp_candidates(x: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """x, then x moved 1..steps ulps up and down, nearest first."""
+def _ulp_candidates(x: torch.Tensor, steps: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """x rounded to ``dtype``, then moved 1..steps ulps of ``dtype`` up and down, nearest first (as float32)."""
+    x = x.to(dtype)
     out, up, down = [x], x, x
     inf = torch.full_like(x, torch.inf)
     for _ in range(steps):
         up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
         out += [up, down]
-    return out
+    return [c.float() for c in out]
 
 
 def _scale_estimate(d: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -98,22 +102,24 @@ def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     q_sub, z_sub, s_sub = q_best[todo], z_best[todo], s_best[todo]
     done = torch.zeros(len(todo), dtype=torch.bool)
     top = -spec.qmin if spec.full_range else spec.qmax  # steps from zero to the extreme's code
+    half = spec.ggml is None  # lowbit's grids: float16 scales
+    rounded = half_scale if half else (lambda t: t)
     for steps in range(top, top - SPAN_SLACK - 1, -1):
         if bool(done.all()):
             break
         if spec.full_range:
             s, z = full_range_scale(hi, -steps)  # the signed extreme on code -steps
         elif spec.symmetric:
-            s = (hi / steps).clamp(min=1e-8)
+            s = rounded((hi / steps).clamp(min=SCALE_MIN))
             z = torch.zeros_like(s)
         else:
-            s = ((hi - lo) / steps).clamp(min=1e-8)
+            s = rounded(((hi - lo) / steps).clamp(min=SCALE_MIN))
             z = torch.round(-lo / s).clamp(0, spec.qmax)
         q = encode(sub, s.unsqueeze(-1), z.unsqueeze(-1), spec)
         d = q - z.unsqueeze(-1)  # exact small integers; products in float32, as the quantizer's decode
         estimate = _scale_estimate(d.double(), w_lo, w_hi, s)
-        for cand in _ulp_candidates(estimate, ULP_STEPS):
-            ok = exact_in_dtype(d * cand.unsqueeze(-1)) & ~done & (cand * s > 0)
+        for cand in _ulp_candidates(estimate, ULP_STEPS, torch.float16 if half else torch.float32):
+            ok = exact_in_dtype(d * cand.unsqueeze(-1)) & ~done & (cand * s > 0) & torch.isfinite(cand)
             q_sub = torch.where(ok.unsqueeze(-1), q, q_sub)
             z_sub, s_sub = torch.where(ok, z, z_sub), torch.where(ok, cand, s_sub)
             done |= ok

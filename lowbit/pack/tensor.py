@@ -3,11 +3,12 @@
 The codes are stored unsigned, u = q - qmin (symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1] are
 shifted up by 2^(b-1) - 1, full-range ones in [-2^(b-1), 2^(b-1) - 1] by 2^(b-1)), so every width
 packs the same way, and w = (u - z)·s with z the integer zero point (for symmetric the constant
-shift, not stored). A GGUF block type (``format`` q4_0 ... q6_k) keeps its parameters as its file needs
-them: float scales (a K-quant's d·sc, exact in float32) and, for unsigned types, float offsets m in
-``NAME.offsets`` with w = u·s + m. Dequantization goes
-back through :class:`QTensor` and :func:`quantizer.dequantize`, so a packed weight reloads
-to exactly the float weights the quantizer produced.
+shift, not stored) and s float16 (the quantizer sets every integer grid's scales as float16 values: one
+that is not is refused, never widened or rounded here). A GGUF block type (``format`` q4_0 ... q6_k)
+keeps its parameters as its file needs them: float scales (a K-quant's d·sc, exact in float32) and,
+for unsigned types, float offsets m in ``NAME.offsets`` with w = u·s + m. Dequantization goes back
+through :class:`QTensor` and :func:`quantizer.dequantize`, so a packed weight reloads to exactly the
+float weights the quantizer produced.
 """
 from __future__ import annotations
 
@@ -24,8 +25,21 @@ ROW_BLOCK_ELEMENTS = 1 << 21  # weights packed per block in from_weight (~250 MB
 
 def _small(scales: torch.Tensor) -> torch.Tensor:
     """float16 scales when that holds every one exactly (e.g. from a GGUF's fp16 block scales)."""
+    if scales.dtype == torch.float16:
+        return scales
     half = scales.half()
-    return half if torch.equal(half.float(), scales) else scales
+    return half if torch.equal(half.float(), scales.float()) else scales
+
+
+def _half(scales: torch.Tensor, name: str) -> torch.Tensor:
+    """An integer grid's scales as the float16 they are; a scale that is not a float16 value is a bug upstream."""
+    half = scales.half()
+    bad = half.float() != scales.float()
+    if bool(bad.any()):
+        raise LowbitError(f"{name}: {int(bad.sum())} of {bad.numel()} scales are not float16 values (e.g. "
+                          f"{float(scales[bad][0]):.9g}); integer grids store float16 scales, so the method that "
+                          "rounded it must set them as float16 (lowbit.quantizer.half_scale)")
+    return half
 
 
 @dataclass
@@ -37,7 +51,7 @@ class PackedTensor:
     group_size: int  # == cols for one group per row
     symmetric: bool
     qweight: torch.Tensor  # int32 stream of rows*cols codes, row-major
-    scales: torch.Tensor  # [rows, n_groups], float32 (float16 when that holds every scale exactly)
+    scales: torch.Tensor  # [rows, n_groups], float16 (GGUF types: float32 unless float16 holds every one)
     qzeros: torch.Tensor | None  # int32 stream of rows*n_groups zero points; None when symmetric
     full_range: bool = False  # symmetric over all 2^b codes (scales may be negative)
     format: str = "int"  # or a GGUF block type (lowbit.formats.ggml)
@@ -62,18 +76,25 @@ class PackedTensor:
 
     @property
     def spec(self) -> QuantSpec:
-        if self.format != "int":
-            return QuantSpec(format=self.format)
-        if self.group_size == self.shape[1]:
-            return QuantSpec(bits=self.bits, granularity="channel", symmetric=self.symmetric,
-                             full_range=self.full_range)
-        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                         full_range=self.full_range)
+        return self.spec_from_meta(self.meta())
+
+    @staticmethod
+    def spec_from_meta(meta: dict) -> QuantSpec:
+        """The QuantSpec of a packed tensor described by its :meth:`meta` (a ``lowbit.json`` entry)."""
+        fmt = meta.get("format", "int")
+        if fmt != "int":
+            return QuantSpec(format=fmt)
+        kw = {"bits": int(meta["bits"]), "symmetric": bool(meta["symmetric"]),
+              "full_range": bool(meta.get("full_range", False))}
+        if int(meta["group_size"]) == int(meta["shape"][1]):
+            return QuantSpec(granularity="channel", **kw)
+        return QuantSpec(group_size=int(meta["group_size"]), **kw)
 
     @classmethod
-    def from_qtensor(cls, qt: QTensor, small_scales: bool = True) -> PackedTensor:
-        """Pack the codes of a 2-D QTensor (per-tensor parameters are spread over the rows); ``small_scales``
-        stores the scales as float16 when that holds every one exactly."""
+    def from_qtensor(cls, qt: QTensor, small_scales: bool = True, name: str = "tensor") -> PackedTensor:
+        """Pack the codes of a 2-D QTensor (per-tensor parameters are spread over the rows). Integer grids' scales
+        are stored as float16 (:class:`LowbitError` naming ``name`` if one is not a float16 value); a GGUF block
+        type's, with ``small_scales``, as float16 when that holds every one exactly."""
         spec = qt.spec
         if len(qt.shape) != 2:
             raise LowbitError(f"only 2-D weights are packed, got shape {tuple(qt.shape)}")
@@ -93,10 +114,8 @@ class PackedTensor:
             return cls((rows, cols), spec.bits, group, spec.symmetric, pack_bits(codes, spec.bits),
                        _small(scales) if small_scales else scales, None, spec.full_range, spec.format, offsets)
         qzeros = None if spec.symmetric else pack_bits(zeros.round().to(torch.int64), spec.bits)
-        if small_scales:
-            scales = _small(scales)
-        return cls((rows, cols), spec.bits, group, spec.symmetric, pack_bits(codes, spec.bits), scales, qzeros,
-                   spec.full_range)
+        return cls((rows, cols), spec.bits, group, spec.symmetric, pack_bits(codes, spec.bits), _half(scales, name),
+                   qzeros, spec.full_range)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, spec: QuantSpec, name: str = "weight", codes=None) -> PackedTensor:
@@ -112,8 +131,8 @@ class PackedTensor:
         rows, cols = weight.shape
         step = rows if spec.granularity == "tensor" else max(32, ROW_BLOCK_ELEMENTS // max(1, cols) // 32 * 32)
         if step >= rows:
-            return cls.from_qtensor(codes(weight, spec, name))
-        parts = [cls.from_qtensor(codes(weight[i:i + step], spec, name), small_scales=False)
+            return cls.from_qtensor(codes(weight, spec, name), name=name)
+        parts = [cls.from_qtensor(codes(weight[i:i + step], spec, name), small_scales=False, name=name)
                  for i in range(0, rows, step)]
         first = parts[0]
         qzeros = None if first.qzeros is None else torch.cat([p.qzeros for p in parts])
