@@ -86,7 +86,7 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
             "ppl": res["ppl"], "ppl_second": res["ppl_second"],
             "quant_seconds": round(q.get("quant_seconds", seconds), 1),
             "wall_seconds": round(seconds, 1), "disk_mb": q.get("disk_mb"), "machine": host,
-            "date": now()}
+            "date": now(), "calibration": q.get("calibration")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                 part.replace(cache_file)
     rows = sorted(cache.values(), key=lambda r: (r["group_size"], r["bits"], list(LABELS).index(r["method"]),
                                                  r["recipe"], r["e2e_steps"]))
-    print(f"{args.model}; W bits, groups along the input, asymmetric INT; calibration {args.calib_samples} x 512 "
-          f"tokens of WikiText-2 validation; each file packed, reloaded and evaluated on {args.max_windows} windows "
+    from lowbit.calibration_data import stated_calibration
+
+    print(f"{args.model}; W bits, groups along the input, asymmetric INT; calibration: {stated_calibration(rows)}; "
+          f"each file packed, reloaded and evaluated on {args.max_windows} windows "
           "of 2048 tokens of WikiText-2 test and of the Jargon File (bench/second_text.py)\n")
     print("| W | g | method | recipe | PPL WikiText-2 | PPL Jargon File | quantize s | MB on disk | machine |")
     print("| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |")

@@ -68,8 +68,10 @@ def main() -> None:
         print(f"{label:10s} {method:4s} bits/weight {r['bits_per_weight']:.3f}  PPL {r['ppl']:.3f}  "
               f"quant {r['quant_seconds']:.0f} s  eval {r['eval_seconds']:.0f} s", file=sys.stderr, flush=True)
 
-    print(f"{args.model}, {rows[0]['windows']} windows of WikiText-2 test; AWQ: {args.calib_samples} x "
-          f"{args.calib_seq_len} calibration tokens (WikiText-2 validation), search_samples {args.search_samples}, "
+    from lowbit.calibration_data import stated_calibration
+
+    print(f"{args.model}, {rows[0]['windows']} windows of WikiText-2 test; AWQ calibration: "
+          f"{stated_calibration(rows)}, search_samples {args.search_samples}, "
           f"n_grid {opts.n_grid}, clip search on")
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, "

@@ -94,8 +94,9 @@ def prepare(work: Path, tools: Path, args) -> dict[str, Path]:
     calib = work / "calib.txt"
     if not calib.exists():
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        windows, _ = calibration_windows(tok, None, None, args.calib_samples, 512, 0)
+        windows, record = calibration_windows(tok, None, None, args.calib_samples, 512, 0)
         calib.write_text("".join(tok.decode(w) for w in windows.to(torch.long)))
+        calib.with_suffix(".record").write_text(record.describe())
     imatrix = work / "imatrix.gguf"
     if not imatrix.exists():
         llama_imatrix(tools, f32, calib, imatrix, 512, args.calib_samples)
@@ -186,9 +187,11 @@ def main() -> int:
 
 def report(rows, cache: dict, args) -> int:
     f32 = rows[0][2]["ppl"]
+    record = Path(args.workdir or REPO / "results" / "gguf" / args.model) / "calib.record"
+    calibration = record.read_text() if record.is_file() else "not recorded (calib.txt made before records were kept)"
     print(f"{args.model}; llama-perplexity -c 2048 --chunks {args.chunks} on WikiText-2 test; second PPL "
           f"column: lowbit's protocol ({args.chunks} windows of 2048, every token); calibration and imatrix: "
-          f"{args.calib_samples} x 512 tokens of WikiText-2 validation; llama.cpp from llama-cpp-python 0.3.36's "
+          f"{calibration}; llama.cpp from llama-cpp-python 0.3.36's "
           "sources")
     second = any(r.get("ppl_second") is not None for _, _, r in rows)
     if second:

@@ -154,8 +154,10 @@ def main() -> None:
               f"{r['linear_mb'] or 0:.2f} MB  PPL {r['ppl']:.3f}  quant {r['quant_seconds']:.0f} s",
               file=sys.stderr, flush=True)
 
-    print(f"{args.model}, {rows[0]['windows']} windows of WikiText-2 test; calibration {args.calib_samples} x "
-          f"{args.calib_seq_len} tokens of WikiText-2 validation; traces: {args.probes} Hutchinson probes on "
+    from lowbit.calibration_data import stated_calibration
+
+    print(f"{args.model}, {rows[0]['windows']} windows of WikiText-2 test; calibration: {stated_calibration(rows)}; "
+          f"traces: {args.probes} Hutchinson probes on "
           f"{args.sensitivity_samples} sequences; groups of {args.group_size}, asymmetric INT")
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, "

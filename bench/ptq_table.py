@@ -187,8 +187,10 @@ def main() -> int:
     report["rows"] = [results[i] for i in sorted(results)]
 
     m = report["machine"]
-    print(f"{args.model}: {args.max_windows} windows of WikiText-2 test (2048 tokens); calibration "
-          f"{args.calib_samples} x {args.calib_seq_len} tokens of WikiText-2 validation; groups of 64, asymmetric INT")
+    from lowbit.calibration_data import stated_calibration
+
+    print(f"{args.model}: {args.max_windows} windows of WikiText-2 test (2048 tokens); calibration (lowbit rows): "
+          f"{stated_calibration(report['rows'])}; groups of 64, asymmetric INT")
     print(f"{m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]} at start, torch CPU; {report['date']}"
           + (f"; {len(done)} rows kept from an earlier run with the same settings" if done else ""))
     print()

@@ -57,6 +57,7 @@ def main() -> int:
 
     import torch
 
+    from lowbit.calibration_data import stated_calibration
     from lowbit.experiment import CalibOptions, MethodOptions, Session
     from lowbit.methods import QATConfig
     from lowbit.models import load_model
@@ -105,7 +106,7 @@ def main() -> int:
 
     s = report["settings"]
     print(f"SmolLM2-135M-Instruct, W{s['bits']} g{s['group_size']} asymmetric INT; {s['max_windows']} windows of "
-          f"WikiText-2 test (2048 tokens); calibration {s['calib_samples']} x 512 tokens of WikiText-2 validation; "
+          f"WikiText-2 test (2048 tokens); calibration: {stated_calibration(report['rows'])}; "
           f"QAT: {s['steps']} steps per layer (block-wise) or {s['model_steps']} in all (end-to-end), batch 2, "
           f"AdamW lr {s['lr']:g} (weights) / {s['scale_lr']:g} (step sizes); {report['machine']}; {report['date']}")
     print()

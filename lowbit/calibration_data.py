@@ -2,13 +2,15 @@
 
 ``--calib-data`` takes:
 
-- nothing: WikiText-2 validation from the data directory, or pile-val from the hub (:mod:`lowbit.data`);
+- nothing: the calibration part of WikiText-2 validation, from the data directory or the hub (never its dev
+  part, never test: :mod:`lowbit.data`);
 - a text file: its text;
 - a JSONL file, one conversation per line (``{"messages": [{"role": ..., "content": ...}, ...]}``), each
   rendered with the tokenizer's chat template, as the model sees chats; lines with ``{"text": ...}``
   are taken as they are;
 - ``hub:NAME[:CONFIG][@SPLIT]`` or a Hugging Face dataset id ``org/name`` that is not a local path: its
-  ``messages`` (chats) or ``text`` column, fetched with ``datasets``.
+  ``messages`` (chats) or ``text`` column, fetched with ``datasets``; without ``@SPLIT``, its ``train`` split or
+  else its first (AWQ's pile-val, asked for by name only: ``hub:mit-han-lab/pile-val-backup``).
 
 Documents are tokenized one by one and joined; windows of ``seq_len`` tokens are then drawn at random
 without overlap (seeded), as :func:`lowbit.calib.calib_samples` does for plain text.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .data import HUB_CALIB_ROWS, calib_text, read_text
+from .data import CALIB_SOURCE, HUB_CALIB_ROWS, calib_text, read_text
 from .errors import LowbitError
 
 HUB_PREFIX = "hub:"
@@ -33,7 +35,7 @@ HUB_PREFIX = "hub:"
 class Calibration:
     """Where the calibration windows came from and how they were drawn: stated in reports and packed files."""
 
-    source: str  # "wikitext-2 validation", a file path, or hub:NAME...
+    source: str  # "wikitext-2 validation, calibration part", a file path, or hub:NAME...
     kind: str  # text, chat, hub-text, hub-chat
     documents: int
     tokens: int
@@ -107,7 +109,7 @@ def _hub_documents(spec: str, tokenizer) -> tuple[list[str], str]:
     name = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
     name, _, split = name.partition("@")
     name, _, config = name.partition(":")
-    rows = fetch_hub_rows(name, config or None, split or "train", limit=HUB_CALIB_ROWS)
+    rows = fetch_hub_rows(name, config or None, split or None, limit=HUB_CALIB_ROWS)
     first = rows[0] if rows else {}
     if "messages" in first:
         return [_render(tokenizer, _check_messages(r["messages"], f"{name} row {i}"), f"{name} row {i}")
@@ -136,9 +138,11 @@ def jsonl_text(tokenizer, path: str | os.PathLike) -> str:
 def check_source(calib_data: str | os.PathLike | None, data_dir: str | None) -> None:
     """Fail fast, before a slow model load, on a calibration file that is missing or unreadable."""
     if calib_data is None:
-        from .data import resolve_data_dir
+        from .data import CALIB_FILE, local_file, resolve_data_dir
 
-        resolve_data_dir(data_dir)
+        d = resolve_data_dir(data_dir)
+        if d is not None:
+            local_file(d, CALIB_FILE)
     elif not _is_hub_id(str(calib_data)):
         read_text(calib_data)
 
@@ -150,7 +154,7 @@ def calibration_windows(tokenizer, calib_data: str | os.PathLike | None, data_di
         raise LowbitError(f"need at least 1 calibration sample of 2+ tokens, got {samples} x {seq_len}")
     if calib_data is None:
         text = calib_text(None, data_dir)
-        source, kind, docs, templated = "default (WikiText-2 validation, or pile-val online)", "text", [text], False
+        source, kind, docs, templated = CALIB_SOURCE, "text", [text], False
     else:
         spec = str(calib_data)
         if _is_hub_id(spec):
@@ -176,3 +180,10 @@ def draw_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int, sourc
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n_windows, generator=g)[:samples].sort().values
     return ids[: n_windows * seq_len].view(n_windows, seq_len)[pick].clone()
+
+
+def stated_calibration(rows: list[dict]) -> str:
+    """What calibrated a table's rows, as their records say (each row's ``calibration``: the record's
+    :meth:`Calibration.describe`), for the table's header; rows that calibrated nothing state nothing."""
+    seen = list(dict.fromkeys(r["calibration"] for r in rows if r.get("calibration")))
+    return "; ".join(seen) if seen else "not recorded"

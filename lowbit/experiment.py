@@ -14,7 +14,7 @@ from torch import nn
 
 from . import options
 from .calibration_data import Calibration, calibration_windows
-from .data import eval_text
+from .data import eval_source, eval_text
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
 from .methods import (
@@ -167,9 +167,9 @@ def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOp
     raise LowbitError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
 
 
-def check_positions(model: nn.Module, seq_len: int) -> None:
-    """Refuse windows longer than a model with learned position embeddings (GPT-2, OPT) has rows for;
-    rotary and ALiBi models run at any length."""
+def check_positions(model: nn.Module, seq_len: int, window: str = "evaluation", flag: str = "--seq-len") -> None:
+    """Refuse ``window`` windows (set by ``flag``) longer than a model with learned position embeddings (GPT-2,
+    OPT) has rows for; rotary and ALiBi models run at any length."""
     token = model.get_input_embeddings()
     if not any(isinstance(m, nn.Embedding) and m is not token for m in model.modules()):
         return
@@ -177,8 +177,8 @@ def check_positions(model: nn.Module, seq_len: int) -> None:
     limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
                   if isinstance(getattr(cfg, k, None), int)), None)
     if limit is not None and seq_len > limit:
-        raise LowbitError(f"{seq_len}-token windows are longer than the model's {limit} positions; "
-                          f"use --seq-len and --calib-seq-len of at most {limit}")
+        raise LowbitError(f"{seq_len}-token {window} windows are longer than the model's {limit} positions; "
+                          f"use {flag} of at most {limit}")
 
 
 def size_info(model: nn.Module, spec: QuantSpec | SpecMap) -> dict:
@@ -230,17 +230,24 @@ class Session:
     """A loaded model with its float weights kept aside, so methods can be run one after another."""
 
     def __init__(self, model: nn.Module, tokenizer, *, text: str | None = None, data_dir: str | None = None,
-                 seq_len: int = 2048, max_windows: int | None = None, calib: CalibOptions | None = None):
-        """``text`` is the evaluation text (default: WikiText-2 test from ``data_dir`` or the hub, read when first
-        needed, so a run that only quantizes works without it)."""
+                 seq_len: int = 2048, max_windows: int | None = None, calib: CalibOptions | None = None,
+                 split: str = "test", data: str | None = None, evaluates: bool = True):
+        """``text`` is the evaluation text (default: WikiText-2 ``split``, test or dev, from ``data_dir`` or the hub,
+        read when first needed, so a run that only quantizes works without it); ``data`` names it in result rows.
+        Window lengths are checked against the model when used: evaluation's now unless ``evaluates`` is False,
+        calibration's when calibrating."""
         from .models.families import family_for
 
         family_for(model)  # adapts the structure (experts as linears) before the float weights are kept
         calib = calib or CalibOptions()
-        check_positions(model, max(seq_len, calib.seq_len))
+        if evaluates:
+            check_positions(model, seq_len)
         self.model = model
         self.tokenizer = tokenizer
         self.data_dir = data_dir
+        eval_source(None, split)  # an unknown split fails here, not at the first evaluation
+        self.split = split
+        self.data = data if data is not None else eval_source(None, split) if text is None else None
         self._eval = (text, seq_len, max_windows)
         self._windows: torch.Tensor | None = None
         self.calib_options = calib
@@ -256,19 +263,21 @@ class Session:
         """The evaluation windows [n, seq_len] (tokenized once)."""
         if self._windows is None:
             text, seq_len, max_windows = self._eval
-            text = eval_text(None, self.data_dir) if text is None else text
+            check_positions(self.model, seq_len)
+            text = eval_text(None, self.data_dir, self.split) if text is None else text
             self._windows = tokenize_windows(self.tokenizer, text, seq_len, max_windows)
         return self._windows
 
     def use_calibration(self, calib: CalibOptions) -> None:
         """Calibrate the next runs on other data (read when first needed)."""
-        check_positions(self.model, calib.seq_len)
+        check_positions(self.model, calib.seq_len, "calibration", "--calib-seq-len")
         self.calib_options, self._calib, self.calibration_record = calib, None, None
 
     def calibration(self) -> torch.Tensor:
         """The calibration windows [samples, seq_len] (read once); where they came from: ``calibration_record``."""
         if self._calib is None:
             c = self.calib_options
+            check_positions(self.model, c.seq_len, "calibration", "--calib-seq-len")
             self._calib, self.calibration_record = calibration_windows(self.tokenizer, c.data, self.data_dir,
                                                                        c.samples, c.seq_len, c.seed)
         return self._calib
@@ -282,6 +291,16 @@ class Session:
         self.model.load_state_dict(self._float_state)
         for m in self.model.modules():  # the float weights have no codes
             set_codes(m, None)
+
+    def float_model(self) -> nn.Module:
+        """A second module with the float weights, before any method changed them (the reference of ``--kld``).
+        Its tensors are the ones kept for :meth:`restore` (shared, never written), so it costs no extra weights."""
+        self.restore()
+        memo = {}
+        for key, t in self.model.state_dict(keep_vars=True).items():
+            kept = self._float_state[key]
+            memo[id(t)] = nn.Parameter(kept, requires_grad=False) if isinstance(t, nn.Parameter) else kept
+        return copy.deepcopy(self.model, memo)
 
     def allocate(self, base: QuantSpec, budget: BudgetOptions, progress: bool = True) -> SpecMap:
         """Each linear's width under ``budget`` (or from a saved allocation), chosen on the float model."""
@@ -338,4 +357,6 @@ class Session:
         if not evaluate:
             return RunResult(label or name, spec, math.nan, 0, 0, bpw, quant_seconds, 0.0, info)
         res = perplexity(self.model, self.windows, progress=progress)
+        if self.data is not None:
+            info["data"] = self.data
         return RunResult(label or name, spec, res.ppl, res.windows, res.tokens, bpw, quant_seconds, res.seconds, info)

@@ -53,6 +53,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="evaluate on this UTF-8 text file, or a JSONL file of chats (rendered with the "
                                   "model's chat template), instead of WikiText-2 test")
+    p.add_argument("--split", choices=("test", "dev"),
+                   help="evaluate on WikiText-2 test (default) or dev: the part of WikiText-2 validation that "
+                        "calibration never reads, for choosing options without looking at test (lowbit.data)")
     p.add_argument("--data-dir", help="directory with wikitext-2-raw/ and wikitext-2/ (default: $LOWBIT_DATA_DIR, "
                                       "else the Hugging Face hub)")
     p.add_argument("--max-windows", type=positive, help="evaluate only the first N windows")
@@ -90,7 +93,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
 
 CALIB_HELP = ("calibration data: a text file, a JSONL file of chats ({\"messages\": [...]}, rendered with the "
               "model's chat template) or of {\"text\": ...} rows, or a Hugging Face dataset hub:NAME[:CONFIG][@SPLIT] "
-              "(default: WikiText-2 validation from the data dir, or pile-val from the hub)")
+              "(default: the calibration part of WikiText-2 validation, from the data dir or the hub; AWQ's "
+              "pile-val: hub:mit-han-lab/pile-val-backup)")
 
 
 def add_calib_args(p: argparse.ArgumentParser, samples: int = 128) -> None:
@@ -268,22 +272,35 @@ def method_options(args, save_search: str | None = None):
     return MethodOptions(**values)
 
 
+def may_calibrate(args) -> bool:
+    """False only for runs sure to read no calibration data (fp or RTN, no static activation ranges, no Hessian
+    traces to estimate), so their calibration source need not exist."""
+    plain = getattr(args, "method", None) in ("fp", "rtn") and not getattr(args, "a_static", False)
+    traces = (getattr(args, "bits_budget", None) is not None or getattr(args, "size_budget_mb", None) is not None) \
+        and getattr(args, "sensitivity", None) is None and getattr(args, "allocation", None) is None
+    return not plain or traces
+
+
 def session_from_args(args):
     from ..calibration_data import check_source, jsonl_text
-    from ..data import eval_text
+    from ..data import eval_source, eval_text
     from ..experiment import CalibOptions, Session
     from ..models import load_model
     from ..models.loading import model_source
 
     model_source(args.model)  # a bad --model or bad data fails before the slow model load
+    split = getattr(args, "split", None)
+    if split is not None and args.data is not None:
+        raise LowbitError(f"--data {args.data} and --split {split} both choose the evaluation text; give one")
+    split = split or "test"
     chats = args.data is not None and str(args.data).endswith(".jsonl")  # rendered once the tokenizer is loaded
     # Read now, so missing evaluation data fails before the slow part; a run that only quantizes does not need it.
     evaluates = getattr(args, "eval", True) and not (getattr(args, "no_eval", False)
                                                      and getattr(args, "no_start", False))
-    text = None if chats or not evaluates else eval_text(args.data, args.data_dir)
+    text = None if chats or not evaluates else eval_text(args.data, args.data_dir, split)
     if chats:
         check_source(args.data, None)
-    if hasattr(args, "calib_data"):
+    if hasattr(args, "calib_data") and may_calibrate(args):
         check_source(args.calib_data, args.data_dir)
     # Only eval reads a packed model with a chosen kernel; quantize's --kernel is what it records.
     model, tok = load_model(args.model, kernel=args.kernel if args.command == "eval" else "dequant")
@@ -292,7 +309,8 @@ def session_from_args(args):
     calib = CalibOptions(args.calib_samples, args.calib_seq_len, args.seed, args.calib_data) \
         if hasattr(args, "calib_samples") else None
     return Session(model, tok, text=text, data_dir=args.data_dir, seq_len=args.seq_len,
-                   max_windows=args.max_windows, calib=calib)
+                   max_windows=args.max_windows, calib=calib, split=split, data=eval_source(args.data, split),
+                   evaluates=evaluates)
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

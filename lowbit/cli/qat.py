@@ -54,7 +54,8 @@ def run(args) -> int:
             from ..eval.perplexity import perplexity
 
             res = perplexity(session.model, session.windows, progress=not args.json)
-            row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2))
+            row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2),
+                       data=session.data)
     rows.append(row)
     if args.json:
         print(json.dumps(rows))

@@ -162,7 +162,8 @@ def run(args) -> int:
         from ..eval.perplexity import perplexity
 
         res = perplexity(session.model, session.windows, progress=not args.json)
-        row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2))
+        row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2),
+                   data=session.data)
     print(json.dumps(row) if args.json else table([row], RESULT_COLUMNS))
     if args.save_search:
         print(f"search saved to {args.save_search}", file=sys.stderr)

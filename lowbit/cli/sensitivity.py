@@ -60,8 +60,8 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=non_negative, default=64, help=GROUP_HELP + " (default 64)")
     add_sym_args(p)
     p.add_argument("--probes", type=positive, default=4, help="Hutchinson probes (default 4)")
-    p.add_argument("--calib-data", help="calibration text file (default: WikiText-2 validation from the data dir, "
-                                        "or pile-val from the hub)")
+    p.add_argument("--calib-data", help="calibration text file (default: the calibration part of WikiText-2 "
+                                        "validation, from the data dir or the hub)")
     p.add_argument("--data-dir", help="directory with wikitext-2/ (default: $LOWBIT_DATA_DIR, else the hub)")
     p.add_argument("--calib-samples", type=positive, default=4,
                    help="calibration sequences for the Hessian traces (default 4)")
