@@ -258,3 +258,47 @@ def test_single_linear_scores_equal_through_gram_or_tokens():
     via_gram = single_linear_losses(w0, gram(x), scales, spec, x)
     via_tokens = single_linear_losses(w0, None, scales, spec, x)
     assert torch.allclose(via_gram, via_tokens, rtol=1e-4)
+
+
+def test_a_wrong_fold_hidden_by_an_attention_sink_is_caught(monkeypatch):
+    """Token 0's embedding ×100 makes position 0 an attention sink holding >99 % of layer 0's output energy (real
+    models: 70-98 %). A fold that scales one input channel 20 % wrongly moves every later position by ~0.5-1.5 % of
+    its own norm, but the whole output of one sample by ~1e-4, under the 1e-3 tolerance: the check compares each
+    position with its own norm, so every wrong fold is undone."""
+    import lowbit.methods.awq as awq
+    from lowbit.models.fold import fold_error
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0] *= 100
+    ids = samples()
+    ids[:, 0] = 0
+    real = awq.fold_scale
+
+    def wrong(prod, linears, s, index, readers=()):
+        real(prod, linears, s, index, readers)
+        for lin in linears:
+            lin.weight[:, 5] *= 1.2
+
+    layer = model.model.layers[0]
+    out = {}
+    hook = layer.register_forward_hook(lambda _m, _a, o: out.__setitem__("y", (o[0] if isinstance(o, tuple) else o)))
+    clean = copy.deepcopy(model)
+    with torch.no_grad():
+        model(ids[:1])
+        before = out["y"].clone()
+        attn = layer.self_attn
+        wrong(producer(layer.input_layernorm, None, 64), [attn.q_proj, attn.k_proj, attn.v_proj], torch.ones(64),
+              torch.arange(64))
+        model(ids[:1])
+    hook.remove()
+    y = out["y"]
+    whole, worst = float((y - before).norm() / before.norm()), fold_error(before, y)
+    print(f"energy at position 0 {float(before[0, 0].norm() ** 2 / before.norm() ** 2):.4f}, whole {whole:.2e}, "
+          f"worst position {worst:.2e}")
+    assert whole < 1e-3  # the old check (the whole output of one sample) passed it
+    assert worst > 4e-3
+    monkeypatch.setattr(awq, "fold_scale", wrong)
+    report = quantize_(clean, AWQConfig(SPEC3, n_grid=4), ids)
+    undone = [f for f in report.info["fallbacks"] if "changed the float layer" in f]
+    assert len(undone) == len(report.info["alphas"]) == 2 * 4, report.info["fallbacks"]

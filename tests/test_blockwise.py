@@ -84,7 +84,8 @@ def test_tuned_steps_keep_codes_and_move_only_scales():
         steps.log_scale.add_(0.1)
     out = steps.qtensor()
     assert torch.equal(out.q, qt.q) and torch.equal(out.zero, qt.zero)
-    assert torch.allclose(out.scale, qt.scale * torch.exp(torch.tensor(0.1)))
+    # the learned step as the file holds it: float16
+    assert torch.equal(out.scale, (qt.scale * torch.exp(torch.tensor(0.1))).half().float())
 
 
 def _toy_problem(seed: int = 0):
@@ -169,7 +170,9 @@ def test_end_to_end_distillation_runs_and_keeps_its_best_held_out_step():
     calib = tiny_samples(model, 8, 32, seed=0)
     report = quantize_(model, BlockwiseConfig(SPEC3, steps=6, e2e_steps=8, e2e_loss="kd"), calib)
     assert report.info["e2e_loss"] == "kd"
-    assert report.info["e2e_heldout_best"] <= report.info["e2e_heldout_start"]
+    # measured: 3.897 -> 3.846 (-1.3 %) at its 8th step; the pass must lower the held-out loss, not merely keep it
+    assert report.info["e2e_best_step"] > 0
+    assert report.info["e2e_heldout_best"] < 0.994 * report.info["e2e_heldout_start"]
     for lin in quantizable_linears(model, family_for(model)).values():
         qt = codes_of(lin)
         assert torch.equal(dequantize(qt).to(lin.weight.dtype), lin.weight)
@@ -180,7 +183,7 @@ def test_end_to_end_distillation_runs_and_keeps_its_best_held_out_step():
 
 @pytest.fixture(scope="module")
 def starts():
-    """Each family's float model and its AWQ+GPTQ-R error, computed once."""
+    """Each family's float model and its AWQ+GPTQ-R errors (held-out, calibration), computed once."""
     cache = {}
 
     def get(name: str):
@@ -192,16 +195,19 @@ def starts():
             start = copy.deepcopy(model)
             calib = tiny_samples(model, 8, 32, seed=0)
             quantize_(start, AWQGPTQConfig(AWQConfig(SPEC3), GPTQConfig(SPEC3, act_order=True)), calib)
-            cache[name] = (model, held, ref, calib, float((logits(start, held) - ref).pow(2).mean()))
-        model, held, ref, calib, err = cache[name]
-        return copy.deepcopy(model), held, ref, calib, err
+            errs = tuple(float((logits(start, ids) - r).pow(2).mean()) for ids, r in ((held, ref),
+                                                                                     (calib, logits(model, calib))))
+            cache[name] = (model, held, ref, calib, errs)
+        model, held, ref, calib, errs = cache[name]
+        return copy.deepcopy(model), held, ref, calib, errs
 
     return get
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_blockwise_runs_packs_exactly_and_keeps_its_start_quality(name, starts, tmp_path):
-    model, held, ref, calib, start_err = starts(name)
+def test_blockwise_runs_packs_exactly_and_its_end_to_end_pass_improves(name, starts, tmp_path):
+    model, held, ref, calib, (start_err, start_calib_err) = starts(name)
+    float_calib = logits(model, calib)
     report = quantize_(model, BlockwiseConfig(SPEC3, steps=12, e2e_steps=4), calib)
     out = logits(model, held)
     assert torch.isfinite(out).all()
@@ -209,10 +215,18 @@ def test_blockwise_runs_packs_exactly_and_keeps_its_start_quality(name, starts, 
     assert not [f for f in report.info["awq_fallbacks"] if "changed the float layer" in f]
     layers = report.info["layers"]
     assert len(layers) == len(model.get_submodule(family_for(model).layers))
-    assert all(lg["best"] <= lg["start"] for lg in layers)
+    # A layer keeps its start exactly, or a trained step that is better on held-out data.
+    assert all((lg["best_step"] == 0 and lg["best"] == lg["start"]) or (lg["best_step"] > 0 and lg["best"] <
+                                                                         lg["start"]) for lg in layers), layers
+    # Measured over the 18 families, in two runs while blockwise.py changed: the end-to-end pass lowers its
+    # held-out loss by 0.24-1.1 % in every one; 12 steps leave 0-2 layers per model below their start (gpt2: none),
+    # and the logits' error at 0.63-1.03 x the start's on the calibration samples, 0.79-1.04 x on unseen ones.
+    assert report.info["e2e_best_step"] > 0
+    assert report.info["e2e_heldout_best"] < 0.999 * report.info["e2e_heldout_start"]
+    calib_err = float((logits(model, calib) - float_calib).pow(2).mean())
+    assert calib_err <= 1.1 * start_calib_err, (calib_err, start_calib_err)
     err = float((out - ref).pow(2).mean())
-    # on unseen tokens of a random model, reconstruction must not undo its start (a loose check: a few steps)
-    assert err <= 1.25 * start_err, (err, start_err)
+    assert err <= 1.1 * start_err, (err, start_err)
     for name_, lin in quantizable_linears(model, family_for(model)).items():
         qt = codes_of(lin)
         assert qt is not None and torch.equal(dequantize(qt).to(lin.weight.dtype), lin.weight), name_
@@ -234,8 +248,12 @@ def test_blockwise_lowers_the_error_of_its_start_on_a_llama():
     quantize_(start, AWQGPTQConfig(AWQConfig(SPEC3), GPTQConfig(SPEC3, act_order=True)), calib)
     report = quantize_(model, BlockwiseConfig(SPEC3, steps=80, holdout=4, e2e_steps=8), calib)
     err, start_err = (float((logits(m, held) - ref).pow(2).mean()) for m in (model, start))
+    # Measured: 0.856 x the start's error (0.81-0.92 x with other calibration or training seeds; the model of seed 1
+    # gets 1.06 x: its layer 1 cannot improve on held-out data). Its layers' held-out losses fall by 31 % and 9 %
+    # (>= 15 % and 5.5 % with the other seeds); the end-to-end pass's by 1.0 % (0.5-1.8 %).
     assert err < 0.9 * start_err, (err, start_err)
-    assert report.info["e2e_heldout_best"] <= report.info["e2e_heldout_start"]
+    assert all(lg["best"] < 0.97 * lg["start"] for lg in report.info["layers"]), report.info["layers"]
+    assert report.info["e2e_heldout_best"] < 0.995 * report.info["e2e_heldout_start"]
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q3_k", "q2_k"])
@@ -283,7 +301,11 @@ def test_end_to_end_step_sizes_of_float16_block_types_stay_float16():
         assert torch.equal(qt.q, codes_of(ref).q), name  # end to end moves step sizes only
         moved += not torch.equal(qt.scale, codes_of(ref).scale)
         to_blocks(qt.q, qt.scale, qt.zero, spec.ggml)
-    assert moved or report.info["e2e_best_step"] == 0
+    # measured: every linear's step sizes move (98-100 % of them), the held-out loss falls 7.81 -> 6.84 (-12 %;
+    # the same with other seeds)
+    assert moved == len(quantizable_linears(model, family_for(model)))
+    assert report.info["e2e_best_step"] > 0
+    assert report.info["e2e_heldout_best"] < 0.94 * report.info["e2e_heldout_start"]
 
 
 def test_all_k_quants_skip_the_end_to_end_pass_and_its_teacher(monkeypatch):
@@ -339,3 +361,38 @@ def test_every_family_has_norms_to_tune(name):
     assert norms and all(p.dim() == 1 for p in norms)
     linear_params = {id(m.weight) for m in layer.modules() if isinstance(m, torch.nn.Linear)}
     assert not any(id(p) in linear_params for p in norms)
+
+
+def test_a_blockwise_model_exported_to_gguf_reads_back_exactly(tmp_path):
+    """Block-wise on Q4_0's grid, packed, exported: the gguf package decodes each linear's blocks to exactly the
+    weights in memory, and the model loaded from the file (transformers' GGUF loader, as lowbit's loading uses it;
+    lowbit.models.load_model itself cannot read this file's byte-level vocabulary back) gives the same logits."""
+    import gguf
+    from conftest import byte_tokenizer
+    from test_export_gguf import read_back
+
+    from lowbit.export.gguf import export_gguf, rotary_order
+
+    model = tiny_model("llama")
+    calib = tiny_samples(model, 8, 32, seed=0)
+    spec = QuantSpec(format="q4_0")
+    quantize_(model, BlockwiseConfig(spec, steps=4, e2e_steps=4, e2e_lr=2e-2), calib)
+    src = save_packed(pack_model_(model, spec, method="blockwise"), model.config, byte_tokenizer(), tmp_path / "q")
+    info = export_gguf(src, tmp_path / "m.gguf")
+    assert info["max_change_steps"] == 0.0  # the learned float16 block scales are the file's
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
+    linears = quantizable_linears(model, family_for(model))
+    for name, lin in linears.items():
+        t = tensors[names.get_name(name) + ".weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, name
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(lin.weight.shape)
+        n_head = heads.get(name.rsplit(".", 1)[1])
+        if n_head:  # llama.cpp's rotary pairs back to Hugging Face's halves
+            w = w[torch.argsort(rotary_order(w.shape[0], n_head))]
+        assert torch.equal(w, lin.weight), name
+    back = read_back(tmp_path / "m.gguf", "llama", model)
+    ids = tiny_samples(model, 2, 32, seed=1)
+    a, b = logits(model, ids), logits(back, ids)
+    assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())

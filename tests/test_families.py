@@ -1,13 +1,15 @@
 """Every declared family, on tiny random models built from transformers' own config classes.
 
 For each family: adapting the structure (Conv1D, 3-D experts -> nn.Linear) and folding random
-scales into every scaling group leave the float function unchanged; rotation either preserves it
-or refuses; RTN, AWQ, GPTQ-R and AWQ+GPTQ-R run; AWQ's held-out error is no worse than RTN's; the
-report's bits cover every weight; pack -> reload gives the same logits bit for bit.
+scales into every scaling group leave the float function unchanged; rotation preserves it, or
+refuses where it must (declared below, with the reason); RTN, AWQ, GPTQ-R and AWQ+GPTQ-R run; AWQ's
+held-out error is no worse than RTN's; the report's bits cover every weight; pack -> reload gives the
+same logits bit for bit; GGUF export writes every family but those declared refused.
 """
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -72,14 +74,29 @@ def test_adapting_and_folding_keep_the_float_function(name, built):
     assert rel(logits(model, held), before) < 1e-4
 
 
-@pytest.mark.parametrize("name", ZOO)
-def test_rotation_keeps_the_function_or_refuses(name, built):
+# The families whose rotation must be refused, with the message that says why; every other family must rotate and
+# keep its function.
+POST_NORMS = "norms after attention and MLP .* do not commute"  # a norm on each branch's output, not on its input
+LAYER_NORM = "has a bias .*only RMSNorm-style norms commute"  # a LayerNorm's bias (and mean) is not rotation-invariant
+ROTATION_REFUSED = {"gemma2": POST_NORMS, "gemma3": POST_NORMS, "olmo2": POST_NORMS, "opt": LAYER_NORM,
+                    "gpt2": LAYER_NORM, "bloom": LAYER_NORM, "gpt_neox": LAYER_NORM,
+                    "falcon": "needs the family's norms and readers declared"}  # LayerNorms with biases too
+# lowbit/models/families.py names GPT-NeoX's head embed_out; transformers 5 calls it lm_head, so rotation (and
+# sensitivity) fail on the lookup before the LayerNorm check can give the reason.
+STALE_HEAD = pytest.mark.xfail(strict=True, raises=AssertionError,
+                               reason="GPT-NeoX refuses with \"no module 'embed_out'\" instead of its LayerNorm bias")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=STALE_HEAD) if n == "gpt_neox" else n for n in ZOO])
+def test_rotation_keeps_the_function_or_refuses_where_it_must(name, built):
     model, held, before = built(name)
-    try:
-        quantize_(model, RotationConfig(seed=0, online=False))
-    except LowbitError as e:
-        assert "\n" not in str(e)
+    if name in ROTATION_REFUSED:
+        with pytest.raises(LowbitError) as e:
+            quantize_(model, RotationConfig(seed=0, online=False))
+        assert re.search(ROTATION_REFUSED[name], str(e.value)), str(e.value)
+        assert "\n" not in str(e.value)
         return
+    quantize_(model, RotationConfig(seed=0, online=False))
     assert rel(logits(model, held), before) < 1e-4
 
 
@@ -160,10 +177,19 @@ def test_a_wrong_norm_convention_is_caught_by_the_fold_check():
 GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "falcon",
                  "bloom", "gpt_neox", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe",
                  "gpt_oss")  # read back: test_export_gguf.py
+# The zoo models whose export must be refused, with the message that says why; every other one must be written.
+GGUF_REFUSED = {
+    "opt": "does not support model type 'opt'",  # llama.cpp has no OPT architecture
+    # the zoo's Gemma 3 alternates sliding and full attention every other layer; llama.cpp fixes every 6th as full
+    "gemma3": "layer_types differ from llama.cpp's fixed pattern",
+    # transformers' Qwen2 tokenizer class adds <|endoftext|> (id 256) to the byte tokenizer, one row past the tiny
+    # embedding; Qwen2 with a vocabulary that fits is written and read back in test_export_gguf.py
+    "qwen2": "ids up to 256, but the embedding has only 256 rows",
+}
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_gguf_export_writes_or_refuses_in_one_line(name, built, tmp_path):
+def test_gguf_export_writes_or_refuses_where_it_must(name, built, tmp_path):
     from conftest import byte_tokenizer
 
     from lowbit.export.gguf import export_gguf
@@ -172,12 +198,13 @@ def test_gguf_export_writes_or_refuses_in_one_line(name, built, tmp_path):
     model, _, _ = built(name)
     quantize_(model, RTNConfig(spec))
     save_packed(pack_model_(model, spec, method="rtn"), model.config, byte_tokenizer(), tmp_path / "q")
-    try:
-        info = export_gguf(tmp_path / "q", tmp_path / "m.gguf")
-    except LowbitError as e:  # families GGUF cannot hold, or settings llama.cpp would compute differently
-        assert "\n" not in str(e)
+    if name in GGUF_REFUSED:
+        with pytest.raises(LowbitError, match=re.escape(GGUF_REFUSED[name])) as e:
+            export_gguf(tmp_path / "q", tmp_path / "m.gguf")
+        assert "\n" not in str(e.value)
         return
-    assert name in GGUF_FAMILIES and info["bytes"] > 0
+    info = export_gguf(tmp_path / "q", tmp_path / "m.gguf")
+    assert name in GGUF_FAMILIES and info["bytes"] == (tmp_path / "m.gguf").stat().st_size > 0
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])

@@ -75,21 +75,37 @@ def test_super_block_scales_are_recovered_exactly(name):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_the_weighted_fit_never_loses_on_its_own_objective(name):
-    """The importance-weighted fit (llama.cpp's search) chooses per block; the plain range is a candidate."""
+    """The importance-weighted fit (llama.cpp's search) chooses per block, the plain range a candidate: per block
+    its weighted error is never larger. K-quants then round each super-block's sub-block scales to d·sc; the
+    weighted d never loses to the plain d on the error it minimises (a·(d·sc - s)²), but that is a proxy, so a few
+    sub-blocks end worse than the plain fit (2-15 % of them here): per block the property holds before that
+    rounding, and on the whole after it."""
     t = GGML_TYPES[name]
     w = hard_weights(16, 512, seed=3)
     imp = torch.rand(512, generator=torch.Generator().manual_seed(4)) ** 4
     wg = w.reshape(16, -1, t.block)
     impg = imp.reshape(1, -1, t.block)
     spec = QuantSpec(format=name)
-    errs = []
-    for i in (None, impg):
-        s, z = block_params(wg, t, 1.0, i)
-        q = encode(wg, s, z, spec)
-        errs.append(float((impg * (q * s + z - wg) ** 2).sum()))
-    if t.super_block is None:  # legacy types: per block, so on the whole too
-        assert errs[1] <= errs[0]
-    assert errs[1] <= errs[0] * 1.02  # K-quants: the super-block's scale rounding is shared
+
+    def err(s, z):  # per block
+        return (impg * (encode(wg, s, z, spec) * s + z - wg) ** 2).sum(-1)
+    floats = [block_range(wg, t, 1.0, i) for i in (None, impg)]  # before any storage rounding
+    e0, e1 = (err(s, z) for s, z in floats)
+    assert bool((e1 <= e0 * (1 + 1e-6)).all()), float((e1 / e0.clamp(min=1e-30)).max())
+    e0, e1 = (err(*block_params(wg, t, 1.0, i)) for i in (None, impg))
+    if t.super_block is None:  # float16 block parameters: per block after storage too
+        assert bool((e1 <= e0 * (1 + 1e-6)).all())
+    # on the whole, no tolerance: measured 0.29-0.76 x the plain fit's error for K-quants, 0.27-0.90 x for the rest
+    assert float(e1.sum()) <= float(e0.sum())
+    if t.super_block is not None:
+        per = t.super_block // t.block
+        s = floats[1][0].reshape(16, -1, per)
+        a = ((impg * wg ** 2).sum(-1) / (floats[1][0].squeeze(-1) ** 2).clamp(min=1e-30)).reshape(16, -1, per)
+        lo_q, hi_q = t.scale_range
+        plain = (signed_extreme(s) / lo_q) if t.signed else s.amax(-1, keepdim=True) / hi_q
+        fits = [fit_super_scale(s, x, plain, lo_q, hi_q) for x in (None, a)]
+        proxy = [(a * (d * sc - s) ** 2).sum(-1) for d, sc in fits]
+        assert bool((proxy[1] <= proxy[0]).all())
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q3_k", "q4_k"])
@@ -172,16 +188,61 @@ SMOLLM2_FILES = {
     ("Q3_K_M", True): {"Q4_0": 120, "Q5_0": 58, "Q5_1": 2, "Q5_K": 1, "Q4_K": 29},
     ("Q4_K_M", True): {"Q5_0": 166, "Q4_K": 16, "Q8_0": 14, "Q6_K": 14},
 }
+LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+MORE_BITS_30 = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29}  # use_more_bits: first/last eighth, every third
+# The same files tensor by tensor, from llama_tensor_get_type: rows of 576 cannot hold a K-quant, which falls back
+# (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0); ffn_down's rows of 1536 can. A linear not named
+# gets "rest"; a list gives the type of each layer.
+SMOLLM2_TYPES = {
+    ("Q4_0", True): {"down": ["Q4_1"] * 3 + ["Q4_0"] * 27, "rest": "Q4_0"},  # imatrix: first eighth of ffn_down
+    ("Q4_0", False): {"rest": "Q4_0"},
+    ("Q2_K", True): {"v": "Q4_0", "o": "Q4_0", "down": "Q3_K", "rest": "Q4_0"},  # v: Q3_K (3 q heads per kv head)
+    ("Q3_K_M", True): {"v": ["Q5_1"] * 2 + ["Q5_0"] * 28, "o": "Q5_0", "down": ["Q5_K"] + ["Q4_K"] * 29,
+                       "rest": "Q4_0"},
+    ("Q4_K_M", True): {"v": ["Q8_0" if i in MORE_BITS_30 else "Q5_0" for i in range(30)],
+                       "down": ["Q6_K" if i in MORE_BITS_30 else "Q4_K" for i in range(30)], "rest": "Q5_0"},
+}
+
+
+def expected_types(table: dict, layers: int) -> dict[str, str]:
+    """Linear name -> type of every linear of a ``layers``-layer Llama, from a table as above."""
+    out = {}
+    for short, rel in LINEARS.items():
+        kinds = table.get(short, table["rest"])
+        for i in range(layers):
+            out[f"model.layers.{i}.{rel}"] = kinds if isinstance(kinds, str) else kinds[i]
+    return out
 
 
 @pytest.mark.parametrize("recipe,calibrated", sorted(SMOLLM2_FILES))
 def test_recipes_give_the_types_llama_quantize_gives(recipe, calibrated):
     model = meta_llama(576, 1536, 30, 9, 3)
     specs = recipe_specs(model, recipe, calibrated)
-    got = Counter(specs.spec_for(f"model.layers.{i}.{rel}").ggml.name for i in range(30)
-                  for rel in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-    assert got == Counter(SMOLLM2_FILES[recipe, calibrated])
+    want = expected_types(SMOLLM2_TYPES[recipe, calibrated], 30)
+    assert Counter(want.values()) == Counter(SMOLLM2_FILES[recipe, calibrated])  # the table is what the files hold
+    assert {name: specs.spec_for(name).ggml.name for name in want} == want
+
+
+# An 8-layer Llama whose rows all hold K-quants (widths 256 and 512), 4 query heads per kv head: each tensor's type,
+# read off llama_tensor_get_type by hand (use_more_bits(i, 8): layers 0, 3, 6, 7; n_layer / 16 = 0).
+SMALL_TYPES = {
+    ("Q4_K_M", True): {"v": "Q6_K Q4_K Q4_K Q6_K Q4_K Q4_K Q6_K Q6_K",
+                       "down": "Q6_K Q4_K Q4_K Q6_K Q4_K Q4_K Q6_K Q6_K", "rest": "Q4_K"},
+    ("Q2_K", True): {"v": "Q4_K", "o": "Q3_K", "down": "Q3_K", "rest": "Q2_K"},  # v: Q4_K as n_gqa >= 4
+    ("Q3_K_M", True): {"v": "Q5_K Q5_K Q4_K Q4_K Q4_K Q4_K Q4_K Q4_K", "o": "Q4_K", "down": "Q4_K", "rest": "Q3_K"},
+    ("Q4_0", True): {"down": "Q4_1 Q4_0 Q4_0 Q4_0 Q4_0 Q4_0 Q4_0 Q4_0", "rest": "Q4_0"},
+    ("Q4_0", False): {"rest": "Q4_0"},
+}
+
+
+@pytest.mark.parametrize("recipe,calibrated", sorted(SMALL_TYPES))
+def test_each_tensor_gets_its_type_where_every_row_fits_a_super_block(recipe, calibrated):
+    model = meta_llama(256, 512, 8, 4, 1)
+    table = {k: v if len(v.split()) == 1 else v.split() for k, v in SMALL_TYPES[recipe, calibrated].items()}
+    want = expected_types(table, 8)
+    specs = recipe_specs(model, recipe, calibrated)
+    assert {name: specs.spec_for(name).ggml.name for name in want} == want
 
 
 def test_recipes_where_every_row_fits_a_super_block():

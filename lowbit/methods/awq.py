@@ -373,18 +373,28 @@ class AWQLayerStep:
                 x.div_(s.to(x.dtype))
                 grams.divided(x, s)
 
-    def _checker(self, ctx: LayerContext):
-        """A function that says why the layer's float output on one sample moved since now, or None."""
+    def _checker(self, ctx: LayerContext, samples: int = 8):
+        """A function that says why the layer's float output moved since now, or None: position by position,
+        on the first ``samples`` calibration sequences (all the context has, up to ``samples`` sequences' layer run
+        per fold; the search before it runs a module on search_samples sequences per α of the grid)."""
         if ctx.call is None or ctx.inputs is None:
             return None
         dtype = next(ctx.layer.parameters()).dtype
-        x1 = next(iter(ctx.inputs))[:1].to(dtype)
-        ref = ctx.run_layer(x1)
+        chunks, n = [], 0
+        for batch in ctx.inputs:
+            chunks.append(batch[: samples - n].to(dtype))
+            n += chunks[-1].shape[0]
+            if n >= samples:
+                break
+        if not n:
+            return None
+        x = torch.cat(chunks)
+        ref = ctx.run_layer(x)
         tol = fold_tolerance(dtype)
 
         def check() -> str | None:
-            err = fold_error(ref, ctx.run_layer(x1))
-            return None if err <= tol else f"relative change {err:.2g} > {tol:g}"
+            err = fold_error(ref, ctx.run_layer(x))
+            return None if err <= tol else f"relative change {err:.2g} > {tol:g} at its worst position"
 
         return check
 
