@@ -1,0 +1,117 @@
+"""The headline rows: each lowbit method's packed file at W3 and W4 over calibration seeds, with KLD and real bits.
+
+Every row quantizes through the CLI and saves the packed file (``lowbit quantize ... -o DIR``), then evaluates the
+*reloaded file* against the float model (``lowbit eval --model DIR --kld``): PPL, KL divergence, same top token,
+and bits per weight counted from the bytes on disk. Seeds draw different calibration windows from the calibration
+part of WikiText-2 validation; the docs show each method's mean and range over them. Rows are appended to
+``bench/results/headline.jsonl``; a row whose settings are already there (same commit) is not run again.
+
+    python bench/headline.py                                    # rtn awq gptq-r awq+gptq-r, W3 and W4, seed 0
+    python bench/headline.py --seeds 0 1 2 --max-windows 8      # the spread
+    python bench/headline.py --methods fp --split dev           # the float row on dev text
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rows  # noqa: I001  (bench/ is not a package)
+
+REPO = Path(__file__).resolve().parent.parent
+LOWBIT = [sys.executable, "-m", "lowbit.cli"]
+# method label -> the CLI's method and its options (GPTQ-R: columns by decreasing Hessian diagonal)
+METHODS = {"fp": ("fp", []), "rtn": ("rtn", []), "awq": ("awq", []), "gptq-r": ("gptq", ["--act-order"]),
+           "awq+gptq-r": ("awq+gptq", ["--act-order"]), "blockwise-fast": ("blockwise", ["--fast"])}
+KLD_KEYS = ("kld_mean", "kld_median", "kld_p99", "kld_p999", "top1_agreement", "rms_dp", "ppl_ref")
+
+
+def lowbit(*args: str) -> dict:
+    """Run one lowbit command with --json; its last stdout line as a dict, or exit with its error."""
+    proc = subprocess.run([*LOWBIT, *args, "--json"], capture_output=True, text=True, check=False, cwd=REPO)
+    if proc.returncode != 0:
+        tail = "\n".join(ln for ln in proc.stderr.strip().splitlines()[-5:] if "%|" not in ln)
+        raise SystemExit(f"error: lowbit {' '.join(args)} failed:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def row_key(args: argparse.Namespace, label: str, bits: int, seed: int) -> dict:
+    """The settings that make a row what it is (its key in the row file)."""
+    key = {"tool": "lowbit", "method": label, "model": args.model, "split": f"wikitext-2 {args.split}",
+           "windows": args.max_windows}
+    if label != "fp":
+        key.update(bits=bits, group=args.group_size, seed=seed, calib_samples=args.calib_samples,
+                   calib_seq_len=args.calib_seq_len)
+    return key
+
+
+def measure(args: argparse.Namespace, label: str, bits: int, seed: int, command: str) -> dict:
+    """Quantize, pack, reload and evaluate one row (the float row: evaluate the model itself)."""
+    ctx = rows.context(command)
+    common = ["--model", args.model, "--max-windows", str(args.max_windows), "--split", args.split]
+    if label == "fp":
+        res = lowbit("eval", *common)
+        return {**ctx, **row_key(args, label, bits, seed), "ppl": res["ppl"], "kld_mean": 0.0,
+                "bits_per_weight": 16.0, "file_bytes": None, "seconds": 0.0, "eval_seconds": res["eval_seconds"]}
+    method, extra = METHODS[label]
+    out = Path(tempfile.mkdtemp(prefix="lowbit-headline-"))
+    try:
+        q = lowbit("quantize", "--model", args.model, "--method", method, "--w-bit", str(bits), "--group-size",
+                   str(args.group_size), "--calib-samples", str(args.calib_samples), "--calib-seq-len",
+                   str(args.calib_seq_len), "--seed", str(seed), *extra, "-o", str(out / "q"), "--force")
+        e = lowbit("eval", *common[2:], "--model", str(out / "q"), "--kld", "--kld-reference", args.model)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {**ctx, **row_key(args, label, bits, seed), "ppl": e["ppl"], **{k: e.get(k) for k in KLD_KEYS},
+            "bits_per_weight": e["bits_per_weight"], "linear_bytes": e.get("linear_bytes"),
+            "file_bytes": e.get("file_bytes"), "seconds": q["quant_seconds"], "eval_seconds": e["eval_seconds"],
+            "calibration": q.get("calibration")}
+
+
+def done(path: Path, key: dict, commit: str | None) -> bool:
+    """A row with these settings measured at this commit is already in the file."""
+    if not path.exists():
+        return False
+    return any(all(r.get(k) == v for k, v in key.items()) and r.get("commit") == commit
+               for r in rows.read_rows(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["rtn", "awq", "gptq-r", "awq+gptq-r"])
+    p.add_argument("--bits", nargs="+", type=int, default=[3, 4])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--split", choices=("test", "dev"), default="test")
+    p.add_argument("--out", default="headline", help="row file name or path (default bench/results/headline.jsonl)")
+    p.add_argument("--redo", action="store_true", help="run rows already measured at this commit")
+    args = p.parse_args(argv)
+    path = rows.results_path(args.out)
+    commit = rows.commit()
+    command = "python bench/headline.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for label in args.methods:
+        for bits in ([16] if label == "fp" else args.bits):
+            for seed in ([0] if label == "fp" else args.seeds):
+                key = row_key(args, label, bits, seed)
+                if not args.redo and done(path, key, commit):
+                    print(f"kept   {label} W{bits} seed {seed} (measured at {commit})", flush=True)
+                    continue
+                row = measure(args, label, bits, seed, command)
+                rows.append_row(path, row)
+                print(f"{label:>11} W{bits} seed {seed}: PPL {row['ppl']:.3f}  KLD {row['kld_mean'] or 0:.4f}  "
+                      f"top-1 {row.get('top1_agreement') or 1:.3f}  bits/weight {row['bits_per_weight']:.3f}  "
+                      f"quantize {row['seconds']:.0f} s  (load {row['load_avg']})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Regenerate the tables of README.md and docs/*.md from the row files in bench/results/*.jsonl.
+
+A generated table sits between `<!-- table:NAME -->` and `<!-- /table -->`; TABLES below says, as data, which row
+file and rows (selected by keys) it shows and which columns, formatted how.
+
+    python bench/report.py            # rewrite every marked table in place
+    python bench/report.py --check    # exit 1, naming each cell that differs from the rows
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import read_rows  # noqa: I001  (bench/ is not a package)
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ("README.md", "docs/*.md")
+MARKER = re.compile(r"<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+NONE = "–"  # a value not measured (yet)
+
+
+@dataclass(frozen=True)
+class Col:
+    """One column: its title, the row's key (dotted for nested keys) or a function of the row, a number format."""
+    title: str
+    get: str | Callable[[dict], object]
+    fmt: str = "{}"
+    right: bool = True
+
+    def cell(self, row: dict) -> str:
+        if callable(self.get):
+            value = self.get(row)
+        else:
+            value = row
+            for part in self.get.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+        if value is None or value == "":
+            return NONE if self.right else ""
+        return self.fmt.format(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The last row of `file` whose keys equal `where` (a re-measured row is appended, so it wins); `cells` fixes
+    some cells by column title (labels)."""
+    file: str
+    where: dict
+    cells: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Every:
+    """Every row of `file` whose keys equal `where`, in file order."""
+    file: str
+    where: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One line for the rows of `file` whose keys equal `where`, one per seed (the last of each seed): the mean of
+    each number in `keys`, `<key>_range` as "min–max", and `seeds` as their count."""
+    file: str
+    where: dict
+    cells: dict = field(default_factory=dict)
+    keys: tuple = ("ppl", "kld_mean", "top1_agreement", "bits_per_weight", "seconds")
+    fmt: str = "{:.3f}"
+
+    def combine(self, found: list[dict]) -> dict:
+        per_seed = {r.get("seed"): r for r in found}
+        rows = list(per_seed.values())
+        out = dict(rows[-1], seeds=len(rows))
+        for key in self.keys:
+            values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if values:
+                out[key] = sum(values) / len(values)
+                lo, hi = self.fmt.format(min(values)), self.fmt.format(max(values))
+                out[f"{key}_range"] = lo if lo == hi else f"{lo}–{hi}"
+        return out
+
+
+@dataclass(frozen=True)
+class Heading:
+    """A bold line across the table (a section of rows)."""
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: tuple[Col, ...]
+    rows: tuple[Pick | Every | Spread | Heading, ...]
+
+
+def matches(row: dict, where: dict) -> bool:
+    return all(row.get(key) == value for key, value in where.items())
+
+
+def measured(row: dict) -> str:
+    """The row's date, and 'legacy' for rows carried over from the float32-scale results."""
+    date = (row.get("date") or "")[:10]
+    return f"{date} legacy" if row.get("legacy") else date
+
+
+def pct(key: str) -> Callable[[dict], str | None]:
+    def get(row: dict) -> str | None:
+        value = row.get(key)
+        return None if value is None else f"{value:+g} %"
+    return get
+
+
+def over_fp(row: dict) -> str | None:
+    return None if row.get("vs_fp") is None else f"{row['vs_fp']:+.1f}%"
+
+
+PPL, BPW, SEC = "{:.3f}", "{:.3f}", "{:.0f}"
+MEASURED = Col("measured", measured, right=False)
+
+# ---------------------------------------------------------------------------------------------------- the tables
+PTQ = "ptq_table"
+
+
+def _headline_rows() -> tuple:
+    out: list = [Pick(PTQ, {"method": "fp"}, {"method": "float"})]
+    for bits in (3, 4):
+        w = {"bits": bits, "section": f"W{bits} g64, weights only"}  # weight-only rows of the PTQ table
+        # W3: the run alone on the two cores; W4 was only measured beside AutoRound
+        blockwise = (Pick("blockwise", {"bits": 3, "recipe": "default", "alone": True}, {"method": "block-wise"})
+                     if bits == 3 else Pick("peers_blockwise", {"tool": "lowbit", "bits": 4, "recipe": "default"},
+                                            {"method": "block-wise"}))
+        out += [Heading(f"W{bits} g64"),
+                Pick(PTQ, {"method": "rtn", **w}, {"method": "RTN"}),
+                Pick(PTQ, {"method": "gptq-r", **w}, {"method": "GPTQ-R (act-order)"}),
+                Pick(PTQ, {"tool": "llm-compressor", "method": "gptq", "bits": bits}, {"method": "GPTQ (act-order)"}),
+                Pick(PTQ, {"method": "awq", **w}, {"method": "AWQ"}),
+                Pick("peers", {"tool": "llm-compressor", "method": "awq", "bits": bits}, {"method": "AWQ"}),
+                Pick(PTQ, {"method": "awq+gptq-r", **w}, {"method": "AWQ+GPTQ-R"}),
+                blockwise,
+                Pick("peers_blockwise", {"tool": "autoround", "bits": bits}, {"method": "AutoRound, 50 iterations"})]
+    out += [Heading("W2 g64"),
+            Pick("blockwise", {"bits": 2, "recipe": "w2"}, {"method": "block-wise, W2 recipe"}),
+            Pick("peers_blockwise", {"tool": "autoround", "bits": 2}, {"method": "AutoRound, 50 iterations"})]
+    return tuple(out)
+
+
+TABLES: dict[str, Table] = {
+    # README: one line per method and width; peers beside lowbit's row of the same method
+    "headline": Table(
+        (Col("method", "method", right=False), Col("tool", "tool", right=False), Col("W", "bits"),
+         Col("PPL", "ppl", PPL), Col("KLD", "kld_mean", "{:.4f}"), Col("bits/weight", "bits_per_weight", BPW),
+         Col("quantize s", "seconds", SEC), MEASURED),
+        _headline_rows()),
+    # docs/results.md: the lecture's PTQ methods side by side
+    "ptq": Table(
+        (Col("method", "label", right=False), Col("W", "bits"), Col("A", "a_label", right=False),
+         Col("PPL", "ppl", PPL), Col("vs FP", over_fp), Col("quant s", "seconds", "{:.1f}"), MEASURED),
+        tuple(x for section in (
+            "float", "W3 g64, weights only", "W4 g64, weights only", "W8A8 (W8 per channel, A8 per tensor, static)",
+            "W8A8 (W8 per channel, A8 per token, dynamic)", "W4A8 (W4 g64, A8 per token, dynamic)",
+            "W4A4 (W4 g64, A4 per token, dynamic)")
+            for x in (Heading(section), Every(PTQ, {"section": section})))),
+    # docs/results.md: llm-compressor beside lowbit, one run
+    "peers": Table(
+        (Col("tool", "tool", right=False), Col("method", "method", right=False), Col("bits", "bits"),
+         Col("PPL", "ppl", PPL), Col("quantization s", "seconds", "{:.1f}"), MEASURED),
+        (Every("peers"),)),
+    # docs/blockwise.md: block-wise against AutoRound on two texts
+    "blockwise-peers": Table(
+        (Col("g64, 16 windows", "label", right=False), Col("PPL WikiText-2", "ppl", PPL),
+         Col("PPL Jargon File", "ppl_second", PPL), Col("quantize s", "seconds", SEC),
+         Col("threads", "machine.threads"), MEASURED),
+        (Pick("peers_blockwise", {"method": "fp", "venv": ".venv"}),
+         *(Pick("peers_blockwise", {"tool": tool, "bits": bits, **({"recipe": "default"} if tool == "lowbit" else {})})
+           for bits in (3, 4, 2) for tool in ("autoround", "lowbit")),
+         Pick("peers_blockwise", {"tool": "lowbit", "bits": 2, "recipe": "w2"}))),
+    # docs/blockwise.md: block-wise's packed files, times per recipe and machine load
+    "blockwise-runs": Table(
+        (Col("W", "bits"), Col("recipe", "label", right=False), Col("PPL WikiText-2", "ppl", PPL),
+         Col("PPL Jargon File", "ppl_second", PPL), Col("quantize s", "seconds", SEC),
+         Col("MB on disk", "file_mb", "{:.1f}"), Col("threads", "machine.threads"),
+         Col("load at start", "load_avg", "{:.2f}"), Col("commit", "commit", right=False), MEASURED),
+        (Every("blockwise"),)),
+}
+
+
+def _gguf(model: str, table: str) -> Table:
+    return Table(
+        (Col("recipe", "recipe", right=False), Col("source", "source", right=False), Col("MB", "file_mb", "{:.1f}"),
+         Col("bits / linear weight", "bits_per_weight", "{:.2f}"), Col("PPL (llama.cpp)", "ppl", PPL),
+         Col("PPL (lowbit protocol)", "ppl_lowbit", PPL), Col("PPL Jargon File (llama.cpp)", "ppl_second", PPL),
+         Col("gap to F32 recovered vs imatrix", pct("gap_recovered_pct")),
+         Col("linear types", "linear_types", right=False), MEASURED),
+        (Every("gguf_ppl", {"model": model, "table": table}),))
+
+
+TABLES["gguf"] = _gguf("smollm2-135m", "recipes")
+TABLES["gguf-q2k-blockwise"] = _gguf("smollm2-135m", "q2k-blockwise")
+TABLES["gguf-gemma3"] = _gguf("gemma3-270m", "recipes")
+TABLES["gguf-gemma3-blockwise"] = _gguf("gemma3-270m", "blockwise")
+
+
+# ---------------------------------------------------------------------------------------------------- the work
+def render(table: Table, rows_dir: Path) -> list[str]:
+    """The table's markdown lines from the row files in `rows_dir`."""
+    cache: dict[str, list[dict]] = {}
+
+    def rows_of(name: str) -> list[dict]:
+        if name not in cache:
+            cache[name] = read_rows(rows_dir / f"{name}.jsonl")
+        return cache[name]
+
+    lines = ["| " + " | ".join(c.title for c in table.columns) + " |",
+             "| " + " | ".join("---:" if c.right else "---" for c in table.columns) + " |"]
+    for item in table.rows:
+        if isinstance(item, Heading):
+            lines.append("| " + " | ".join([f"**{item.text}**"] + [""] * (len(table.columns) - 1)) + " |")
+            continue
+        found = [r for r in rows_of(item.file) if matches(r, item.where)]
+        if isinstance(item, (Pick, Spread)):
+            if not found:
+                raise ValueError(f"no row in {item.file}.jsonl has {item.where}")
+            found = [item.combine(found) if isinstance(item, Spread) else found[-1]]
+        fixed = getattr(item, "cells", {})
+        for row in found:
+            lines.append("| " + " | ".join(fixed.get(c.title, c.cell(row)) for c in table.columns) + " |")
+    return lines
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def diff(name: str, written: list[str], wanted: list[str], where: str) -> list[str]:
+    """One message per cell of the written table that differs from the wanted one."""
+    problems = []
+    if len(written) != len(wanted):
+        problems.append(f"{where}: table {name} has {len(written)} lines, its rows give {len(wanted)}")
+    header = _cells(wanted[0]) if wanted else []
+    for i, (have, want) in enumerate(zip(written, wanted)):
+        a, b = _cells(have), _cells(want)
+        if len(a) != len(b):
+            problems.append(f"{where}: table {name}, line {i + 1} has {len(a)} cells, its rows give {len(b)}")
+            continue
+        for j, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                label = b[0] if i > 1 else "header"
+                problems.append(f"{where}: table {name}, row '{label}', column '{header[j]}': "
+                                f"the doc says {x!r}, the rows give {y!r}")
+    return problems
+
+
+def process(text: str, rows_dir: Path, where: str, tables: dict[str, Table] | None = None,
+            seen: set | None = None) -> tuple[str, list[str]]:
+    """(text with every marked table regenerated, the differences found in the text as it was)."""
+    tables = TABLES if tables is None else tables
+    problems: list[str] = []
+
+    def replace(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in tables:
+            problems.append(f"{where}: marker table:{name} names no table in bench/report.py's TABLES")
+            return m.group(0)
+        if seen is not None:
+            seen.add(name)
+        written = [line for line in m.group("body").splitlines() if line.strip()]
+        wanted = render(tables[name], rows_dir)
+        problems.extend(diff(name, written, wanted, where))
+        return f"<!-- table:{name} -->\n" + "\n".join(wanted) + "\n<!-- /table -->"
+
+    return MARKER.sub(replace, text), problems
+
+
+def doc_files(root: Path) -> list[Path]:
+    return [p for pattern in DOCS for p in sorted(root.glob(pattern))]
+
+
+def check(root: Path = ROOT, rows_dir: Path | None = None, write: bool = False) -> list[str]:
+    """The differences between the docs' generated tables and the rows; with `write`, fix them in place."""
+    rows_dir = rows_dir or root / "bench" / "results"
+    problems, seen = [], set()
+    for path in doc_files(root):
+        text = path.read_text()
+        new, found = process(text, rows_dir, str(path.relative_to(root)), seen=seen)
+        problems += found
+        if write and new != text:
+            path.write_text(new)
+    problems += [f"table {name} is declared in bench/report.py but no doc has <!-- table:{name} -->"
+                 for name in TABLES if name not in seen and root == ROOT]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its rows")
+    args = parser.parse_args(argv)
+    try:
+        problems = check(write=not args.check)
+    except (ValueError, OSError) as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        for p in problems:
+            print(p)
+        return 1 if problems else 0
+    changed = [p for p in problems if "declared in bench/report.py" not in p]
+    print(f"rewrote the tables ({len(changed)} cells or lines were out of date)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
