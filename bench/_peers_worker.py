@@ -4,8 +4,8 @@ It draws the model, calibration samples and evaluation windows through lowbit's 
 functions (lowbit is installed editable in each peer venv), so the tokens are exactly the
 ones lowbit's CLI sees, and measures perplexity with lowbit's own function. Methods:
 ``awq`` and ``gptq`` (llm-compressor), ``autoround`` (Intel's AutoRound, SignRound),
-``hqq`` (half-quadratic quantization, no calibration) and ``fp``, which only evaluates the
-float model as a reference.
+``hqq`` (half-quadratic quantization, no calibration), ``gptqmodel-gptq`` and ``gptqmodel-gptaq``
+(GPTQModel's GPTQ and GPTAQ) and ``fp``, which only evaluates the float model as a reference.
 
 Every quantizing method ends in the same check: each quantized linear's evaluated weights
 take at most 2**bits values in every group, and the quantized linears are exactly the ones
@@ -22,8 +22,9 @@ import warnings
 
 import torch
 
-METHODS = ("fp", "awq", "gptq", "autoround", "hqq")
-TOOLS = {"fp": "float", "awq": "llm-compressor", "gptq": "llm-compressor", "autoround": "autoround", "hqq": "hqq"}
+METHODS = ("fp", "awq", "gptq", "autoround", "hqq", "gptqmodel-gptq", "gptqmodel-gptaq")
+TOOLS = {"fp": "float", "awq": "llm-compressor", "gptq": "llm-compressor", "autoround": "autoround", "hqq": "hqq",
+         "gptqmodel-gptq": "gptqmodel", "gptqmodel-gptaq": "gptqmodel"}
 
 
 class NotQuantized(RuntimeError):
@@ -162,6 +163,8 @@ def autoround_weights(model: torch.nn.Module, names, bits: int, group_size: int)
     (``auto_round/data_type/int.py: quant_tensor_asym``), into ``weight`` and keeps ``scale`` (the
     scale dtype, float16 by default) and the integer ``zp`` on the module, both [out, in / group].
     Its ``format="fake"`` export is not used: on a bf16 CPU run it writes the float weights back.
+    A weight held in bfloat16 (a bf16 tuning run) is off the grid by its own rounding, at most half its
+    epsilon of ``|w| <= maxq * scale``; the decoded grid values are written back in float32.
     """
     maxq = 2**bits - 1
     out = {}
@@ -171,6 +174,7 @@ def autoround_weights(model: torch.nn.Module, names, bits: int, group_size: int)
         if not isinstance(scale, torch.Tensor) or not isinstance(zp, torch.Tensor):
             raise NotQuantized(f"{name}: AutoRound left no scale and zero point on it: it was not quantized")
         w = m.weight.detach().float()
+        tol = max(1e-3, maxq * torch.finfo(m.weight.dtype).eps / 2)
         rows, cols = w.shape
         g = w.reshape(rows, cols // group_size, group_size)
         s = scale.float().reshape(rows, -1, 1)
@@ -182,16 +186,21 @@ def autoround_weights(model: torch.nn.Module, names, bits: int, group_size: int)
         q = (g / s + z).round().clamp(0, maxq)
         deq = s * (q - z)  # AutoRound's own order: scale (upcast) times (q - zp)
         off = float(((deq - g).abs() / s).max())
-        if off > 1e-3:
+        if off > tol:
             raise NotQuantized(f"{name}: the weight is {off:.2f} grid steps off AutoRound's own scale/zero-point "
                                "grid: AutoRound did not leave its quantized weights in the model")
-        m.weight.data.copy_(deq.reshape(rows, cols).to(m.weight.dtype))  # exactly the decoded grid values
+        m.weight.data = deq.reshape(rows, cols)  # exactly the decoded grid values, in float32
         out[name] = m.weight.data
     return out
 
 
 def run_autoround(model, tok, ids: torch.Tensor, names, args: argparse.Namespace, row: dict) -> dict:
-    """AutoRound (SignRound: signed-gradient rounding offsets and min/max clipping, block by block)."""
+    """AutoRound (SignRound: signed-gradient rounding offsets and min/max clipping, block by block).
+
+    Its dtype is its own unless ``--float32``: with amp on (its default) AutoRound 0.16.1 tunes a CPU model in
+    bfloat16 when the CPU reports AVX512-BF16 (CPUID leaf 7, subleaf 1) and otherwise turns amp off and tunes in
+    float32 (``auto_round/context/model.py: _set_amp_dtype``); the row's ``train_dtype`` says which it chose.
+    """
     import auto_round
     import transformers
     from auto_round import AutoRound
@@ -202,10 +211,14 @@ def run_autoround(model, tok, ids: torch.Tensor, names, args: argparse.Namespace
                                            "data_type": "int", "act_bits": 16})
     n, seq_len = ids.shape
     config = SignRoundConfig(iters=args.iters, lr=args.lr)
-    # amp=False: tune in float32 (amp on a CPU means bf16); the samples go in as token tensors, one per row.
+    # a bf16 run casts the whole model; the parts nobody quantizes go back to their float32 values afterwards,
+    # so every row differs from the float model in the quantized linears only
+    linears = {f"{name}.weight" for name in names}
+    float_parts = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in linears}
+    # the samples go in as token tensors, one per row; amp is left to AutoRound unless float32 is asked for
     ar = AutoRound(model, tokenizer=tok, scheme=scheme, alg_configs=config, dataset=[ids[i:i + 1] for i in range(n)],
-                   nsamples=n, seqlen=seq_len, batch_size=min(args.batch_size, n), device_map="cpu", amp=False,
-                   enable_torch_compile=False, seed=args.seed)
+                   nsamples=n, seqlen=seq_len, batch_size=min(args.batch_size, n), device_map="cpu",
+                   enable_torch_compile=False, seed=args.seed, **({"amp": False} if args.float32 else {}))
     start = time.perf_counter()
     qmodel, _ = ar.quantize()
     row["quant_seconds"] = round(time.perf_counter() - start, 2)
@@ -217,10 +230,17 @@ def run_autoround(model, tok, ids: torch.Tensor, names, args: argparse.Namespace
                scale_dtype=str(model.get_submodule(names[0]).scale.dtype).removeprefix("torch."),
                versions={"auto_round": auto_round.__version__, "transformers": transformers.__version__,
                          "torch": torch.__version__})
-    row["recipe"] = f"iters {config.iters}, lr {config.lr:g}, batch {row['batch_size']}, {row['train_dtype']}"
+    row["amp"] = "off" if args.float32 else "auto"
+    chosen = "forced" if args.float32 else "its default here"
+    row["recipe"] = (f"{args.recipe}: iters {config.iters}, lr {config.lr:g}, batch {row['batch_size']}, "
+                     f"{row['train_dtype']} ({chosen})")
     quantized = {name for name, m in model.named_modules() if isinstance(getattr(m, "scale", None), torch.Tensor)}
     check_coverage(quantized, set(names), "AutoRound")
-    return autoround_weights(model, names, args.bits, args.group_size)
+    weights = autoround_weights(model, names, args.bits, args.group_size)
+    if any(t.dtype != torch.float32 for t in model.parameters()):
+        model.float()
+        model.load_state_dict(float_parts, strict=False)
+    return weights
 
 
 def run_hqq(model, names, args: argparse.Namespace, row: dict) -> dict[str, torch.Tensor]:
@@ -245,6 +265,95 @@ def run_hqq(model, names, args: argparse.Namespace, row: dict) -> dict[str, torc
     row.update(versions={"hqq": getattr(hqq, "__version__", None) or _dist_version("hqq"), "torch": torch.__version__},
                recipe=f"{'integer' if round_zero else 'float'} zero point")
     return out
+
+
+def gptqmodel_weights(qmodel: torch.nn.Module, model: torch.nn.Module, bits: int,
+                      group_size: int) -> dict[str, torch.Tensor]:
+    """Dequantize each of GPTQModel's packed linears with its own ``dequantize_weight`` (what its forward
+    computes with: ``scales[g_idx] * (q - zeros[g_idx])``) and copy the result into ``model``'s linear.
+
+    Groups must be contiguous (``g_idx[i] == i // group_size``): its default GAR ordering permutes whole
+    groups and columns within a group, then packs them back in place; a real act-order (``desc_act``) would
+    leave groups scattered, which the contiguous-group check could not judge.
+    """
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    out = {}
+    for name, m in qmodel.named_modules():
+        if not isinstance(m, BaseQuantLinear):
+            continue
+        if getattr(m, "bits", bits) != bits:
+            raise NotQuantized(f"{name}: GPTQModel packed it at {m.bits} bits, not {bits}")
+        g_idx = m.g_idx.long().cpu()
+        if not torch.equal(g_idx, torch.arange(g_idx.numel()) // group_size):
+            raise NotQuantized(f"{name}: GPTQModel's groups are not contiguous runs of {group_size} inputs")
+        if hasattr(m, "qzero_format") and m.qzero_format() == 1:
+            # freshly packed in the GPTQ v1 layout (zero point stored minus one) while its torch dequantizer
+            # reads v2: convert as GPTQModel's own loader does for a v1 checkpoint, else every weight is a step off
+            from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+            convert_gptq_v1_to_v2_format_module(m, bits=m.bits, pack_dtype=m.pack_dtype)
+            m.clear_weight_cache()
+        with torch.no_grad():
+            w = m.dequantize_weight().detach().float().cpu().t()  # packed as [in, out]
+            target = model.get_submodule(name)
+            if w.shape != target.weight.shape:
+                raise NotQuantized(f"{name}: GPTQModel's weight is {tuple(w.shape)}, "
+                                   f"lowbit's {tuple(target.weight.shape)}")
+            target.weight.copy_(w)
+        out[name] = target.weight.data
+    return out
+
+
+def _gptqmodel_config(args: argparse.Namespace):
+    """GPTQModel's own defaults but for bits, group size and offloading; GPTAQ adds its default GPTAQConfig
+    (alpha 0.25)."""
+    from gptqmodel import GPTQConfig
+    from gptqmodel.quantization.config import GPTAQConfig
+
+    # offload_to_disk (its default) leaves each finished layer on the meta device with its weights in a temporary
+    # directory; the quantized linears are read back from memory here, and at 135M parameters memory is no issue.
+    # It moves tensors, it changes no number.
+    return GPTQConfig(bits=args.bits, group_size=args.group_size, offload_to_disk=False,
+                      gptaq=GPTAQConfig() if args.method == "gptqmodel-gptaq" else None)
+
+
+def run_gptqmodel(model, ids: torch.Tensor, args: argparse.Namespace, row: dict) -> dict[str, torch.Tensor]:
+    """GPTQModel's GPTQ (or GPTAQ) at its defaults on lowbit's float checkpoint, read back into ``model``.
+
+    GPTQModel loads a checkpoint directory itself (in its own default dtype, bfloat16 on a CPU), so it
+    quantizes a second copy of the same float weights; ``model`` only receives the dequantized result.
+    """
+    # On a machine with fewer than 4 cores GPTQModel's default CPU pool (cores/2 workers) is smaller than the
+    # 2 workers its model-loader pool asks for, and GPTQModel.load raises; 2 is the least it accepts.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
+    import gptqmodel
+    import transformers
+    from gptqmodel import GPTQModel
+
+    from lowbit.models.loading import local_checkpoint
+
+    config = _gptqmodel_config(args)
+    n, seq_len = ids.shape
+    qm = GPTQModel.load(str(local_checkpoint(args.model)), config, device="cpu")
+    start = time.perf_counter()
+    qm.quantize([{"input_ids": ids[i].tolist(), "attention_mask": [1] * seq_len} for i in range(n)])
+    row["quant_seconds"] = round(time.perf_counter() - start, 2)
+    dtype = str(qm.model.dtype).removeprefix("torch.")
+    alpha = None if config.gptaq is None else config.gptaq.alpha
+    row["gptqmodel_config"] = {
+        "bits": config.bits, "group_size": config.group_size, "sym": config.sym, "desc_act": config.desc_act,
+        "act_group_aware": config.act_group_aware, "static_groups": config.static_groups,
+        "damp_percent": config.damp_percent, "damp_auto_increment": config.damp_auto_increment, "mse": config.mse,
+        "true_sequential": config.true_sequential, "gptaq_alpha": alpha, "format": str(config.format.value),
+        "offload_to_disk": config.offload_to_disk, "batch_size": 1, "model_dtype": dtype,
+        "cpu_workers": int(os.environ["GPTQMODEL_CPU_WORKERS"])}
+    order = "act-order desc" if config.desc_act else "GAR act-order" if config.act_group_aware else "no act-order"
+    row.update(versions={"gptqmodel": gptqmodel.__version__, "transformers": transformers.__version__,
+                         "torch": torch.__version__},
+               recipe=(f"GPTAQ alpha {alpha:g}, " if alpha is not None else "")
+               + f"{'sym' if config.sym else 'asym'}, {order}, damp {config.damp_percent:g}, {dtype}")
+    return gptqmodel_weights(qm.model, model, args.bits, args.group_size)
 
 
 def _dist_version(name: str) -> str | None:
@@ -272,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=200, help="AutoRound: tuning steps per block (its default 200)")
     p.add_argument("--lr", type=float, help="AutoRound: learning rate (default: its own, 1/iters)")
     p.add_argument("--batch-size", type=int, default=8, help="AutoRound: samples per step (its default 8)")
+    p.add_argument("--recipe", default="default", help="AutoRound: the preset named in the row (default, best)")
+    p.add_argument("--float32", action="store_true",
+                   help="AutoRound: tune in float32 (amp off) instead of its own dtype choice")
     return p.parse_args(argv)
 
 
@@ -289,9 +401,21 @@ def eval_windows(tok, data: str | None, args: argparse.Namespace) -> torch.Tenso
     return tokenize_windows(tok, text, args.seq_len, args.max_windows)
 
 
+def _result_stream():
+    """Send file descriptor 1 to stderr (the run's log) and return a stream on the real stdout for the result.
+
+    GPTQModel's logger and progress bars write to stdout, also from its threads and at exit; bench/peers.py
+    reads the last stdout line as the result, so only that line may go there."""
+    sys.stdout.flush()
+    result = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet()
+    result = _result_stream()
 
     from lowbit.calib import calib_samples
     from lowbit.data import calib_text
@@ -316,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             weights = run_llmcompressor(model, ids, args, row)
         elif args.method == "autoround":
             weights = run_autoround(model, tok, ids, names, args, row)
+        elif args.method.startswith("gptqmodel-"):
+            weights = run_gptqmodel(model, ids, args, row)
         else:
             weights = run_hqq(model, names, args, row)
         check_coverage(set(weights), set(names), row["tool"])
@@ -329,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if second is not None:
         res = perplexity(model, second, progress=False)
         row.update(ppl_second=round(res.ppl, 4), windows_second=res.windows)
-    print(json.dumps(row), flush=True)
+    print(json.dumps(row), file=result, flush=True)
     return 0
 
 

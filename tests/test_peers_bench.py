@@ -3,6 +3,7 @@ errors, and the checks that a peer's weights really sit on a low-bit grid."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def test_plan_runs_float_then_each_width_peers_before_lowbit():
         "float reference (lowbit CLI)", "float reference (.venv-autoround)",
         "autoround W3", "hqq W3", "lowbit awq+gptq W3", "autoround W4", "hqq W4", "lowbit awq+gptq W4"]
     ar = jobs[2]
-    assert ar.key["iters"] == 50 and ar.base["recipe"] == "iters 50, lr auto" and ar.env == "autoround"
+    assert ar.key["iters"] == 50 and ar.base["recipe"] == "default: iters 50, lr auto, batch 8, dtype auto"
+    assert ar.env == "autoround" and ar.worker_method == "autoround"
     assert "calib_samples" not in jobs[3].key  # HQQ reads no calibration data: its rows survive a calib change
     lowbit = jobs[4].command
     assert lowbit[lowbit.index("--method") + 1] == "awq+gptq" and "--act-order" in lowbit and lowbit[-1] == "--json"
@@ -218,3 +220,122 @@ def test_runs_side_by_side_keep_each_others_rows(tmp_path):
     peers.save_rows(out, {"b": {"key": "b", "ppl": 2.0}}, {"date": "2"})  # another run: knew nothing of "a"
     peers.save_rows(out, {"a": {"key": "a", "ppl": 3.0}}, {"date": "3"})
     assert peers.load_rows(out) == {"a": {"key": "a", "ppl": 3.0}, "b": {"key": "b", "ppl": 2.0}}
+
+
+def test_gptqmodel_rows_run_its_gptq_and_gptaq_in_their_own_venv():
+    jobs = peers.plan(args("--peers", "gptqmodel", "--bits", "3", "4", "--lowbit-methods", "none"))
+    assert [j.label for j in jobs] == ["float reference (.venv-gptqmodel)", "gptqmodel gptq W3", "gptqmodel gptaq W3",
+                                       "gptqmodel gptq W4", "gptqmodel gptaq W4"]
+    assert {j.env for j in jobs} == {"gptqmodel"}
+    assert [j.worker_method for j in jobs] == ["fp"] + ["gptqmodel-gptq", "gptqmodel-gptaq"] * 2
+    assert set(j.worker_method for j in jobs) <= set(worker.METHODS)
+    assert {worker.TOOLS[j.worker_method] for j in jobs[1:]} == {"gptqmodel"}
+    gptaq = jobs[2]
+    assert gptaq.base == {"bits": 3, "group_size": 64, "tool": "gptqmodel", "method": "gptaq", "recipe": "defaults"}
+    assert gptaq.key["calib_samples"] == 16 and gptaq.key["tool"] == "gptqmodel"
+    assert peers.row_key(gptaq.key) != peers.row_key(jobs[1].key)
+    cmd = peers.worker_cmd(Path("python"), args("--peers", "gptqmodel"), gptaq.worker_method, 3)
+    assert cmd[cmd.index("--method") + 1] == "gptqmodel-gptaq" and cmd[cmd.index("--group-size") + 1] == "64"
+    only = peers.plan(args("--peers", "gptqmodel", "--gptqmodel-methods", "gptaq", "--bits", "4", "--skip-fp",
+                           "--lowbit-methods", "none"))
+    assert [j.label for j in only] == ["gptqmodel gptaq W4"]
+
+
+def test_gptqmodel_goes_in_without_its_torch_requirement(tmp_path, monkeypatch):
+    env = peers.ENVS["gptqmodel"]
+    assert env.default_dir == ".venv-gptqmodel" and env.no_deps == ("gptqmodel==7.7.0",)
+    assert not any(r.startswith("torch") and r != "torchao" for r in env.requirements)
+    assert "gptqmodel==7.7.0" in peers._requirements(env, "smollm2-135m")  # the probe checks its pin
+    calls, missing = [], [["gptqmodel==7.7.0"], []]
+    monkeypatch.setattr(peers, "missing_requirements", lambda python, env, model: missing.pop(0))
+    monkeypatch.setattr(peers, "_pip", lambda python, *a, what, log: calls.append(a))
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+    peers.ensure_venv(venv, env, "smollm2-135m", tmp_path / "log")
+    assert calls[0][0] == peers.TORCH_PIN and "gptqmodel==7.7.0" not in calls[0]
+    assert calls[1] == ("--no-deps", "gptqmodel==7.7.0")
+
+
+def test_autoround_recipes_and_its_own_dtype():
+    def job(*extra):
+        return peers.plan(args("--peers", "autoround", "--bits", "3", "--skip-fp", "--lowbit-methods", "none",
+                               *extra))[0]
+
+    default, best = job(), job("--autoround-recipe", "best")
+    assert default.key["iters"] == 200 and default.key["batch_size"] == 8 and default.key["amp"] == "auto"
+    assert "autoround_recipe" not in default.key
+    assert best.key["iters"] == 1000 and best.key["autoround_recipe"] == "best"
+    assert best.base["recipe"] == "best: iters 1000, lr auto, batch 8, dtype auto"
+    assert job("--autoround-recipe", "best", "--autoround-iters", "300").key["iters"] == 300
+    forced = job("--autoround-float32")  # what the worker always did before: those rows keep their keys
+    assert "amp" not in forced.key and forced.base["recipe"].endswith("float32")
+    a = args("--peers", "autoround", "--autoround-recipe", "best")
+    cmd = peers.worker_cmd(Path("python"), a, "autoround", 3)
+    assert cmd[cmd.index("--iters") + 1] == "1000" and cmd[cmd.index("--recipe") + 1] == "best"
+    assert "--float32" not in cmd and "--lr" not in cmd
+    cmd = peers.worker_cmd(Path("python"), args("--peers", "autoround", "--autoround-float32"), "autoround", 3)
+    assert "--float32" in cmd and cmd[cmd.index("--iters") + 1] == "200"
+    w = worker.parse_args(cmd[2:])
+    assert w.float32 and w.recipe == "default" and w.iters == 200 and w.method == "autoround"
+    assert not worker.parse_args(["--method", "autoround"]).float32
+
+
+def test_autoround_weights_held_in_bfloat16_decode_to_float32_grid_values():
+    model = nn.Sequential(quantized_linear(bits=4))
+    exact = model[0].weight.detach().clone()
+    model[0].weight.data = exact.bfloat16()  # a bf16 tuning run keeps the grid values rounded to bf16
+    out = worker.autoround_weights(model, ["0"], 4, 64)
+    assert out["0"].dtype == torch.float32 and torch.equal(out["0"], exact)
+    model[0].weight.data = (exact + torch.randn_like(exact) * 0.01).bfloat16()
+    with pytest.raises(worker.NotQuantized, match="grid steps off"):
+        worker.autoround_weights(model, ["0"], 4, 64)
+
+
+def test_gptqmodel_weights_are_its_own_dequantized_linears(monkeypatch):
+    import types
+
+    class BaseQuantLinear(nn.Module):  # stands in for gptqmodel's: what the reader touches
+        def __init__(self, weight: torch.Tensor, bits: int, group: int):
+            super().__init__()
+            self.bits, self.w, self.pack_dtype, self.format = bits, weight, torch.int32, 1
+            self.g_idx = (torch.arange(weight.shape[1]) // group).int()
+
+        def qzero_format(self):
+            return self.format
+
+        def clear_weight_cache(self):
+            pass
+
+        def dequantize_weight(self):
+            assert self.format == 2, "decoded with the v1 zero points: a grid step off"
+            return self.w.t().half()  # GPTQ packing is [in, out]; its scales are float16
+
+    def to_v2(module, bits, pack_dtype):
+        module.format = 2
+
+    qlinear = types.ModuleType("gptqmodel.nn_modules.qlinear")
+    qlinear.BaseQuantLinear = BaseQuantLinear
+    utils = types.ModuleType("gptqmodel.utils.model")
+    utils.convert_gptq_v1_to_v2_format_module = to_v2
+    monkeypatch.setitem(sys.modules, "gptqmodel.nn_modules.qlinear", qlinear)
+    monkeypatch.setitem(sys.modules, "gptqmodel.utils.model", utils)
+    grid = quantized_linear(bits=3).weight.detach()
+    model, quant = nn.Sequential(nn.Linear(128, 4, bias=False)), nn.Sequential(BaseQuantLinear(grid, 3, 64))
+    out = worker.gptqmodel_weights(quant, model, 3, 64)  # freshly packed (v1 zero points): converted first
+    assert list(out) == ["0"] and torch.equal(model[0].weight, grid.half().float()) and quant[0].format == 2
+    assert worker.check_grid(out, 3, 64) <= 8
+    with pytest.raises(worker.NotQuantized, match="at 3 bits, not 4"):
+        worker.gptqmodel_weights(quant, model, 4, 64)
+    quant[0].g_idx = quant[0].g_idx.flip(0)  # groups scattered by a real act-order
+    with pytest.raises(worker.NotQuantized, match="not contiguous"):
+        worker.gptqmodel_weights(quant, model, 3, 64)
+
+
+def test_worker_prints_nothing_but_its_result_on_stdout():
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('w', sys.argv[1]); "
+            "w = importlib.util.module_from_spec(spec); spec.loader.exec_module(w); out = w._result_stream(); "
+            "print('a progress bar'); print('{}', file=out, flush=True)")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench" / "_peers_worker.py")],
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout == "{}\n" and "a progress bar" in proc.stderr
