@@ -38,6 +38,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rows as result_rows  # noqa: E402, I001  (bench/ is not a package)
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "bench" / "_peers_worker.py"
 PROJECT_VENV = REPO / ".venv"
@@ -521,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="venv for GPTQModel (default .venv-gptqmodel)")
     p.add_argument("--skip-fp", action="store_true", help="skip the float reference rows")
     p.add_argument("--rerun", action="store_true", help="run the selected rows again even when --out has them")
+    p.add_argument("--rows", default="peers", help="row file each measured row is also appended to "
+                   "(bench/results/<ROWS>.jsonl, what the docs' tables are generated from; 'none': no rows)")
     p.add_argument("--out", default=str(REPO / "results" / "peers.json"),
                    help="JSON rows, kept across runs (default results/peers.json)")
     return p
@@ -569,6 +574,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{job.label} ...", file=sys.stderr, flush=True)
         row = dict(job.base, key=key, date=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                    load_average=[round(x, 2) for x in os.getloadavg()])
+        context = result_rows.context(shlex.join(["python", "bench/peers.py", *sys.argv[1:]]))
         try:
             cmd = job.command
             if job.env is not None:
@@ -594,10 +600,20 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
         measured[key] = row
         save_rows(out, measured, report)  # keep what finished if a later run dies
+        if args.rows != "none" and row.get("ppl") is not None:
+            result_rows.append_row(args.rows, result_row(row, context, args))
 
     save_rows(out, measured, report)
     print_report(args, report, rows, out, log)
     return 1 if failures else 0
+
+
+def result_row(row: dict, context: dict, args: argparse.Namespace) -> dict:
+    """A measured row as a row-file line: where and how it ran, then the peer's own keys (version, settings)."""
+    text = Path(args.eval_data).name if args.eval_data else "wikitext-2 test"
+    extra = {k: v for k, v in row.items() if k not in ("key", "date", "load_average", "quant_seconds")}
+    return {**context, "split": text, "kld_mean": row.get("kld_mean"), "bits_per_weight": row.get("bits_per_weight"),
+            "file_bytes": None, "seconds": row.get("quant_seconds"), "model": args.model, **extra}
 
 
 def print_report(args: argparse.Namespace, report: dict, rows: list[dict], out: Path, log: Path) -> None:

@@ -27,6 +27,23 @@ peers = load("peers.py", "bench_peers")
 worker = load("_peers_worker.py", "bench_peers_worker")
 
 
+@pytest.fixture(autouse=True)
+def rows_in_tmp(tmp_path, monkeypatch):
+    """Rows a test's run measures go to a temporary row file, never to bench/results."""
+    monkeypatch.setattr(peers.result_rows, "RESULTS", tmp_path / "rows")
+
+
+def test_a_measured_row_is_appended_to_the_row_file(tmp_path):
+    row = {"tool": "gptqmodel", "method": "gptq", "bits": 3, "ppl": 53.2, "quant_seconds": 751.0, "key": "k",
+           "date": "d", "load_average": [1, 1, 1], "versions": {"gptqmodel": "7.7.0"}}
+    ctx = peers.result_rows.context("python bench/peers.py")
+    path = peers.result_rows.append_row("peers", peers.result_row(row, ctx, args()))
+    (stored,) = peers.result_rows.read_rows(path)
+    assert path.parent == tmp_path / "rows"
+    assert stored["seconds"] == 751.0 and stored["ppl"] == 53.2 and stored["versions"] == {"gptqmodel": "7.7.0"}
+    assert stored["split"] == "wikitext-2 test" and "key" not in stored
+
+
 def args(*argv: str):
     return peers.build_parser().parse_args(list(argv))
 
