@@ -84,6 +84,13 @@ class Spread:
 
 
 @dataclass(frozen=True)
+class Either:
+    """`first` where its row file has rows for it, else `then` (a re-measured row replacing a legacy one)."""
+    first: Pick | Spread
+    then: Pick | Spread
+
+
+@dataclass(frozen=True)
 class Heading:
     """A bold line across the table (a section of rows)."""
     text: str
@@ -92,7 +99,7 @@ class Heading:
 @dataclass(frozen=True)
 class Table:
     columns: tuple[Col, ...]
-    rows: tuple[Pick | Every | Spread | Heading, ...]
+    rows: tuple[Pick | Every | Spread | Either | Heading, ...]
 
 
 def matches(row: dict, where: dict) -> bool:
@@ -123,22 +130,27 @@ MEASURED = Col("measured", measured, right=False)
 PTQ = "ptq_table"
 
 
+HEADLINE = {"split": "wikitext-2 test", "windows": 16, "model": "smollm2-135m"}
+LOWBIT_METHODS = (("rtn", "RTN"), ("gptq-r", "GPTQ-R (act-order)"), ("awq", "AWQ"), ("awq+gptq-r", "AWQ+GPTQ-R"))
+
+
 def _headline_rows() -> tuple:
-    out: list = [Pick(PTQ, {"method": "fp"}, {"method": "float"})]
+    """lowbit's packed files (bench/headline.py, float16 scales, mean over seeds) beside the peers' rows."""
+    out: list = [Pick("headline", {"method": "fp", **HEADLINE}, {"method": "float", "W": "16"})]
     for bits in (3, 4):
-        w = {"bits": bits, "section": f"W{bits} g64, weights only"}  # weight-only rows of the PTQ table
-        # W3: the run alone on the two cores; W4 was only measured beside AutoRound
+        out.append(Heading(f"W{bits} g64"))
+        for method, label in LOWBIT_METHODS:
+            legacy = Pick(PTQ, {"method": method, "bits": bits, "section": f"W{bits} g64, weights only"},
+                          {"method": label})
+            out.append(Either(Spread("headline", {"method": method, "bits": bits, "group": 64, **HEADLINE},
+                                     {"method": label}), legacy))
+            if method in ("gptq-r", "awq"):  # llm-compressor's row of the same method
+                out.append(Pick("peers", {"tool": "llm-compressor", "method": method[:4], "bits": bits},
+                                {"method": "GPTQ (act-order)" if method == "gptq-r" else "AWQ"}))
         blockwise = (Pick("blockwise", {"bits": 3, "recipe": "default", "alone": True}, {"method": "block-wise"})
                      if bits == 3 else Pick("peers_blockwise", {"tool": "lowbit", "bits": 4, "recipe": "default"},
                                             {"method": "block-wise"}))
-        out += [Heading(f"W{bits} g64"),
-                Pick(PTQ, {"method": "rtn", **w}, {"method": "RTN"}),
-                Pick(PTQ, {"method": "gptq-r", **w}, {"method": "GPTQ-R (act-order)"}),
-                Pick(PTQ, {"tool": "llm-compressor", "method": "gptq", "bits": bits}, {"method": "GPTQ (act-order)"}),
-                Pick(PTQ, {"method": "awq", **w}, {"method": "AWQ"}),
-                Pick("peers", {"tool": "llm-compressor", "method": "awq", "bits": bits}, {"method": "AWQ"}),
-                Pick(PTQ, {"method": "awq+gptq-r", **w}, {"method": "AWQ+GPTQ-R"}),
-                blockwise,
+        out += [blockwise,
                 Pick("peers_blockwise", {"tool": "autoround", "bits": bits}, {"method": "AutoRound, 50 iterations"})]
     out += [Heading("W2 g64"),
             Pick("blockwise", {"bits": 2, "recipe": "w2"}, {"method": "block-wise, W2 recipe"}),
@@ -150,8 +162,9 @@ TABLES: dict[str, Table] = {
     # README: one line per method and width; peers beside lowbit's row of the same method
     "headline": Table(
         (Col("method", "method", right=False), Col("tool", "tool", right=False), Col("W", "bits"),
-         Col("PPL", "ppl", PPL), Col("KLD", "kld_mean", "{:.4f}"), Col("bits/weight", "bits_per_weight", BPW),
-         Col("quantize s", "seconds", SEC), MEASURED),
+         Col("PPL", "ppl", PPL), Col("PPL range", "ppl_range", right=False), Col("seeds", "seeds"),
+         Col("KLD", "kld_mean", "{:.4f}"), Col("same top token", "top1_agreement", "{:.3f}"),
+         Col("bits/weight", "bits_per_weight", BPW), Col("quantize s", "seconds", SEC), MEASURED),
         _headline_rows()),
     # docs/results.md: the lecture's PTQ methods side by side
     "ptq": Table(
@@ -165,8 +178,15 @@ TABLES: dict[str, Table] = {
     # docs/results.md: llm-compressor beside lowbit, one run
     "peers": Table(
         (Col("tool", "tool", right=False), Col("method", "method", right=False), Col("bits", "bits"),
-         Col("PPL", "ppl", PPL), Col("quantization s", "seconds", "{:.1f}"), MEASURED),
-        (Every("peers"),)),
+         Col("recipe", "recipe", right=False), Col("PPL", "ppl", PPL), Col("quantization s", "seconds", "{:.1f}"),
+         Col("threads", "machine.threads"), Col("load at start", "load_avg", "{:.2f}"), MEASURED),
+        (Every("peers", {"legacy": True}),)),
+    # docs/results.md: GPTQModel at its defaults, one run
+    "peers-gptqmodel": Table(
+        (Col("tool", "tool", right=False), Col("method", "method", right=False), Col("bits", "bits"),
+         Col("recipe", "recipe", right=False), Col("PPL", "ppl", PPL), Col("quantization s", "seconds", "{:.1f}"),
+         Col("threads", "machine.threads"), Col("load at start", "load_avg", "{:.2f}"), MEASURED),
+        (Every("peers", {"run": "gptqmodel 2026-12-06"}),)),
     # docs/blockwise.md: block-wise against AutoRound on two texts
     "blockwise-peers": Table(
         (Col("g64, 16 windows", "label", right=False), Col("PPL WikiText-2", "ppl", PPL),
@@ -218,6 +238,10 @@ def render(table: Table, rows_dir: Path) -> list[str]:
         if isinstance(item, Heading):
             lines.append("| " + " | ".join([f"**{item.text}**"] + [""] * (len(table.columns) - 1)) + " |")
             continue
+        if isinstance(item, Either):
+            has_rows = (item.first.file + ".jsonl") in {p.name for p in rows_dir.glob("*.jsonl")}
+            first = has_rows and any(matches(r, item.first.where) for r in rows_of(item.first.file))
+            item = item.first if first else item.then
         found = [r for r in rows_of(item.file) if matches(r, item.where)]
         if isinstance(item, (Pick, Spread)):
             if not found:
