@@ -88,8 +88,8 @@ def add_parser(sub) -> None:
                                                       "a packed directory (then: its storage table)")
     p.add_argument("--transform", choices=tuple(TRANSFORMS), help="also show the layer after this function-"
                                                                   "preserving transform of the float model")
-    p.add_argument("--calib-data", help="calibration text file (default: WikiText-2 validation from the data dir, "
-                                        "or pile-val from the hub)")
+    p.add_argument("--calib-data", help="calibration text file (default: the calibration part of WikiText-2 "
+                                        "validation, from the data dir or the hub)")
     p.add_argument("--data-dir", help="directory with wikitext-2/ (default: $LOWBIT_DATA_DIR, else the hub)")
     p.add_argument("--calib-samples", type=positive, default=16, help="calibration sequences (default 16)")
     p.add_argument("--calib-seq-len", type=positive, default=512, help="tokens per sequence (default 512)")

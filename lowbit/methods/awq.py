@@ -308,8 +308,9 @@ _NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv", "qkv_proj", "c_attn")
 class AWQLayerStep:
     """AWQ on one decoder layer at a time: scales folded, clips applied, then ``rounder``.
 
-    Every fold is checked before it is kept: the float layer's output on one calibration sample
-    must not move (beyond float rounding), else the group keeps s = 1 and the report says why.
+    Every fold is checked before it is kept: the float layer's output at every position of up to 8
+    calibration sequences must not move (beyond float rounding, relative to that position's own norm),
+    else the group keeps s = 1 and the report says why.
     The in-memory walk (:func:`apply_awq`) and the streamed one (:mod:`lowbit.stream`) both call it.
     """
 
