@@ -13,31 +13,19 @@ part of WikiText-2 validation; the docs show each method's mean and range over t
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rows  # noqa: I001  (bench/ is not a package)
+from blockwise import lowbit  # the CLI with --json, its last line as a dict (one runner for bench/)
 
-REPO = Path(__file__).resolve().parent.parent
-LOWBIT = [sys.executable, "-m", "lowbit.cli"]
 # method label -> the CLI's method and its options (GPTQ-R: columns by decreasing Hessian diagonal)
 METHODS = {"fp": ("fp", []), "rtn": ("rtn", []), "awq": ("awq", []), "gptq-r": ("gptq", ["--act-order"]),
            "awq+gptq-r": ("awq+gptq", ["--act-order"]), "blockwise-fast": ("blockwise", ["--fast"])}
 KLD_KEYS = ("kld_mean", "kld_median", "kld_p99", "kld_p999", "top1_agreement", "rms_dp", "ppl_ref")
-
-
-def lowbit(*args: str) -> dict:
-    """Run one lowbit command with --json; its last stdout line as a dict, or exit with its error."""
-    proc = subprocess.run([*LOWBIT, *args, "--json"], capture_output=True, text=True, check=False, cwd=REPO)
-    if proc.returncode != 0:
-        tail = "\n".join(ln for ln in proc.stderr.strip().splitlines()[-5:] if "%|" not in ln)
-        raise SystemExit(f"error: lowbit {' '.join(args)} failed:\n{tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def row_key(args: argparse.Namespace, label: str, bits: int, seed: int) -> dict:
