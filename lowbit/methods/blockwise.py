@@ -14,7 +14,8 @@ EfficientQAT's choice). What is learned, per linear (EfficientQAT's Block-AP on 
 Codes always stay on the target grid, so the result packs exactly; K-quants keep GPTQ's integer sub-block
 scales and learn only the rounding; float16 scales (lowbit's integer grids, GGUF's legacy block scales) are
 learned as float16 values. Training
-runs in bfloat16 autocast (this CPU's AVX-512 BF16 makes a step about twice as fast), and stops
+runs in bfloat16 autocast where the CPU has native bfloat16 (AVX-512 BF16 makes a step about twice as fast;
+without it bfloat16 is emulated and 14x slower, so float32 is chosen: ``lowbit.hardware``), and stops
 early on a held-out slice of the calibration set: the parameters kept are those with the lowest
 held-out loss, the start included, so a layer never ends worse on held-out data than GPTQ left it.
 
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..calib import Activations, LayerContext, calibrate_layer, first_layer_batches, layer_output
 from ..errors import LowbitError
+from ..hardware import compute_dtype
 from ..options import non_negative_int, option, positive_int
 from ..quantizer import (
     SCALE_MAX,
@@ -84,7 +86,9 @@ class BlockwiseConfig:
                           flag="--bw-holdout", parse=non_negative_int, metavar="N")
     soft: bool = option(False, "soft rounding in training (annealed staircase) instead of the straight-through "
                                "estimator", flag="--bw-soft")
-    bf16: bool = option(True, "train in float32 instead of bfloat16 autocast", flag="--no-bw-bf16")
+    dtype: str = option("auto", "training compute: auto (bfloat16 autocast where the device has native bfloat16, "
+                                "e.g. AVX-512 BF16 or AMX; float32 elsewhere, where bfloat16 is emulated and 14x "
+                                "slower), bf16 or fp32", flag="--bw-dtype", choices=("auto", "bf16", "fp32"))
     e2e_steps: int | None = option(None, "then tune only the step sizes end to end for N steps (E2E-QP; default: "
                                          "the recipe's, 64 or 32 with --fast; 0 skips it)", flag="--e2e-steps",
                                    parse=non_negative_int, metavar="N")
@@ -103,6 +107,8 @@ class BlockwiseConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise LowbitError(f"block-wise {name.replace('_', ' ')} must be positive, got {v!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise LowbitError(f"block-wise dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.e2e_loss not in ("ce", "kd"):
             raise LowbitError(f"block-wise e2e loss must be 'ce' or 'kd', got {self.e2e_loss!r}")
         if ((self.batch_size is not None and self.batch_size < 1) or self.holdout < 0
@@ -114,6 +120,11 @@ class BlockwiseConfig:
             if not spec.is_int:
                 raise LowbitError(f"block-wise reconstruction learns codes on an integer grid; {spec.describe()} is "
                                   "not one (use int or a GGUF block type)")
+
+    @property
+    def bf16(self) -> bool:
+        """Whether training runs under bfloat16 autocast (``dtype``, with auto resolved on this machine)."""
+        return compute_dtype(self.dtype)[0] == "bf16"
 
     @property
     def recipe(self) -> dict:
@@ -591,7 +602,9 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
     _walk(model, family, calib, awq, rounder)
     logs = rounder.logs
     e2e = tune_steps_e2e(model, linears, calib, config, teacher) if e2e_steps else {}
-    info: dict = {"recipe": "fast" if config.fast else "default", "steps": sum(lg.steps for lg in logs),
+    dtype, why = compute_dtype(config.dtype)
+    info: dict = {"recipe": "fast" if config.fast else "default", "dtype": dtype, "dtype_reason": why,
+                  "steps": sum(lg.steps for lg in logs),
                   "block_seconds": round(time.perf_counter() - started, 1),
                   "heldout_start": _mean(lg.start for lg in logs), "heldout_best": _mean(lg.best for lg in logs),
                   "layers_kept_start": sum(lg.best_step == 0 for lg in logs), "awq_fallbacks": awq.found.fallbacks,
