@@ -20,13 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rows  # noqa: I001  (bench/ is not a package)
 from headline import KLD_KEYS, lowbit
 
+INFO_KEYS = ("dtype", "recipe", "steps", "e2e_loss", "e2e_steps", "calibration")  # what the method reports it did
+
 
 def score(base: list[str], candidate: list[str], args: argparse.Namespace) -> dict:
     """One candidate's dev row: ``lowbit eval BASE CANDIDATE --split dev --kld``."""
     res = lowbit("eval", "--model", args.model, *base, *candidate, "--split", "dev",
                  "--max-windows", str(args.max_windows), "--kld")
     return {"ppl": res["ppl"], **{k: res.get(k) for k in KLD_KEYS}, "bits_per_weight": res.get("bits_per_weight"),
-            "file_bytes": None, "seconds": res.get("quant_seconds"), "split": res.get("data", "wikitext-2 dev")}
+            "file_bytes": None, "seconds": res.get("quant_seconds"), "split": res.get("data", "wikitext-2 dev"),
+            **{k: res[k] for k in INFO_KEYS if k in res}}
 
 
 def main(argv: list[str] | None = None) -> int:
