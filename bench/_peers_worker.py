@@ -2,7 +2,8 @@
 
 It draws the model, calibration samples and evaluation windows through lowbit's own
 functions (lowbit is installed editable in each peer venv), so the tokens are exactly the
-ones lowbit's CLI sees, and measures perplexity with lowbit's own function. Methods:
+ones lowbit's CLI sees, and measures perplexity and the KL divergence to the float model with lowbit's own
+functions (``--no-kld``: perplexity only). Methods:
 ``awq`` and ``gptq`` (llm-compressor), ``autoround`` (Intel's AutoRound, SignRound),
 ``hqq`` (half-quadratic quantization, no calibration), ``gptqmodel-gptq`` and ``gptqmodel-gptaq``
 (GPTQModel's GPTQ and GPTAQ) and ``fp``, which only evaluates the float model as a reference.
@@ -382,6 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="AutoRound: learning rate (default: its own, 1/iters)")
     p.add_argument("--batch-size", type=int, default=8, help="AutoRound: samples per step (its default 8)")
     p.add_argument("--recipe", default="default", help="AutoRound: the preset named in the row (default, best)")
+    p.add_argument("--no-kld", dest="kld", action="store_false",
+                   help="perplexity only: skip the KL divergence to the float model on the same windows")
     p.add_argument("--float32", action="store_true",
                    help="AutoRound: tune in float32 (amp off) instead of its own dtype choice")
     return p.parse_args(argv)
@@ -450,7 +453,15 @@ def main(argv: list[str] | None = None) -> int:
         row["weights_changed"] = round(sum(int((weights[n] != before[n]).sum()) for n in names)
                                        / sum(before[n].numel() for n in names), 4)
     model.eval()
-    res = perplexity(model, windows, progress=False)
+    if args.kld and args.method != "fp":  # beside the float model, as `lowbit eval --kld` does for lowbit's rows
+        from lowbit.eval.kld import kl_divergence
+
+        reference, _ = load_model(args.model)
+        res = kl_divergence(reference, model, windows, progress=False)
+        row.update({k: v for k, v in res.as_dict().items() if k.startswith(("kld_", "top1", "rms", "ppl_ref"))})
+        del reference
+    else:
+        res = perplexity(model, windows, progress=False)
     row.update(ppl=round(res.ppl, 4), windows=res.windows, eval_seconds=round(res.seconds, 2))
     if second is not None:
         res = perplexity(model, second, progress=False)

@@ -112,7 +112,7 @@ RESULT_FIELDS = ("ppl", "ppl_second", "windows_second", "quant_seconds", "window
                  "quantized_linears", "max_levels_per_group",
                  "weights_changed", "recipe", "iters", "lr", "batch_size", "train_dtype", "scale_dtype",
                  "awq_skipped_v_o", "versions", "pin_memory_patched", "bits_per_weight", "gptqmodel_config",
-                 "amp")
+                 "amp", "kld_mean", "kld_median", "kld_p99", "kld_p999", "top1_agreement", "rms_dp", "ppl_ref")
 
 
 class PeersError(Exception):
@@ -213,6 +213,8 @@ def worker_cmd(python: Path, args: argparse.Namespace, method: str, bits: int | 
         cmd += ["--eval-data", args.eval_data]
     if args.second_text:
         cmd += ["--second-text", args.second_text]
+    if not args.kld:
+        cmd += ["--no-kld"]
     if method == "autoround":
         iters, batch_size = autoround_settings(args)
         cmd += ["--iters", str(iters), "--batch-size", str(batch_size), "--recipe", args.autoround_recipe]
@@ -238,7 +240,8 @@ def lowbit_cmd(args: argparse.Namespace, method: str, bits: int | None) -> list[
     """``lowbit eval`` for one lowbit row (method ``fp``: the float reference in the project venv)."""
     cmd = [str(LOWBIT_CLI), "eval", "--method", method, *_common_args(args)]
     if method != "fp":
-        cmd += ["--w-bit", str(bits), "--group-size", str(args.group_size), *lowbit_extra_args(args, method)]
+        cmd += ["--w-bit", str(bits), "--group-size", str(args.group_size), *(["--kld"] if args.kld else []),
+                *lowbit_extra_args(args, method)]
     if args.eval_data:
         cmd += ["--data", args.eval_data]
     if args.second_text:
@@ -310,6 +313,8 @@ def _eval_key(args: argparse.Namespace) -> dict:
     key = {"model": args.model, "max_windows": args.max_windows, "eval_data": args.eval_data}
     if args.second_text:  # absent otherwise, so rows measured before the option existed keep their keys
         key["second_text"] = args.second_text
+    if args.kld:  # rows measured without KL divergence (before it existed, or --no-kld) are not reused for it
+        key["kld"] = True
     return key
 
 
@@ -523,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptqmodel-venv", default=str(REPO / ENVS["gptqmodel"].default_dir),
                    help="venv for GPTQModel (default .venv-gptqmodel)")
     p.add_argument("--skip-fp", action="store_true", help="skip the float reference rows")
+    p.add_argument("--no-kld", dest="kld", action="store_false",
+                   help="perplexity only (default: every quantized row also reports its KL divergence to the float "
+                        "model on the same windows, lowbit's and the peers' alike)")
     p.add_argument("--rerun", action="store_true", help="run the selected rows again even when --out has them")
     p.add_argument("--rows", default="peers", help="row file each measured row is also appended to "
                    "(bench/results/<ROWS>.jsonl, what the docs' tables are generated from; 'none': no rows)")

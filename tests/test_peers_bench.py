@@ -356,3 +356,17 @@ def test_worker_prints_nothing_but_its_result_on_stdout():
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench" / "_peers_worker.py")],
                           capture_output=True, text=True, check=True)
     assert proc.stdout == "{}\n" and "a progress bar" in proc.stderr
+
+
+def test_every_quantized_row_reports_kld_unless_asked_not_to():
+    """Peers and lowbit alike are compared with the float model on the same windows; old PPL-only rows not reused."""
+    on, off = args("--peers", "hqq", "--bits", "3"), args("--peers", "hqq", "--bits", "3", "--no-kld")
+    for a, want in ((on, True), (off, False)):
+        jobs = {j.label: j for j in peers.plan(a)}
+        lowbit_awq = next(j for label, j in jobs.items() if label.startswith("lowbit awq"))
+        assert ("--kld" in lowbit_awq.command) is want
+        assert ("--no-kld" in peers.worker_cmd(Path("python"), a, "hqq", 3)) is not want
+        assert all(("kld" in j.key) is want for j in jobs.values())
+    float_row = next(j for j in peers.plan(on) if j.key.get("method") == "fp" and j.key.get("tool") == "float")
+    assert "--kld" not in float_row.command  # the reference itself is evaluated for PPL only
+    assert {"kld_mean", "top1_agreement", "ppl_ref"} <= set(peers.RESULT_FIELDS)
