@@ -1,0 +1,132 @@
+"""lowbit's KL divergence against ``llama-perplexity --kl-divergence`` on the same GGUF files and tokens.
+
+The float reference is the default model's float weights as an F32 GGUF (``llama-quantize ... F32`` of the
+Q4_1 file lowbit dequantizes: the same numbers in both tools). Two quantized files are made from it by
+``llama-quantize`` (no importance matrix). llama.cpp runs the float file once with ``--kl-divergence-base``
+(storing the token ids and 16-bit log-probabilities) and each quantized file with ``--kl-divergence``;
+lowbit loads the same files through transformers and runs :func:`lowbit.eval.kld.kl_divergence` on windows
+of the same text (WikiText-2 test as lowbit reads it, written to a file both tools read).
+
+How the windows line up (docs/kld.md): ``-c 2048`` chunks are lowbit's ``--seq-len 2048`` windows when both
+tokenizers give the same ids and neither adds a BOS token; this script checks the ids in llama.cpp's base file
+against lowbit's, window by window, and stops if any differs. llama.cpp scores only positions 1024..2046 of
+each chunk; lowbit's per-position values are cut to the same positions. Rows go to
+``bench/results/kld_llamacpp.jsonl``.
+
+    python bench/llamacpp.py --tools            # once
+    python bench/kld_llamacpp.py --chunks 8 --types Q4_K_M Q2_K
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rows  # noqa: I001  (bench/ is not a package)
+from llamacpp import ensure_llama_tools, llama_quantize, run_tool
+
+SEQ = 2048
+LLAMA_STATS = {"kld_mean": r"Mean\s+KLD:\s+([0-9.]+)", "kld_median": r"Median\s+KLD:\s+([0-9.]+)",
+               "kld_p99": r"99\.0%\s+KLD:\s+([0-9.]+)", "top1_agreement": r"Same top p:\s+([0-9.]+)",
+               "rms_dp": r"RMS Δp\s*:\s+([0-9.]+)"}
+
+
+def base_tokens(path: Path) -> np.ndarray:
+    """The token ids llama.cpp scored, from its ``--kl-divergence-base`` file: [chunks, n_ctx]."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"_logits_":
+            sys.exit(f"{path} is not a llama.cpp KL-divergence base file")
+        n_ctx, n_vocab, n_chunk = np.frombuffer(f.read(12), dtype=np.int32)
+        return np.frombuffer(f.read(4 * n_chunk * n_ctx), dtype=np.int32).reshape(n_chunk, n_ctx)
+
+
+def llama_stats(out: str) -> dict:
+    """The statistics ``llama-perplexity --kl-divergence`` prints (percentages turned into fractions)."""
+    stats = {}
+    for key, pattern in LLAMA_STATS.items():
+        m = re.search(pattern, out)
+        if m is None:
+            sys.exit(f"llama-perplexity printed no {key}:\n" + "\n".join(out.splitlines()[-20:]))
+        stats[key] = float(m.group(1)) / (100 if key in ("top1_agreement", "rms_dp") else 1)
+    return stats
+
+
+def second_half(per_token: torch.Tensor, n: int) -> np.ndarray:
+    """lowbit's per-position KL at the positions llama.cpp scores: n_ctx/2 .. n_ctx-2 of each window."""
+    return per_token.view(n, SEQ - 1)[:, SEQ // 2:].double().numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--types", nargs="+", default=["Q4_K_M", "Q2_K"], help="llama-quantize types of the two files")
+    p.add_argument("--chunks", type=int, default=8, help="2048-token chunks (= lowbit windows) of WikiText-2 test")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "lowbit" / "kld_llamacpp"))
+    p.add_argument("--out", default="kld_llamacpp")
+    args = p.parse_args(argv)
+    command = "python bench/kld_llamacpp.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    from lowbit.data import eval_text
+    from lowbit.eval.kld import kl_divergence
+    from lowbit.eval.perplexity import tokenize_windows
+    from lowbit.models.loading import builtin_gguf, load_model
+
+    tools = ensure_llama_tools()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    f32 = work / f"{args.model}-F32.gguf"
+    if not f32.exists():
+        llama_quantize(tools, builtin_gguf(args.model), f32, "F32", threads=args.threads)
+    text_file = work / "wikitext-2-test.txt"
+    text_file.write_text(eval_text(split="test"), encoding="utf-8")  # exactly the text lowbit windows
+
+    base = work / f"{args.model}-F32-{args.chunks}.kld"
+    common = ["-c", SEQ, "-b", SEQ, "--chunks", args.chunks, "-t", args.threads]
+    if not base.exists():
+        run_tool(tools, "llama-perplexity", "-m", f32, "-f", text_file, *common, "--kl-divergence-base", base)
+    reference, tok = load_model(str(f32))
+    windows = tokenize_windows(tok, text_file.read_text(encoding="utf-8"), SEQ, args.chunks)
+    ids = base_tokens(base)
+    if ids.shape != tuple(windows.shape) or not np.array_equal(ids, windows.numpy()):
+        diff = int((ids != windows.numpy()).sum()) if ids.shape == tuple(windows.shape) else "shape"
+        sys.exit(f"llama.cpp's tokens differ from lowbit's windows ({diff}): the windows do not line up")
+    print(f"tokens: llama.cpp's {ids.shape[0]} chunks of {ids.shape[1]} equal lowbit's windows id for id",
+          flush=True)
+
+    for ftype in args.types:
+        qfile = work / f"{args.model}-{ftype}.gguf"
+        if not qfile.exists():
+            llama_quantize(tools, f32, qfile, ftype, threads=args.threads)
+        ctx = rows.context(command)
+        out = run_tool(tools, "llama-perplexity", "-m", qfile, *common, "--kl-divergence-base", base,
+                       "--kl-divergence")
+        theirs = llama_stats(out)
+        model, _ = load_model(str(qfile))
+        res = kl_divergence(reference, model, windows, progress=False)  # lowbit's: every position of each window
+        half = second_half(res.per_token, windows.shape[0])
+        ours = {"kld_mean": float(half.mean()), "kld_median": float(np.median(half)),
+                "kld_p99": float(np.percentile(half, 99))}
+        row = {**ctx, "tool": "kld cross-check", "model": args.model, "file": qfile.name, "type": ftype,
+               "split": "wikitext-2 test", "windows": args.chunks, "positions": int(half.size),
+               "ppl": res.ppl, "kld_mean": ours["kld_mean"], "bits_per_weight": None,
+               "file_bytes": qfile.stat().st_size, "seconds": None,
+               "alignment": "llama.cpp chunks = lowbit windows (ids checked equal), positions 1024..2046 of each",
+               "llama_cpp": theirs, "lowbit": ours, "lowbit_all_positions_kld_mean": res.kld_mean,
+               "relative_difference": abs(ours["kld_mean"] - theirs["kld_mean"]) / theirs["kld_mean"]}
+        print(f"{ftype:<8} KLD mean: llama.cpp {theirs['kld_mean']:.6f}  lowbit {ours['kld_mean']:.6f}  "
+              f"(relative difference {row['relative_difference']:.2%}); median {theirs['kld_median']:.6f} / "
+              f"{ours['kld_median']:.6f}; 99 % {theirs['kld_p99']:.6f} / {ours['kld_p99']:.6f}; lowbit over all "
+              f"positions {res.kld_mean:.6f}", flush=True)
+        rows.append_row(args.out, row)
+        del model
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
