@@ -123,6 +123,20 @@ def over_fp(row: dict) -> str | None:
     return None if row.get("vs_fp") is None else f"{row['vs_fp']:+.1f}%"
 
 
+def chosen_on_dev(row: dict) -> str:
+    """'chosen' for the candidate of its search run (same search, command and commit) with the lowest dev KLD:
+    the rule bench/dev_choice.py applies, recomputed from the rows so the table cannot disagree with them."""
+    run = [r for r in read_rows(ROOT / "bench" / "results" / "dev_choices.jsonl")
+           if (r.get("search"), r.get("command"), r.get("commit")) ==
+           (row.get("search"), row.get("command"), row.get("commit"))]
+    best = min(run, key=lambda r: r["kld_mean"])
+    return "**chosen**" if best["candidate"] == row["candidate"] else ""
+
+
+def candidate(row: dict) -> str:
+    return f"`{row['candidate']}`" if row.get("candidate") else "(the defaults)"
+
+
 PPL, BPW, SEC = "{:.3f}", "{:.3f}", "{:.0f}"
 MEASURED = Col("measured", measured, right=False)
 
@@ -203,6 +217,13 @@ TABLES: dict[str, Table] = {
          Col("MB on disk", "file_mb", "{:.1f}"), Col("threads", "machine.threads"),
          Col("load at start", "load_avg", "{:.2f}"), Col("commit", "commit", right=False), MEASURED),
         (Every("blockwise"),)),
+    # docs/blockwise.md: the dev-split searches (bench/dev_choice.py), every candidate and the choice
+    "dev-choices-blockwise": Table(
+        (Col("search", "search", right=False), Col("candidate (beside the shared options)", candidate, right=False),
+         Col("dev KLD", "kld_mean", "{:.4f}"), Col("dev PPL", "ppl", PPL),
+         Col("same top token", "top1_agreement", "{:.3f}"), Col("quantize s", "seconds", SEC),
+         Col("dtype", "dtype", right=False), Col("", chosen_on_dev, right=False), MEASURED),
+        (Every("dev_choices", {"search": "blockwise-w3"}), Every("dev_choices", {"search": "blockwise-w2"}))),
 }
 
 
