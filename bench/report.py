@@ -124,11 +124,12 @@ def over_fp(row: dict) -> str | None:
 
 
 def chosen_on_dev(row: dict) -> str:
-    """'chosen' for the candidate of its search run (same search, command and commit) with the lowest dev KLD:
-    the rule bench/dev_choice.py applies, recomputed from the rows so the table cannot disagree with them."""
+    """'chosen' for the candidate with the lowest dev KLD among its search's rows at the same commit (one run, or
+    candidates run one invocation each): the rule bench/dev_choice.py applies, recomputed from the rows so the table
+    cannot disagree with them."""
     run = [r for r in read_rows(ROOT / "bench" / "results" / "dev_choices.jsonl")
-           if (r.get("search"), r.get("command"), r.get("commit")) ==
-           (row.get("search"), row.get("command"), row.get("commit"))]
+           if (r.get("search"), r.get("base"), r.get("commit")) == (row.get("search"), row.get("base"),
+                                                                   row.get("commit"))]
     best = min(run, key=lambda r: r["kld_mean"])
     return "**chosen**" if best["candidate"] == row["candidate"] else ""
 
@@ -217,6 +218,19 @@ TABLES: dict[str, Table] = {
          Col("MB on disk", "file_mb", "{:.1f}"), Col("threads", "machine.threads"),
          Col("load at start", "load_avg", "{:.2f}"), Col("commit", "commit", right=False), MEASURED),
         (Every("blockwise"),)),
+    # docs/kld.md: lowbit's KL divergence against llama-perplexity's on the same files and token ids
+    "kld-llamacpp": Table(
+        (Col("file", "type", right=False), Col("positions", "positions"),
+         Col("llama.cpp KLD", "llama_cpp.kld_mean", "{:.6f}"), Col("lowbit KLD", "lowbit.kld_mean", "{:.6f}"),
+         Col("difference", "relative_difference", "{:.2%}"),
+         Col("lowbit, ggml's 8-bit activations", "lowbit_ggml_activations.kld_mean", "{:.6f}"),
+         Col("difference ", "lowbit_ggml_activations.relative_difference", "{:.2%}"),
+         Col("median llama.cpp / lowbit", lambda r: f"{r['llama_cpp']['kld_median']:.4f} / "
+                                                     f"{r['lowbit']['kld_median']:.4f}", right=False),
+         Col("99 % llama.cpp / lowbit", lambda r: f"{r['llama_cpp']['kld_p99']:.3f} / {r['lowbit']['kld_p99']:.3f}",
+             right=False),
+         Col("same top token (llama.cpp)", "llama_cpp.top1_agreement", "{:.3f}"), MEASURED),
+        (Pick("kld_llamacpp", {"type": "Q4_K_M"}), Pick("kld_llamacpp", {"type": "Q2_K"}))),
     # docs/blockwise.md: the dev-split searches (bench/dev_choice.py), every candidate and the choice
     "dev-choices-blockwise": Table(
         (Col("search", "search", right=False), Col("candidate (beside the shared options)", candidate, right=False),
