@@ -162,9 +162,11 @@ def _headline_rows() -> tuple:
             if method in ("gptq-r", "awq"):  # llm-compressor's row of the same method
                 out.append(Pick("peers", {"tool": "llm-compressor", "method": method[:4], "bits": bits},
                                 {"method": "GPTQ (act-order)" if method == "gptq-r" else "AWQ"}))
-        blockwise = (Pick("blockwise", {"bits": 3, "recipe": "default", "alone": True}, {"method": "block-wise"})
-                     if bits == 3 else Pick("peers_blockwise", {"tool": "lowbit", "bits": 4, "recipe": "default"},
-                                            {"method": "block-wise"}))
+        legacy = (Pick("blockwise", {"bits": 3, "recipe": "default", "alone": True}, {"method": "block-wise"})
+                  if bits == 3 else Pick("peers_blockwise", {"tool": "lowbit", "bits": 4, "recipe": "default"},
+                                         {"method": "block-wise"}))
+        blockwise = Either(Spread("headline", {"method": "blockwise-fast", "bits": bits, "group": 64, **HEADLINE},
+                                  {"method": "block-wise (--fast, chosen on dev)"}), legacy)
         out += [blockwise,
                 Pick("peers_blockwise", {"tool": "autoround", "bits": bits}, {"method": "AutoRound, 50 iterations"})]
     out += [Heading("W2 g64"),
