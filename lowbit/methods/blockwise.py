@@ -76,13 +76,13 @@ class BlockwiseConfig:
                                      "--fast)", flag="--bw-steps", parse=positive_int)
     lr: float = option(5e-3, "Adam learning rate of the rounding offsets, in steps of the grid", flag="--bw-lr",
                        parse=float)
-    scale_lr: float = option(1e-3, "Adam learning rate of log step sizes and of zero points", flag="--bw-scale-lr",
+    scale_lr: float = option(4e-3, "Adam learning rate of log step sizes and of zero points", flag="--bw-scale-lr",
                              parse=float)
     norm_lr: float = option(1e-4, "Adam learning rate of the layer's norm weights (they stay in float; 0: frozen)",
                             flag="--bw-norm-lr", parse=float)
     batch_size: int | None = option(None, "calibration sequences per step (default: the recipe's, 4 or 2 with "
                                           "--fast)", flag="--bw-batch", parse=positive_int)
-    holdout: int = option(2, "calibration sequences held out for early stopping (0: none, train all steps)",
+    holdout: int = option(0, "calibration sequences held out for early stopping (0: none, train all steps)",
                           flag="--bw-holdout", parse=non_negative_int, metavar="N")
     soft: bool = option(False, "soft rounding in training (annealed staircase) instead of the straight-through "
                                "estimator", flag="--bw-soft")
@@ -92,8 +92,8 @@ class BlockwiseConfig:
     e2e_steps: int | None = option(None, "then tune only the step sizes end to end for N steps (E2E-QP; default: "
                                          "the recipe's, 64 or 32 with --fast; 0 skips it)", flag="--e2e-steps",
                                    parse=non_negative_int, metavar="N")
-    e2e_lr: float = option(1e-3, "Adam learning rate of the log step sizes end to end", parse=float)
-    e2e_loss: str = option("ce", "the end-to-end loss: ce (next-token cross-entropy on the calibration text) or kd "
+    e2e_lr: float = option(5e-3, "Adam learning rate of the log step sizes end to end", parse=float)
+    e2e_loss: str = option("kd", "the end-to-end loss: ce (next-token cross-entropy on the calibration text) or kd "
                                  "(distillation from the float model's top-64 next-token probabilities)",
                            choices=("ce", "kd"))
     seed: int = 0
