@@ -135,7 +135,7 @@ def chosen_on_dev(row: dict) -> str:
 
 
 def candidate(row: dict) -> str:
-    return f"`{row['candidate']}`" if row.get("candidate") else "(the defaults)"
+    return f"`{row['candidate']}`" if row.get("candidate") else "(the defaults of its commit)"
 
 
 PPL, BPW, SEC = "{:.3f}", "{:.3f}", "{:.0f}"
