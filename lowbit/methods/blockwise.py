@@ -15,14 +15,15 @@ Codes always stay on the target grid, so the result packs exactly; K-quants keep
 scales and learn only the rounding; float16 scales (lowbit's integer grids, GGUF's legacy block scales) are
 learned as float16 values. Training
 runs in bfloat16 autocast where the CPU has native bfloat16 (AVX-512 BF16 makes a step about twice as fast;
-without it bfloat16 is emulated and 14x slower, so float32 is chosen: ``lowbit.hardware``), and stops
-early on a held-out slice of the calibration set: the parameters kept are those with the lowest
-held-out loss, the start included, so a layer never ends worse on held-out data than GPTQ left it.
+without it bfloat16 is emulated and 14x slower, so float32 is chosen: ``lowbit.hardware``). With
+``holdout > 0`` it stops early on a held-out slice of the calibration set, keeping the parameters with the
+lowest held-out loss, the start included; the default (chosen on dev text, docs/blockwise.md) holds nothing
+out and trains every step on all samples, the training samples judging the checks.
 
-An optional last pass (EfficientQAT's E2E-QP) freezes every code and zero point and tunes only the
-step sizes, end to end: on next-token loss over the calibration text, or (``e2e_loss="kd"``) on
-distillation from the float model's next-token distribution (its top-k log-probabilities, taken before
-quantization), which teaches what the float model predicts rather than what the calibration text says.
+A last pass (EfficientQAT's E2E-QP) freezes every code and zero point and tunes only the step sizes, end
+to end: by default (``e2e_loss="kd"``) on distillation from the float model's next-token distribution (its
+top-k log-probabilities, taken before quantization), which teaches what the float model predicts rather
+than what the calibration text says; or on next-token loss over the calibration text (``"ce"``).
 """
 from __future__ import annotations
 
