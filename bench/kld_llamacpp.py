@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                "ppl": res.ppl, "kld_mean": ours["kld_mean"], "bits_per_weight": None,
                "file_bytes": qfile.stat().st_size, "seconds": None,
                "alignment": "llama.cpp chunks = lowbit windows (ids checked equal), positions 1024..2046 of each",
-               "llama_cpp": theirs, "lowbit": ours, "lowbit_ggml_activations": simulated, "lowbit_all_positions_kld_mean": res.kld_mean,
+               "llama_cpp": theirs, "lowbit": ours, "lowbit_ggml_activations": simulated,
+               "lowbit_all_positions_kld_mean": res.kld_mean,
                "relative_difference": abs(ours["kld_mean"] - theirs["kld_mean"]) / theirs["kld_mean"]}
         print(f"{ftype:<8} KLD mean: llama.cpp {theirs['kld_mean']:.6f}  lowbit {ours['kld_mean']:.6f}  "
               f"(relative difference {row['relative_difference']:.2%}); median {theirs['kld_median']:.6f} / "
