@@ -175,6 +175,15 @@ def _headline_rows() -> tuple:
     return tuple(out)
 
 
+def _dev_choices(*searches: str) -> Table:
+    return Table(
+        (Col("search", "search", right=False), Col("candidate (beside the shared options)", candidate, right=False),
+         Col("dev KLD", "kld_mean", "{:.4f}"), Col("dev PPL", "ppl", PPL),
+         Col("same top token", "top1_agreement", "{:.3f}"), Col("quantize s", "seconds", SEC),
+         Col("dtype", "dtype", right=False), Col("", chosen_on_dev, right=False), MEASURED),
+        tuple(Every("dev_choices", {"search": name}) for name in searches))
+
+
 TABLES: dict[str, Table] = {
     # README: one line per method and width; peers beside lowbit's row of the same method
     "headline": Table(
@@ -233,13 +242,9 @@ TABLES: dict[str, Table] = {
              right=False),
          Col("same top token (llama.cpp)", "llama_cpp.top1_agreement", "{:.3f}"), MEASURED),
         (Pick("kld_llamacpp", {"type": "Q4_K_M"}), Pick("kld_llamacpp", {"type": "Q2_K"}))),
-    # docs/blockwise.md: the dev-split searches (bench/dev_choice.py), every candidate and the choice
-    "dev-choices-blockwise": Table(
-        (Col("search", "search", right=False), Col("candidate (beside the shared options)", candidate, right=False),
-         Col("dev KLD", "kld_mean", "{:.4f}"), Col("dev PPL", "ppl", PPL),
-         Col("same top token", "top1_agreement", "{:.3f}"), Col("quantize s", "seconds", SEC),
-         Col("dtype", "dtype", right=False), Col("", chosen_on_dev, right=False), MEASURED),
-        (Every("dev_choices", {"search": "blockwise-w3"}), Every("dev_choices", {"search": "blockwise-w2"}))),
+    # docs/blockwise.md, docs/design.md: the dev-split searches (bench/dev_choice.py), every candidate and the choice
+    "dev-choices-blockwise": _dev_choices("blockwise-w3", "blockwise-w2"),
+    "dev-choices-awq": _dev_choices("awq-propagate"),
 }
 
 

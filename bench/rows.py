@@ -37,12 +37,15 @@ def results_path(name: str | Path) -> Path:
 
 
 def commit(root: Path = ROOT) -> str | None:
-    """The short commit of HEAD, with '+dirty' when tracked files differ from it; None outside git."""
+    """The short commit of HEAD, with '+dirty' when tracked files other than the row files differ from it; None
+    outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        # the row files themselves are appended during a run: they do not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
