@@ -9,6 +9,7 @@ file and rows (selected by keys) it shows and which columns, formatted how.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from dataclasses import dataclass, field
@@ -123,11 +124,17 @@ def over_fp(row: dict) -> str | None:
     return None if row.get("vs_fp") is None else f"{row['vs_fp']:+.1f}%"
 
 
+@functools.lru_cache(maxsize=1)
+def _dev_rows() -> tuple[dict, ...]:
+    """The dev searches' rows, read once per report (every row of a dev-choice table asks)."""
+    return tuple(read_rows(ROOT / "bench" / "results" / "dev_choices.jsonl"))
+
+
 def chosen_on_dev(row: dict) -> str:
     """'chosen' for the candidate with the lowest dev KLD among its search's rows at the same commit (one run, or
     candidates run one invocation each): the rule bench/dev_choice.py applies, recomputed from the rows so the table
     cannot disagree with them."""
-    run = [r for r in read_rows(ROOT / "bench" / "results" / "dev_choices.jsonl")
+    run = [r for r in _dev_rows()
            if (r.get("search"), r.get("base"), r.get("commit")) == (row.get("search"), row.get("base"),
                                                                    row.get("commit"))]
     best = min(run, key=lambda r: r["kld_mean"])
