@@ -164,7 +164,8 @@ def _headline_rows() -> tuple:
         for method, label in LOWBIT_METHODS:
             legacy = Pick(PTQ, {"method": method, "bits": bits, "section": f"W{bits} g64, weights only"},
                           {"method": label})
-            out.append(Either(Spread("headline", {"method": method, "bits": bits, "group": 64, **HEADLINE},
+            awq = {"propagate": "float"} if "awq" in method else {}  # rows of today's AWQ default only
+            out.append(Either(Spread("headline", {"method": method, "bits": bits, "group": 64, **HEADLINE, **awq},
                                      {"method": label}), legacy))
             if method in ("gptq-r", "awq"):  # llm-compressor's row of the same method
                 out.append(Pick("peers", {"tool": "llm-compressor", "method": method[:4], "bits": bits},

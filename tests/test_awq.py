@@ -103,12 +103,12 @@ def test_awq_beats_rtn_on_salient_channels():
     assert errors["salient-activation"] < errors["salient-random"]
 
 
-def test_float_propagation_as_in_llm_awq_also_beats_rtn():
+def test_quantized_propagation_also_beats_rtn():
     base = make_salient(tiny_llama())
     calib, held_out = samples(16, 64, seed=1), samples(4, 64, seed=2)
     rtn, awq = copy.deepcopy(base), copy.deepcopy(base)
     quantize_(rtn, RTNConfig(SPEC3), calib)
-    quantize_(awq, AWQConfig(SPEC3, n_grid=10, propagate="float"), calib)
+    quantize_(awq, AWQConfig(SPEC3, n_grid=10, propagate="quantized"), calib)
     assert logits_error(awq, base, held_out) < logits_error(rtn, base, held_out)
     with pytest.raises(LowbitError, match="propagate"):
         AWQConfig(SPEC3, propagate="sideways")

@@ -125,27 +125,6 @@ def test_fit_keeps_the_start_when_training_only_hurts():
     assert torch.equal(after.q, before.q) and torch.equal(after.scale, before.scale)
 
 
-def test_defaults_are_the_choice_of_the_committed_dev_search():
-    """Each option the dev search chose (bench/results/dev_choices.jsonl, lowest dev KLD) is the config's default."""
-    import json
-    import shlex
-    from pathlib import Path
-
-    from lowbit.options import options_of
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "results" / "dev_choices.jsonl"
-    found = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    found = [r for r in found if r["search"] == "blockwise-w3"]
-    last = [r for r in found if (r["base"], r["commit"]) == (found[-1]["base"], found[-1]["commit"])]
-    chosen = shlex.split(min(last, key=lambda r: r["kld_mean"])["candidate"])
-    by_flag = {o.flag: o for o in options_of(BlockwiseConfig)}
-    defaults = BlockwiseConfig(SPEC3)
-    assert chosen, "the search kept the defaults: nothing to compare"
-    for flag, text in zip(chosen[::2], chosen[1::2]):
-        o = by_flag[flag]
-        assert getattr(defaults, o.field) == (o.parse or type(o.default))(text), flag
-
-
 def test_recipes_and_their_overrides():
     assert BlockwiseConfig(SPEC3).recipe == {"steps": 160, "check_every": 20, "patience": 3, "e2e_steps": 64,
                                              "batch": 4}

@@ -42,8 +42,9 @@ class AWQConfig:
         4, "α is scored by re-running attention on this many calibration sequences and the MLP on as many "
            "sequences' worth of tokens drawn from all of them (scale statistics, single-linear groups and the clip "
            "search use every token)", parse=positive_int)
-    propagate: str = option("quantized", "search each layer on the outputs of the already quantized layers before "
-                                         "it (quantized) or of the float ones (float, as llm-awq)",
+    propagate: str = option("float", "search each layer on the outputs of the float layers before it (float, as "
+                                     "llm-awq; chosen on dev text, docs/design.md) or of the already quantized ones "
+                                     "(quantized)",
                             choices=("float", "quantized"))
     load_search: str | None = option(None, "apply a saved AWQ search instead of calibrating", metavar="FILE")
     save_search: str | None = option(None, "write the AWQ search (safetensors) to FILE", metavar="FILE")
