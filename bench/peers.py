@@ -42,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rows as result_rows  # noqa: E402, I001  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's lowbit, not whichever one the venv has installed
+from lowbit.methods import REGISTRY  # noqa: E402
+
 WORKER = REPO / "bench" / "_peers_worker.py"
 PROJECT_VENV = REPO / ".venv"
 LOWBIT_CLI = PROJECT_VENV / "bin" / "lowbit"
@@ -101,9 +104,9 @@ PEERS = {
 # lr None: AutoRound's own, 1/iters, or 2/iters at iters >= 1000 and bits <= 3.
 AUTOROUND_RECIPES = {"default": {"iters": 200, "batch_size": 8}, "best": {"iters": 1000, "batch_size": 8}}
 DEFAULT_LOWBIT_METHODS = ("awq", "gptq")
-# `lowbit eval --method` choices (lowbit.experiment.METHOD_NAMES; a test keeps the two equal): a misspelt
-# method fails at the command line, not as a failed row after an hour of peers
-LOWBIT_METHODS = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix", "blockwise")
+# `lowbit eval --method` choices, from this checkout's registry: a misspelt method fails at the command line, not
+# as a failed row after an hour of peers
+LOWBIT_METHODS = REGISTRY.names()
 # llm-compressor's GPTQ defaults to actorder="static" (an alias of "weight"): columns by decreasing
 # Hessian diagonal, groups fixed beforehand. lowbit's --act-order is that algorithm.
 ACT_ORDER_METHODS = ("gptq", "awq+gptq")

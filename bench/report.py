@@ -92,6 +92,32 @@ class Either:
 
 
 @dataclass(frozen=True)
+class Declared:
+    """One row per --method choice that lowbit's registry declares (lowbit.methods.REGISTRY), not a row file."""
+
+
+def declared_rows() -> list[dict]:
+    """What each declaration says, as cells: the methods table cannot drift from the code."""
+    sys.path.insert(0, str(ROOT))  # this checkout's lowbit
+    from lowbit.experiment import MethodOptions
+    from lowbit.methods import REGISTRY
+    from lowbit.quantizer import QuantSpec
+
+    yes = {True: "yes", False: ""}
+    out = []
+    for m in REGISTRY:
+        if not m.selectable or m.config is None:
+            continue
+        first = m.build(QuantSpec(bits=4, group_size=64), MethodOptions())[0]
+        out.append({"method": f"`{m.name}`", "summary": m.summary,
+                    "runs": ", then ".join(f"`{c}`" for c in m.chains) if m.chains else "",
+                    "calibrates": yes[m.calibrates(first)], "mixed": yes[m.mixed], "packs": yes[m.packs],
+                    "streams": yes[m.streams], "trains": yes[m.trains],
+                    "page": f"[{Path(m.page).name}]({m.page})" if m.page else ""})
+    return out
+
+
+@dataclass(frozen=True)
 class Heading:
     """A bold line across the table (a section of rows)."""
     text: str
@@ -177,8 +203,10 @@ def _headline_rows() -> tuple:
                                   {"method": "block-wise (--fast, chosen on dev)"}), legacy)
         out += [blockwise,
                 Pick("peers_blockwise", {"tool": "autoround", "bits": bits}, {"method": "AutoRound, 50 iterations"})]
-    out += [Heading("W2 g64"),
-            Pick("blockwise", {"bits": 2, "recipe": "w2"}, {"method": "block-wise, W2 recipe"}),
+    w2 = Either(Spread("headline", {"method": "blockwise-fast", "bits": 2, "group": 64, **HEADLINE},
+                       {"method": "block-wise (--fast, chosen on dev)"}),
+                Pick("blockwise", {"bits": 2, "recipe": "w2"}, {"method": "block-wise, W2 recipe"}))
+    out += [Heading("W2 g64"), w2,
             Pick("peers_blockwise", {"tool": "autoround", "bits": 2}, {"method": "AutoRound, 50 iterations"})]
     return tuple(out)
 
@@ -250,6 +278,14 @@ TABLES: dict[str, Table] = {
              right=False),
          Col("same top token (llama.cpp)", "llama_cpp.top1_agreement", "{:.3f}"), MEASURED),
         (Pick("kld_llamacpp", {"type": "Q4_K_M"}), Pick("kld_llamacpp", {"type": "Q2_K"}))),
+    # README: the --method choices, read from lowbit's registry
+    "methods": Table(
+        (Col("method", "method", right=False), Col("what it does", "summary", right=False),
+         Col("builds on", "runs", right=False), Col("calibrates", "calibrates", right=False),
+         Col("bit allocation", "mixed", right=False), Col("packs", "packs", right=False),
+         Col("streams", "streams", right=False), Col("trains", "trains", right=False),
+         Col("page", "page", right=False)),
+        (Declared(),)),
     # docs/blockwise.md, docs/design.md: the dev-split searches (bench/dev_choice.py), every candidate and the choice
     "dev-choices-blockwise": _dev_choices("blockwise-w3", "blockwise-w2"),
     "dev-choices-awq": _dev_choices("awq-propagate"),
@@ -287,6 +323,10 @@ def render(table: Table, rows_dir: Path) -> list[str]:
     for item in table.rows:
         if isinstance(item, Heading):
             lines.append("| " + " | ".join([f"**{item.text}**"] + [""] * (len(table.columns) - 1)) + " |")
+            continue
+        if isinstance(item, Declared):
+            for row in declared_rows():
+                lines.append("| " + " | ".join(c.cell(row) for c in table.columns) + " |")
             continue
         if isinstance(item, Either):
             has_rows = (item.first.file + ".jsonl") in {p.name for p in rows_dir.glob("*.jsonl")}

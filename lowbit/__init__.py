@@ -1,11 +1,17 @@
-"""lowbit: low-bit quantization of LLMs (RTN, salient FP16, AWQ, GPTQ, SmoothQuant, W8A8), honestly measured."""
+"""lowbit: low-bit quantization of LLMs (RTN, AWQ, GPTQ, block-wise reconstruction, QAT, SmoothQuant, GGUF),
+honestly measured. Every method's config is exported here (``lowbit.methods.REGISTRY`` lists them)."""
 from .errors import LowbitError
 from .methods import (
+    REGISTRY,
     ActQuantConfig,
     AWQConfig,
     AWQGPTQConfig,
     AWQSearch,
+    BlockwiseConfig,
     GPTQConfig,
+    ImatrixConfig,
+    Pipeline,
+    QATConfig,
     RotationConfig,
     RTNConfig,
     SalientConfig,
@@ -20,8 +26,8 @@ from .specmap import SpecMap
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActQuantConfig", "AWQConfig", "AWQGPTQConfig", "AWQSearch", "GPTQConfig", "LowbitError", "QTensor", "QuantSpec",
-    "RotationConfig", "RTNConfig", "SalientConfig", "SmoothQuantConfig", "SpecMap", "dequantize", "fake_quantize",
-    "load",
-    "load_model", "quantize", "quantize_",
+    "REGISTRY", "ActQuantConfig", "AWQConfig", "AWQGPTQConfig", "AWQSearch", "BlockwiseConfig", "GPTQConfig",
+    "ImatrixConfig", "LowbitError", "Pipeline", "QATConfig", "QTensor", "QuantSpec", "RotationConfig", "RTNConfig",
+    "SalientConfig", "SmoothQuantConfig", "SpecMap", "dequantize", "fake_quantize", "load", "load_model", "quantize",
+    "quantize_",
 ]

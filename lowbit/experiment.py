@@ -18,17 +18,9 @@ from .data import eval_source, eval_text
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
 from .methods import (
+    REGISTRY,
     ActQuantConfig,
-    AWQConfig,
-    AWQGPTQConfig,
-    BlockwiseConfig,
-    GPTQConfig,
-    ImatrixConfig,
     Pipeline,
-    QATConfig,
-    RTNConfig,
-    SalientConfig,
-    SmoothQuantConfig,
     needs_calibration,
     quantize_,
 )
@@ -38,7 +30,7 @@ from .models.inventory import retie, tied_parameters
 from .quantizer import QuantSpec, set_codes
 from .specmap import SpecMap, base_spec, bits_per_weight, code_bits
 
-METHOD_NAMES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix", "blockwise")
+METHOD_NAMES = REGISTRY.names()
 
 
 @dataclass
@@ -98,73 +90,32 @@ class MethodOptions(options.MethodOptions):
     """Every method's options by name (``n_grid``, ``act_order``, ``qat_steps``, ...): declared on the configs
     below, plus the pipeline's own (a rotation first, activation quantization last)."""
 
-    configs = (SalientConfig, AWQConfig, GPTQConfig, QATConfig, BlockwiseConfig, SmoothQuantConfig)
+    configs = REGISTRY.configs_with_options()
     extra = {"rotate": False, "a_bit": None, "a_granularity": "token", "a_static": False}
 
 
 def make_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions):
     """The config for a method name and options: one config, a Pipeline of several, or None (the float model).
 
-    Order: transforms of the float model (rotation, smoothing), the weight method, then run-time steps
-    (activation quantization).
+    Order: a rotation of the float model (``--rotate``), the method's own steps as its declaration builds them
+    (SmoothQuant: the smoothing, then RTN), then activation quantization at run time.
     """
-    weight = _weight_config(method, spec, opts)
-    steps = (*_transforms(method, opts), *([weight] if weight is not None else []), *_runtime_steps(method, opts))
+    declared = REGISTRY[method]
+    if method != "fp" and spec is None:
+        raise LowbitError(f"method {method} needs a quantization spec")
+    if isinstance(spec, SpecMap) and not declared.mixed:
+        raise LowbitError(f"method {method} takes one spec for all linears; a bit allocation (--bits-budget, "
+                          f"--size-budget-mb, --allocation) works with {', '.join(MIXED_METHODS)}")
+    steps = (*((RotationConfig(seed=opts.seed),) if opts.rotate else ()), *declared.build(spec, opts))
+    if opts.a_bit is not None and not declared.own_activations:
+        steps += (ActQuantConfig(bits=opts.a_bit, granularity=opts.a_granularity, static=opts.a_static),)
     if not steps:
         return None
     return steps[0] if len(steps) == 1 else Pipeline(steps)
 
 
-def _transforms(method: str, opts: MethodOptions) -> tuple:
-    """Function-preserving changes of the float model, applied before the weights are rounded."""
-    steps: tuple = (RotationConfig(seed=opts.seed),) if opts.rotate else ()
-    if method == "smoothquant":
-        steps += (SmoothQuantConfig(**opts.for_config(SmoothQuantConfig)),)
-    return steps
-
-
-def _runtime_steps(method: str, opts: MethodOptions) -> tuple:
-    """Steps that act while the model runs (activation quantization; QAT trains its own)."""
-    if opts.a_bit is None or method == "qat":
-        return ()
-    return (ActQuantConfig(bits=opts.a_bit, granularity=opts.a_granularity, static=opts.a_static),)
-
-
 # the methods that take a per-linear SpecMap
-MIXED_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "smoothquant", "imatrix", "blockwise")
-
-
-def _weight_config(method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions):
-    """The method that rounds the weights, or None for the float model."""
-    if method == "fp":
-        return None
-    if spec is None:
-        raise LowbitError(f"method {method} needs a quantization spec")
-    if isinstance(spec, SpecMap) and method not in MIXED_METHODS:
-        raise LowbitError(f"method {method} takes one spec for all linears; a bit allocation (--bits-budget, "
-                          f"--size-budget-mb, --allocation) works with {', '.join(MIXED_METHODS)}")
-    if method == "qat" and base_spec(spec).ggml is not None:
-        raise LowbitError("QAT learns float steps that no GGUF block type stores (float16 scales, K-quants' integer "
-                          "sub-block scales); use --method awq+gptq --act-order for GGUF types")
-    if method in ("rtn", "smoothquant"):  # SmoothQuant's weights are rounded to nearest after smoothing
-        return RTNConfig(spec)
-    if method == "salient":
-        return SalientConfig(spec, **opts.for_config(SalientConfig))
-    if method == "imatrix":
-        return ImatrixConfig(spec)
-    if method in ("awq", "awq+gptq", "qat", "blockwise"):
-        awq = AWQConfig(spec, **opts.for_config(AWQConfig))
-        if method == "awq":
-            return awq
-        if method == "qat":
-            return QATConfig(spec, awq=awq, a_bit=opts.a_bit, seed=opts.seed, **opts.for_config(QATConfig))
-    if method == "blockwise":  # its start is AWQ+GPTQ-R
-        gptq = GPTQConfig(spec, **{**opts.for_config(GPTQConfig), "act_order": True})
-        return BlockwiseConfig(spec, awq=awq, gptq=gptq, seed=opts.seed, **opts.for_config(BlockwiseConfig))
-    if method in ("gptq", "awq+gptq"):
-        gptq = GPTQConfig(spec, **opts.for_config(GPTQConfig))
-        return gptq if method == "gptq" else AWQGPTQConfig(awq, gptq)
-    raise LowbitError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
+MIXED_METHODS = REGISTRY.names(mixed=True)
 
 
 def check_positions(model: nn.Module, seq_len: int, window: str = "evaluation", flag: str = "--seq-len") -> None:

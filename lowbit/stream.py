@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .calib import Activations, Call, calibrate_layer, first_layer_batches
 from .errors import LowbitError
 from .io import atomic_path, install_dir
+from .methods import REGISTRY
 from .methods.awq import AWQConfig, AWQLayerStep
 from .methods.rtn import RTNConfig, round_linears
 from .models.families import family_for
@@ -205,8 +206,9 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
     """
     start = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if not isinstance(config, (RTNConfig, AWQConfig)):
-        raise LowbitError(f"streaming supports rtn and awq, not {type(config).__name__}")
+    if type(config) not in {REGISTRY[name].config for name in REGISTRY.names(streams=True)}:
+        raise LowbitError(f"streaming supports {' and '.join(REGISTRY.names(streams=True))}, not "
+                          f"{type(config).__name__}")
     method = "awq" if isinstance(config, AWQConfig) else "rtn"
     if isinstance(config, AWQConfig):
         if config.load_search or config.save_search:

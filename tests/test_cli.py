@@ -59,14 +59,6 @@ def test_bad_input_fails_fast_with_one_line(args, fragments):
     assert_clean_error(run(*args), *fragments)
 
 
-def test_the_method_choices_are_the_methods_lowbit_runs():
-    """The parser keeps its own list of methods; it must name exactly those the session runs."""
-    from lowbit.cli.common import METHOD_CHOICES
-    from lowbit.experiment import METHOD_NAMES
-
-    assert METHOD_CHOICES == METHOD_NAMES
-
-
 def test_non_utf8_data_file(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)

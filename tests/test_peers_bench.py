@@ -89,9 +89,9 @@ def test_any_lowbit_method_with_extra_args():
 
 
 def test_none_means_no_rows_and_unknown_methods_fail_at_the_command_line(capsys, tmp_path):
-    from lowbit.experiment import METHOD_NAMES
+    from lowbit.methods import REGISTRY
 
-    assert peers.LOWBIT_METHODS == METHOD_NAMES
+    assert peers.LOWBIT_METHODS == REGISTRY.names()  # read from the registry, not a copy
     bare = [j.label for j in peers.plan(args("--peers", "--lowbit-methods", "blockwise", "--bits", "3", "--skip-fp"))]
     named = [j.label for j in peers.plan(args("--peers", "none", "--lowbit-methods", "blockwise", "--bits", "3",
                                               "--skip-fp"))]

@@ -16,8 +16,33 @@ FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf1
                "binary, ternary")
 
 
-# experiment.METHOD_NAMES (a test keeps the two equal)
-METHOD_CHOICES = ("fp", "rtn", "salient", "awq", "gptq", "awq+gptq", "smoothquant", "qat", "imatrix", "blockwise")
+def method_choices(**want: bool) -> tuple[str, ...]:
+    """``--method`` choices from the registry (``method_choices(packs=True)``: what lowbit quantize writes)."""
+    from ..methods import REGISTRY
+
+    return REGISTRY.names(**want)
+
+
+def method_help(names: tuple[str, ...], default: str) -> str:
+    """One line per method from its declaration."""
+    from ..methods import REGISTRY
+
+    return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in names) + f" (default {default})"
+
+
+def refused_choices() -> tuple[str, ...]:
+    """Methods ``lowbit quantize`` names only to refuse them, with the reason, rather than as an unknown choice."""
+    from ..methods import REGISTRY
+
+    return tuple(REGISTRY.refusals())
+
+
+def with_options(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The methods among ``names`` whose config declares command-line options."""
+    from ..methods import REGISTRY
+
+    configs = REGISTRY.configs_with_options()
+    return tuple(n for n in names if REGISTRY[n].config in configs)
 
 
 class Parser(argparse.ArgumentParser):
@@ -136,22 +161,14 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, title: str, skip: tup
         g.add_argument(*flags, **kw)
 
 
-METHOD_GROUPS = {"salient": ("SalientConfig", "salient"), "awq": ("AWQConfig", "awq"),
-                 "gptq": ("GPTQConfig", "gptq (also the rounding step of awq+gptq)"),
-                 "qat": ("QATConfig", "qat (training from awq or rtn)"),
-                 "blockwise": ("BlockwiseConfig", "blockwise (reconstruction per decoder layer from awq+gptq-r)"),
-                 "smoothquant": ("SmoothQuantConfig", "smoothquant")}
-
-
 def add_method_args(p: argparse.ArgumentParser, methods: tuple[str, ...] = ("salient", "awq", "gptq"),
                     rotate: bool = True) -> None:
     """Calibration options, then each method's own (from its config), then the rotation switch."""
-    from .. import methods as m
+    from ..methods import REGISTRY
 
     add_calib_args(p)
     for name in methods:
-        cls, title = METHOD_GROUPS[name]
-        add_config_args(p, getattr(m, cls), title, skip=("save_search",))
+        add_config_args(p, REGISTRY[name].config, REGISTRY[name].title, skip=("save_search",))
     if rotate:
         g = p.add_argument_group("rotation")
         g.add_argument("--rotate", action="store_true",

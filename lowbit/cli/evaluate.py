@@ -5,7 +5,6 @@ import json
 
 from ..errors import LowbitError
 from .common import (
-    METHOD_CHOICES,
     RESULT_COLUMNS,
     add_activation_args,
     add_budget_args,
@@ -14,6 +13,8 @@ from .common import (
     add_model_args,
     add_spec_args,
     budget_options,
+    method_choices,
+    method_help,
     method_options,
     mixed_probe,
     recipe_spec,
@@ -21,6 +22,7 @@ from .common import (
     spec_from_args,
     table,
     warn_not_done,
+    with_options,
 )
 
 
@@ -158,11 +160,8 @@ def evaluate_second_text(session, text: str, args) -> dict:
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="quantize a model with one method and measure its perplexity")
     add_model_args(p)
-    p.add_argument("--method", default="fp", choices=METHOD_CHOICES,
-                   help="fp (no weight quantization), rtn, salient (keep some channels in FP), awq, gptq, awq+gptq "
-                        "(AWQ scales, then GPTQ rounding), blockwise (AWQ+GPTQ-R, then each decoder layer trained "
-                        "to reproduce the float layer's outputs) or smoothquant (activation outliers moved into the "
-                        "weights, then RTN); any of them combines with --a-bit (default fp)")
+    p.add_argument("--method", default="fp", choices=method_choices(),
+                   help=method_help(method_choices(), "fp") + "; any of them combines with --a-bit")
     add_spec_args(p)
     add_data_args(p)
     p.add_argument("--second-text", metavar="FILE",
@@ -176,7 +175,7 @@ def add_parser(sub) -> None:
                    help="the float model for --kld (default: the model before this run's method, or for a packed "
                         "directory the source model its lowbit.json records); needed with --method fp on a "
                         "checkpoint or .gguf file")
-    add_method_args(p, ("salient", "awq", "gptq", "qat", "blockwise", "smoothquant"))
+    add_method_args(p, with_options(method_choices()))
     add_activation_args(p)
     add_budget_args(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing --save-allocation file")

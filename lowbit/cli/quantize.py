@@ -16,23 +16,18 @@ from .common import (
     add_model_args,
     add_spec_args,
     budget_options,
+    method_choices,
+    method_help,
     method_options,
     mixed_probe,
     recipe_spec,
+    refused_choices,
     session_from_args,
     spec_from_args,
     table,
     warn_not_done,
+    with_options,
 )
-
-QUANTIZE_METHODS = ("rtn", "awq", "gptq", "awq+gptq", "qat", "smoothquant", "imatrix", "blockwise")
-
-
-NOT_PACKABLE = {
-    "salient": "salient FP16 keeps a fraction of each matrix's input channels in float; a packed linear holds "
-               "one grid for the whole matrix, so the file cannot hold it (evaluate it with lowbit eval --method "
-               "salient; AWQ protects the same channels by scaling and packs: --method awq)",
-}
 
 
 def wants_stream(args) -> bool:
@@ -115,9 +110,11 @@ def run_streamed(args) -> int:
 
 def run(args) -> int:
     from ..io import check_writable
+    from ..methods import REGISTRY
 
-    if args.method in NOT_PACKABLE:
-        raise LowbitError(NOT_PACKABLE[args.method])
+    refused = REGISTRY.refusals()
+    if args.method in refused:
+        raise LowbitError(refused[args.method])
     if wants_stream(args):
         return run_streamed(args)
     if not args.save_search and not args.output and not args.save_allocation:
@@ -197,16 +194,13 @@ def save_packed_from_session(session, spec, args) -> dict:
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save it packed (-o DIR) and/or its AWQ search")
     add_model_args(p)
-    p.add_argument("--method", default="awq", choices=(*QUANTIZE_METHODS, *NOT_PACKABLE),
-                   help="rtn, awq (default), gptq (--act-order for GPTQ-R), awq+gptq, qat (block-wise training from "
-                        "AWQ, lowbit qat's defaults), blockwise (AWQ+GPTQ-R, then each decoder layer trained to "
-                        "reproduce the float one; --fast for the short recipe), smoothquant (weights smoothed, then "
-                        "RTN) or imatrix (GGUF "
-                        "types: scales fitted with the calibration's mean x², llama.cpp's importance matrix); "
-                        "salient is refused: its float channels do not pack")
+    packs = method_choices(packs=True)
+    p.add_argument("--method", default="awq", choices=(*packs, *refused_choices()),
+                   help=method_help(packs, "awq") + "; " + ", ".join(refused_choices()) + " is refused: it does "
+                        "not pack")
     add_spec_args(p)
     add_data_args(p)
-    add_method_args(p, ("awq", "gptq", "qat", "blockwise", "smoothquant"))
+    add_method_args(p, with_options(packs))
     add_activation_args(p)
     add_budget_args(p)
     p.add_argument("-o", "--output", metavar="DIR", help="write the packed model (safetensors + lowbit.json + "

@@ -9,54 +9,40 @@ from torch import nn
 
 from ..models.families import family_for
 from ..models.inventory import float_weights, quantizable_linears
-from .actquant import ActQuantConfig, apply_actquant
-from .awq import AWQConfig, AWQSearch, apply_awq
-from .awq_gptq import AWQGPTQConfig, apply_awq_gptq
+from . import actquant, awq, awq_gptq, blockwise, gptq, imatrix, qat, rotation, rtn, salient, smoothquant
+from .actquant import ActQuantConfig
+from .awq import AWQConfig, AWQSearch
+from .awq_gptq import AWQGPTQConfig
 from .base import QuantReport
-from .blockwise import BlockwiseConfig, apply_blockwise
-from .gptq import GPTQConfig, apply_gptq
-from .imatrix import ImatrixConfig, apply_imatrix
+from .blockwise import BlockwiseConfig
+from .gptq import GPTQConfig
+from .imatrix import ImatrixConfig
 from .pipeline import Pipeline, apply_pipeline
-from .qat import QATConfig, apply_qat
-from .rotation import RotationConfig, apply_rotation
-from .rtn import RTNConfig, apply_rtn
-from .salient import SalientConfig, apply_salient
-from .smoothquant import SmoothQuantConfig, apply_smoothquant
+from .qat import QATConfig
+from .registry import Method, Registry
+from .rotation import RotationConfig
+from .rtn import RTNConfig
+from .salient import SalientConfig
+from .smoothquant import SmoothQuantConfig
 
-HANDLERS: dict[type, Callable[..., QuantReport]] = {
-    RTNConfig: apply_rtn,
-    SalientConfig: apply_salient,
-    AWQConfig: apply_awq,
-    GPTQConfig: apply_gptq,
-    AWQGPTQConfig: apply_awq_gptq,
-    RotationConfig: apply_rotation,
-    SmoothQuantConfig: apply_smoothquant,
-    ActQuantConfig: apply_actquant,
-    QATConfig: apply_qat,
-    BlockwiseConfig: apply_blockwise,
-    ImatrixConfig: apply_imatrix,
-}
+FLOAT = Method("fp", None, None, "the float model, unquantized", build=lambda spec, opts: (), packs=False)
+
+# the order of the CLI's --method choices; the steps others compose (rotation, activations) last
+REGISTRY = Registry((FLOAT, rtn.METHOD, salient.METHOD, awq.METHOD, gptq.METHOD, awq_gptq.METHOD,
+                     smoothquant.METHOD, qat.METHOD, imatrix.METHOD, blockwise.METHOD, rotation.METHOD,
+                     actquant.METHOD))
+HANDLERS: dict[type, Callable[..., QuantReport]] = {m.config: m.apply for m in REGISTRY if m.config is not None}
 
 
 def needs_calibration(config) -> bool:
     """Whether ``config`` reads calibration activations."""
     if isinstance(config, Pipeline):
         return any(needs_calibration(s) for s in config.steps)
-    if isinstance(config, SalientConfig):
-        return config.by == "activation"
-    if isinstance(config, AWQConfig):
-        return config.load_search is None
-    if isinstance(config, ActQuantConfig):
-        return config.static
-    return isinstance(config, (GPTQConfig, AWQGPTQConfig, SmoothQuantConfig, QATConfig, ImatrixConfig,
-                                   BlockwiseConfig))
+    return REGISTRY.of(config).calibrates(config)
 
 
 def _handler(config) -> Callable[..., QuantReport]:
-    handler = HANDLERS.get(type(config))
-    if handler is None:
-        raise TypeError(f"no quantization handler for {type(config).__name__}")
-    return handler
+    return REGISTRY.of(config).apply
 
 
 def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> QuantReport:
@@ -85,6 +71,8 @@ def _count_float(model: nn.Module, report: QuantReport) -> None:
 
 __all__ = [
     "HANDLERS",
+    "REGISTRY",
+    "Method",
     "AWQConfig",
     "ActQuantConfig",
     "AWQGPTQConfig",

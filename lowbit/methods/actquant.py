@@ -21,6 +21,7 @@ from ..errors import LowbitError
 from ..models.families import Family, family_for
 from ..quantizer import QuantSpec, decode, encode, fake_quantize, qparams_from_range
 from .base import QuantReport, attach_runtime
+from .registry import Method
 
 
 @dataclass(frozen=True)
@@ -114,3 +115,7 @@ def apply_actquant(model: nn.Module, config: ActQuantConfig, calib: torch.Tensor
     for n, m in targets.items():
         attach_runtime(model, m.register_forward_pre_hook(hooks[n]))
     return QuantReport(config.name, None, 16.0, info=info)
+
+
+METHOD = Method("actquant", ActQuantConfig, apply_actquant, "fake-quantize the inputs of the linears (--a-bit)",
+                calibrates=lambda config: config.static, selectable=False, packs=False, page="docs/ptq.md")

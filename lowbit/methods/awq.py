@@ -28,6 +28,7 @@ from ..options import option, positive_int
 from ..quantizer import QuantSpec, fake_quantize
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, input_transform, prepare
+from .registry import Method
 from .rtn import Rounder, rtn_rounder
 
 
@@ -480,3 +481,8 @@ def _apply_without_calibration(model: nn.Module, family: Family, processor: AWQL
 def _mismatch(a: dict, b: dict) -> str:
     diffs = [f"{k}: file {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(diffs) or "unknown difference"
+
+
+METHOD = Method("awq", AWQConfig, apply_awq, "scale the salient input channels before rounding (activation-aware)",
+                build=lambda spec, opts: (AWQConfig(spec, **opts.for_config(AWQConfig)),),
+                calibrates=lambda config: config.load_search is None, mixed=True, streams=True, page="docs/design.md")

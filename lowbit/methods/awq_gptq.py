@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from . import awq, gptq
 from .awq import AWQConfig, apply_awq
 from .base import QuantReport, prepare
 from .gptq import GPTQConfig, GPTQRounder, warn_if_few_tokens
+from .registry import Method, always
 
 
 @dataclass(frozen=True)
@@ -41,3 +43,9 @@ def apply_awq_gptq(model: nn.Module, config: AWQGPTQConfig, calib: torch.Tensor 
     report.method = "awq+gptq-r" if config.gptq.act_order else "awq+gptq"
     report.info.update(rounder.info())
     return report
+
+
+METHOD = Method("awq+gptq", AWQGPTQConfig, apply_awq_gptq, "AWQ's scales and clips, then GPTQ's rounding",
+                build=lambda spec, opts: (AWQGPTQConfig(awq.METHOD.build(spec, opts)[0],
+                                                        gptq.METHOD.build(spec, opts)[0]),),
+                calibrates=always, chains=("awq", "gptq"), mixed=True, page="docs/gptq.md")

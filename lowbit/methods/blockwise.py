@@ -54,10 +54,12 @@ from ..quantizer import (
     set_latent,
 )
 from ..specmap import SpecMap, bits_per_weight, spec_for
+from . import awq, gptq
 from .awq import AWQConfig, AWQLayerStep
 from .base import QuantReport, prepare
 from .gptq import GPTQConfig, GPTQRounder, warn_if_few_tokens
 from .qat import restore_flags, soft_round, ste_round, trainable_only
+from .registry import Method, always
 
 E2E_LOGIT_BYTES = 512 * 2**20  # float32 logits of one end-to-end step, at most
 TEACHER_TOP_K = 64  # the float model's most likely next tokens kept per position for distillation
@@ -617,3 +619,17 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
 def _mean(values) -> float:
     v = [x for x in values if math.isfinite(x)]
     return sum(v) / len(v) if v else math.nan
+
+
+def build(spec, opts) -> tuple[BlockwiseConfig]:
+    """Block-wise from the run's options; its start is AWQ+GPTQ-R (GPTQ with act-order, whatever the options say)."""
+    start = gptq.METHOD.build(spec, opts.replace(act_order=True))[0]
+    return (BlockwiseConfig(spec, awq=awq.METHOD.build(spec, opts)[0], gptq=start, seed=opts.seed,
+                            **opts.for_config(BlockwiseConfig)),)
+
+
+METHOD = Method("blockwise", BlockwiseConfig, apply_blockwise,
+                "AWQ+GPTQ-R, then each decoder layer trained to reproduce the float one, then the model end to end "
+                "(--fast: the short recipe)",
+                build=build, calibrates=always, chains=("awq", "gptq"), mixed=True, trains=True,
+                options_title="blockwise (reconstruction per decoder layer from awq+gptq-r)", page="docs/blockwise.md")

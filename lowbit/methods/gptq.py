@@ -42,6 +42,7 @@ from ..quantizer import (
 )
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, prepare
+from .registry import Method, always
 
 DAMP_RETRIES = 4  # each retry multiplies the dampening by 10
 
@@ -288,3 +289,9 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor | None 
     walk_layers(model, family, calib, process, propagate="quantized", desc="gptq")
     return QuantReport("gptq-r" if config.act_order else "gptq", config.spec, bits_per_weight(config.spec, linears),
                        info=rounder.info())
+
+
+METHOD = Method("gptq", GPTQConfig, apply_gptq,
+                "round column by column, each error corrected by the ones after it (--act-order: GPTQ-R)",
+                build=lambda spec, opts: (GPTQConfig(spec, **opts.for_config(GPTQConfig)),), calibrates=always,
+                mixed=True, options_title="gptq (also the rounding step of awq+gptq)", page="docs/gptq.md")

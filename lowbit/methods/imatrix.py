@@ -19,6 +19,7 @@ from ..errors import LowbitError
 from ..quantizer import QuantSpec, round_weight_
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from .base import QuantReport, prepare
+from .registry import Method, always
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,8 @@ def apply_imatrix(model: nn.Module, config: ImatrixConfig, calib: torch.Tensor |
     walk_layers(model, family, calib, process, propagate="float", desc="imatrix")
     return QuantReport("imatrix", config.spec, bits_per_weight(config.spec, linears),
                        info={"rtn_fallback": rounder.rtn_fallback})
+
+
+METHOD = Method("imatrix", ImatrixConfig, apply_imatrix,
+                "fit each group's scale with the calibration's mean x² (llama.cpp's importance matrix)",
+                build=lambda spec, opts: (ImatrixConfig(spec),), calibrates=always, mixed=True, page="docs/gguf.md")

@@ -53,8 +53,10 @@ from ..quantizer import (
     half_scale,
     set_codes,
 )
+from . import awq
 from .awq import AWQConfig, apply_awq
 from .base import QuantReport, attach_runtime, prepare
+from .registry import Method, always
 
 Rounding = Literal["ste", "soft", "stochastic"]
 
@@ -506,3 +508,17 @@ def _calib_input_alphas(model: nn.Module, linears: dict[str, nn.Linear], samples
         for h in handles:
             h.remove()
     return seen
+
+
+def build(spec: QuantSpec, opts) -> tuple[QATConfig]:
+    """QAT from the run's options: its AWQ start and its own activation bits."""
+    if spec.ggml is not None:
+        raise LowbitError("QAT learns float steps that no GGUF block type stores (float16 scales, K-quants' integer "
+                          "sub-block scales); use --method awq+gptq --act-order for GGUF types")
+    return (QATConfig(spec, awq=awq.METHOD.build(spec, opts)[0], a_bit=opts.a_bit, seed=opts.seed,
+                      **opts.for_config(QATConfig)),)
+
+
+METHOD = Method("qat", QATConfig, apply_qat, "train the rounded weights (and steps) layer by layer from AWQ",
+                build=build, calibrates=always, chains=("awq",), trains=True, own_activations=True,
+                options_title="qat (training from awq or rtn)", page="docs/qat.md")

@@ -30,6 +30,7 @@ from ..models.families import Family, family_for, get_submodule
 from ..models.fold import head_dim
 from ..models.inventory import check_finite
 from .base import QuantReport, attach_input_transform
+from .registry import Method
 
 
 @dataclass(frozen=True)
@@ -152,3 +153,8 @@ def apply_rotation(model: nn.Module, config: RotationConfig, calib=None) -> Quan
                                    f"online Hadamard {n}")
         info["online_rotation"] = n
     return QuantReport("rotate", None, 16.0, info=info)
+
+
+METHOD = Method("rotation", RotationConfig, apply_rotation,
+                "fold the norms and rotate the residual stream by a random Hadamard matrix (--rotate)",
+                selectable=False, packs=False, page="docs/rotation.md")

@@ -11,6 +11,7 @@ from ..calib import LayerContext
 from ..quantizer import QuantSpec, round_weight_
 from ..specmap import SpecLike, SpecMap, bits_per_weight, spec_for
 from .base import QuantReport, prepare
+from .registry import Method
 
 # The last step of a layer-by-layer method: round a layer's linears, possibly using the
 # captured inputs in the context (GPTQ does; plain rounding does not). The spec is one for
@@ -39,3 +40,7 @@ def apply_rtn(model: nn.Module, config: RTNConfig, calib=None) -> QuantReport:
     _, linears = prepare(model, config.spec)
     round_linears(linears, config.spec)
     return QuantReport("rtn", config.spec, bits_per_weight(config.spec, linears), info={"linears": len(linears)})
+
+
+METHOD = Method("rtn", RTNConfig, apply_rtn, "round each group to the nearest point of its grid",
+                build=lambda spec, opts: (RTNConfig(spec),), mixed=True, streams=True, page="docs/formats.md")

@@ -18,6 +18,7 @@ from ..errors import LowbitError
 from ..options import option
 from ..quantizer import QuantSpec, fake_quantize
 from .base import QuantReport, prepare
+from .registry import Method
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,12 @@ def apply_salient(model: nn.Module, config: SalientConfig, calib: torch.Tensor |
     return QuantReport(
         f"salient-{config.by}", config.spec, config.bits_per_weight(), info={"frac": config.frac, "by": config.by}
     )
+
+
+METHOD = Method(
+    "salient", SalientConfig, apply_salient, "keep the input channels that see the largest activations in float",
+    build=lambda spec, opts: (SalientConfig(spec, **opts.for_config(SalientConfig)),),
+    calibrates=lambda config: config.by == "activation", packs=False,
+    refusal="salient FP16 keeps a fraction of each matrix's input channels in float; a packed linear holds one grid "
+            "for the whole matrix, so the file cannot hold it (evaluate it with lowbit eval --method salient; AWQ "
+            "protects the same channels by scaling and packs: --method awq)", page="docs/results.md")

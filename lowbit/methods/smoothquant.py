@@ -36,6 +36,8 @@ from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head
 from ..models.inventory import check_finite
 from ..options import option
 from .base import QuantReport, input_transform
+from .registry import Method, always
+from .rtn import RTNConfig
 
 _FLOOR = 1e-5  # smallest max|X_j| or max|W_j| a scale is computed from; a dead channel keeps s = 1
 
@@ -125,3 +127,9 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
     info = {"alpha": config.alpha, "sq_skipped_transformed": skipped,
             "sq_groups": ",".join(f"{g.prev}->{'/'.join(n.split('.')[-1] for n in g.linears)}" for g in groups)}
     return QuantReport("smoothquant", None, 16.0, info=info)
+
+
+METHOD = Method("smoothquant", SmoothQuantConfig, apply_smoothquant,
+                "move activation outliers into the weights, then round the weights to nearest",
+                build=lambda spec, opts: (SmoothQuantConfig(**opts.for_config(SmoothQuantConfig)), RTNConfig(spec)),
+                calibrates=always, chains=("rtn",), mixed=True, page="docs/ptq.md")
