@@ -292,7 +292,10 @@ def method_options(args, save_search: str | None = None):
 def may_calibrate(args) -> bool:
     """False only for runs sure to read no calibration data (fp or RTN, no static activation ranges, no Hessian
     traces to estimate), so their calibration source need not exist."""
-    plain = getattr(args, "method", None) in ("fp", "rtn") and not getattr(args, "a_static", False)
+    from ..methods import REGISTRY
+
+    method = getattr(args, "method", None)
+    plain = method in REGISTRY.names() and REGISTRY[method].never_calibrates and not getattr(args, "a_static", False)
     traces = (getattr(args, "bits_budget", None) is not None or getattr(args, "size_budget_mb", None) is not None) \
         and getattr(args, "sensitivity", None) is None and getattr(args, "allocation", None) is None
     return not plain or traces
@@ -373,8 +376,9 @@ def recipe_spec(args, session, spec):
     from dataclasses import replace
 
     from ..export.gguf_recipes import recipe_specs
+    from ..methods import REGISTRY
 
-    recipe = recipe_specs(session.model, args.gguf, calibrated=args.method not in ("rtn", "fp"))
+    recipe = recipe_specs(session.model, args.gguf, calibrated=not REGISTRY[args.method].never_calibrates)
     if spec.rounding != "nearest":
         recipe = replace(recipe, default=replace(recipe.default, rounding=spec.rounding),
                          overrides=tuple((n, replace(s, rounding=spec.rounding)) for n, s in recipe.overrides))

@@ -53,6 +53,11 @@ class Method:
     page: str | None = None  # the docs page that explains it
 
     @property
+    def never_calibrates(self) -> bool:
+        """No config of this method reads calibration activations (its calibration source need not exist)."""
+        return self.calibrates is never
+
+    @property
     def title(self) -> str:
         return self.options_title or self.name
 
