@@ -449,7 +449,7 @@ def awq_time_ratios(rows: list[dict]) -> dict[int, float]:
     return ratios
 
 
-def _default_data_dir() -> None:
+def default_data_dir() -> None:
     """Every venv reads WikiText-2 from $LOWBIT_DATA_DIR; default it to ../shared/data when present."""
     if not os.environ.get("LOWBIT_DATA_DIR"):
         shared = REPO.parent / "shared" / "data"
@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    _default_data_dir()
+    default_data_dir()
     if not os.environ.get("LOWBIT_DATA_DIR"):
         print("note: LOWBIT_DATA_DIR is unset and ../shared/data is missing; the tools will try the HF hub",
               file=sys.stderr)

@@ -91,12 +91,13 @@ def _lowbit_row(session, run: Run, args) -> dict:
     return session.run(run.method, spec, opts, progress=False).row()
 
 
-def _peer_row(python: Path, run: Run, args, log: Path) -> dict:
+def peer_row(python: Path, run: Run, args, log: Path) -> dict:
     method = run.method.removeprefix("llmc-")
-    pargs = argparse.Namespace(group_size=run.group_size, calib_samples=args.calib_samples,
-                               calib_seq_len=args.calib_seq_len, max_windows=args.max_windows,
-                               model=args.model, seed=args.seed)
-    return peers._run_json(peers._worker_cmd(python, pargs, method, run.bits), log, run.label)
+    pargs = peers.build_parser().parse_args([
+        "--group-size", str(run.group_size), "--calib-samples", str(args.calib_samples), "--calib-seq-len",
+        str(args.calib_seq_len), "--max-windows", str(args.max_windows), "--model", args.model, "--seed",
+        str(args.seed)])  # every other setting at peers.py's defaults, whatever it adds next
+    return peers.run_json(peers.worker_cmd(python, pargs, method, run.bits), log, run.label)
 
 
 def _fmt(v, spec: str) -> str:
@@ -135,7 +136,7 @@ def main() -> int:
     p.add_argument("--resume", action="store_true", help="keep finished rows of --out made with the same settings")
     args = p.parse_args()
 
-    peers._default_data_dir()
+    peers.default_data_dir()
     settings = {k: getattr(args, k) for k in ("model", "max_windows", "calib_samples", "calib_seq_len",
                                                "search_samples", "seed")}
     out = Path(args.out)
@@ -151,6 +152,7 @@ def main() -> int:
     if args.only:
         todo = [r for r in todo if r.method == "fp" or any(w in r.label or w in r.section for w in args.only)]
 
+    from lowbit.errors import LowbitError
     from lowbit.experiment import CalibOptions, Session
     from lowbit.models import load_model
 
@@ -172,11 +174,12 @@ def main() -> int:
                 "tool": "llm-compressor" if run.method.startswith("llmc-") else "lowbit"}
         try:
             if run.method.startswith("llmc-"):
-                python = python or peers.ensure_peer_venv(Path(args.peer_venv).resolve(), args.model)
-                row = _peer_row(python, run, args, log)
+                python = python or peers.ensure_venv(Path(args.peer_venv).resolve(), peers.ENVS["peers"], args.model,
+                                                     log)
+                row = peer_row(python, run, args, log)
             else:
                 row = _lowbit_row(session, run, args)
-        except Exception as e:  # one failed row is reported, the table goes on
+        except (peers.PeersError, LowbitError) as e:  # a peer's or lowbit's one-line failure: the table goes on
             print(f"error in {run.label}: {e}", file=sys.stderr)
             row = {"ppl": None, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
         r = results[order[id(run)]] = {**row, **base, "method": row.get("method", run.method)}

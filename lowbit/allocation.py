@@ -54,7 +54,7 @@ class Allocation:
         return SpecMap.from_bits(self.base, self.bits)
 
     def save(self, path: str | Path) -> None:
-        from .io import atomic_path
+        from .atomic_write import atomic_path
 
         doc = {"format": FORMAT, "base_spec": self.base.to_dict(), "bits": self.bits, **self.meta}
         with atomic_path(path) as tmp:

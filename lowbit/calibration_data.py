@@ -62,7 +62,7 @@ def _is_hub_id(spec: str) -> bool:
     return bool(_HUB_ID.match(spec)) and not Path(spec).exists() and Path(spec).suffix not in (".txt", ".jsonl")
 
 
-def _check_messages(messages, where: str) -> list[dict]:
+def check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise LowbitError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     for m in messages:
@@ -92,7 +92,7 @@ def _jsonl_documents(path: Path, tokenizer) -> tuple[list[str], str]:
         except ValueError as e:
             raise LowbitError(f"{where} is not JSON: {e}") from None
         if isinstance(row, dict) and "messages" in row:
-            docs.append(_render(tokenizer, _check_messages(row["messages"], where), where))
+            docs.append(_render(tokenizer, check_messages(row["messages"], where), where))
             chats += 1
         elif isinstance(row, dict) and isinstance(row.get("text"), str):
             docs.append(row["text"])
@@ -112,7 +112,7 @@ def _hub_documents(spec: str, tokenizer) -> tuple[list[str], str]:
     rows = fetch_hub_rows(name, config or None, split or None, limit=HUB_CALIB_ROWS)
     first = rows[0] if rows else {}
     if "messages" in first:
-        return [_render(tokenizer, _check_messages(r["messages"], f"{name} row {i}"), f"{name} row {i}")
+        return [_render(tokenizer, check_messages(r["messages"], f"{name} row {i}"), f"{name} row {i}")
                 for i, r in enumerate(rows)], "hub-chat"
     if "text" in first:
         return [r["text"] for r in rows if isinstance(r["text"], str) and r["text"].strip()], "hub-text"

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic_write import atomic_path, install_dir
 from .calib import Activations, Call, calibrate_layer, first_layer_batches
 from .errors import LowbitError
-from .io import atomic_path, install_dir
 from .methods import REGISTRY
 from .methods.awq import AWQConfig, AWQLayerStep
 from .methods.rtn import RTNConfig, round_linears
@@ -340,7 +340,7 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
                     out = new_store(step + 1)
                     groups = calibrate_layer(i, layer, family, groups, hidden, calls[i], step_awq, out,
                                              batch_size=batch_size, propagate=config.propagate)
-                    part = _pack_layer(layer, prefix, family.linears, spec, kernel)
+                    part = pack_layer(layer, prefix, family.linears, spec, kernel)
                     release(layer)
                     hidden = out
                     hidden_at = keep_hidden(hidden, step + 1)
@@ -396,7 +396,7 @@ def _tail_step(model, ckpt, family, emb_name, tied, head_mod, head_name, embed, 
     return part, info
 
 
-def _pack_layer(layer: nn.Module, prefix: str, rels: tuple[str, ...], spec: QuantSpec, kernel: str) -> PackedModel:
+def pack_layer(layer: nn.Module, prefix: str, rels: tuple[str, ...], spec: QuantSpec, kernel: str) -> PackedModel:
     """A rounded layer's linears packed, and its other tensors (norms) as they are now."""
     part = PackedModel()
     for rel in rels:

@@ -118,7 +118,7 @@ def test_the_shipped_chat_sets_are_well_formed():
         lines = (files("lowbit") / "assets" / "chat" / f"{name}.jsonl").read_text().splitlines()
         rows = [json.loads(ln) for ln in lines if ln.strip()]
         for r in rows:
-            cd._check_messages(r["messages"], name)
+            cd.check_messages(r["messages"], name)
             assert r["messages"][-1]["role"] == "assistant"
         sets[name] = {m["content"] for r in rows for m in r["messages"] if m["role"] == "user"}
     assert len(sets["calib"]) >= 90 and len(sets["heldout"]) >= 45

@@ -370,3 +370,25 @@ def test_every_quantized_row_reports_kld_unless_asked_not_to():
     float_row = next(j for j in peers.plan(on) if j.key.get("method") == "fp" and j.key.get("tool") == "float")
     assert "--kld" not in float_row.command  # the reference itself is evaluated for PPL only
     assert {"kld_mean", "top1_agreement", "ppl_ref"} <= set(peers.RESULT_FIELDS)
+
+
+def test_ptq_table_runs_its_peer_rows_through_the_peers_worker(monkeypatch, tmp_path):
+    """bench/ptq_table.py calls peers.py's public functions (it once called ones renamed away, and its catch-all
+    turned the error into rows): its llm-compressor row's worker command is peers.py's own."""
+    ptq = load("ptq_table.py", "bench_ptq_table")
+    seen = {}
+
+    def fake_run_json(cmd, log, label):
+        seen.update(cmd=cmd, label=label)
+        return {"ppl": 1.0}
+
+    monkeypatch.setattr(ptq.peers, "run_json", fake_run_json)
+    run = ptq.Run("W3 g64, weights only", "llm-compressor GPTQ", "llmc-gptq", 3)
+    args = ptq.argparse.Namespace(calib_samples=4, calib_seq_len=64, max_windows=2, model="m", seed=1)
+    assert ptq.peer_row(Path("/venv/bin/python"), run, args, tmp_path / "log") == {"ppl": 1.0}
+    cmd = seen["cmd"]
+    assert cmd[:2] == ["/venv/bin/python", str(ROOT / "bench" / "_peers_worker.py")]
+    flags = dict(zip(cmd[2::2], cmd[3::2]))
+    assert flags["--method"] == "gptq" and flags["--bits"] == "3" and flags["--group-size"] == "64"
+    assert (flags["--calib-samples"], flags["--calib-seq-len"], flags["--max-windows"], flags["--seed"]) == \
+        ("4", "64", "2", "1")

@@ -109,7 +109,7 @@ def _interrupt_after(monkeypatch, n_layers: int) -> None:
     """Make the run die (as an exception) once ``n_layers`` layers are committed."""
     import lowbit.stream as stream
 
-    real = stream._pack_layer
+    real = stream.pack_layer
     calls = {"n": 0}
 
     def dying(*a, **k):
@@ -118,7 +118,7 @@ def _interrupt_after(monkeypatch, n_layers: int) -> None:
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(stream, "_pack_layer", dying)
+    monkeypatch.setattr(stream, "pack_layer", dying)
 
 
 def test_resume_checks_the_manifest_and_continues(tmp_path, monkeypatch):

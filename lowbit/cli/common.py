@@ -219,7 +219,7 @@ def budget_options(args):
         raise LowbitError("--w-bit sets one width for all linears; with a budget or --allocation the widths are "
                           "chosen per linear (set the candidates with --bits-choices)")
     if opts.save_allocation:
-        from ..io import check_writable
+        from ..atomic_write import check_writable
 
         check_writable(opts.save_allocation, getattr(args, "force", False))
     return opts

@@ -29,8 +29,8 @@ def run(args) -> int:
     unknown = [m for m in methods if m not in COMPARE_METHODS]
     if unknown:
         raise LowbitError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(COMPARE_METHODS)}")
+    from ..atomic_write import atomic_path, check_writable
     from ..experiment import make_config
-    from ..io import atomic_path, check_writable
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,8 @@ def run_storage(args) -> int:
 
 
 def run(args) -> int:
-    from ..inspect import figure_paths, inspect_layer, rows, save_figures
-    from ..io import check_writable
+    from ..atomic_write import check_writable
+    from ..inspect_outliers import figure_paths, inspect_layer, rows, save_figures
     from ..models.loading import load_model, model_source
 
     kind, _ = model_source(args.model)
@@ -77,7 +77,7 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..inspect import TRANSFORMS
+    from ..inspect_outliers import TRANSFORMS
 
     p = sub.add_parser("inspect", help="activation outliers of one layer's linear inputs: a table of per-channel "
                                        "statistics and 3D surface / heat-map PNGs, before and after a transform; "

@@ -109,7 +109,7 @@ def run_streamed(args) -> int:
 
 
 def run(args) -> int:
-    from ..io import check_writable
+    from ..atomic_write import check_writable
     from ..methods import REGISTRY
 
     refused = REGISTRY.refusals()

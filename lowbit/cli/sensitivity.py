@@ -12,7 +12,7 @@ SENSITIVITY_COLUMNS = [("name", "linear", ""), ("params", "weights", ""), ("trac
 
 
 def run(args) -> int:
-    from ..io import atomic_path, check_writable
+    from ..atomic_write import atomic_path, check_writable
     from ..models.loading import load_model, model_source
     from ..quantizer import QuantSpec
 

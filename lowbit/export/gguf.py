@@ -507,7 +507,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
     """
     from transformers import AutoConfig
 
-    from ..io import atomic_path, check_writable
+    from ..atomic_write import atomic_path, check_writable
     from ..pack.checkpoint import read_config, read_weights
     from .gguf_vocab import add_vocab, read_vocab
 

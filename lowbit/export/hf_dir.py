@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic_write import atomic_dir
 from ..errors import LowbitError
-from ..io import atomic_dir
 from ..pack.tensor import PackedTensor
 
 SKIP_FILES = ("lowbit.json", "model.safetensors", "config.json")

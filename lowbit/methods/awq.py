@@ -74,7 +74,7 @@ class AWQSearch:
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
 
-        from ..io import atomic_path
+        from ..atomic_write import atomic_path
 
         tensors = {f"scale:{k}": v.contiguous() for k, v in self.scales.items()}
         tensors.update({f"clip:{k}": v.contiguous() for k, v in self.clips.items()})

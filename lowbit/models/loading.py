@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic_write import atomic_path
 from ..errors import LowbitError
-from ..io import atomic_path
 from .quiet import quiet_transformers
 
 DEFAULT_MODEL = "smollm2-135m"

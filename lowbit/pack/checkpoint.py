@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic_write import atomic_dir
 from ..errors import LowbitError
-from ..io import atomic_dir
 from ..models.families import family_for
 from ..models.inventory import quantizable_linears
 from ..quantizer import QTensor, QuantSpec, codes_of, dequantize, quantize
@@ -276,7 +276,7 @@ def save_shard(part: PackedModel, path: Path) -> dict:
     """Write one shard's tensors atomically; returns its size, SHA-256 and tensor names for the index."""
     from safetensors.torch import save_file
 
-    from ..io import atomic_path
+    from ..atomic_write import atomic_path
 
     tensors = {}
     for name, pt in part.packed.items():

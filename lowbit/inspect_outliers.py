@@ -74,7 +74,7 @@ def save_figures(stages: dict[str, list[InputStats]], paths: dict[tuple[str, str
     import matplotlib.pyplot as plt
     import torch
 
-    from .io import atomic_path
+    from .atomic_write import atomic_path
 
     n_inputs = len(next(iter(stages.values())))
     zmax = [max(float(st[i].sample.max()) for st in stages.values()) for i in range(n_inputs)]
