@@ -56,7 +56,9 @@ def broken(name: str):
 
     @contextmanager
     def ctx():
-        saved = g.norm_offset, g.stack_experts, dict(g.ARCHS)
+        from lowbit.models.families import FAMILIES
+
+        saved = g.norm_offset, g.stack_experts, dict(FAMILIES)
         try:
             if what == "norm_offset":
                 g.norm_offset = lambda *a: 0.0
@@ -64,12 +66,12 @@ def broken(name: str):
                 g.stack_experts = lambda plan: [(n, d[::-1].copy() if ".experts." in n else d, k)
                                                 for n, d, k in saved[1](plan)]
             else:
-                g.ARCHS[name] = replace(g.ARCHS[name], **{what: False})
+                FAMILIES[name] = replace(FAMILIES[name], gguf=replace(FAMILIES[name].gguf, **{what: False}))
             yield what
         finally:
             g.norm_offset, g.stack_experts = saved[:2]
-            g.ARCHS.clear()
-            g.ARCHS.update(saved[2])
+            FAMILIES.clear()
+            FAMILIES.update(saved[2])
     return ctx()
 
 

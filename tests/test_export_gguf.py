@@ -346,7 +346,10 @@ def test_a_wrong_convention_shows_in_the_logits(model_type, breaks, tmp_path, mo
     if breaks == "norm_offset":
         monkeypatch.setattr(g, "norm_offset", lambda *a: 0.0)
     else:
-        monkeypatch.setitem(g.ARCHS, model_type, replace(g.ARCHS[model_type], **{breaks: False}))
+        from lowbit.models.families import FAMILIES
+
+        fam = FAMILIES[model_type]
+        monkeypatch.setitem(FAMILIES, model_type, replace(fam, gguf=replace(fam.gguf, **{breaks: False})))
     model, tok = tiny_model(model_type)
     g.export_gguf(quantize_and_pack(model, tok, tmp_path / "m"), tmp_path / "m.gguf")
     diff, scale = max_logit_diff(model, read_back(tmp_path / "m.gguf", model_type, model), tok)
@@ -454,53 +457,54 @@ def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(tmp_path):
 def test_unsupported_architectures_and_settings_are_named():
     from transformers import FalconConfig, Gemma2Config, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
 
-    from lowbit.export.gguf import ARCHS, arch_for, check_config
+    from lowbit.export.gguf import arch_for, check_config
 
     with pytest.raises(LowbitError, match="does not support model type 'opt'"):
         arch_for("opt")
     with pytest.raises(LowbitError, match="query_pre_attn_scalar=144.*head_dim=256"):
-        check_config(Gemma2Config(num_hidden_layers=2, query_pre_attn_scalar=144), ARCHS["gemma2"])
+        check_config(Gemma2Config(num_hidden_layers=2, query_pre_attn_scalar=144), arch_for("gemma2"))
     with pytest.raises(LowbitError, match="layer_types differ"):
-        check_config(Gemma2Config(num_hidden_layers=2, layer_types=["full_attention"] * 2), ARCHS["gemma2"])
+        check_config(Gemma2Config(num_hidden_layers=2, layer_types=["full_attention"] * 2), arch_for("gemma2"))
     with pytest.raises(LowbitError, match="use_sliding_window"):
-        check_config(Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64), ARCHS["qwen2"])
+        check_config(Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64), arch_for("qwen2"))
     with pytest.raises(LowbitError, match="rope_type 'yarn'"):
         check_config(LlamaConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
-                                                  "original_max_position_embeddings": 2048}), ARCHS["llama"])
+                                                  "original_max_position_embeddings": 2048}), arch_for("llama"))
     with pytest.raises(LowbitError, match="activation 'gelu'"):
-        check_config(LlamaConfig(hidden_act="gelu"), ARCHS["llama"])
+        check_config(LlamaConfig(hidden_act="gelu"), arch_for("llama"))
     with pytest.raises(LowbitError, match="rope_type 'longrope'"):
         check_config(Phi3Config(num_hidden_layers=2, max_position_embeddings=8192,
                                 original_max_position_embeddings=4096,
                                 rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
                                                  "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}),
-                     ARCHS["phi3"])
+                     arch_for("phi3"))
     with pytest.raises(LowbitError, match="scale_attn_by_inverse_layer_idx"):
-        check_config(GPT2Config(n_layer=2, scale_attn_by_inverse_layer_idx=True), ARCHS["gpt2"])
+        check_config(GPT2Config(n_layer=2, scale_attn_by_inverse_layer_idx=True), arch_for("gpt2"))
     with pytest.raises(LowbitError, match="new_decoder_architecture"):
-        check_config(FalconConfig(num_hidden_layers=2, new_decoder_architecture=True), ARCHS["falcon"])
+        check_config(FalconConfig(num_hidden_layers=2, new_decoder_architecture=True), arch_for("falcon"))
     with pytest.raises(LowbitError, match="alibi"):
-        check_config(FalconConfig(num_hidden_layers=2, alibi=True), ARCHS["falcon"])
+        check_config(FalconConfig(num_hidden_layers=2, alibi=True), arch_for("falcon"))
     from transformers import GPTNeoXConfig, Olmo2Config, Qwen2MoeConfig, Qwen3MoeConfig
 
     with pytest.raises(LowbitError, match="norm_topk_prob=True.*does not renormalise"):
-        check_config(Qwen2MoeConfig(num_hidden_layers=2, norm_topk_prob=True), ARCHS["qwen2_moe"])
+        check_config(Qwen2MoeConfig(num_hidden_layers=2, norm_topk_prob=True), arch_for("qwen2_moe"))
     with pytest.raises(LowbitError, match="norm_topk_prob=False.*renormalises"):
-        check_config(Qwen3MoeConfig(num_hidden_layers=2, norm_topk_prob=False), ARCHS["qwen3_moe"])
+        check_config(Qwen3MoeConfig(num_hidden_layers=2, norm_topk_prob=False), arch_for("qwen3_moe"))
     with pytest.raises(LowbitError, match="mlp_only_layers"):
-        check_config(Qwen3MoeConfig(num_hidden_layers=2, norm_topk_prob=True, mlp_only_layers=[0]), ARCHS["qwen3_moe"])
+        check_config(Qwen3MoeConfig(num_hidden_layers=2, norm_topk_prob=True, mlp_only_layers=[0]),
+                     arch_for("qwen3_moe"))
     with pytest.raises(LowbitError, match="q_norm by the hidden size"):
         check_config(Olmo2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, head_dim=32),
-                     ARCHS["olmo2"])
+                     arch_for("olmo2"))
     with pytest.raises(LowbitError, match="attention biases"):
-        check_config(GPTNeoXConfig(num_hidden_layers=2, attention_bias=False), ARCHS["gpt_neox"])
-    assert "tanh approximation" in check_config(GPTNeoXConfig(num_hidden_layers=2), ARCHS["gpt_neox"])[0]
+        check_config(GPTNeoXConfig(num_hidden_layers=2, attention_bias=False), arch_for("gpt_neox"))
+    assert "tanh approximation" in check_config(GPTNeoXConfig(num_hidden_layers=2), arch_for("gpt_neox"))[0]
     from transformers import GptOssConfig
 
     with pytest.raises(LowbitError, match="swiglu_limit"):
-        check_config(GptOssConfig(num_hidden_layers=2, swiglu_limit=10.0), ARCHS["gpt_oss"])
+        check_config(GptOssConfig(num_hidden_layers=2, swiglu_limit=10.0), arch_for("gpt_oss"))
     with pytest.raises(LowbitError, match="layer_types differ"):
-        check_config(GptOssConfig(num_hidden_layers=2, layer_types=["full_attention"] * 2), ARCHS["gpt_oss"])
+        check_config(GptOssConfig(num_hidden_layers=2, layer_types=["full_attention"] * 2), arch_for("gpt_oss"))
 
 
 def test_llama3_rope_scaling_becomes_rope_freqs():

@@ -254,3 +254,16 @@ def test_smoothquant_keeps_the_float_function(name, built):
     model, held, before = built(name)
     quantize_(model, SmoothQuantConfig(alpha=0.5), tiny_samples(model, 4, 32))
     assert rel(logits(model, held), before) < 1e-4
+
+
+def test_family_knowledge_is_declared_on_the_family_entries():
+    """What AWQ leaves unclipped and how llama.cpp stores a type live on the family entry (one edit per family)."""
+    from lowbit.export.gguf import arch_for
+    from lowbit.models.families import FAMILIES
+
+    for model_type, fam in FAMILIES.items():
+        assert fam.unclipped and set(fam.unclipped) <= set(fam.linears), model_type
+        if fam.gguf is not None:
+            assert arch_for(model_type) is fam.gguf
+    assert FAMILIES["qwen2"].gguf.gguf == "qwen2" and FAMILIES["llama"].gguf.rotary_pairs  # same layers, own arch
+    assert FAMILIES["opt"].gguf is None

@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -46,6 +45,7 @@ from gguf import Keys
 from ..errors import LowbitError
 from ..formats.ggml import to_blocks
 from ..models.fold import config_head_dim
+from ..models.llamacpp import Arch
 from ..pack.tensor import PackedTensor
 
 BLOCK = 32
@@ -128,76 +128,6 @@ def permute_rows(pt: PackedTensor, n_head: int, order: torch.Tensor | None = Non
                         pt.scales[order].contiguous(), zeros, pt.full_range, pt.format, offsets)
 
 
-@dataclass(frozen=True)
-class Arch:
-    """How llama.cpp stores one Hugging Face model type, and where its computation differs from it."""
-
-    gguf: str  # llama.cpp's architecture name
-    # llama.cpp's llama rotates adjacent pairs where Hugging Face rotates halves: q/k rows (and biases) are permuted.
-    rotary_pairs: bool = False
-    rope_dims: bool = False  # also states rope.dimension_count and vocab_size (llama)
-    extra: tuple[tuple[str, str, type], ...] = ()  # (GGUF key, config attribute, int | float), written when set
-    activations: tuple[str, ...] = ("silu",)  # the MLP activation llama.cpp computes for this architecture
-    # llama.cpp fixes which layers use the sliding window: every n-th is full attention, the rest slide.
-    swa_every: int = 0
-    # llama.cpp scales attention scores by 1/sqrt(head_dim), except at this layer count (the 27B models),
-    # where it uses 1/sqrt(hidden / heads); Hugging Face reads query_pre_attn_scalar.
-    attn_scale_layers: int | None = None
-    rope: bool = True  # rotary positions (rope.freq_base, rope.dimension_count); False: learned or ALiBi
-    layer_norm: bool = False  # LayerNorm with bias (attention.layer_norm_epsilon), not RMSNorm
-    rope_types: tuple[str, ...] | None = None  # the rope types it writes, when not default / linear (/ llama3)
-    # llama.cpp's converter reorders a head-interleaved fused query_key_value (BLOOM) to [q; k; v]
-    qkv_interleaved: bool = False
-    sliding_window_key: bool = False  # writes attention.sliding_window (0: none), applied to every layer (Phi-3)
-    # llama.cpp rotates only the first partial_rotary_factor of each head (GPT-NeoX): rope.dimension_count says so
-    partial_rope: bool = False
-    parallel_residual_key: bool = False  # writes use_parallel_residual (GPT-NeoX)
-    # Whether llama.cpp renormalises the top-k routing weights of this architecture to sum to one (MoE only)
-    norm_topk: bool | None = None
-
-
-_LLAMA = Arch("llama", rotary_pairs=True, rope_dims=True)
-_GELU = ("gelu_pytorch_tanh",)
-_SWA = (Keys.Attention.SLIDING_WINDOW, "sliding_window", int)
-_FINAL_CAP = (Keys.LLM.FINAL_LOGIT_SOFTCAPPING, "final_logit_softcapping", float)
-
-# Hugging Face model_type -> llama.cpp architecture. Anything else is refused rather than written with
-# conventions nobody checked.
-ARCHS: dict[str, Arch] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,  # llama.cpp converts Mistral as llama (and ignores its sliding window)
-    "qwen2": Arch("qwen2"),
-    "qwen3": Arch("qwen3"),
-    "gemma": Arch("gemma", activations=_GELU),
-    "gemma2": Arch("gemma2", activations=_GELU, swa_every=2, attn_scale_layers=46,
-                   extra=((Keys.LLM.ATTN_LOGIT_SOFTCAPPING, "attn_logit_softcapping", float), _FINAL_CAP, _SWA)),
-    "gemma3_text": Arch("gemma3", activations=_GELU, swa_every=6, attn_scale_layers=62, extra=(_FINAL_CAP, _SWA)),
-    # Phi-3: fused qkv_proj (attn_qkv, [q; k; v], halves rotated as llama.cpp's phi3 does) and gate_up_proj
-    # (ffn_up, gate half first, as llama.cpp's fused SwiGLU splits it): written as they are.
-    "phi3": Arch("phi3", rope_dims=True, rope_types=("default",), sliding_window_key=True),
-    # GPT-2: learned positions, LayerNorm, biases; lowbit's adapted nn.Linear weights [out, in] are llama.cpp's
-    # layout already (its converter transposes the Conv1D [in, out] weights; transformers transposes them back).
-    "gpt2": Arch("gpt2", activations=("gelu_new", "gelu_pytorch_tanh"), rope=False, layer_norm=True),
-    # BLOOM: ALiBi, LayerNorm after the embedding, head-interleaved query_key_value reordered to [q; k; v].
-    "bloom": Arch("bloom", activations=("bloom_gelu",), rope=False, layer_norm=True, qkv_interleaved=True),
-    # Falcon (7B layout): parallel attention, multi-query, query_key_value already [q; k; v], halves rotated.
-    "falcon": Arch("falcon", activations=("gelu_pytorch_tanh",), layer_norm=True, rope_types=("default",)),
-    # GPT-NeoX / Pythia: head-interleaved query_key_value (as BLOOM), partial rotary over halves, parallel residual.
-    "gpt_neox": Arch("gptneox", activations=("gelu_pytorch_tanh",), layer_norm=True, qkv_interleaved=True,
-                     partial_rope=True, parallel_residual_key=True, rope_types=("default",)),
-    # OLMo 2: norms after attention and MLP (attn_post_norm, ffn_post_norm), q/k norms over all heads.
-    "olmo2": Arch("olmo2", rope_types=("default",)),
-    # Mixtral is llama.cpp's llama with experts: pairs rotated, top-k weights renormalised.
-    "mixtral": replace(_LLAMA, norm_topk=True),
-    "qwen2_moe": Arch("qwen2moe", norm_topk=False),  # its shared expert: ffn_*_shexp, sigmoid gate
-    "qwen3_moe": Arch("qwen3moe", norm_topk=True),
-    # gpt-oss: attention sinks, biases everywhere, router softmax over the top-k logits, clamped SwiGLU
-    # (llama.cpp's swiglu_oai: alpha 1.702, limit 7), sliding window on even layers, YaRN rope.
-    "gpt_oss": Arch("gpt-oss", activations=("swiglu_oai",), swa_every=2, rope_types=("yarn", "default"),
-                    sliding_window_key=True, norm_topk=True),
-}
-
-
 def norm_offset(model_type: str, family: str | None = None) -> float:
     """What the family's norms add to their weight (Gemma's x·(1 + w)): llama.cpp stores the sum."""
     from ..models.families import FAMILIES
@@ -209,11 +139,15 @@ def norm_offset(model_type: str, family: str | None = None) -> float:
 
 
 def arch_for(model_type: str) -> Arch:
-    """The llama.cpp architecture for a Hugging Face model type, or a LowbitError naming it."""
-    if model_type not in ARCHS:
+    """The llama.cpp architecture for a Hugging Face model type (its family's ``gguf``), or a LowbitError naming
+    it: a type without one is refused rather than written with conventions nobody checked."""
+    from ..models.families import FAMILIES
+
+    arch = getattr(FAMILIES.get(model_type), "gguf", None)
+    if arch is None:
         raise LowbitError(f"GGUF export does not support model type {model_type!r}; it writes "
-                          f"{', '.join(sorted(ARCHS))}")
-    return ARCHS[model_type]
+                          f"{', '.join(sorted(t for t, f in FAMILIES.items() if f.gguf is not None))}")
+    return arch
 
 
 def _rope(cfg, layer_type: str | None = None) -> dict:
@@ -233,41 +167,14 @@ def _n_experts(cfg) -> int | None:
     return getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
 
 
-# model type -> (config attribute, the value llama.cpp computes, what it computes instead)
-_REFUSED: dict[str, tuple[tuple[str, object, str], ...]] = {
-    "gpt2": (("scale_attn_weights", True, "llama.cpp scales attention by 1/sqrt(head_dim)"),
-             ("scale_attn_by_inverse_layer_idx", False, "llama.cpp does not scale attention by layer"),
-             ("add_cross_attention", False, "llama.cpp's gpt2 has no cross-attention")),
-    "bloom": (("apply_residual_connection_post_layernorm", False, "llama.cpp adds the residual before the norm"),
-              ("pretraining_tp", 1, "llama.cpp has no tensor-parallel slicing"),),
-    "falcon": (("new_decoder_architecture", False, "transformers' GGUF reader keeps Falcon-40B's grouped "
-                "query_key_value in llama.cpp's order, so it is not written"),
-               ("multi_query", True, "only Falcon-7B's multi-query layout is written"),
-               ("parallel_attn", True, "llama.cpp's falcon computes attention and MLP in parallel"),
-               ("alibi", False, "llama.cpp's falcon uses rotary positions"),
-               ("bias", False, "llama.cpp's falcon has no linear biases")),
-    "gpt_neox": (("attention_bias", True, "llama.cpp's gptneox needs the attention biases"),
-                 ("tie_word_embeddings", False, "llama.cpp's gptneox needs its own output matrix")),
-    "olmo2": (("attention_bias", False, "llama.cpp's olmo2 has no attention biases"),),
-    "qwen2_moe": (("decoder_sparse_step", 1, "llama.cpp's qwen2moe has experts in every layer"),
-                  ("mlp_only_layers", [], "llama.cpp's qwen2moe has experts in every layer")),
-    "qwen3_moe": (("decoder_sparse_step", 1, "llama.cpp's qwen3moe has experts in every layer"),
-                  ("mlp_only_layers", [], "llama.cpp's qwen3moe has experts in every layer")),
-    "gpt_oss": (("swiglu_limit", 7.0, "llama.cpp's gpt-oss clamps the SwiGLU at 7"),
-                ("tie_word_embeddings", False, "llama.cpp's gpt-oss needs its own output matrix"),
-                ("attention_bias", True, "llama.cpp's gpt-oss needs the attention biases")),
-}
-
-
-def _n_kv(cfg) -> int:
-    if cfg.model_type == "falcon":
-        return cfg.num_kv_heads if cfg.new_decoder_architecture else 1 if cfg.multi_query else cfg.num_attention_heads
+def _n_kv(cfg, arch: Arch) -> int:
+    if arch.multi_query:
+        return 1
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
-def _ffn(cfg) -> int:
-    attr = {"gpt2": "n_inner", "falcon": "ffn_hidden_size", "bloom": None}.get(cfg.model_type, "intermediate_size")
-    return int((getattr(cfg, attr, None) if attr else None) or 4 * cfg.hidden_size)
+def _ffn(cfg, arch: Arch) -> int:
+    return int((getattr(cfg, arch.ffn_attr, None) if arch.ffn_attr else None) or 4 * cfg.hidden_size)
 
 
 def check_config(cfg, arch: Arch) -> list[str]:
@@ -275,17 +182,10 @@ def check_config(cfg, arch: Arch) -> list[str]:
     name, notes = cfg.model_type, []
     act = (getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
            or getattr(cfg, "activation_function", None) or getattr(cfg, "activation", None))
-    if name == "bloom":
-        act = "bloom_gelu"  # BloomGelu, tanh-approximated, as llama.cpp's GELU
-    if name == "gpt_oss":
-        act = "swiglu_oai"  # GptOssExperts' clamped SwiGLU, whatever hidden_act says
-    if name == "falcon" and act == "gelu":
+    act = arch.activation or act
+    if arch.gelu_as_tanh and act == "gelu":
         act = "gelu_pytorch_tanh"
-        notes.append("llama.cpp computes Falcon's exact GELU with the tanh approximation (as its own converter "
-                     "accepts): activations differ by up to about 1e-3")
-    if name == "gpt_neox" and act == "gelu":
-        act = "gelu_pytorch_tanh"
-        notes.append("llama.cpp computes GPT-NeoX's exact GELU with the tanh approximation (as its own converter "
+        notes.append(f"llama.cpp computes {name}'s exact GELU with the tanh approximation (as its own converter "
                      "accepts): activations differ by up to about 1e-3")
     if arch.rope and not arch.partial_rope and _partial_rotary(cfg) != 1.0:
         raise LowbitError(f"GGUF export: {name} with partial_rotary_factor != 1 is not supported")
@@ -294,10 +194,10 @@ def check_config(cfg, arch: Arch) -> list[str]:
         if renorm != arch.norm_topk:
             raise LowbitError(f"GGUF export: {name} with norm_topk_prob={renorm}; llama.cpp's {arch.gguf} "
                               f"{'renormalises' if arch.norm_topk else 'does not renormalise'} the top-k weights")
-    if name == "olmo2" and config_head_dim(cfg) * cfg.num_attention_heads != cfg.hidden_size:
-        raise LowbitError("GGUF export: olmo2 with heads × head_dim != hidden_size; llama.cpp's olmo2 sizes its "
-                          "q_norm by the hidden size")
-    for attr, want, why in _REFUSED.get(name, ()):
+    if arch.q_norm_over_hidden and config_head_dim(cfg) * cfg.num_attention_heads != cfg.hidden_size:
+        raise LowbitError(f"GGUF export: {name} with heads × head_dim != hidden_size; llama.cpp's {arch.gguf} "
+                          "sizes its q_norm by the hidden size")
+    for attr, want, why in arch.requires:
         if getattr(cfg, attr, want) != want:
             raise LowbitError(f"GGUF export: {name} with {attr}={getattr(cfg, attr)!r}; {why}")
     if act not in arch.activations:
@@ -345,9 +245,9 @@ def add_hparams(writer, cfg, arch: Arch, name: str) -> dict[str, np.ndarray]:
     writer.add_context_length(int(ctx))
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(_ffn(cfg))
+    writer.add_feed_forward_length(_ffn(cfg, arch))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(_n_kv(cfg))
+    writer.add_head_count_kv(_n_kv(cfg, arch))
     if arch.layer_norm:
         writer.add_layer_norm_eps(float(getattr(cfg, "layer_norm_epsilon", None) or cfg.layer_norm_eps))
     else:
@@ -364,15 +264,15 @@ def add_hparams(writer, cfg, arch: Arch, name: str) -> dict[str, np.ndarray]:
     if _n_experts(cfg):
         writer.add_expert_count(int(_n_experts(cfg)))
         writer.add_expert_used_count(int(cfg.num_experts_per_tok))
-        ffn_exp = getattr(cfg, "moe_intermediate_size", None) or (cfg.intermediate_size if arch.gguf == "gpt-oss"
-                                                                   else None)
+        ffn_exp = getattr(cfg, "moe_intermediate_size", None) or (getattr(cfg, arch.expert_ffn_attr)
+                                                                   if arch.expert_ffn_attr else None)
         if ffn_exp:
             writer.add_expert_feed_forward_length(int(ffn_exp))
         if getattr(cfg, "shared_expert_intermediate_size", None):
             writer.add_expert_shared_feed_forward_length(int(cfg.shared_expert_intermediate_size))
     if not arch.rope:
         return {}
-    if arch.gguf == "falcon":
+    if arch.rope_dim_count:
         writer.add_rope_dimension_count(head_dim)
     if arch.partial_rope:
         writer.add_rope_dimension_count(int(head_dim * _partial_rotary(cfg)))
@@ -538,7 +438,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
         for note in notes:
             warnings.warn(f"GGUF export: {note}", stacklevel=2)
         n_layers, n_head = cfg.num_hidden_layers, cfg.num_attention_heads
-        n_kv = _n_kv(cfg)
+        n_kv = _n_kv(cfg, arch)
         vocab = read_vocab(model_dir, cfg.vocab_size)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
     names = gguf.get_tensor_name_map(arch_id, n_layers)

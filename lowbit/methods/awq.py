@@ -302,11 +302,6 @@ def apply_clip(lin: nn.Linear, ratio: torch.Tensor, spec: QuantSpec) -> None:
     w.copy_(torch.maximum(torch.minimum(wg, hi), lo).view_as(w))
 
 
-# q and k feed a softmax through a dot product with each other; llm-awq leaves them
-# unclipped because output error of one alone misjudges that.
-_NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv", "qkv_proj", "c_attn")
-
-
 class AWQLayerStep:
     """AWQ on one decoder layer at a time: scales folded, clips applied, then ``rounder``.
 
@@ -419,7 +414,7 @@ class AWQLayerStep:
             lin, spec = layer.get_submodule(rel), spec_for(specs, rel)
             if self.loaded is not None:
                 ratio = self.loaded.clips.get(key)
-            elif cfg.clip and not any(t in rel for t in _NO_CLIP):
+            elif cfg.clip and rel not in self.family.unclipped:  # q and k stay unclipped (Family.unclipped)
                 x = ctx.linear_inputs.get(rel)
                 if x is None or x.numel() == 0:
                     self.unclipped.append(key)

@@ -7,8 +7,9 @@ whose output measures the error of scaling them. It also states the conventions 
 must respect: a norm that multiplies by ``offset + w`` (Gemma's ``1 + w``), norms that sit
 after a sublayer instead of before it (Gemma 2/3's sandwich norms, OLMo 2), fused
 producers whose rows a group only partly owns (Phi-3's qkv_proj), float modules that read
-a group's input too (an MoE router), and experts stored as 3-D tensors. AWQ, SmoothQuant
-and rotation read these tables; nothing else in lowbit knows a model family by name.
+a group's input too (an MoE router), and experts stored as 3-D tensors. AWQ, SmoothQuant,
+rotation and the GGUF export (each entry's ``gguf``: how llama.cpp stores the type,
+:mod:`lowbit.models.llamacpp`) read these tables; nothing else in lowbit knows a model family by name.
 
 Patterns may hold ``{e}``, one per expert of a mixture-of-experts layer; they are expanded
 for the model at hand by :func:`family_for`.
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from . import llamacpp
+from .llamacpp import Arch
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ class Family:
     # Falcon's parallel attention), in addition to the declared linear→linear groups.
     trace_norm_groups: bool = False
     experts: ExpertsLayout | None = None
+    # q and k feed a softmax through their product: the error of one alone misjudges a clip, so AWQ leaves them
+    # unclipped, as llm-awq does
+    unclipped: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    gguf: Arch | None = None  # how llama.cpp stores this model type (None: the GGUF export refuses it)
 
     def norm_readers(self) -> dict[str, tuple[str, ...]]:
         """Residual norm -> the linears that read its output, from the scaling groups."""
@@ -167,6 +174,7 @@ OLMO2 = replace(
 # Phi-3: fused projections; a group owns only the value rows of qkv_proj, the up half of gate_up_proj.
 PHI3 = Family(
     name="phi3",
+    unclipped=("self_attn.qkv_proj",),
     layers="model.layers",
     linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
     groups=(
@@ -201,6 +209,7 @@ OPT = Family(
 # GPT-2: Conv1D layers (made nn.Linear on load, see models/adapt.py); fused c_attn; GELU MLP.
 GPT2 = Family(
     name="gpt2",
+    unclipped=("attn.c_attn",),
     layers="transformer.h",
     linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
     groups=(
@@ -219,6 +228,7 @@ GPT2 = Family(
 # GPT-NeoX / Pythia and BLOOM: fused, head-interleaved query_key_value (no v→dense group); GELU MLP.
 GPT_NEOX = Family(
     name="gpt_neox",
+    unclipped=("attention.query_key_value",),
     layers="gpt_neox.layers",
     linears=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     groups=(
@@ -235,6 +245,7 @@ GPT_NEOX = Family(
 BLOOM = replace(
     GPT_NEOX,
     name="bloom",
+    unclipped=("self_attention.query_key_value",),
     layers="transformer.h",
     linears=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     groups=(
@@ -251,6 +262,7 @@ BLOOM = replace(
 # norms), so those groups are traced; no linear→linear group (fused qkv, GELU).
 FALCON = Family(
     name="falcon",
+    unclipped=("self_attention.query_key_value",),
     layers="transformer.h",
     linears=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     groups=(),
@@ -317,26 +329,75 @@ GPT_OSS = replace(
     experts=ExpertsLayout("mlp.experts", transposed=True, interleaved=True, bias=True, glu="gpt_oss"),
 )
 
-# model_type -> family.
+# model_type -> family, with how llama.cpp stores it (types without ``gguf`` are not exported to GGUF).
+_Q2MOE_EVERY_LAYER = (("decoder_sparse_step", 1, "llama.cpp's qwen2moe has experts in every layer"),
+                      ("mlp_only_layers", [], "llama.cpp's qwen2moe has experts in every layer"))
+_Q3MOE_EVERY_LAYER = (("decoder_sparse_step", 1, "llama.cpp's qwen3moe has experts in every layer"),
+                      ("mlp_only_layers", [], "llama.cpp's qwen3moe has experts in every layer"))
 FAMILIES: dict[str, Family] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-    "qwen3": LLAMA,
-    "gemma": GEMMA,
-    "gemma2": GEMMA2,
-    "gemma3_text": replace(GEMMA2, name="gemma3"),
-    "olmo2": OLMO2,
-    "phi3": PHI3,
+    "llama": replace(LLAMA, gguf=llamacpp.LLAMA),
+    # llama.cpp converts Mistral as llama (and ignores its sliding window)
+    "mistral": replace(LLAMA, gguf=llamacpp.LLAMA),
+    "qwen2": replace(LLAMA, gguf=Arch("qwen2")),
+    "qwen3": replace(LLAMA, gguf=Arch("qwen3")),
+    "gemma": replace(GEMMA, gguf=Arch("gemma", activations=llamacpp.GELU_TANH)),
+    "gemma2": replace(GEMMA2, gguf=Arch("gemma2", activations=llamacpp.GELU_TANH, swa_every=2, attn_scale_layers=46,
+                                        extra=(llamacpp.ATTN_SOFTCAP, llamacpp.FINAL_SOFTCAP,
+                                               llamacpp.SLIDING_WINDOW))),
+    "gemma3_text": replace(GEMMA2, name="gemma3",
+                           gguf=Arch("gemma3", activations=llamacpp.GELU_TANH, swa_every=6, attn_scale_layers=62,
+                                     extra=(llamacpp.FINAL_SOFTCAP, llamacpp.SLIDING_WINDOW))),
+    # OLMo 2: norms after attention and MLP (attn_post_norm, ffn_post_norm), q/k norms over all heads.
+    "olmo2": replace(OLMO2, gguf=Arch("olmo2", rope_types=("default",), q_norm_over_hidden=True,
+                                      requires=(("attention_bias", False, "llama.cpp's olmo2 has no attention "
+                                                                          "biases"),))),
+    # Phi-3: fused qkv_proj (attn_qkv, [q; k; v], halves rotated as llama.cpp's phi3 does) and gate_up_proj
+    # (ffn_up, gate half first, as llama.cpp's fused SwiGLU splits it): written as they are.
+    "phi3": replace(PHI3, gguf=Arch("phi3", rope_dims=True, rope_types=("default",), sliding_window_key=True)),
     "opt": OPT,
-    "gpt2": GPT2,
-    "gpt_neox": GPT_NEOX,
-    "bloom": BLOOM,
-    "falcon": FALCON,
-    "mixtral": MIXTRAL,
-    "qwen3_moe": replace(MIXTRAL, name="qwen3_moe"),
-    "qwen2_moe": QWEN2_MOE,
-    "gpt_oss": GPT_OSS,
+    # GPT-2: learned positions, LayerNorm, biases; lowbit's adapted nn.Linear weights [out, in] are llama.cpp's
+    # layout already (its converter transposes the Conv1D [in, out] weights; transformers transposes them back).
+    "gpt2": replace(GPT2, gguf=Arch(
+        "gpt2", activations=("gelu_new", "gelu_pytorch_tanh"), rope=False, layer_norm=True, ffn_attr="n_inner",
+        requires=(("scale_attn_weights", True, "llama.cpp scales attention by 1/sqrt(head_dim)"),
+                  ("scale_attn_by_inverse_layer_idx", False, "llama.cpp does not scale attention by layer"),
+                  ("add_cross_attention", False, "llama.cpp's gpt2 has no cross-attention")))),
+    # GPT-NeoX / Pythia: head-interleaved query_key_value (as BLOOM), partial rotary over halves, parallel residual.
+    "gpt_neox": replace(GPT_NEOX, gguf=Arch(
+        "gptneox", activations=llamacpp.GELU_TANH, layer_norm=True, qkv_interleaved=True, partial_rope=True,
+        parallel_residual_key=True, rope_types=("default",), gelu_as_tanh=True,
+        requires=(("attention_bias", True, "llama.cpp's gptneox needs the attention biases"),
+                  ("tie_word_embeddings", False, "llama.cpp's gptneox needs its own output matrix")))),
+    # BLOOM: ALiBi, LayerNorm after the embedding, head-interleaved query_key_value reordered to [q; k; v];
+    # BloomGelu is tanh-approximated, as llama.cpp's GELU.
+    "bloom": replace(BLOOM, gguf=Arch(
+        "bloom", activations=("bloom_gelu",), rope=False, layer_norm=True, qkv_interleaved=True,
+        activation="bloom_gelu", ffn_attr=None,
+        requires=(("apply_residual_connection_post_layernorm", False, "llama.cpp adds the residual before the norm"),
+                  ("pretraining_tp", 1, "llama.cpp has no tensor-parallel slicing")))),
+    # Falcon (7B layout): parallel attention, multi-query, query_key_value already [q; k; v], halves rotated.
+    "falcon": replace(FALCON, gguf=Arch(
+        "falcon", activations=llamacpp.GELU_TANH, layer_norm=True, rope_types=("default",), gelu_as_tanh=True,
+        ffn_attr="ffn_hidden_size", multi_query=True, rope_dim_count=True,
+        requires=(("new_decoder_architecture", False, "transformers' GGUF reader keeps Falcon-40B's grouped "
+                   "query_key_value in llama.cpp's order, so it is not written"),
+                  ("multi_query", True, "only Falcon-7B's multi-query layout is written"),
+                  ("parallel_attn", True, "llama.cpp's falcon computes attention and MLP in parallel"),
+                  ("alibi", False, "llama.cpp's falcon uses rotary positions"),
+                  ("bias", False, "llama.cpp's falcon has no linear biases")))),
+    # Mixtral is llama.cpp's llama with experts: pairs rotated, top-k weights renormalised.
+    "mixtral": replace(MIXTRAL, gguf=replace(llamacpp.LLAMA, norm_topk=True)),
+    "qwen3_moe": replace(MIXTRAL, name="qwen3_moe", gguf=Arch("qwen3moe", norm_topk=True, requires=_Q3MOE_EVERY_LAYER)),
+    # its shared expert: ffn_*_shexp, sigmoid gate
+    "qwen2_moe": replace(QWEN2_MOE, gguf=Arch("qwen2moe", norm_topk=False, requires=_Q2MOE_EVERY_LAYER)),
+    # gpt-oss: attention sinks, biases everywhere, router softmax over the top-k logits, clamped SwiGLU
+    # (llama.cpp's swiglu_oai: alpha 1.702, limit 7), sliding window on even layers, YaRN rope.
+    "gpt_oss": replace(GPT_OSS, gguf=Arch(
+        "gpt-oss", activations=("swiglu_oai",), swa_every=2, rope_types=("yarn", "default"), sliding_window_key=True,
+        norm_topk=True, activation="swiglu_oai", expert_ffn_attr="intermediate_size",
+        requires=(("swiglu_limit", 7.0, "llama.cpp's gpt-oss clamps the SwiGLU at 7"),
+                  ("tie_word_embeddings", False, "llama.cpp's gpt-oss needs its own output matrix"),
+                  ("attention_bias", True, "llama.cpp's gpt-oss needs the attention biases")))),
 }
 
 
@@ -430,8 +491,13 @@ def discover_family(model: nn.Module) -> Family:
         )
     norms = [n for n, m in layer.named_modules() if "norm" in type(m).__name__.lower()]
     offset = _guess_norm_offset(layer, norms)
+    unclipped = tuple(n for n in linears if any(t in n for t in _QUERY_KEY_NAMES))
     return Family(name=f"discovered:{model_type}", layers=layers_path, linears=linears, groups=(),
-                  trace_norm_groups=True, residual_norms=(), norm_offset=offset)
+                  trace_norm_groups=True, residual_norms=(), norm_offset=offset, unclipped=unclipped)
+
+
+# what the query and key projections are called across architectures, for a family found by tracing
+_QUERY_KEY_NAMES = ("q_proj", "k_proj", "query", "key", "Wqkv", "qkv_proj", "c_attn")
 
 
 def _guess_norm_offset(layer: nn.Module, norms: list[str]) -> float:
