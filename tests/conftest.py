@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random Llama built here (no download) and the default model's paths."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,12 @@ def tiny_ckpt(default_model, tmp_path_factory) -> Path:
     tiny_llama(vocab=49152, hidden=64).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def load_bench(file: str, name: str):
+    """A bench script as a module (bench/ is not a package), registered under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "bench" / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module

@@ -2,27 +2,17 @@
 and a drifted number is caught and named."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load(file: str, name: str):
-    """A bench script as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-report = load("report.py", "bench_report")
-rows = load("rows.py", "bench_rows")
+report = load_bench("report.py", "bench_report")
+rows = load_bench("rows.py", "bench_rows")
 
 
 def test_docs_tables_equal_their_rows():

@@ -2,19 +2,12 @@
 and ggml's 8-bit activation rounding (checked against gguf-py's reference and the C reference's rules)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import gguf
 import numpy as np
 import torch
+from conftest import load_bench
 
-ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("bench_kld_llamacpp", ROOT / "bench" / "kld_llamacpp.py")
-kl = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = kl
-spec.loader.exec_module(kl)
+kl = load_bench("kld_llamacpp.py", "bench_kld_llamacpp")
 
 
 def test_q8_0_activations_equal_gguf_reference():

@@ -2,29 +2,20 @@
 errors, and the checks that a peer's weights really sit on a low-bit grid."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load(file: str, name: str):
-    """A bench script as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = load("peers.py", "bench_peers")
-worker = load("_peers_worker.py", "bench_peers_worker")
+peers = load_bench("peers.py", "bench_peers")
+worker = load_bench("_peers_worker.py", "bench_peers_worker")
 
 
 @pytest.fixture(autouse=True)
@@ -375,7 +366,7 @@ def test_every_quantized_row_reports_kld_unless_asked_not_to():
 def test_ptq_table_runs_its_peer_rows_through_the_peers_worker(monkeypatch, tmp_path):
     """bench/ptq_table.py calls peers.py's public functions (it once called ones renamed away, and its catch-all
     turned the error into rows): its llm-compressor row's worker command is peers.py's own."""
-    ptq = load("ptq_table.py", "bench_ptq_table")
+    ptq = load_bench("ptq_table.py", "bench_ptq_table")
     seen = {}
 
     def fake_run_json(cmd, log, label):
