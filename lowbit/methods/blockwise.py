@@ -60,6 +60,7 @@ from .base import QuantReport, prepare
 from .gptq import GPTQConfig, GPTQRounder, warn_if_few_tokens
 from .qat import restore_flags, soft_round, ste_round, trainable_only
 from .registry import Method, always
+from .training import finite_mean, temperature
 
 E2E_LOGIT_BYTES = 512 * 2**20  # float32 logits of one end-to-end step, at most
 TEACHER_TOP_K = 64  # the float model's most likely next tokens kept per position for distillation
@@ -315,10 +316,6 @@ def _set_mode(grids, hard: bool, temperature: float | None) -> None:
         g.hard, g.temperature = hard, temperature
 
 
-def _temperature(step: int, steps: int) -> float:
-    return 4.0 * 100.0 ** (step / max(1, steps - 1))  # 4 -> 400, as lowbit's QAT
-
-
 @dataclass(frozen=True)
 class Schedule:
     steps: int
@@ -359,7 +356,7 @@ def fit(loss_on, n: int, grids: list[nn.Module], groups: list[dict], sched: Sche
         if pool.numel() < batch:
             pool = train_idx[torch.randperm(train_idx.numel(), generator=generator)]
         idx, pool = pool[:batch], pool[batch:]
-        _set_mode(grids, False, _temperature(step, sched.steps) if sched.soft else None)
+        _set_mode(grids, False, temperature(step, sched.steps) if sched.soft else None)
         loss = loss_on(idx)
         if not torch.isfinite(loss):
             break
@@ -609,16 +606,12 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
     info: dict = {"recipe": "fast" if config.fast else "default", "dtype": dtype, "dtype_reason": why,
                   "steps": sum(lg.steps for lg in logs),
                   "block_seconds": round(time.perf_counter() - started, 1),
-                  "heldout_start": _mean(lg.start for lg in logs), "heldout_best": _mean(lg.best for lg in logs),
+                  "heldout_start": finite_mean(lg.start for lg in logs),
+                  "heldout_best": finite_mean(lg.best for lg in logs),
                   "layers_kept_start": sum(lg.best_step == 0 for lg in logs), "awq_fallbacks": awq.found.fallbacks,
                   **gptq.info(), **e2e}
     info["layers"] = [vars(lg) for lg in logs]
     return QuantReport("blockwise", config.spec, bits_per_weight(config.spec, linears), info=info)
-
-
-def _mean(values) -> float:
-    v = [x for x in values if math.isfinite(x)]
-    return sum(v) / len(v) if v else math.nan
 
 
 def build(spec, opts) -> tuple[BlockwiseConfig]:

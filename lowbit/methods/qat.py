@@ -57,6 +57,7 @@ from . import awq
 from .awq import AWQConfig, apply_awq
 from .base import QuantReport, attach_runtime, prepare
 from .registry import Method, always
+from .training import finite_mean, temperature
 
 Rounding = Literal["ste", "soft", "stochastic"]
 
@@ -293,11 +294,6 @@ class TrainLog:
     losses: list[float] = field(default_factory=list)
 
 
-def _temperature(cfg: QATConfig, step: int) -> float:
-    t0, t1 = cfg.temperature
-    return t0 * (t1 / t0) ** (step / max(1, cfg.steps - 1))
-
-
 def train(param_groups: list[dict], loss_fn, n_samples: int, cfg: QATConfig, quantizers: list[nn.Module],
           desc: str, generator: torch.Generator) -> TrainLog:
     """AdamW on ``loss_fn(batch indices)`` for ``cfg.steps`` steps over shuffled calibration samples.
@@ -318,7 +314,7 @@ def train(param_groups: list[dict], loss_fn, n_samples: int, cfg: QATConfig, qua
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
         for q in quantizers:
             if cfg.rounding == "soft" and isinstance(q, LearnedGrid):
-                q.temperature = _temperature(cfg, step)
+                q.temperature = temperature(step, cfg.steps, *cfg.temperature)
         loss = loss_fn(idx)
         if not torch.isfinite(loss):
             with torch.no_grad():
@@ -443,18 +439,13 @@ def apply_qat(model: nn.Module, config: QATConfig, calib: torch.Tensor | None = 
         if config.init == "awq":
             apply_awq(model, awq_cfg, calib, rounder=_no_rounding)
         logs = [_train_model(model, teacher, linears, calib, config)]
-    info.update(steps=sum(lg.steps for lg in logs), first_loss=_mean(lg.first_loss for lg in logs),
-                last_loss=_mean(lg.last_loss for lg in logs))
+    info.update(steps=sum(lg.steps for lg in logs), first_loss=finite_mean(lg.first_loss for lg in logs),
+                last_loss=finite_mean(lg.last_loss for lg in logs))
     stopped = [lg.stopped for lg in logs if lg.stopped]
     if stopped:
         info["stopped"] = "; ".join(stopped)
     name = f"qat-{config.mode}({config.init})"
     return QuantReport(name, config.spec, config.spec.bits_per_weight(), info=info)
-
-
-def _mean(values) -> float:
-    v = [x for x in values if math.isfinite(x)]
-    return sum(v) / len(v) if v else math.nan
 
 
 def _train_model(model: nn.Module, teacher: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor,
