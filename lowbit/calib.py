@@ -254,6 +254,8 @@ class LayerContext:
     inputs: Activations | None = None  # the hidden states entering the layer, batch by batch
     outputs: list[torch.Tensor] | None = None  # the layer's outputs on them before ``process`` changed it
     module_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # inspected module -> its input
+    # with ``float_targets``: the float model's output of this layer (its own float stream, whatever ``propagate``)
+    targets: torch.Tensor | None = None
 
     def run(self, module_name: str, x: torch.Tensor) -> torch.Tensor:
         """Output of a submodule of the layer (the layer itself for "") on ``x``, batched to bound memory."""
@@ -324,18 +326,29 @@ def walk_layers(
     batch_size: int = 16,
     propagate: str = "float",
     desc: str = "calibrating",
+    float_targets: bool = False,
 ) -> None:
     """Call ``process`` on each decoder layer with its captured calibration inputs.
 
     ``propagate="float"`` feeds the next layer with this layer's outputs before ``process``
     changed it (llm-awq's choice); ``"quantized"`` recomputes them afterwards (GPTQ's).
+    ``float_targets`` also runs the float model alongside: each layer's context gets, as ``targets``,
+    the float model's output of that layer (what block-wise reconstruction trains towards).
     """
     hidden, calls = first_layer_batches(model, family, samples, batch_size)
+    floats = torch.cat(list(hidden)) if float_targets else None
+
+    def with_targets(ctx: LayerContext) -> None:
+        nonlocal floats
+        floats = ctx.targets = ctx.run_layer(floats.to(next(ctx.layer.parameters()).dtype))  # before ``process``
+        process(ctx)
+
+    step = with_targets if float_targets else process
     layers = model.get_submodule(family.layers)
     groups = None
     for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", leave=False)):
         out = Activations(hidden.dtype)
-        groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], process, out,
+        groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], step, out,
                                  batch_size=batch_size, propagate=propagate)
         hidden = out
 

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from ..calib import Activations, LayerContext, calibrate_layer, first_layer_batches, layer_output
+from ..calib import LayerContext, layer_output, walk_layers
 from ..errors import LowbitError
 from ..hardware import compute_dtype
 from ..options import non_negative_int, option, positive_int
@@ -410,12 +410,11 @@ class BlockReconstructor:
         self.cfg, self.gptq = cfg, gptq
         gptq.keep_latent = True
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.targets: torch.Tensor | None = None  # set by the walk: the float layer's outputs
         self.logs: list[LayerLog] = []
 
     def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec) -> None:
         self.gptq(ctx, linears, spec)
-        if ctx.inputs is None or self.targets is None:
+        if ctx.inputs is None or ctx.targets is None:
             raise LowbitError("block-wise reconstruction needs the layer's calibration inputs and float outputs")
         grids = attach(linears)
         dtype = next(ctx.layer.parameters()).dtype
@@ -425,38 +424,13 @@ class BlockReconstructor:
                                + norms)
         try:
             with torch.enable_grad():
-                start, best, best_step, steps = fit_block(lambda xb: ctx.call(ctx.layer, xb), x, self.targets,
+                start, best, best_step, steps = fit_block(lambda xb: ctx.call(ctx.layer, xb), x, ctx.targets,
                                                           list(grids.values()), self.cfg, self.generator,
                                                           f"block {ctx.index}", norms)
         finally:
             restore_flags(flags)
             detach(linears)
         self.logs.append(LayerLog(ctx.index, start, best, best_step, steps))
-
-
-@torch.no_grad()
-def _walk(model: nn.Module, family, calib: torch.Tensor, awq: AWQLayerStep, rounder: BlockReconstructor,
-          batch_size: int = 16) -> None:
-    """AWQ's layer step with block reconstruction, fed two streams: the quantized model's hidden states (what the
-    layer will see) and the float model's (whose outputs are its targets)."""
-    hidden, calls = first_layer_batches(model, family, calib, batch_size)
-    floats = torch.cat(list(hidden))
-    layers = model.get_submodule(family.layers)
-    groups = None
-    for index, layer in enumerate(tqdm(layers, desc="blockwise", unit="layer", leave=False)):
-        dtype = next(layer.parameters()).dtype
-
-        def process(ctx: LayerContext, dtype: torch.dtype = dtype) -> None:
-            nonlocal floats
-            floats = ctx.run_layer(floats.to(dtype))  # before AWQ's clips and the rounding change the layer
-            rounder.targets = floats
-            awq(ctx)
-
-        out = Activations(hidden.dtype)
-        groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], process, out,
-                                 batch_size=batch_size, propagate="quantized")
-        hidden = out
-    rounder.targets = None
 
 
 # ---- end to end: step sizes only ----------------------------------------------------------------------
@@ -599,7 +573,8 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
     gptq = GPTQRounder(gptq_cfg)
     rounder = BlockReconstructor(config, gptq)
     awq = AWQLayerStep(model, family, awq_cfg, None, rounder)
-    _walk(model, family, calib, awq, rounder)
+    # the quantized model's hidden states in (what each layer will see), the float model's outputs as targets
+    walk_layers(model, family, calib, awq, propagate="quantized", desc="blockwise", float_targets=True)
     logs = rounder.logs
     e2e = tune_steps_e2e(model, linears, calib, config, teacher) if e2e_steps else {}
     dtype, why = compute_dtype(config.dtype)
