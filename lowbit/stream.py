@@ -22,7 +22,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,7 +59,6 @@ from .quantizer import QuantSpec
 
 MANIFEST = "manifest.json"
 ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-KILL_AFTER_ENV = "LOWBIT_STREAM_KILL_AFTER"  # test hook: SIGKILL this process after N finished layers
 
 
 @dataclass
@@ -205,11 +203,19 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
     changes the numbers); ``offload`` keeps them in files in that directory instead of memory.
     """
     start = time.perf_counter()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    _check_request(config, calib, act_dtype, embed)
+    run = StreamRun(Path(source), Path(output), config, calib, embed=embed, kernel=kernel, act_dtype=act_dtype,
+                    offload=offload, batch_size=batch_size, resume=resume, force=force,
+                    log=log or (lambda msg: print(msg, file=sys.stderr)))
+    run.steps(calib, progress)
+    return run.finish(tokenizer, extra, start)
+
+
+def _check_request(config, calib: torch.Tensor | None, act_dtype: str, embed: str) -> None:
+    """Refuse what streaming cannot do before anything is read."""
     if type(config) not in {REGISTRY[name].config for name in REGISTRY.names(streams=True)}:
         raise LowbitError(f"streaming supports {' and '.join(REGISTRY.names(streams=True))}, not "
                           f"{type(config).__name__}")
-    method = "awq" if isinstance(config, AWQConfig) else "rtn"
     if isinstance(config, AWQConfig):
         if config.load_search or config.save_search:
             raise LowbitError("streaming does not load or save AWQ searches; drop --load-search/--save-search")
@@ -222,68 +228,82 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
         raise LowbitError(f"activation dtype must be one of {', '.join(ACT_DTYPES)}, got {act_dtype!r}")
     if embed not in EMBED_CHOICES:
         raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
-    spec = config.spec
-    source, output = Path(source), Path(output)
-    ckpt = LazyCheckpoint(source)
-    model = empty_model(source)
-    stored = {(n, tuple(p.shape)) for n, p in model.named_parameters()}
-    family = family_for(model)
-    if {(n, tuple(p.shape)) for n, p in model.named_parameters()} != stored:
-        raise LowbitError(f"{family.name} stores some weights as Conv1D or 3-D expert tensors, which streaming cannot "
-                          "read one linear at a time yet; quantize it in memory (lowbit quantize without --stream)")
-    linears = quantizable_linears(model, family)
-    check_spec_fits(linears, spec)
-    names = {id(m): n for n, m in model.named_modules()}
-    emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head_mod is not None and head_mod.weight is emb_mod.weight
-    emb_name = names[id(emb_mod)]
-    head_name = names[id(head_mod)] if head_mod is not None else None
-    check_matches(model, ckpt, f"{head_name}.weight" if tied else None)
-    check_output_dir(output, force)
-    offload_dir = check_offload_dir(Path(offload)) if offload is not None else None
 
-    layers = model.get_submodule(family.layers)
-    n_layers = len(layers)
-    n_steps = n_layers + 2  # embedding, every layer, then the final norm and head
-    estimate = estimate_output_bytes(model, spec, embed, linears)
-    act_bytes = 0
-    if calib is not None:
-        hidden_size = getattr(model.config, "hidden_size", 0)
-        act_bytes = 2 * calib.numel() * hidden_size * ACT_DTYPES[act_dtype].itemsize  # two layers' states on disk
-    run = run_dir(output)
-    already = sum(f.stat().st_size for f in (run / "out").glob("*.safetensors")) if resume and run.exists() else 0
-    log(f"streaming {source} ({ckpt.nbytes() / 1e9:.2f} GB, {n_layers} layers) -> {output}: "
-        f"output about {estimate / 1e9:.2f} GB"
-        + (f", calibration states {act_bytes / 1e9:.2f} GB" if act_bytes else ""))
-    _check_disk(output.parent, estimate - already + (act_bytes if offload_dir is None else 0), f"the output {output}")
-    if offload_dir is not None:
-        _check_disk(offload_dir, act_bytes, f"--offload-activations {offload_dir}")
 
-    identity = {
-        "format_version": FORMAT_VERSION, "source": ckpt.fingerprint(), "method": method, "spec": spec.to_dict(),
-        "config": {k: v for k, v in vars(config).items() if k not in ("spec", "load_search", "save_search")},
-        "calib": calib_digest(calib), "embed": embed, "kernel": kernel, "act_dtype": act_dtype,
-        "batch_size": batch_size, "offload": str(offload_dir.resolve()) if offload_dir else None,
-    }
-    man = _open_run(run, identity, resume, force)
-    resumed_at = man["done"]
-    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
-    dtype = ACT_DTYPES[act_dtype]
-    store_dtype = None if dtype == torch.float32 else dtype
+class StreamRun:
+    """One streamed run: the empty model and its checkpoint, the run directory and its manifest, and the steps
+    (the embedding, every decoder layer, the final norm and head), each committed as one shard."""
 
-    def new_store(step: int) -> Activations:
-        if offload_dir is None:
-            return Activations(store_dtype)
-        d = offload_dir / f"hidden-{step}.tmp"
+    def __init__(self, source: Path, output: Path, config: RTNConfig | AWQConfig, calib: torch.Tensor | None, *,
+                 embed: str, kernel: str, act_dtype: str, offload, batch_size: int, resume: bool, force: bool,
+                 log) -> None:
+        self.source, self.output, self.config, self.spec = source, output, config, config.spec
+        self.method = "awq" if isinstance(config, AWQConfig) else "rtn"
+        self.embed, self.kernel, self.batch_size = embed, kernel, batch_size
+        self.ckpt = LazyCheckpoint(source)
+        self.model = model = empty_model(source)
+        stored = {(n, tuple(p.shape)) for n, p in model.named_parameters()}
+        self.family = family_for(model)
+        if {(n, tuple(p.shape)) for n, p in model.named_parameters()} != stored:
+            raise LowbitError(f"{self.family.name} stores some weights as Conv1D or 3-D expert tensors, which "
+                              "streaming cannot read one linear at a time yet; quantize it in memory (lowbit quantize "
+                              "without --stream)")
+        linears = quantizable_linears(model, self.family)
+        check_spec_fits(linears, self.spec)
+        names = {id(m): n for n, m in model.named_modules()}
+        self.emb_mod, self.head_mod = model.get_input_embeddings(), model.get_output_embeddings()
+        self.tied = self.head_mod is not None and self.head_mod.weight is self.emb_mod.weight
+        self.emb_name = names[id(self.emb_mod)]
+        self.head_name = names[id(self.head_mod)] if self.head_mod is not None else None
+        check_matches(model, self.ckpt, f"{self.head_name}.weight" if self.tied else None)
+        check_output_dir(output, force)
+        self.offload_dir = check_offload_dir(Path(offload)) if offload is not None else None
+        self.layers = model.get_submodule(self.family.layers)
+        self.n_steps = len(self.layers) + 2  # embedding, every layer, then the final norm and head
+        self.estimate = estimate_output_bytes(model, self.spec, embed, linears)
+        self.run = run_dir(output)
+        self._check_space(calib, act_dtype, resume, log)
+        identity = {
+            "format_version": FORMAT_VERSION, "source": self.ckpt.fingerprint(), "method": self.method,
+            "spec": self.spec.to_dict(),
+            "config": {k: v for k, v in vars(config).items() if k not in ("spec", "load_search", "save_search")},
+            "calib": calib_digest(calib), "embed": embed, "kernel": kernel, "act_dtype": act_dtype,
+            "batch_size": batch_size, "offload": str(self.offload_dir.resolve()) if self.offload_dir else None,
+        }
+        self.man = _open_run(self.run, identity, resume, force)
+        self.resumed_at = self.man["done"]
+        dtype = ACT_DTYPES[act_dtype]
+        self.store_dtype = None if dtype == torch.float32 else dtype
+        self.layer_seconds: list[float] = []
+
+    def _check_space(self, calib: torch.Tensor | None, act_dtype: str, resume: bool, log) -> None:
+        act_bytes = 0
+        if calib is not None:
+            hidden_size = getattr(self.model.config, "hidden_size", 0)
+            act_bytes = 2 * calib.numel() * hidden_size * ACT_DTYPES[act_dtype].itemsize  # two layers' states
+        already = (sum(f.stat().st_size for f in (self.run / "out").glob("*.safetensors"))
+                   if resume and self.run.exists() else 0)
+        log(f"streaming {self.source} ({self.ckpt.nbytes() / 1e9:.2f} GB, {len(self.layers)} layers) -> "
+            f"{self.output}: output about {self.estimate / 1e9:.2f} GB"
+            + (f", calibration states {act_bytes / 1e9:.2f} GB" if act_bytes else ""))
+        _check_disk(self.output.parent, self.estimate - already + (act_bytes if self.offload_dir is None else 0),
+                    f"the output {self.output}")
+        if self.offload_dir is not None:
+            _check_disk(self.offload_dir, act_bytes, f"--offload-activations {self.offload_dir}")
+
+    def new_store(self, step: int) -> Activations:
+        if self.offload_dir is None:
+            return Activations(self.store_dtype)
+        d = self.offload_dir / f"hidden-{step}.tmp"
         shutil.rmtree(d, ignore_errors=True)
-        return Activations(store_dtype, d)
+        return Activations(self.store_dtype, d)
 
-    def keep_hidden(store: Activations, step: int) -> str:
+    def keep_hidden(self, store: Activations, step: int) -> str:
         """Put the hidden states entering ``step`` where a resumed run finds them; returns that place."""
-        final = (offload_dir or run) / f"hidden-{step}"
+        final = (self.offload_dir or self.run) / f"hidden-{step}"
         shutil.rmtree(final, ignore_errors=True)
         if store.directory is None:
-            tmp = run / f"hidden-{step}.tmp"
+            tmp = self.run / f"hidden-{step}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             store.save(tmp)
             os.replace(tmp, final)
@@ -292,86 +312,103 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
             store.directory = final
         return str(final)
 
-    def commit(step: int, part: PackedModel, hidden_at: str | None, embed_info: dict | None = None) -> None:
-        name = shard_name(step + 1, n_steps)
-        man["shards"][name] = save_shard(part, run / "out" / name)
+    def commit(self, step: int, part: PackedModel, hidden_at: str | None, embed_info: dict | None = None) -> None:
+        """Write ``step``'s shard and record it (and where the next step's inputs are) in the manifest."""
+        man = self.man
+        name = shard_name(step + 1, self.n_steps)
+        man["shards"][name] = save_shard(part, self.run / "out" / name)
         man["entries"].update(part.entries)
         if embed_info:
             man["embedding"].update(embed_info)
         old = man.get("hidden")
         man["hidden"] = hidden_at
         man["done"] = step + 1
-        _write_json(run / MANIFEST, man)
+        _write_json(self.run / MANIFEST, man)
         if old and old != hidden_at:
             shutil.rmtree(old, ignore_errors=True)
 
-    step_awq = AWQLayerStep(model, family, config) if method == "awq" else None
-    calls: list[Call] = []
-    hidden: Activations | None = None
-    if method == "awq" and resumed_at >= 1:
-        calls = [Call.from_state(c) for c in torch.load(run / "layer_calls.pt", weights_only=True)]
-        hidden = Activations.load(Path(man["hidden"]), store_dtype, keep_on_disk=offload_dir is not None)
-    groups = None
-    layer_seconds: list[float] = []
-    bar = tqdm(total=n_steps, initial=resumed_at, desc=f"stream {method}", unit="step", disable=not progress)
-    try:
-        for step in range(resumed_at, n_steps):
-            t0 = time.perf_counter()
-            if step == 0:
-                materialise(emb_mod, emb_name, ckpt)
-                hidden_at = None
-                if method == "awq":  # the float embedding starts the calibration, then it is packed
-                    hidden, calls = first_layer_batches(model, family, calib, batch_size, new_store(1))
-                    with atomic_path(run / "layer_calls.pt") as tmp:
-                        torch.save([c.state() for c in calls], tmp)
-                    hidden_at = keep_hidden(hidden, 1)
-                part, info = _embedding_part(ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel)
-                release(emb_mod)
-                commit(step, part, hidden_at, info)
-            elif step <= n_layers:
-                i = step - 1
-                layer = layers[i]
-                prefix = f"{family.layers}.{i}"
-                if method == "rtn":
-                    part = _rtn_layer(layer, prefix, family.linears, ckpt, spec, kernel)
-                    hidden_at = None
+    def steps(self, calib: torch.Tensor | None, progress: bool) -> None:
+        """Every step not done yet, in order; calibration hidden states flow from one layer to the next."""
+        awq_step = AWQLayerStep(self.model, self.family, self.config) if self.method == "awq" else None
+        calls: list[Call] = []
+        hidden: Activations | None = None
+        if self.method == "awq" and self.resumed_at >= 1:
+            calls = [Call.from_state(c) for c in torch.load(self.run / "layer_calls.pt", weights_only=True)]
+            hidden = Activations.load(Path(self.man["hidden"]), self.store_dtype,
+                                      keep_on_disk=self.offload_dir is not None)
+        groups = None
+        bar = tqdm(total=self.n_steps, initial=self.resumed_at, desc=f"stream {self.method}", unit="step",
+                   disable=not progress)
+        try:
+            for step in range(self.resumed_at, self.n_steps):
+                t0 = time.perf_counter()
+                if step == 0:
+                    hidden, calls = self.embedding_step(calib)
+                elif step <= len(self.layers):
+                    hidden, groups = self.layer_step(step, hidden, calls, groups, awq_step)
+                    self.layer_seconds.append(time.perf_counter() - t0)
                 else:
-                    materialise(layer, prefix, ckpt)
-                    out = new_store(step + 1)
-                    groups = calibrate_layer(i, layer, family, groups, hidden, calls[i], step_awq, out,
-                                             batch_size=batch_size, propagate=config.propagate)
-                    part = pack_layer(layer, prefix, family.linears, spec, kernel)
-                    release(layer)
-                    hidden = out
-                    hidden_at = keep_hidden(hidden, step + 1)
-                commit(step, part, hidden_at)
-                layer_seconds.append(time.perf_counter() - t0)
-                if kill_after and i + 1 == kill_after:
-                    bar.close()
-                    os.kill(os.getpid(), signal.SIGKILL)
-            else:
-                hidden = None
-                part, info = _tail_step(model, ckpt, family, emb_name, tied, head_mod, head_name, embed,
-                                        kernel)
-                commit(step, part, None, info)
-            bar.update(1)
-            bar.set_postfix_str(f"peak RSS {peak_rss_mb() / 1024:.2f} GiB")
-    finally:
-        bar.close()
-    meta = packed_meta(method, spec, man["embedding"], tied, man["entries"], family.name, torch.float32)
-    finish = run / "out"
-    write_index(finish, man["shards"])
-    gen = None
-    if (source / "generation_config.json").is_file():  # as from_pretrained reads it; from_config does not
-        from transformers import GenerationConfig
+                    hidden = None
+                    part, info = _tail_step(self.model, self.ckpt, self.family, self.emb_name, self.tied,
+                                            self.head_mod, self.head_name, self.embed, self.kernel)
+                    self.commit(step, part, None, info)
+                bar.update(1)
+                bar.set_postfix_str(f"peak RSS {peak_rss_mb() / 1024:.2f} GiB")
+        finally:
+            bar.close()
 
-        gen = GenerationConfig.from_pretrained(source)
-    finish_dir(finish, {**meta, **(extra or {})}, man["entries"], model.config, tokenizer, gen, known=man["shards"])
-    install_dir(finish, output)
-    shutil.rmtree(run, ignore_errors=True)
-    disk = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
-    return StreamResult(output, method, n_layers, resumed_at, time.perf_counter() - start, layer_seconds,
-                        peak_rss_mb(), disk, estimate, ckpt.nbytes())
+    def embedding_step(self, calib: torch.Tensor | None) -> tuple[Activations | None, list[Call]]:
+        """Step 0: the float embedding starts the calibration (AWQ), then it is packed."""
+        materialise(self.emb_mod, self.emb_name, self.ckpt)
+        hidden, calls, hidden_at = None, [], None
+        if self.method == "awq":
+            hidden, calls = first_layer_batches(self.model, self.family, calib, self.batch_size, self.new_store(1))
+            with atomic_path(self.run / "layer_calls.pt") as tmp:
+                torch.save([c.state() for c in calls], tmp)
+            hidden_at = self.keep_hidden(hidden, 1)
+        part, info = _embedding_part(self.ckpt, self.emb_mod, self.emb_name, self.tied, self.head_mod,
+                                     self.head_name, self.embed, self.kernel)
+        release(self.emb_mod)
+        self.commit(0, part, hidden_at, info)
+        return hidden, calls
+
+    def layer_step(self, step: int, hidden: Activations | None, calls: list[Call], groups, awq_step
+                   ) -> tuple[Activations | None, tuple | None]:
+        """Decoder layer ``step - 1``: RTN linear by linear, or AWQ on the layer's calibration inputs (the
+        in-memory walk's own step, :func:`lowbit.calib.calibrate_layer`)."""
+        i = step - 1
+        layer, prefix = self.layers[i], f"{self.family.layers}.{i}"
+        if self.method == "rtn":
+            self.commit(step, _rtn_layer(layer, prefix, self.family.linears, self.ckpt, self.spec, self.kernel), None)
+            return hidden, groups
+        materialise(layer, prefix, self.ckpt)
+        out = self.new_store(step + 1)
+        groups = calibrate_layer(i, layer, self.family, groups, hidden, calls[i], awq_step, out,
+                                 batch_size=self.batch_size, propagate=self.config.propagate)
+        part = pack_layer(layer, prefix, self.family.linears, self.spec, self.kernel)
+        release(layer)
+        self.commit(step, part, self.keep_hidden(out, step + 1))
+        return out, groups
+
+    def finish(self, tokenizer, extra: dict | None, start: float) -> StreamResult:
+        """The shards become the output directory (config, tokenizer, index) and the run directory goes."""
+        meta = packed_meta(self.method, self.spec, self.man["embedding"], self.tied, self.man["entries"],
+                           self.family.name, torch.float32)
+        finish = self.run / "out"
+        write_index(finish, self.man["shards"])
+        gen = None
+        if (self.source / "generation_config.json").is_file():  # as from_pretrained reads it; from_config does not
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(self.source)
+        finish_dir(finish, {**meta, **(extra or {})}, self.man["entries"], self.model.config, tokenizer, gen,
+                   known=self.man["shards"])
+        install_dir(finish, self.output)
+        shutil.rmtree(self.run, ignore_errors=True)
+        disk = sum(f.stat().st_size for f in self.output.iterdir() if f.is_file())
+        return StreamResult(self.output, self.method, len(self.layers), self.resumed_at,
+                            time.perf_counter() - start, self.layer_seconds, peak_rss_mb(), disk, self.estimate,
+                            self.ckpt.nbytes())
 
 
 def _embedding_part(ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel):

@@ -16,7 +16,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods import AWQConfig, RTNConfig, quantize_
 from lowbit.pack.checkpoint import load_packed, pack_model_, read_config, read_weights
 from lowbit.quantizer import QuantSpec
-from lowbit.stream import KILL_AFTER_ENV, MANIFEST, quantize_streamed, run_dir
+from lowbit.stream import MANIFEST, quantize_streamed, run_dir
 
 SPEC = QuantSpec(bits=4, group_size=32)
 AWQ = AWQConfig(SPEC, n_grid=4, clip_grid=4)
@@ -137,6 +137,22 @@ def test_resume_checks_the_manifest_and_continues(tmp_path, monkeypatch):
     _assert_same(ref, _stream(src, out, AWQ, resume=True))
 
 
+# the CLI in a process that dies (SIGKILL) when the third decoder layer is about to be packed: two are committed
+KILL_AT_THIRD_LAYER = """
+import os, signal, sys
+import lowbit.stream as stream
+real, packed = stream.pack_layer, []
+def dying(*a, **k):
+    if len(packed) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    packed.append(1)
+    return real(*a, **k)
+stream.pack_layer = dying
+from lowbit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_to_identical_output(tmp_path):
     """SIGKILL after two layers (a real process death), then --resume: the same bytes as an uninterrupted run."""
     src = _checkpoint(tmp_path / "src", layers=4)
@@ -144,9 +160,9 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     text.write_text(TEXT)
     args = ["quantize", "--model", str(src), "--stream", "--method", "awq", "--w-bit", "4", "--group-size", "32",
             "--calib-data", str(text), "--calib-samples", "4", "--calib-seq-len", "64", "--n-grid", "4", "--json"]
-    env = {**os.environ, KILL_AFTER_ENV: "2", "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, "-m", "lowbit.cli", *args, "-o", str(tmp_path / "out")], env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_THIRD_LAYER, *args, "-o", str(tmp_path / "out")],
+                            env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert json.loads((run_dir(tmp_path / "out") / MANIFEST).read_text())["done"] == 3
     assert not (tmp_path / "out").exists()
