@@ -11,15 +11,12 @@ with ``--search-samples`` equal to ``--calib-samples`` that is scoring on every 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 from lowbit.experiment import CalibOptions, MethodOptions, Session
 from lowbit.models import load_model
 from lowbit.quantizer import QuantSpec
@@ -49,8 +46,7 @@ def main() -> None:
             rows.append(r)
             print(f"W{bits} search {n:4d}  quant {r['quant_seconds']:7.1f} s  PPL {r['ppl']:.3f}", flush=True)
     print(f"\n{args.model}, g{args.group_size}, calibration {args.calib_samples} x {args.calib_seq_len}, "
-          f"{rows[0]['windows']} windows; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{datetime.date.today()}")
+          f"{rows[0]['windows']} windows; {bench_rows.machine_line()}")
     print(f"{'bits':>4}  {'search samples':>14}  {'quant s':>8}  {'PPL':>8}  {'vs last':>8}")
     for bits in args.bits:
         mine = [r for r in rows if r["w_bit"] == bits]

@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
+from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 from bench.peers import options  # noqa: E402
 from bench.second_text import jargon  # noqa: E402
 
@@ -45,11 +44,6 @@ def lowbit(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load:.2f} at start"
-
-
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -60,7 +54,7 @@ def evaluate(model: str, second: Path, args) -> dict:
 
 
 def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
-    host = machine()  # before the row runs, so its load average is what else was running
+    host = bench_rows.machine_line()  # before the row runs, so its load average is what else was running
     if method == "fp":  # the float model itself: nothing to quantize or pack
         res = evaluate(args.model, second, args)
         return {"key": key, "method": method, "bits": 16, "group_size": 0, "recipe": "", "e2e_steps": 0,

@@ -11,14 +11,13 @@ every window of 512 tokens). FP and RTN need no calibration: one row each.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 
 CHAT = ROOT / "lowbit" / "assets" / "chat"
 
@@ -62,8 +61,7 @@ def main() -> int:
     print(f"\nW3 g64 asymmetric INT; {args.calib_samples} x 512 calibration tokens; WikiText-2 test: "
           f"{rows[0]['wikitext_windows']} windows of 2048; held-out chats: {rows[0]['chat_windows']} windows of "
           f"{args.chat_seq_len}")
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{datetime.date.today()}")
+    print(bench_rows.machine_line())
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 from lowbit.pack.kernels import QuantLinear
 from lowbit.pack.tensor import PackedTensor
 from lowbit.quantizer import QTensor, QuantSpec
@@ -307,8 +306,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     bw = memory_bandwidth()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; memory bandwidth (512 MB tensor): copy {bw['copy_GBps']:.1f} GB/s "
+    print(f"machine: {bench_rows.machine_line()}; memory bandwidth (512 MB tensor): copy {bw['copy_GBps']:.1f} GB/s "
           f"(read+write), read {bw['read_GBps']:.1f} GB/s")
     reference = bw["copy_GBps"]
     out = {"bandwidth": bw, "threads": args.threads}

@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 
 ROWS = [("FP", "fp", {})] + [
     (label, method, opts)
@@ -81,8 +81,8 @@ def main() -> None:
         notes = ", ".join(f"{k}={row[k]}" for k in ("packed_ppl", "gguf_ppl", "fallbacks") if k in row)
         print(f"{key[1]:>4}  {label:<12} {row['ppl']:>10.3f}  {row['quant_seconds']:>8.1f}  "
               f"{row['eval_seconds']:>7.1f}  {notes}", flush=True)
-        out.write_text(json.dumps({"settings": settings, "rows": rows, "machine": platform.processor() or
-                                   platform.machine(), "date": dt.date.today().isoformat()}, indent=1))
+        out.write_text(json.dumps({"settings": settings, "rows": rows, "machine": bench_rows.machine_line(),
+                                   "date": dt.date.today().isoformat()}, indent=1))
 
 
 def _export_checks(session, ppl: float, spec) -> dict:

@@ -11,16 +11,13 @@ validation, with α scored on 4 of them (--search-samples) to keep each AWQ run 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
+from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 from lowbit.experiment import CalibOptions, MethodOptions, Session
 from lowbit.models import load_model
 from lowbit.quantizer import QuantSpec
@@ -73,9 +70,7 @@ def main() -> None:
     print(f"{args.model}, {rows[0]['windows']} windows of WikiText-2 test; AWQ calibration: "
           f"{stated_calibration(rows)}, search_samples {args.search_samples}, "
           f"n_grid {opts.n_grid}, clip search on")
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, "
-          f"{datetime.date.today()}")
+    print(bench_rows.machine_line())
     ppl = {(r["label"], r["method"]): r["ppl"] for r in rows}
     print()
     print("| format | group | bits/weight | RTN PPL | AWQ PPL |")

@@ -16,16 +16,13 @@ same settings.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
+from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 from lowbit.experiment import BudgetOptions, CalibOptions, MethodOptions, Session
 from lowbit.models import load_model
 from lowbit.quantizer import QuantSpec
@@ -159,9 +156,7 @@ def main() -> None:
     print(f"{args.model}, {rows[0]['windows']} windows of WikiText-2 test; calibration: {stated_calibration(rows)}; "
           f"traces: {args.probes} Hutchinson probes on "
           f"{args.sensitivity_samples} sequences; groups of {args.group_size}, asymmetric INT")
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, "
-          f"{datetime.date.today()}")
+    print(bench_rows.machine_line())
     print("\nMB: quantized linears only, codes + one fp16 scale and one b-bit zero point per group.\n")
     print("| method | widths | code bits/weight | bits/weight with scales | linears MB | PPL | 2/3/4/8-bit linears |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")

@@ -27,7 +27,6 @@ import datetime as dt
 import fcntl
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -282,17 +281,8 @@ def run_json(cmd: list[str], log: Path, label: str) -> dict:
 
 
 def machine() -> dict:
-    """CPU model, cores and load: the other half of any timing, since the tools share this box."""
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        info["cpu"] = fields.get("Model name", info["cpu"]).strip()
-        info["cores"] = int(fields.get("CPU(s)", info["cores"]))
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        pass
-    info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    return info
+    """The machine as every row states it (bench/rows.py), with the three load averages: timings share this box."""
+    return {**result_rows.machine(), "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 @dataclass

@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 
 # (label, lowbit method, spec rounding, QATConfig fields)
 ROWS = [
@@ -74,8 +74,7 @@ def main() -> int:
         if old.get("settings") == settings:
             done = {r["label"]: r for r in old["rows"]}
     report = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-                         f"{torch.__version__}", "settings": settings, "rows": []}
+              "machine": bench_rows.machine_line(), "settings": settings, "rows": []}
     todo = [r for r in ROWS if not args.only or r[1] == "fp" or any(w in r[0] for w in args.only)]
     model, tok = load_model("smollm2-135m")
     session = Session(model, tok, max_windows=args.max_windows, calib=CalibOptions(args.calib_samples, 512))

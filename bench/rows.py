@@ -72,6 +72,15 @@ def machine(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
             "cores": os.cpu_count(), "torch": torch_version, "threads": threads}
 
 
+def machine_line(m: dict | None = None) -> str:
+    """The machine as one line for a table's header: CPU, AVX-512 (BF16), cores, torch, threads and the load now,
+    the same in every benchmark."""
+    m = m or machine()
+    avx = "AVX-512 BF16" if m["avx512_bf16"] else "AVX-512" if m["avx512"] else "no AVX-512"
+    return (f"{m['cpu'] or 'unknown CPU'} ({avx}), {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
+            f"load average {load_avg()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
 def load_avg() -> float | None:
     """The 1-minute load average now (None where the OS has none)."""
     try:
