@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rows  # noqa: I001  (bench/ is not a package)
 from blockwise import lowbit  # the CLI with --json, its last line as a dict (one runner for bench/)
 
-from lowbit.methods import AWQConfig
+from lowbit.methods import awq, awq_gptq
+
+PROPAGATION = {"awq": awq.PROPAGATE, "awq+gptq-r": awq_gptq.PROPAGATE}  # what feeds AWQ's search in each method
 
 # method label -> the CLI's method and its options (GPTQ-R: columns by decreasing Hessian diagonal)
 METHODS = {"fp": ("fp", []), "rtn": ("rtn", []), "awq": ("awq", []), "gptq-r": ("gptq", ["--act-order"]),
@@ -38,8 +40,8 @@ def row_key(args: argparse.Namespace, label: str, bits: int, seed: int) -> dict:
     if label != "fp":
         key.update(bits=bits, group=args.group_size, seed=seed, calib_samples=args.calib_samples,
                    calib_seq_len=args.calib_seq_len)
-    if label in ("awq", "awq+gptq-r"):  # the default changed on 2026-12-06 (docs/design.md): rows say which ran
-        key["propagate"] = AWQConfig.__dataclass_fields__["propagate"].default
+    if label in PROPAGATION:  # each method's own since 2026-12-06 (docs/design.md): rows say which ran
+        key["propagate"] = PROPAGATION[label]
     return key
 
 

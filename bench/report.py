@@ -130,7 +130,9 @@ class Table:
 
 
 def matches(row: dict, where: dict) -> bool:
-    return all(row.get(key) == value for key, value in where.items())
+    """Every key equal (a frozenset: any of its values; None stands for a key the row lacks)."""
+    return all(row.get(key) in value if isinstance(value, frozenset) else row.get(key) == value
+               for key, value in where.items())
 
 
 def measured(row: dict) -> str:
@@ -190,7 +192,9 @@ def _headline_rows() -> tuple:
         for method, label in LOWBIT_METHODS:
             legacy = Pick(PTQ, {"method": method, "bits": bits, "section": f"W{bits} g64, weights only"},
                           {"method": label})
-            awq = {"propagate": "float"} if "awq" in method else {}  # rows of today's AWQ default only
+            # rows of each method's propagation as chosen on dev; rows from before rows said (2026-12-06) ran quantized
+            awq = {"awq": {"propagate": "float"},
+                   "awq+gptq-r": {"propagate": frozenset({None, "quantized"})}}.get(method, {})
             out.append(Either(Spread("headline", {"method": method, "bits": bits, "group": 64, **HEADLINE, **awq},
                                      {"method": label}), legacy))
             if method in ("gptq-r", "awq"):  # llm-compressor's row of the same method
@@ -288,7 +292,7 @@ TABLES: dict[str, Table] = {
         (Declared(),)),
     # docs/blockwise.md, docs/design.md: the dev-split searches (bench/dev_choice.py), every candidate and the choice
     "dev-choices-blockwise": _dev_choices("blockwise-w3", "blockwise-w2"),
-    "dev-choices-awq": _dev_choices("awq-propagate"),
+    "dev-choices-awq": _dev_choices("awq-propagate", "awq-gptq-propagate"),
 }
 
 

@@ -35,6 +35,7 @@ from .atomic_write import atomic_path, install_dir
 from .calib import Activations, Call, calibrate_layer, first_layer_batches
 from .errors import LowbitError
 from .methods import REGISTRY
+from .methods.awq import PROPAGATE as AWQ_PROPAGATE
 from .methods.awq import AWQConfig, AWQLayerStep
 from .methods.rtn import RTNConfig, round_linears
 from .models.families import family_for
@@ -384,7 +385,7 @@ class StreamRun:
         materialise(layer, prefix, self.ckpt)
         out = self.new_store(step + 1)
         groups = calibrate_layer(i, layer, self.family, groups, hidden, calls[i], awq_step, out,
-                                 batch_size=self.batch_size, propagate=self.config.propagate)
+                                 batch_size=self.batch_size, propagate=self.config.propagate or AWQ_PROPAGATE)
         part = pack_layer(layer, prefix, self.family.linears, self.spec, self.kernel)
         release(layer)
         self.commit(step, part, self.keep_hidden(out, step + 1))

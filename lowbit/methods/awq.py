@@ -31,6 +31,10 @@ from .base import QuantReport, input_transform, prepare
 from .registry import Method
 from .rtn import Rounder, rtn_rounder
 
+# what feeds each layer's search when the config leaves it unset: the float layers' outputs, chosen on dev text
+# (bench/results/dev_choices.jsonl, search awq-propagate; AWQ+GPTQ chose otherwise, methods/awq_gptq.py)
+PROPAGATE = "float"
+
 
 @dataclass(frozen=True)
 class AWQConfig:
@@ -43,10 +47,10 @@ class AWQConfig:
         4, "α is scored by re-running attention on this many calibration sequences and the MLP on as many "
            "sequences' worth of tokens drawn from all of them (scale statistics, single-linear groups and the clip "
            "search use every token)", parse=positive_int)
-    propagate: str = option("float", "search each layer on the outputs of the float layers before it (float, as "
-                                     "llm-awq; chosen on dev text, docs/design.md) or of the already quantized ones "
-                                     "(quantized)",
-                            choices=("float", "quantized"))
+    propagate: str | None = option(
+        None, "search each layer on the outputs of the float layers before it (float, as llm-awq) or of the already "
+              "quantized ones (quantized); unset: each method's choice on dev text (awq: float, awq+gptq: quantized; "
+              "docs/design.md)", choices=("float", "quantized"))
     load_search: str | None = option(None, "apply a saved AWQ search instead of calibrating", metavar="FILE")
     save_search: str | None = option(None, "write the AWQ search (safetensors) to FILE", metavar="FILE")
 
@@ -57,7 +61,7 @@ class AWQConfig:
             raise LowbitError(f"the clip grid needs at least 1 point, got {self.clip_grid}")
         if not 0.0 <= self.max_shrink < 1.0:
             raise LowbitError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
-        if self.propagate not in ("float", "quantized"):
+        if self.propagate not in (None, "float", "quantized"):
             raise LowbitError(f"propagate must be 'float' or 'quantized', got {self.propagate!r}")
 
 
@@ -449,7 +453,7 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
     else:
         if calib is None:
             raise LowbitError("AWQ needs calibration samples (or --load-search FILE)")
-        walk_layers(model, family, calib, processor, propagate=config.propagate, desc="awq")
+        walk_layers(model, family, calib, processor, propagate=config.propagate or PROPAGATE, desc="awq")
     found = processor.found
     found.meta = {
         "fingerprint": fingerprint,
