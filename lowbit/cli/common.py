@@ -150,7 +150,8 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, title: str, skip: tup
         if isinstance(o.default, bool):
             g.add_argument(*flags, dest=o.dest, action="store_false" if o.default else "store_true", help=o.help)
             continue
-        kw = {"dest": o.dest, "default": o.default, "help": f"{o.help} (default {_default_text(o.default)})"}
+        shown = "" if o.default is None else f" (default {_default_text(o.default)})"  # None: unset, the help says
+        kw = {"dest": o.dest, "default": o.default, "help": o.help + shown}
         if o.choices:
             kw["choices"] = o.choices
         if o.parse:
