@@ -9,10 +9,12 @@ part of WikiText-2 validation; the docs show each method's mean and range over t
     python bench/headline.py                                    # rtn awq gptq-r awq+gptq-r, W3 and W4, seed 0
     python bench/headline.py --seeds 0 1 2 --max-windows 8      # the spread
     python bench/headline.py --methods fp --split dev           # the float row on dev text
+    python bench/headline.py --methods gptq-r --bits 3 --threads 1   # the same row at another thread count
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -40,6 +42,8 @@ def row_key(args: argparse.Namespace, label: str, bits: int, seed: int) -> dict:
     if label != "fp":
         key.update(bits=bits, group=args.group_size, seed=seed, calib_samples=args.calib_samples,
                    calib_seq_len=args.calib_seq_len)
+    if args.threads is not None:
+        key["threads"] = args.threads
     if label in PROPAGATION:  # each method's own since 2026-12-06 (docs/design.md): rows say which ran
         key["propagate"] = PROPAGATION[label]
     return key
@@ -89,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=("test", "dev"), default="test")
     p.add_argument("--out", default="headline", help="row file name or path (default bench/results/headline.jsonl)")
     p.add_argument("--redo", action="store_true", help="run rows already measured at this commit")
+    p.add_argument("--threads", type=int, help="torch threads of every lowbit run (OMP_NUM_THREADS); the rows say so "
+                                                 "and the README's table leaves them out: how far a row moves with "
+                                                 "the thread count")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the lowbit CLI runs as a child process
     path = rows.results_path(args.out)
     commit = rows.commit()
     command = "python bench/headline.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -180,7 +180,8 @@ MEASURED = Col("measured", measured, right=False)
 PTQ = "ptq_table"
 
 
-HEADLINE = {"split": "wikitext-2 test", "windows": 16, "model": "smollm2-135m"}
+HEADLINE = {"split": "wikitext-2 test", "windows": 16, "model": "smollm2-135m",
+            "threads": None}  # rows at the machine's default thread count (--threads rows measure the spread)
 LOWBIT_METHODS = (("rtn", "RTN"), ("gptq-r", "GPTQ-R (act-order)"), ("awq", "AWQ"), ("awq+gptq-r", "AWQ+GPTQ-R"))
 
 
