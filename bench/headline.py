@@ -22,15 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rows  # noqa: I001  (bench/ is not a package)
+from recipes import RECIPES  # the named recipes every bench row uses
 from blockwise import lowbit  # the CLI with --json, its last line as a dict (one runner for bench/)
 
 from lowbit.methods import awq, awq_gptq
 
 PROPAGATION = {"awq": awq.PROPAGATE, "awq+gptq-r": awq_gptq.PROPAGATE}  # what feeds AWQ's search in each method
 
-# method label -> the CLI's method and its options (GPTQ-R: columns by decreasing Hessian diagonal)
-METHODS = {"fp": ("fp", []), "rtn": ("rtn", []), "awq": ("awq", []), "gptq-r": ("gptq", ["--act-order"]),
-           "awq+gptq-r": ("awq+gptq", ["--act-order"]), "blockwise-fast": ("blockwise", ["--fast"])}
+METHODS = {label: RECIPES[label] for label in ("fp", "rtn", "awq", "gptq-r", "awq+gptq-r", "blockwise-fast")}
 CALIBRATION_FREE = ("fp", "rtn")  # seed 0 only: another seed would draw calibration windows they never read
 KLD_KEYS = ("kld_mean", "kld_median", "kld_p99", "kld_p999", "top1_agreement", "rms_dp", "ppl_ref")
 

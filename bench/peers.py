@@ -42,6 +42,8 @@ import rows as result_rows  # noqa: E402, I001  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's lowbit, not whichever one the venv has installed
+from recipes import RECIPES  # noqa: E402
+
 from lowbit.methods import REGISTRY  # noqa: E402
 
 WORKER = REPO / "bench" / "_peers_worker.py"
@@ -102,13 +104,15 @@ PEERS = {
 # nsamples (128, 512) and seqlen (2048) do not apply here: every tool gets this run's calibration tokens.
 # lr None: AutoRound's own, 1/iters, or 2/iters at iters >= 1000 and bits <= 3.
 AUTOROUND_RECIPES = {"default": {"iters": 200, "batch_size": 8}, "best": {"iters": 1000, "batch_size": 8}}
-DEFAULT_LOWBIT_METHODS = ("awq", "gptq")
-# `lowbit eval --method` choices, from this checkout's registry: a misspelt method fails at the command line, not
-# as a failed row after an hour of peers
-LOWBIT_METHODS = REGISTRY.names()
-# llm-compressor's GPTQ defaults to actorder="static" (an alias of "weight"): columns by decreasing
-# Hessian diagonal, groups fixed beforehand. lowbit's --act-order is that algorithm.
-ACT_ORDER_METHODS = ("gptq", "awq+gptq")
+DEFAULT_LOWBIT_METHODS = ("awq", "gptq-r")
+# lowbit rows: every `lowbit eval --method` of this checkout's registry as it is, plus the headline's named
+# recipes (bench/recipes.py: gptq-r, awq+gptq-r, blockwise-fast), so a misspelt method fails at the command
+# line, not as a failed row after an hour of peers. llm-compressor's GPTQ defaults to actorder="static" (an
+# alias of "weight"): columns by decreasing Hessian diagonal, groups fixed beforehand; lowbit's GPTQ-R
+# (--act-order) is that algorithm.
+LOWBIT_RECIPES = {**{name: (name, []) for name in REGISTRY.names()},
+                  **{label: recipe for label, recipe in RECIPES.items() if label not in ("fp", "qat")}}
+LOWBIT_METHODS = tuple(LOWBIT_RECIPES)
 # Fields of a job's JSON result that a row keeps (lowbit's CLI adds more of its own).
 RESULT_FIELDS = ("ppl", "ppl_second", "windows_second", "quant_seconds", "windows", "eval_seconds",
                  "quantized_linears", "max_levels_per_group",
@@ -234,13 +238,13 @@ def autoround_settings(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def lowbit_extra_args(args: argparse.Namespace, method: str) -> list[str]:
-    """What a lowbit row adds to ``lowbit eval``: --act-order for the GPTQ methods, then --lowbit-args."""
-    return (["--act-order"] if method in ACT_ORDER_METHODS else []) + list(args.lowbit_args)
+    """What a lowbit row adds to ``lowbit eval``: its recipe's options, then --lowbit-args."""
+    return LOWBIT_RECIPES[method][1] + list(args.lowbit_args)
 
 
 def lowbit_cmd(args: argparse.Namespace, method: str, bits: int | None) -> list[str]:
     """``lowbit eval`` for one lowbit row (method ``fp``: the float reference in the project venv)."""
-    cmd = [str(LOWBIT_CLI), "eval", "--method", method, *_common_args(args)]
+    cmd = [str(LOWBIT_CLI), "eval", "--method", LOWBIT_RECIPES.get(method, (method,))[0], *_common_args(args)]
     if method != "fp":
         cmd += ["--w-bit", str(bits), "--group-size", str(args.group_size), *(["--kld"] if args.kld else []),
                 *lowbit_extra_args(args, method)]
@@ -493,8 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "its GPTAQConfig, alpha 0.25)")
     p.add_argument("--lowbit-methods", nargs="*", default=list(DEFAULT_LOWBIT_METHODS), metavar="METHOD",
                    choices=(*LOWBIT_METHODS, "none"),
-                   help="lowbit rows, each `lowbit eval --method METHOD` (default awq gptq; e.g. awq+gptq, "
-                        "blockwise; none, or the flag alone: no lowbit rows). gptq and awq+gptq get --act-order")
+                   help="lowbit rows: a `lowbit eval --method` name, or one of the headline's recipes "
+                        "gptq-r, awq+gptq-r (--act-order), blockwise-fast (--fast) (default awq gptq-r; none, "
+                        "or the flag alone: no lowbit rows)")
     p.add_argument("--lowbit-args", type=options, default="", metavar="ARGS",
                    help="extra arguments for every lowbit row, one quoted string (e.g. \"--bw-steps 50\")")
     p.add_argument("--skip-lowbit", action="store_true", help="no lowbit rows (same as --lowbit-methods alone)")

@@ -22,9 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recipes  # noqa: E402  (bench/recipes.py: the named recipes every bench row uses)
+
 LOWBIT = [str(Path(sys.executable).parent / "lowbit")]  # the installed command
-METHODS = {"rtn": ["rtn"], "awq": ["awq"], "gptq-r": ["gptq", "--act-order"],
-           "awq+gptq-r": ["awq+gptq", "--act-order"], "qat": ["qat"]}
+METHODS = ("rtn", "awq", "gptq-r", "awq+gptq-r", "qat")  # labels of bench/recipes.py
 
 
 def lowbit(*args: str) -> dict:
@@ -47,7 +49,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.methods.split(","):
             start = time.perf_counter()
-            method = ["--method", *METHODS[label]] + (["--qat-steps", args.qat_steps] if label == "qat" else [])
+            method = recipes.command(label) + (["--qat-steps", args.qat_steps] if label == "qat" else [])
             mem = lowbit("eval", *method, *spec, *data)
             out = str(Path(tmp) / label)
             made = lowbit("quantize", *method, *spec, *data, "-o", out, "--embed", "fp32")

@@ -40,11 +40,11 @@ def args(*argv: str):
 
 
 def test_plan_runs_float_then_each_width_peers_before_lowbit():
-    jobs = peers.plan(args("--peers", "autoround", "hqq", "--bits", "3", "4", "--lowbit-methods", "awq+gptq",
+    jobs = peers.plan(args("--peers", "autoround", "hqq", "--bits", "3", "4", "--lowbit-methods", "awq+gptq-r",
                            "--autoround-iters", "50"))
     assert [j.label for j in jobs] == [
         "float reference (lowbit CLI)", "float reference (.venv-autoround)",
-        "autoround W3", "hqq W3", "lowbit awq+gptq W3", "autoround W4", "hqq W4", "lowbit awq+gptq W4"]
+        "autoround W3", "hqq W3", "lowbit awq+gptq-r W3", "autoround W4", "hqq W4", "lowbit awq+gptq-r W4"]
     ar = jobs[2]
     assert ar.key["iters"] == 50 and ar.base["recipe"] == "default: iters 50, lr auto, batch 8, dtype auto"
     assert ar.env == "autoround" and ar.worker_method == "autoround"
@@ -76,13 +76,18 @@ def test_any_lowbit_method_with_extra_args():
     job = peers.plan(a)[-1]
     assert job.label == "lowbit blockwise W2" and job.command[-4:] == ["--foo", "1", "--bar", "--json"]
     assert job.base["recipe"] == "foo 1 bar" and job.key["args"] == ["--foo", "1", "--bar"]
-    assert "--act-order" not in job.command
+    assert "--act-order" not in job.command and "--fast" not in job.command
+    fast = peers.plan(args("--peers", "--lowbit-methods", "blockwise-fast", "gptq-r", "--bits", "3", "--skip-fp"))
+    assert [j.command[j.command.index("--method") + 1] for j in fast] == ["blockwise", "gptq"]
+    assert [j.key["method"] for j in fast] == ["blockwise-fast", "gptq-r"]
+    assert "--fast" in fast[0].command and "--act-order" in fast[1].command
 
 
 def test_none_means_no_rows_and_unknown_methods_fail_at_the_command_line(capsys, tmp_path):
     from lowbit.methods import REGISTRY
 
-    assert peers.LOWBIT_METHODS == REGISTRY.names()  # read from the registry, not a copy
+    # read from the registry and the headline's recipes, not a copy
+    assert set(peers.LOWBIT_METHODS) == set(REGISTRY.names()) | {"gptq-r", "awq+gptq-r", "blockwise-fast"}
     bare = [j.label for j in peers.plan(args("--peers", "--lowbit-methods", "blockwise", "--bits", "3", "--skip-fp"))]
     named = [j.label for j in peers.plan(args("--peers", "none", "--lowbit-methods", "blockwise", "--bits", "3",
                                               "--skip-fp"))]
