@@ -327,6 +327,7 @@ def walk_layers(
     propagate: str = "float",
     desc: str = "calibrating",
     float_targets: bool = False,
+    groups: tuple[ScalingGroup, ...] | None = None,
 ) -> None:
     """Call ``process`` on each decoder layer with its captured calibration inputs.
 
@@ -334,8 +335,14 @@ def walk_layers(
     changed it (llm-awq's choice); ``"quantized"`` recomputes them afterwards (GPTQ's).
     ``float_targets`` also runs the float model alongside: each layer's context gets, as ``targets``,
     the float model's output of that layer (what block-wise reconstruction trains towards).
+    ``samples`` None walks without calibration: each context holds the layer and its scaling
+    groups (``groups``, or the family's) only, for folds and for a search loaded from a file.
     """
-    hidden, calls = first_layer_batches(model, family, samples, batch_size)
+    layers = model.get_submodule(family.layers)
+    if samples is None:
+        hidden = calls = None
+    else:
+        hidden, calls = first_layer_batches(model, family, samples, batch_size)
     floats = torch.cat(list(hidden)) if float_targets else None
 
     def with_targets(ctx: LayerContext) -> None:
@@ -344,9 +351,10 @@ def walk_layers(
         process(ctx)
 
     step = with_targets if float_targets else process
-    layers = model.get_submodule(family.layers)
-    groups = None
     for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", leave=False)):
+        if hidden is None:
+            process(LayerContext(index, layer, None, {}, {}, family.groups if groups is None else groups))
+            continue
         out = Activations(hidden.dtype)
         groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], step, out,
                                  batch_size=batch_size, propagate=propagate)

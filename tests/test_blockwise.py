@@ -12,15 +12,14 @@ from lowbit import QuantSpec, quantize_
 from lowbit.errors import LowbitError
 from lowbit.formats.ggml import to_blocks
 from lowbit.methods import AWQConfig, AWQGPTQConfig, BlockwiseConfig, GPTQConfig
-from lowbit.methods.blockwise import (
+from lowbit.methods.blockwise import norm_parameters
+from lowbit.methods.training import (
     LearnedCodes,
     Schedule,
-    TunedSteps,
-    attach,
+    attach_codes,
     detach,
     distillation_loss,
     fit,
-    norm_parameters,
     teacher_top_k,
 )
 from lowbit.models.families import family_for
@@ -79,7 +78,7 @@ def test_moved_offsets_change_codes_but_stay_on_the_grid():
 def test_tuned_steps_keep_codes_and_move_only_scales():
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
     qt = quantize(w, SPEC3)
-    steps = TunedSteps(qt)
+    steps = LearnedCodes(qt, True, False, frozen_codes=True)
     with torch.no_grad():
         steps.log_scale.add_(0.1)
     out = steps.qtensor()
@@ -105,9 +104,9 @@ def _toy_problem(seed: int = 0):
 def test_fit_lowers_the_held_out_error():
     grid, loss_on = _toy_problem()
     groups = [{"params": [grid.offset], "lr": 1e-3}, {"params": [grid.log_scale, grid.zero_shift], "lr": 1e-2}]
-    start, best, best_step, steps = fit(loss_on, 12, [grid], groups, Schedule(120, 10, 3, 4, 3),
-                                        torch.Generator().manual_seed(0), "toy")
-    assert best < 0.95 * start and best_step > 0
+    log = fit(loss_on, 12, groups, Schedule(120, 10, 3, 4, 3), torch.Generator().manual_seed(0), "toy", [grid])
+    best = log.best
+    assert best < 0.95 * log.start and log.best_step > 0
     with torch.no_grad():  # the parameters kept are those of the best check
         grid.hard = True
         hold = torch.randperm(12, generator=torch.Generator().manual_seed(0))[9:]
@@ -118,9 +117,8 @@ def test_fit_keeps_the_start_when_training_only_hurts():
     grid, loss_on = _toy_problem(1)
     before = grid.qtensor()
     groups = [{"params": [grid.offset, grid.log_scale, grid.zero_shift], "lr": 50.0}]  # wildly too large
-    start, best, best_step, _ = fit(loss_on, 12, [grid], groups, Schedule(30, 5, 2, 4, 3),
-                                    torch.Generator().manual_seed(0), "toy")
-    assert best_step == 0 and best == start
+    log = fit(loss_on, 12, groups, Schedule(30, 5, 2, 4, 3), torch.Generator().manual_seed(0), "toy", [grid])
+    assert log.best_step == 0 and log.best == log.start
     after = grid.qtensor()
     assert torch.equal(after.q, before.q) and torch.equal(after.scale, before.scale)
 
@@ -278,7 +276,7 @@ def test_gguf_block_types_write_exact_blocks_and_learn_only_what_the_file_holds(
         lin.weight.copy_(w)
     round_weight_(lin, spec)
     before = codes_of(lin)
-    grid = attach({"x": lin})["x"]
+    grid = attach_codes({"x": lin})["x"]
     free = spec.ggml.super_block is None
     assert grid.offset.requires_grad and grid.log_scale.requires_grad == free
     assert grid.zero_shift.requires_grad == (free and not spec.symmetric)

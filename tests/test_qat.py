@@ -11,8 +11,9 @@ from lowbit import quantize_
 from lowbit.errors import LowbitError
 from lowbit.methods import AWQConfig, QATConfig
 from lowbit.methods.base import detach_runtime
-from lowbit.methods.qat import PACT, LearnedGrid, TrainLog, soft_round, ste_round, train
+from lowbit.methods.qat import PACT, schedule
 from lowbit.methods.qat import QATConfig as _QC
+from lowbit.methods.training import FitLog, LearnedGrid, fit, soft_round, ste_round
 from lowbit.pack.checkpoint import pack_model_
 from lowbit.quantizer import QuantSpec, dequantize, fake_quantize
 from tests.conftest import tiny_llama
@@ -180,8 +181,8 @@ def test_nan_loss_stops_and_restores_last_good_weights():
 
     cfg = _QC(SPEC, steps=10, lr=0.1, batch_size=1)
     with pytest.warns(UserWarning, match="at step 3"):
-        log = train([{"params": [p], "lr": 0.1}], loss_fn, 4, cfg, [], "t", torch.Generator().manual_seed(0))
-    assert isinstance(log, TrainLog) and log.steps == 3 and "step 3" in log.stopped
+        log = fit(loss_fn, 4, [{"params": [p], "lr": 0.1}], schedule(cfg), torch.Generator().manual_seed(0), "t")
+    assert isinstance(log, FitLog) and log.steps == 3 and "step 3" in log.stopped
     assert torch.equal(p.detach(), seen[2])  # the weights of the last step whose loss was finite
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from ..calib import input_ranges
 from ..errors import LowbitError
 from ..models.families import Family, family_for
+from ..models.inventory import layer_modules
 from ..quantizer import QuantSpec, decode, encode, fake_quantize, qparams_from_range
 from .base import QuantReport, attach_runtime
 from .registry import Method
@@ -60,9 +61,7 @@ def activation_targets(model: nn.Module, family: Family) -> dict[str, nn.Module]
 
     Any module type (a packed linear too), since only its input is touched.
     """
-    layers = model.get_submodule(family.layers)
-    return {f"{family.layers}.{i}.{rel}": layer.get_submodule(rel)
-            for i, layer in enumerate(layers) for rel in family.linears}
+    return layer_modules(model, family)
 
 
 def dynamic_hook(spec: QuantSpec) -> Hook:

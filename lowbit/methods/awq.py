@@ -473,8 +473,7 @@ def _apply_without_calibration(model: nn.Module, family: Family, processor: AWQL
     groups = tuple(ScalingGroup(prev, tuple(lins), insp, part=part, readers=tuple(readers))
                    for prev, lins, insp, *rest in processor.loaded.meta.get("groups", [])
                    for part, readers in [rest if rest else (None, ())])
-    for index, layer in enumerate(model.get_submodule(family.layers)):
-        processor(LayerContext(index, layer, None, {}, {}, groups))
+    walk_layers(model, family, None, processor, groups=groups, desc="awq (loaded search)")
 
 
 def _mismatch(a: dict, b: dict) -> str:

@@ -17,8 +17,8 @@ Two ways to train (``mode``):
   this machine could backpropagate through whole; every step costs one layer, so 2 CPU cores
   afford many steps.
 - ``model``: every linear at once, end to end, on next-token loss mixed with distillation from
-  the float model's logits (a frozen copy). It needs the whole model's activations for the
-  backward pass and one full forward per step for the teacher.
+  the float model's top-64 next tokens (taken once, before rounding; block-wise's loss). It needs
+  the whole model's activations for the backward pass.
 
 Training starts from the method's own result (``init="awq"``: AWQ's scales folded and its
 clips applied; the learned grid starts at AWQ's), so the comparison with that method is
@@ -27,37 +27,37 @@ are kept on each linear so that packing stores exactly what was trained.
 """
 from __future__ import annotations
 
-import copy
 import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
-from ..calib import LayerContext, walk_layers
+from ..calib import LayerContext, layer_output, walk_layers
 from ..errors import LowbitError
 from ..options import option, positive_int
-from ..quantizer import (
-    SCALE_MAX,
-    SCALE_MIN,
-    QTensor,
-    QuantSpec,
-    compute_qparams,
-    fake_quantize,
-    grouped,
-    half_scale,
-    set_codes,
-)
+from ..quantizer import QuantSpec
 from . import awq
 from .awq import AWQConfig, apply_awq
 from .base import QuantReport, attach_runtime, prepare
 from .registry import Method, always
-from .training import finite_mean, temperature
+from .training import (
+    FitLog,
+    FixedGridSTE,
+    LearnedGrid,
+    Schedule,
+    detach,
+    distillation_loss,
+    finite_mean,
+    fit,
+    restore_flags,
+    ste_round,
+    teacher_top_k,
+    trainable_only,
+)
 
 Rounding = Literal["ste", "soft", "stochastic"]
 
@@ -68,10 +68,10 @@ class QATConfig:
     init: Literal["awq", "rtn"] = option("awq", "the method training starts from", choices=("awq", "rtn"))
     mode: Literal["block", "model"] = option(
         "block", "block: each decoder layer learns its float outputs, one layer in memory; model: all linears end "
-                 "to end with distillation from the float logits", choices=("block", "model"))
+                 "to end with distillation from the float model", choices=("block", "model"))
     steps: int = option(32, "optimizer steps per layer (block) or in all (model)", flag="--qat-steps",
                         aliases=("--steps",), parse=positive_int)
-    lr: float = option(1e-4, "AdamW learning rate of the weights", parse=float)
+    lr: float = option(1e-4, "Adam learning rate of the weights", parse=float)
     scale_lr: float = option(1e-4, "learning rate of step sizes and clips", parse=float)
     batch_size: int = option(2, "calibration sequences per step", parse=positive_int)
     rounding: Rounding = option(
@@ -82,7 +82,7 @@ class QATConfig:
                                               parse=float, nargs=2, metavar=("START", "END"))
     learn_weights: bool = option(True, "train step sizes (and clips) only")
     learn_scales: bool = option(True, "keep the initial step sizes fixed (no LSQ)", flag="--no-lsq")
-    distill: float = option(1.0, "model mode: weight of the KL to the float logits; the rest is next-token loss",
+    distill: float = option(1.0, "model mode: weight of distillation from the float model; the rest: next-token loss",
                             parse=float)
     grad_clip: float = option(1.0, "gradient norm clip", parse=float)
     a_bit: int | None = None  # fake-quantize each linear's input to this many bits during training and after
@@ -113,105 +113,7 @@ class QATConfig:
             raise LowbitError(f"activation bits must be from 2 to 8, got {self.a_bit}")
 
 
-# ---- differentiable rounding ------------------------------------------------------------------
-
-
-def ste_round(u: torch.Tensor) -> torch.Tensor:
-    """``round(u)`` forward, identity backward (the straight-through estimator)."""
-    return u + (torch.round(u) - u).detach()
-
-
-def stochastic_ste_round(u: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Unbiased random rounding forward (up with probability frac(u)), identity backward."""
-    noise = torch.rand(u.shape, generator=generator, dtype=u.dtype, device=u.device)
-    return u + (torch.floor(u + noise) - u).detach()
-
-
-def soft_round(u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A smooth staircase that tends to ``round(u)`` as the temperature grows.
-
-    floor(u) + 1/2 + tanh(T (r - 1/2)) / (2 tanh(T/2)), r = u - floor(u): equal to u at T -> 0 and to
-    round(u) at T -> inf, with a true gradient (no estimator) in between.
-    """
-    base = torch.floor(u).detach()
-    r = u - base
-    t = temperature
-    return base + 0.5 + 0.5 * torch.tanh(t * (r - 0.5)) / math.tanh(t / 2)
-
-
-def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``x`` forward, gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
-    return (x - x * factor).detach() + x * factor
-
-
-# ---- weight quantizer with learned steps --------------------------------------------------------
-
-
-class LearnedGrid(nn.Module):
-    """Fake quantization of a weight on the integer grid of ``spec`` with a learned step per group.
-
-    Registered as a parametrization of a linear's weight: the linear computes with the
-    fake-quantized weight, the optimizer moves the float weight and the steps. The zero point
-    stays at its initial integer value (packing stores integers).
-    """
-
-    def __init__(self, weight: torch.Tensor, spec: QuantSpec, rounding: Rounding, lsq: bool,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        wg = grouped(weight.detach().float(), spec)
-        scale, zero = compute_qparams(wg, spec)
-        self.spec, self.rounding, self.generator = spec, rounding, generator
-        self.shape = tuple(weight.shape)
-        # The step's magnitude is learned; its sign is fixed (negative only on full-range grids, where the
-        # group's positive extreme sits on the lowest code).
-        self.scale = nn.Parameter(scale.squeeze(-1).abs().clone(), requires_grad=lsq)
-        self.register_buffer("sign", torch.where(scale.squeeze(-1) < 0, -1.0, 1.0))
-        self.register_buffer("zero", zero.squeeze(-1).clone())
-        self.grad_factor = 1.0 / math.sqrt(wg.shape[-1] * spec.qmax)
-        self.temperature = math.inf
-        self.hard = False  # True: round to nearest whatever the training rounding (the final weights)
-
-    def _codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.hard:  # exact integers and the exact step: what packing will store
-            s = self.scale.detach().clamp(min=SCALE_MIN)
-            if self.spec.ggml is None or self.spec.ggml.super_block is None:  # a float16 step in the file
-                s = half_scale(s.clamp(max=SCALE_MAX))  # a step trained beyond float16's range saturates
-            s = (s * self.sign).unsqueeze(-1)
-            u = grouped(w.detach().float(), self.spec) / s + self.zero.unsqueeze(-1)
-            return torch.clamp(torch.round(u), self.spec.qmin, self.spec.qmax), s
-        s = (_scale_grad(self.scale, self.grad_factor).clamp(min=1e-8) * self.sign).unsqueeze(-1)
-        u = torch.clamp(grouped(w.float(), self.spec) / s + self.zero.unsqueeze(-1), self.spec.qmin, self.spec.qmax)
-        if self.rounding == "soft":
-            return soft_round(u, self.temperature), s
-        if self.rounding == "stochastic":
-            return stochastic_ste_round(u, self.generator), s
-        return ste_round(u), s
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        q, s = self._codes(w)
-        return ((q - self.zero.unsqueeze(-1)) * s).reshape(self.shape).to(w.dtype)
-
-    @torch.no_grad()
-    def qtensor(self, w: torch.Tensor) -> QTensor:
-        """The hard codes of ``w`` with the learned steps, as packing stores them."""
-        hard, self.hard = self.hard, True
-        try:
-            q, s = self._codes(w)
-        finally:
-            self.hard = hard
-        return QTensor(q.reshape(self.shape).to(torch.int16), s.squeeze(-1).clone(), self.zero.clone(), self.spec,
-                       self.shape)
-
-
-class FixedGridSTE(nn.Module):
-    """Any number format (FP4, NF4, MX, ...): the format's own rounding with the STE; no learned steps."""
-
-    def __init__(self, spec: QuantSpec) -> None:
-        super().__init__()
-        self.spec = spec
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w + (fake_quantize(w.detach(), self.spec) - w).detach()
+# ---- weights and activations on their grids ---------------------------------------------------------------
 
 
 def attach_quantizers(linears: dict[str, nn.Linear], cfg: QATConfig, generator: torch.Generator | None = None
@@ -224,24 +126,6 @@ def attach_quantizers(linears: dict[str, nn.Linear], cfg: QATConfig, generator: 
         parametrize.register_parametrization(lin, "weight", q, unsafe=True)
         out[name] = q
     return out
-
-
-@torch.no_grad()
-def finalize(linears: dict[str, nn.Linear]) -> None:
-    """Round each parametrized weight hard onto its grid, keep its codes, and remove the parametrization."""
-    for lin in linears.values():
-        if not parametrize.is_parametrized(lin, "weight"):
-            continue
-        q = lin.parametrizations.weight[0]
-        original = lin.parametrizations.weight.original.detach()
-        codes = None
-        if isinstance(q, LearnedGrid):
-            q.hard = True  # the weight left behind is the hard-rounded one, the codes are its codes
-            codes = q.qtensor(original)
-        parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
-        lin.weight.requires_grad_(False)
-        if codes is not None:
-            set_codes(lin, codes)
 
 
 # ---- activations: PACT ------------------------------------------------------------------------
@@ -280,64 +164,13 @@ def attach_pact(model: nn.Module, linears: dict[str, nn.Linear], bits: int, alph
     return out
 
 
-# ---- the training loop ------------------------------------------------------------------------
+# ---- training ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainLog:
-    """Loss at the start and end of one training run (means over the first and last few steps)."""
-
-    steps: int = 0
-    first_loss: float = math.nan
-    last_loss: float = math.nan
-    stopped: str | None = None
-    losses: list[float] = field(default_factory=list)
-
-
-def train(param_groups: list[dict], loss_fn, n_samples: int, cfg: QATConfig, quantizers: list[nn.Module],
-          desc: str, generator: torch.Generator) -> TrainLog:
-    """AdamW on ``loss_fn(batch indices)`` for ``cfg.steps`` steps over shuffled calibration samples.
-
-    A non-finite loss stops training: the weights go back to the last step whose loss was finite.
-    """
-    if n_samples < cfg.batch_size:
-        raise LowbitError(f"QAT needs at least one batch of {cfg.batch_size} calibration sequences, got {n_samples}")
-    params = [p for g in param_groups for p in g["params"]]
-    opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
-    last_good = [p.detach().clone() for p in params]
-    log = TrainLog()
-    order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(cfg.steps), desc=desc, unit="step", leave=False)
-    for step in bar:
-        if order.numel() < cfg.batch_size:
-            order = torch.randperm(n_samples, generator=generator)
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        for q in quantizers:
-            if cfg.rounding == "soft" and isinstance(q, LearnedGrid):
-                q.temperature = temperature(step, cfg.steps, *cfg.temperature)
-        loss = loss_fn(idx)
-        if not torch.isfinite(loss):
-            with torch.no_grad():
-                for p, good in zip(params, last_good):
-                    p.copy_(good)
-            log.stopped = f"loss became {loss.item()} at step {step}; weights restored to step {max(step - 1, 0)}"
-            warnings.warn(f"QAT ({desc}): {log.stopped}", stacklevel=2)
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        with torch.no_grad():
-            for p, good in zip(params, last_good):
-                good.copy_(p)
-        opt.step()
-        log.losses.append(loss.item())
-        log.steps = step + 1
-        bar.set_postfix(loss=f"{log.losses[-1]:.4g}")
-    k = max(1, min(4, len(log.losses) // 4))
-    if log.losses:
-        log.first_loss, log.last_loss = sum(log.losses[:k]) / k, sum(log.losses[-k:]) / k
-    return log
+def schedule(cfg: QATConfig) -> Schedule:
+    """QAT's run in the shared loop: a fixed number of steps, no held-out checks, no decay, clipped gradients."""
+    return Schedule(cfg.steps, 0, 0, cfg.batch_size, 0, cfg.temperature if cfg.rounding == "soft" else None,
+                    decay=False, grad_clip=cfg.grad_clip)
 
 
 def _param_groups(linears: dict[str, nn.Linear], quantizers: dict[str, nn.Module], cfg: QATConfig,
@@ -354,23 +187,24 @@ def _param_groups(linears: dict[str, nn.Linear], quantizers: dict[str, nn.Module
     return groups
 
 
-def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> dict[nn.Parameter, bool]:
-    """Freeze every parameter of ``model`` except ``params``; returns the previous flags."""
-    before = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    return before
-
-
-def restore_flags(flags: dict[nn.Parameter, bool]) -> None:
-    for p, f in flags.items():
-        p.requires_grad_(f)
-
-
 def _input_alphas(ctx: LayerContext, names: list[str]) -> dict[str, float]:
     return {n: float(ctx.linear_inputs[n].abs().amax()) for n in names}
+
+
+def train_linears(model: nn.Module, scope: nn.Module, linears: dict[str, nn.Linear], alphas: dict[str, float] | None,
+                  loss_on, n: int, cfg: QATConfig, generator: torch.Generator, desc: str) -> FitLog:
+    """Fake-quantize ``linears`` (and, with ``cfg.a_bit``, their inputs from the clips ``alphas``), train what
+    ``cfg`` says learns on ``loss_on`` with everything else in ``scope`` frozen, then round them hard."""
+    quantizers = attach_quantizers(linears, cfg, generator)
+    pacts = attach_pact(model, linears, cfg.a_bit, alphas, cfg.pact) if cfg.a_bit is not None else {}
+    groups = _param_groups(linears, quantizers, cfg, [p.alpha for p in pacts.values()])
+    flags = trainable_only(scope, [p for g in groups for p in g["params"]])
+    try:
+        with torch.enable_grad():
+            return fit(loss_on, n, groups, schedule(cfg), generator, desc, quantizers.values())
+    finally:
+        restore_flags(flags)
+        detach(linears)
 
 
 class BlockTrainer:
@@ -379,35 +213,21 @@ class BlockTrainer:
     def __init__(self, model: nn.Module, cfg: QATConfig) -> None:
         self.model, self.cfg = model, cfg
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.logs: list[TrainLog] = []
+        self.logs: list[FitLog] = []
 
     def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
-        cfg = self.cfg
         if ctx.inputs is None or ctx.outputs is None:
             raise LowbitError("block-wise QAT needs the layer walk's float outputs (calibration samples)")
-        quantizers = attach_quantizers(linears, cfg, self.generator)
-        pacts = {}
-        if cfg.a_bit is not None:
-            pacts = attach_pact(self.model, linears, cfg.a_bit, _input_alphas(ctx, list(linears)), cfg.pact)
-        groups = _param_groups(linears, quantizers, cfg, [p.alpha for p in pacts.values()])
-        flags = trainable_only(ctx.layer, [p for g in groups for p in g["params"]])
+        alphas = _input_alphas(ctx, list(linears)) if self.cfg.a_bit is not None else None
         dtype = next(ctx.layer.parameters()).dtype
         x = torch.cat([b.to(dtype) for b in ctx.inputs])
         target = torch.cat(ctx.outputs)
 
-        def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-            out = ctx.call(ctx.layer, x[idx])
-            out = out[0] if isinstance(out, tuple) else out
-            return F.mse_loss(out.float(), target[idx].float())
+        def loss_on(idx: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(layer_output(ctx.call(ctx.layer, x[idx])).float(), target[idx].float())
 
-        try:
-            with torch.enable_grad():
-                log = train(groups, loss_fn, x.shape[0], cfg, list(quantizers.values()), f"qat layer {ctx.index}",
-                            self.generator)
-        finally:
-            restore_flags(flags)
-            finalize(linears)
-        self.logs.append(log)
+        self.logs.append(train_linears(self.model, ctx.layer, linears, alphas, loss_on, x.shape[0], self.cfg,
+                                       self.generator, f"qat layer {ctx.index}"))
 
 
 def _no_rounding(ctx: LayerContext, linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
@@ -424,7 +244,9 @@ def apply_qat(model: nn.Module, config: QATConfig, calib: torch.Tensor | None = 
     awq_cfg = config.awq or AWQConfig(config.spec)
     if config.init == "awq" and awq_cfg.spec != config.spec:
         raise LowbitError(f"QAT and its AWQ start must share one spec, got {config.spec} and {awq_cfg.spec}")
-    teacher = copy.deepcopy(model).eval() if config.mode == "model" else None
+    # model mode distils from the float model's top-k next tokens, taken before anything is rounded
+    teacher = (teacher_top_k(model, calib, config.batch_size) if config.mode == "model" and config.distill > 0
+               else None)
     info: dict = {"init": config.init, "mode": config.mode, "rounding": config.rounding}
     if config.mode == "block":
         trainer = BlockTrainer(model, config)
@@ -448,42 +270,29 @@ def apply_qat(model: nn.Module, config: QATConfig, calib: torch.Tensor | None = 
     return QuantReport(name, config.spec, config.spec.bits_per_weight(), info=info)
 
 
-def _train_model(model: nn.Module, teacher: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor,
-                 cfg: QATConfig) -> TrainLog:
-    """End-to-end: next-token loss mixed with KL(float logits || quantized logits)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    quantizers = attach_quantizers(linears, cfg, generator)
-    pacts = {}
-    if cfg.a_bit is not None:
-        pacts = attach_pact(model, linears, cfg.a_bit, _calib_input_alphas(model, linears, calib[:cfg.batch_size]),
-                            cfg.pact)
-    groups = _param_groups(linears, quantizers, cfg, [p.alpha for p in pacts.values()])
-    flags = trainable_only(model, [p for g in groups for p in g["params"]])
+def _train_model(model: nn.Module, teacher: tuple[torch.Tensor, torch.Tensor] | None,
+                 linears: dict[str, nn.Linear], calib: torch.Tensor, cfg: QATConfig) -> FitLog:
+    """End-to-end: next-token loss mixed with distillation from the float model's top-k next tokens."""
+    alphas = _calib_input_alphas(model, linears, calib[:cfg.batch_size]) if cfg.a_bit is not None else None
     was_training = model.training
     model.eval()  # no dropout: the float model is the target
 
-    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+    def loss_on(idx: torch.Tensor) -> torch.Tensor:
         ids = calib[idx]
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
+        logits = model(ids, use_cache=False).logits
         loss = torch.zeros((), dtype=torch.float32)
         if cfg.distill < 1:
-            loss = loss + (1 - cfg.distill) * F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+            loss = loss + (1 - cfg.distill) * F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
+                                                              ids[:, 1:].flatten())
         if cfg.distill > 0:
-            with torch.no_grad():
-                t = teacher(ids, use_cache=False).logits[:, :-1].float()
-            kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(t, -1).flatten(0, 1),
-                          log_target=True, reduction="batchmean")
-            loss = loss + cfg.distill * kl
+            loss = loss + cfg.distill * distillation_loss(logits, (teacher[0][idx], teacher[1][idx]))
         return loss
 
     try:
-        with torch.enable_grad():
-            log = train(groups, loss_fn, calib.shape[0], cfg, list(quantizers.values()), "qat (model)", generator)
+        return train_linears(model, model, linears, alphas, loss_on, calib.shape[0], cfg,
+                             torch.Generator().manual_seed(cfg.seed), "qat (model)")
     finally:
-        restore_flags(flags)
-        finalize(linears)
         model.train(was_training)
-    return log
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..hadamard import apply_hadamard, check_order, random_hadamard, random_signs
 from ..models.families import Family, family_for, get_submodule
@@ -124,10 +125,22 @@ def apply_rotation(model: nn.Module, config: RotationConfig, calib=None) -> Quan
     fold_norm(get_submodule(model, family.final_norm), [head], family.final_norm, family.norm_offset)
     _set(embed.weight, embed.weight.double() @ q)
     _set(head.weight, head.weight.double() @ q)
-    for i, layer in enumerate(layers):
+    info = {"rotation_seed": config.seed, "rotated_width": hidden, "untied_head": untied}
+    qh = qm = None
+    if config.heads and family.value_output:
+        info["head_rotation"] = hd = head_dim(model)
+        qh = random_hadamard(hd, config.seed + 1).double().to(embed.weight.device)
+    if config.online and family.online_rotated:
+        info["online_rotation"] = n = get_submodule(layers[0], family.online_rotated).in_features
+        qm, signs = random_hadamard(n, config.seed + 2).double(), random_signs(n, config.seed + 2)
+
+    def rotate_layer(ctx: LayerContext) -> None:
+        """The residual stream's rotation into and out of one layer, then its heads' and its online one."""
+        layer = ctx.layer
         for norm_name, lin_names in readers.items():
             lins = [get_submodule(layer, n) for n in lin_names]
-            fold_norm(get_submodule(layer, norm_name), lins, f"{family.layers}.{i}.{norm_name}", family.norm_offset)
+            fold_norm(get_submodule(layer, norm_name), lins, f"{family.layers}.{ctx.index}.{norm_name}",
+                      family.norm_offset)
             for lin in lins:
                 _set(lin.weight, lin.weight.double() @ q)
         for name in family.residual_writers:
@@ -135,23 +148,16 @@ def apply_rotation(model: nn.Module, config: RotationConfig, calib=None) -> Quan
             _set(lin.weight, q.T @ lin.weight.double())
             if lin.bias is not None:
                 _set(lin.bias, lin.bias.double() @ q)
-    info = {"rotation_seed": config.seed, "rotated_width": hidden, "untied_head": untied}
-    if config.heads and family.value_output:
-        hd = head_dim(model)
-        qh = random_hadamard(hd, config.seed + 1).double().to(embed.weight.device)
-        for layer in layers:
+        if qh is not None:
             _rotate_heads(*(get_submodule(layer, n) for n in family.value_output), qh)
-        info["head_rotation"] = hd
-    if config.online and family.online_rotated:
-        n = get_submodule(layers[0], family.online_rotated).in_features
-        qm = random_hadamard(n, config.seed + 2).double()
-        for layer in layers:
+        if qm is not None:
             lin = get_submodule(layer, family.online_rotated)
             _set(lin.weight, lin.weight.double() @ qm.to(lin.weight.device))
-            signs = random_signs(n, config.seed + 2).to(lin.weight.device)
-            attach_input_transform(model, lin, lambda x, n=n, s=signs: apply_hadamard(x, n) * s.to(x.dtype),
-                                   f"online Hadamard {n}")
-        info["online_rotation"] = n
+            s = signs.to(lin.weight.device)
+            attach_input_transform(model, lin, lambda x, s=s: apply_hadamard(x, qm.shape[0]) * s.to(x.dtype),
+                                   f"online Hadamard {qm.shape[0]}")
+
+    walk_layers(model, family, None, rotate_layer, desc="rotate")
     return QuantReport("rotate", None, 16.0, info=info)
 
 

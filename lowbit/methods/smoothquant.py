@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calib import first_layer_inputs, input_ranges, layer_groups
+from ..calib import LayerContext, first_layer_inputs, input_ranges, layer_groups, walk_layers
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup, family_for
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
-from ..models.inventory import check_finite
+from ..models.inventory import check_finite, layer_modules
 from ..options import option
 from .base import QuantReport, input_transform
 from .registry import Method, always
@@ -88,15 +88,17 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
     groups = tuple(g for g in groups
                    if g.smooth and (config.linear_groups or not isinstance(layers[0].get_submodule(g.prev), nn.Linear)))
     # a module that reads the group's whole input: an MoE router sees every token, an expert only its own
-    readers = {f"{i}.{g.prev}": layer.get_submodule((g.readers or g.linears)[0])
-               for i, layer in enumerate(layers) for g in groups}
+    readers = layer_modules(model, family, {g.prev: (g.readers or g.linears)[0] for g in groups})
     ranges = input_ranges(model, family, readers, calib)
     hd = head_dim(model)
     probe = calib[:1].to(next(model.parameters()).device)
     before = _logits(model, probe)
     skipped = 0
     undo: list[Snapshot] = []
-    for i, layer in enumerate(layers):
+
+    def smooth_layer(ctx: LayerContext) -> None:
+        nonlocal skipped
+        layer = ctx.layer
         for g in groups:
             prev = layer.get_submodule(g.prev)
             linears = [layer.get_submodule(n) for n in g.linears]
@@ -108,7 +110,7 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
             prod = producer(prev, g.part, linears[0].in_features, model, family.norm_offset)
             width = prod.width
             index = tie_index(width, linears[0].in_features, hd)
-            lo, hi = ranges[f"{i}.{g.prev}"]
+            lo, hi = ranges[f"{family.layers}.{ctx.index}.{g.prev}"]
             x_max = torch.maximum(lo.abs(), hi.abs()).cpu()
             w_max = torch.stack([lin.weight.detach().abs().amax(0).float().cpu() for lin in linears]).amax(0)
             # one scale per producer channel, from the largest activation and weight column it reaches
@@ -118,6 +120,8 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
             extra = [layer.get_submodule(n) for n in g.readers]
             undo.append(Snapshot([prev, *linears, *extra]))
             fold_scale(prod, linears, smooth_scales(x_tied, w_tied, config.alpha)[index], index, extra)
+
+    walk_layers(model, family, None, smooth_layer, desc="smoothquant")
     err = fold_error(before, _logits(model, probe))
     if err > fold_tolerance(next(model.parameters()).dtype):
         for snap in reversed(undo):

@@ -9,16 +9,22 @@ from ..quantizer import QuantSpec, fitting_group_sizes
 from .families import Family
 
 
+def layer_modules(model: nn.Module, family: Family, rels: dict[str, str] | None = None) -> dict[str, nn.Module]:
+    """Full name -> module in every decoder layer: for each key of ``rels`` the module its value names (a group's
+    first reader stands for the group's input), by default every linear the family quantizes, whatever its type
+    now (a packed linear too)."""
+    rels = rels if rels is not None else {rel: rel for rel in family.linears}
+    layers = model.get_submodule(family.layers)
+    return {f"{family.layers}.{i}.{key}": layer.get_submodule(rel) for i, layer in enumerate(layers)
+            for key, rel in rels.items()}
+
+
 def quantizable_linears(model: nn.Module, family: Family) -> dict[str, nn.Linear]:
     """Full name -> module for every linear the family quantizes, layer by layer."""
-    layers = model.get_submodule(family.layers)
-    out = {}
-    for i, layer in enumerate(layers):
-        for rel in family.linears:
-            mod = layer.get_submodule(rel)
-            if not isinstance(mod, nn.Linear):
-                raise LowbitError(f"{family.layers}.{i}.{rel} is {type(mod).__name__}, not a Linear")
-            out[f"{family.layers}.{i}.{rel}"] = mod
+    out = layer_modules(model, family)
+    for name, mod in out.items():
+        if not isinstance(mod, nn.Linear):
+            raise LowbitError(f"{name} is {type(mod).__name__}, not a Linear")
     return out
 
 
