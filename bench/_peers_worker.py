@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     result = _result_stream()
 
-    from lowbit.calib import calib_samples
+    from lowbit.calibration_data import calib_samples
     from lowbit.data import calib_text
     from lowbit.eval.perplexity import perplexity
     from lowbit.models import load_model

@@ -17,7 +17,7 @@ os.environ.setdefault("LOWBIT_DATA_DIR", "/work/shared/data")
 import torch
 import torch.nn.functional as F
 
-from lowbit.calib import calib_samples
+from lowbit.calibration_data import calib_samples
 from lowbit.data import calib_text
 from lowbit.methods import QATConfig, quantize_
 from lowbit.methods.awq import AWQConfig

@@ -13,7 +13,7 @@
   else its first (AWQ's pile-val, asked for by name only: ``hub:mit-han-lab/pile-val-backup``).
 
 Documents are tokenized one by one and joined; windows of ``seq_len`` tokens are then drawn at random
-without overlap (seeded), as :func:`lowbit.calib.calib_samples` does for plain text.
+without overlap (seeded), as :func:`calib_samples` does for plain text.
 """
 from __future__ import annotations
 
@@ -187,3 +187,11 @@ def stated_calibration(rows: list[dict]) -> str:
     :meth:`Calibration.describe`), for the table's header; rows that calibrated nothing state nothing."""
     seen = list(dict.fromkeys(r["calibration"] for r in rows if r.get("calibration")))
     return "; ".join(seen) if seen else "not recorded"
+
+
+def calib_samples(tokenizer, text: str, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` distinct, non-overlapping windows of ``seq_len`` tokens of ``text``, chosen at random (seeded).
+    Files, chats and hub datasets: :func:`calibration_windows`."""
+    if n_samples < 1 or seq_len < 2:
+        raise LowbitError(f"need at least 1 calibration sample of 2+ tokens, got {n_samples} x {seq_len}")
+    return draw_windows(tokenizer(text, return_tensors="pt").input_ids[0], n_samples, seq_len, seed, "text")

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calib import first_layer_inputs, layer_output
 from .errors import LowbitError
 from .models.families import family_for
 from .models.inventory import check_finite, quantizable_linears
 from .quantizer import QuantSpec, fake_quantize
+from .walk import first_layer_inputs, layer_output
 
 FORMAT = "lowbit-sensitivity"
 

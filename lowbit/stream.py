@@ -6,9 +6,10 @@ the calibration hidden states. Each finished step (embedding, every layer, the f
 head) is written at once as one safetensors shard of lowbit's packed format, so the output is
 never whole in memory either.
 
-The per-layer work is the in-memory path's own (:func:`lowbit.calib.calibrate_layer`,
-:class:`lowbit.methods.awq.AWQLayerStep`, RTN's rounding, :func:`lowbit.pack.checkpoint.pack_linear`),
-so the streamed output holds the same codes, bit for bit.
+The layers go through the in-memory methods' own layer walk (:func:`lowbit.walk.walk_layers`, with
+:class:`lowbit.methods.awq.AWQLayerStep` or RTN's rounding, and :func:`lowbit.pack.checkpoint.pack_linear`);
+streaming only says where each layer is read from and where its outputs and shard go, so the streamed
+output holds the same codes, bit for bit.
 
 Resume: the shards are written into ``OUT.partial/`` beside the output, with a manifest of what
 the run is (spec, method, calibration and checkpoint digests) and how far it got, plus the
@@ -32,7 +33,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic_write import atomic_path, install_dir
-from .calib import Activations, Call, calibrate_layer, first_layer_batches
 from .errors import LowbitError
 from .methods import REGISTRY
 from .methods.awq import PROPAGATE as AWQ_PROPAGATE
@@ -57,6 +57,7 @@ from .pack.checkpoint import (
     write_index,
 )
 from .quantizer import QuantSpec
+from .walk import Activations, Call, LayerContext, first_layer_batches, walk_layers
 
 MANIFEST = "manifest.json"
 ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -329,67 +330,71 @@ class StreamRun:
             shutil.rmtree(old, ignore_errors=True)
 
     def steps(self, calib: torch.Tensor | None, progress: bool) -> None:
-        """Every step not done yet, in order; calibration hidden states flow from one layer to the next."""
-        awq_step = AWQLayerStep(self.model, self.family, self.config) if self.method == "awq" else None
-        calls: list[Call] = []
-        hidden: Activations | None = None
-        if self.method == "awq" and self.resumed_at >= 1:
-            calls = [Call.from_state(c) for c in torch.load(self.run / "layer_calls.pt", weights_only=True)]
-            hidden = Activations.load(Path(self.man["hidden"]), self.store_dtype,
-                                      keep_on_disk=self.offload_dir is not None)
-        groups = None
+        """Every step not done yet, in order: the embedding (which starts the calibration), the decoder layers on
+        the layer walk (:func:`lowbit.walk.walk_layers`, the in-memory methods' own), then the tail."""
         bar = tqdm(total=self.n_steps, initial=self.resumed_at, desc=f"stream {self.method}", unit="step",
                    disable=not progress)
+        clock = [time.perf_counter()]
+
+        def after(index: int, layer: nn.Module, hidden: Activations | None) -> None:
+            if self.method == "awq":
+                part = pack_layer(layer, f"{self.family.layers}.{index}", self.family.linears, self.spec, self.kernel)
+                release(layer)
+                self.commit(index + 1, part, self.keep_hidden(hidden, index + 2))
+            self.layer_seconds.append(time.perf_counter() - clock[0])
+            clock[0] = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix_str(f"peak RSS {peak_rss_mb() / 1024:.2f} GiB")
+
         try:
-            for step in range(self.resumed_at, self.n_steps):
-                t0 = time.perf_counter()
-                if step == 0:
-                    hidden, calls = self.embedding_step(calib)
-                elif step <= len(self.layers):
-                    hidden, groups = self.layer_step(step, hidden, calls, groups, awq_step)
-                    self.layer_seconds.append(time.perf_counter() - t0)
-                else:
-                    hidden = None
-                    part, info = _tail_step(self.model, self.ckpt, self.family, self.emb_name, self.tied,
-                                            self.head_mod, self.head_name, self.embed, self.kernel)
-                    self.commit(step, part, None, info)
+            inputs = self.embedding_step(calib) if self.resumed_at == 0 else self.kept_inputs()
+            bar.update(self.resumed_at == 0)
+            clock[0] = time.perf_counter()
+            awq = self.method == "awq"
+            walk_layers(self.model, self.family, None, AWQLayerStep(self.model, self.family, self.config) if awq
+                        else self.rtn_layer, batch_size=self.batch_size, desc=f"stream {self.method} layers",
+                        propagate=self.config.propagate or AWQ_PROPAGATE if awq else "float", inputs=inputs,
+                        start=max(self.resumed_at, 1) - 1, store=lambda index: self.new_store(index + 2),
+                        before=self.read_layer if awq else None, after=after)
+            if self.resumed_at < self.n_steps:
+                part, info = _tail_step(self.model, self.ckpt, self.family, self.emb_name, self.tied,
+                                        self.head_mod, self.head_name, self.embed, self.kernel)
+                self.commit(self.n_steps - 1, part, None, info)
                 bar.update(1)
-                bar.set_postfix_str(f"peak RSS {peak_rss_mb() / 1024:.2f} GiB")
         finally:
             bar.close()
 
-    def embedding_step(self, calib: torch.Tensor | None) -> tuple[Activations | None, list[Call]]:
+    def embedding_step(self, calib: torch.Tensor | None) -> tuple[Activations, list[Call]] | None:
         """Step 0: the float embedding starts the calibration (AWQ), then it is packed."""
         materialise(self.emb_mod, self.emb_name, self.ckpt)
-        hidden, calls, hidden_at = None, [], None
+        inputs, hidden_at = None, None
         if self.method == "awq":
-            hidden, calls = first_layer_batches(self.model, self.family, calib, self.batch_size, self.new_store(1))
+            inputs = first_layer_batches(self.model, self.family, calib, self.batch_size, self.new_store(1))
             with atomic_path(self.run / "layer_calls.pt") as tmp:
-                torch.save([c.state() for c in calls], tmp)
-            hidden_at = self.keep_hidden(hidden, 1)
+                torch.save([c.state() for c in inputs[1]], tmp)
+            hidden_at = self.keep_hidden(inputs[0], 1)
         part, info = _embedding_part(self.ckpt, self.emb_mod, self.emb_name, self.tied, self.head_mod,
                                      self.head_name, self.embed, self.kernel)
         release(self.emb_mod)
         self.commit(0, part, hidden_at, info)
-        return hidden, calls
+        return inputs
 
-    def layer_step(self, step: int, hidden: Activations | None, calls: list[Call], groups, awq_step
-                   ) -> tuple[Activations | None, tuple | None]:
-        """Decoder layer ``step - 1``: RTN linear by linear, or AWQ on the layer's calibration inputs (the
-        in-memory walk's own step, :func:`lowbit.calib.calibrate_layer`)."""
-        i = step - 1
-        layer, prefix = self.layers[i], f"{self.family.layers}.{i}"
-        if self.method == "rtn":
-            self.commit(step, _rtn_layer(layer, prefix, self.family.linears, self.ckpt, self.spec, self.kernel), None)
-            return hidden, groups
-        materialise(layer, prefix, self.ckpt)
-        out = self.new_store(step + 1)
-        groups = calibrate_layer(i, layer, self.family, groups, hidden, calls[i], awq_step, out,
-                                 batch_size=self.batch_size, propagate=self.config.propagate or AWQ_PROPAGATE)
-        part = pack_layer(layer, prefix, self.family.linears, self.spec, self.kernel)
-        release(layer)
-        self.commit(step, part, self.keep_hidden(out, step + 1))
-        return out, groups
+    def kept_inputs(self) -> tuple[Activations, list[Call]] | None:
+        """A resumed AWQ run's hidden states entering its next layer, and every layer's call, as kept on disk."""
+        if self.method != "awq" or self.resumed_at > len(self.layers):
+            return None
+        calls = [Call.from_state(c) for c in torch.load(self.run / "layer_calls.pt", weights_only=True)]
+        return Activations.load(Path(self.man["hidden"]), self.store_dtype,
+                                keep_on_disk=self.offload_dir is not None), calls
+
+    def read_layer(self, index: int, layer: nn.Module) -> None:
+        materialise(layer, f"{self.family.layers}.{index}", self.ckpt)
+
+    def rtn_layer(self, ctx: LayerContext) -> None:
+        """RTN's step of the walk without calibration: the layer rounded and packed linear by linear, committed."""
+        prefix = f"{self.family.layers}.{ctx.index}"
+        self.commit(ctx.index + 1, _rtn_layer(ctx.layer, prefix, self.family.linears, self.ckpt, self.spec,
+                                               self.kernel), None)
 
     def finish(self, tokenizer, extra: dict | None, start: float) -> StreamResult:
         """The shards become the output directory (config, tokenizer, index) and the run directory goes."""

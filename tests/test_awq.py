@@ -5,12 +5,12 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from lowbit.calib import LayerContext, walk_layers
 from lowbit.errors import LowbitError
 from lowbit.methods import AWQConfig, AWQSearch, RTNConfig, SalientConfig, quantize_
 from lowbit.models import family_for
 from lowbit.models.fold import fold_scale, producer, tie_index
 from lowbit.quantizer import QuantSpec
+from lowbit.walk import LayerContext, walk_layers
 
 SPEC3 = QuantSpec(bits=3, group_size=16)
 

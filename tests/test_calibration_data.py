@@ -9,7 +9,7 @@ import torch
 from conftest import byte_tokenizer
 
 from lowbit import calibration_data as cd
-from lowbit.calib import calib_samples
+from lowbit.calibration_data import calib_samples
 from lowbit.errors import LowbitError
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"

@@ -230,7 +230,7 @@ def test_cli_refuses_what_streaming_cannot_do(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["rtn", "awq"])
 def test_default_model_streamed_equals_in_memory(tmp_path, default_model, data_dir, method):
     """The bar: on the default model, the streamed codes are the in-memory ones, bit for bit."""
-    from lowbit.calib import calib_samples
+    from lowbit.calibration_data import calib_samples
     from lowbit.data import calib_text
     from lowbit.models.loading import local_checkpoint
 

@@ -49,7 +49,7 @@ def test_no_module_imports_a_private_name(folder):
 def test_the_check_sees_relative_imports(tmp_path):
     f = ROOT / "tests" / "_probe_private_import.py"
     try:
-        f.write_text("from .calib import _output\nimport a._b\nimport peers\nfrom lowbit import calib\n"
+        f.write_text("from .walk import _output\nimport a._b\nimport peers\nfrom lowbit import calib\n"
                      "peers._run_json()\ncalib._output\nself._x\nargparse._Action\n")
         assert len(private_imports(f)) == 2
         assert sorted(h.split(": ")[1] for h in private_attributes(f)) == ["calib._output", "peers._run_json"]

@@ -10,7 +10,7 @@ input, the down projection's input) this measures:
 - max / median of the per-channel max |x| (one number for "channel outliers");
 - "massive activations": values with |x| > 100 × the median |x| (Sun et al., 2024).
 
-Layers are walked one at a time with hooks (lowbit.calib.walk_layers), so memory holds
+Layers are walked one at a time with hooks (lowbit.walk.walk_layers), so memory holds
 one layer's inputs, and the walk stops after the last layer asked for.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..models.families import family_for
+from ..walk import LayerContext, walk_layers
 
 MASSIVE_FACTOR = 100.0
 

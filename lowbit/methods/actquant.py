@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calib import input_ranges
 from ..errors import LowbitError
 from ..models.families import Family, family_for
 from ..models.inventory import layer_modules
 from ..quantizer import QuantSpec, decode, encode, fake_quantize, qparams_from_range
+from ..walk import input_ranges
 from .base import QuantReport, attach_runtime
 from .registry import Method
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
 from ..options import option, positive_int
 from ..quantizer import QuantSpec, fake_quantize
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
+from ..walk import LayerContext, walk_layers
 from .base import QuantReport, input_transform, prepare
 from .registry import Method
 from .rtn import Rounder, rtn_rounder

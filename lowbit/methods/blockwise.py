@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calib import LayerContext, layer_output, walk_layers
 from ..errors import LowbitError
 from ..hardware import compute_dtype
 from ..options import non_negative_int, option, positive_int
 from ..quantizer import QuantSpec, codes_of
 from ..specmap import SpecMap, bits_per_weight, spec_for
+from ..walk import LayerContext, layer_output, walk_layers
 from . import awq, gptq
 from .awq import AWQConfig, AWQLayerStep
 from .base import QuantReport, prepare

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..options import option, positive_int
 from ..quantizer import (
@@ -41,6 +40,7 @@ from ..quantizer import (
     set_latent,
 )
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
+from ..walk import LayerContext, walk_layers
 from .base import QuantReport, prepare
 from .registry import Method, always
 

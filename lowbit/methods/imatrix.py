@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..quantizer import QuantSpec, round_weight_
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
+from ..walk import LayerContext, walk_layers
 from .base import QuantReport, prepare
 from .registry import Method, always
 

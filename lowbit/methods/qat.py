@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..calib import LayerContext, layer_output, walk_layers
 from ..errors import LowbitError
 from ..options import option, positive_int
 from ..quantizer import QuantSpec
+from ..walk import LayerContext, layer_output, walk_layers
 from . import awq
 from .awq import AWQConfig, apply_awq
 from .base import QuantReport, attach_runtime, prepare

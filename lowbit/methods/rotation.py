@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..hadamard import apply_hadamard, check_order, random_hadamard, random_signs
 from ..models.families import Family, family_for, get_submodule
 from ..models.fold import head_dim
 from ..models.inventory import check_finite
+from ..walk import LayerContext, walk_layers
 from .base import QuantReport, attach_input_transform
 from .registry import Method
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calib import LayerContext
 from ..quantizer import QuantSpec, round_weight_
 from ..specmap import SpecLike, SpecMap, bits_per_weight, spec_for
+from ..walk import LayerContext
 from .base import QuantReport, prepare
 from .registry import Method
 

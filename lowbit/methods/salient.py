@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..calib import LayerContext, walk_layers
 from ..errors import LowbitError
 from ..options import option
 from ..quantizer import QuantSpec, fake_quantize
+from ..walk import LayerContext, walk_layers
 from .base import QuantReport, prepare
 from .registry import Method
 

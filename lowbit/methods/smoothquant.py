@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calib import LayerContext, first_layer_inputs, input_ranges, layer_groups, walk_layers
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup, family_for
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
 from ..models.inventory import check_finite, layer_modules
 from ..options import option
+from ..walk import LayerContext, first_layer_inputs, input_ranges, layer_groups, walk_layers
 from .base import QuantReport, input_transform
 from .registry import Method, always
 from .rtn import RTNConfig

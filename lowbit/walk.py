@@ -1,4 +1,4 @@
-"""Calibration: token samples, and a layer-by-layer walk that captures what methods need.
+"""The layer walk: decoder layer by decoder layer, with what each method needs of its calibration.
 
 The walk embeds the calibration samples once, then for each decoder layer: runs it on
 its inputs with hooks that record every quantized linear's input (and the keyword
@@ -18,16 +18,6 @@ from tqdm.auto import tqdm
 
 from .errors import LowbitError
 from .models.families import Family, ScalingGroup, discover_groups
-
-
-def calib_samples(tokenizer, text: str, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
-    """``n_samples`` distinct, non-overlapping windows of ``seq_len`` tokens of ``text``, chosen at random (seeded).
-    Files, chats and hub datasets: :func:`lowbit.calibration_data.calibration_windows`."""
-    from .calibration_data import draw_windows
-
-    if n_samples < 1 or seq_len < 2:
-        raise LowbitError(f"need at least 1 calibration sample of 2+ tokens, got {n_samples} x {seq_len}")
-    return draw_windows(tokenizer(text, return_tensors="pt").input_ids[0], n_samples, seq_len, seed, "text")
 
 
 class _Stop(Exception):
@@ -320,7 +310,7 @@ class _LayerCapture:
 def walk_layers(
     model: nn.Module,
     family: Family,
-    samples: torch.Tensor,
+    samples: torch.Tensor | None,
     process: Callable[[LayerContext], None],
     *,
     batch_size: int = 16,
@@ -328,6 +318,11 @@ def walk_layers(
     desc: str = "calibrating",
     float_targets: bool = False,
     groups: tuple[ScalingGroup, ...] | None = None,
+    inputs: tuple[Activations, list[Call]] | None = None,
+    start: int = 0,
+    store: Callable[[int], Activations] | None = None,
+    before: Callable[[int, nn.Module], None] | None = None,
+    after: Callable[[int, nn.Module, Activations | None], None] | None = None,
 ) -> None:
     """Call ``process`` on each decoder layer with its captured calibration inputs.
 
@@ -337,12 +332,19 @@ def walk_layers(
     the float model's output of that layer (what block-wise reconstruction trains towards).
     ``samples`` None walks without calibration: each context holds the layer and its scaling
     groups (``groups``, or the family's) only, for folds and for a search loaded from a file.
+
+    Streaming (:mod:`lowbit.stream`) walks from layer ``start`` on ``inputs`` it computed or kept
+    (the hidden states entering that layer and every layer's call), keeps each layer's outputs in
+    ``store(index)`` (e.g. files), reads each layer in ``before(index, layer)`` and packs and
+    commits it in ``after(index, layer, outputs)``.
     """
     layers = model.get_submodule(family.layers)
-    if samples is None:
-        hidden = calls = None
-    else:
+    if inputs is not None:
+        hidden, calls = inputs
+    elif samples is not None:
         hidden, calls = first_layer_batches(model, family, samples, batch_size)
+    else:
+        hidden = calls = None
     floats = torch.cat(list(hidden)) if float_targets else None
 
     def with_targets(ctx: LayerContext) -> None:
@@ -351,14 +353,19 @@ def walk_layers(
         process(ctx)
 
     step = with_targets if float_targets else process
-    for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", leave=False)):
+    for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", leave=False):
+        layer = layers[index]
+        if before is not None:
+            before(index, layer)
         if hidden is None:
             process(LayerContext(index, layer, None, {}, {}, family.groups if groups is None else groups))
-            continue
-        out = Activations(hidden.dtype)
-        groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], step, out,
-                                 batch_size=batch_size, propagate=propagate)
-        hidden = out
+        else:
+            out = store(index) if store is not None else Activations(hidden.dtype)
+            groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], step, out,
+                                     batch_size=batch_size, propagate=propagate)
+            hidden = out
+        if after is not None:
+            after(index, layer, hidden)
 
 
 def layer_groups(layer: nn.Module, family: Family, call: Call, x1: torch.Tensor) -> tuple[ScalingGroup, ...]:
@@ -388,8 +395,7 @@ def calibrate_layer(
     append the hidden states for the next layer to ``out``. Returns the scaling groups in use
     (``groups`` None: the family's, traced on this layer where needed).
 
-    The in-memory walk and the streamed one (:mod:`lowbit.stream`) both call this, so they
-    compute the same numbers.
+    The walk's step for a calibrated layer (in memory and streamed alike).
     """
     dtype = next(layer.parameters()).dtype
     first = next(iter(hidden))[:1].to(dtype)
