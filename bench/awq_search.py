@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import harness  # noqa: E402  (the shared run arguments)
 from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 from lowbit.experiment import CalibOptions, MethodOptions, Session
 from lowbit.models import load_model
@@ -24,13 +25,9 @@ from lowbit.quantizer import QuantSpec
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    harness.add_run_args(p, "model", "group_size", "calib_samples", "calib_seq_len", "max_windows")
     p.add_argument("--bits", type=int, nargs="+", default=[3])
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--search-samples", type=int, nargs="+", default=[4, 16])
-    p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--out", default="results/awq_search.json")
     args = p.parse_args()
 

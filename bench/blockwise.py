@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench import harness  # noqa: E402  (the shared run arguments)
 from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 from bench.peers import options  # noqa: E402
 from bench.second_text import jargon  # noqa: E402
@@ -85,12 +86,9 @@ def run_row(key: str, method: str, bits: int, args, second: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    harness.add_run_args(p, "model", "group_size", "calib_samples", "max_windows")
     p.add_argument("--bits", type=int, nargs="+", default=[3])
     p.add_argument("--methods", nargs="+", default=["rtn", "awq+gptq", "blockwise"], choices=list(LABELS))
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--fast", action="store_true", help="block-wise's fast recipe")
     p.add_argument("--e2e-steps", type=int, help="block-wise's end-to-end step-size steps (default: the recipe's)")
     p.add_argument("--e2e-loss", choices=("ce", "kd"), default="ce",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import harness  # noqa: E402  (the shared run arguments)
 from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 
 CHAT = ROOT / "lowbit" / "assets" / "chat"
@@ -24,8 +25,7 @@ CHAT = ROOT / "lowbit" / "assets" / "chat"
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--calib-samples", type=int, default=16)
+    harness.add_run_args(p, "max_windows", "calib_samples")
     p.add_argument("--chat-seq-len", type=int, default=512)
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()

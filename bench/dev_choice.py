@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rows  # noqa: I001  (bench/ is not a package)
+import harness  # noqa: I001  (bench/ is not a package: the shared run arguments)
+import rows
 from headline import KLD_KEYS, lowbit
 
 INFO_KEYS = ("dtype", "recipe", "steps", "e2e_loss", "e2e_steps", "calibration")  # what the method reports it did
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", type=shlex.split, required=True, help="the options every candidate shares")
     p.add_argument("--candidates", type=shlex.split, nargs="+", required=True, help="each candidate's options")
     p.add_argument("--by", choices=("kld_mean", "ppl"), default="kld_mean", help="the dev score that chooses")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--max-windows", type=int, default=16)
+    harness.add_run_args(p, "model", "max_windows")
     p.add_argument("--out", default="dev_choices")
     args = p.parse_args(argv)
     command = "python bench/dev_choice.py " + shlex.join(argv if argv is not None else sys.argv[1:])

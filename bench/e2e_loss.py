@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import harness  # noqa: E402  (the shared run arguments)
 from bench.second_text import jargon  # noqa: E402
 
 
@@ -93,11 +94,8 @@ def variant(args, extra: list[str], second: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    harness.add_run_args(p, "model", "group_size", "calib_samples", "max_windows")
     p.add_argument("--bits", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--snapshot", required=True, help="the saved per-layer phase (written with --block-only)")
     p.add_argument("--block-only", action="store_true", help="run the per-layer phase and save it")
     args, extra = p.parse_known_args()  # the rest goes to lowbit (--e2e-loss kd, --e2e-steps N, --bw-scale-lr X)

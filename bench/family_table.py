@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench import harness  # noqa: E402  (the shared run arguments)
 from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 
 ROWS = [("FP", "fp", {})] + [
@@ -37,11 +38,8 @@ ROWS = [("FP", "fp", {})] + [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="gemma3-270m")
+    harness.add_run_args(ap, "model", "group_size", "calib_samples", "max_windows", model="gemma3-270m", group_size=128)
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--max-windows", type=int, default=16)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "family_gemma3.json"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-export", action="store_true", help="skip the pack / GGUF checks")

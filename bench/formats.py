@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import harness  # noqa: E402  (the shared run arguments)
 from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 from lowbit.experiment import CalibOptions, MethodOptions, Session
 from lowbit.models import load_model
@@ -37,12 +38,9 @@ FORMATS: dict[str, QuantSpec] = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    harness.add_run_args(p, "model", "max_windows", "calib_samples", "calib_seq_len")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--methods", nargs="+", default=["rtn", "awq"], choices=["rtn", "awq"])
-    p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--search-samples", type=int, default=4)
     p.add_argument("--no-fp", action="store_true", help="skip the float row")
     p.add_argument("--out", default="results/formats.json", help="rows as JSON, rewritten after every run")

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rows  # noqa: I001  (bench/ is not a package)
+import harness  # noqa: I001  (bench/ is not a package: the shared run arguments)
+import rows
 from recipes import RECIPES  # the named recipes every bench row uses
 from blockwise import lowbit  # the CLI with --json, its last line as a dict (one runner for bench/)
 
@@ -71,24 +72,12 @@ def measure(args: argparse.Namespace, label: str, bits: int, seed: int, command:
             "calibration": q.get("calibration")}
 
 
-def done(path: Path, key: dict, commit: str | None) -> bool:
-    """A row with these settings measured at this commit is already in the file."""
-    if not path.exists():
-        return False
-    return any(all(r.get(k) == v for k, v in key.items()) and r.get("commit") == commit
-               for r in rows.read_rows(path))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["rtn", "awq", "gptq-r", "awq+gptq-r"])
     p.add_argument("--bits", nargs="+", type=int, default=[3, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=16)
+    harness.add_run_args(p, "model", "group_size", "calib_samples", "calib_seq_len", "max_windows")
     p.add_argument("--split", choices=("test", "dev"), default="test")
     p.add_argument("--out", default="headline", help="row file name or path (default bench/results/headline.jsonl)")
     p.add_argument("--redo", action="store_true", help="run rows already measured at this commit")
@@ -105,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for bits in ([16] if label == "fp" else args.bits):
             for seed in ([s for s in args.seeds if s == 0] if label in CALIBRATION_FREE else args.seeds):
                 key = row_key(args, label, bits, seed)
-                if not args.redo and done(path, key, commit):
+                if not args.redo and harness.measured(path, key, commit):
                     print(f"kept   {label} W{bits} seed {seed} (measured at {commit})", flush=True)
                     continue
                 row = measure(args, label, bits, seed, command)

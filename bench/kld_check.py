@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
 import lowbit  # noqa: E402
+from bench import harness  # noqa: E402  (the shared run arguments)
 
 
 def protocol_windows(tokenizer, data_dir: Path, seq_len: int, n: int) -> torch.Tensor:
@@ -62,9 +62,8 @@ def cli_row(args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    harness.add_run_args(p, "model", "group_size")
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--row", help="the JSON row of an earlier `lowbit eval ... --kld --json` run, instead of running it")

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rows  # noqa: I001  (bench/ is not a package)
+import harness  # noqa: I001  (bench/ is not a package: the shared run arguments)
+import rows
 from llamacpp import ensure_llama_tools, llama_quantize, run_tool
 
 SEQ = 2048
@@ -107,7 +108,7 @@ def second_half(per_token: torch.Tensor, n: int) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    harness.add_run_args(p, "model")
     p.add_argument("--types", nargs="+", default=["Q4_K_M", "Q2_K"], help="llama-quantize types of the two files")
     p.add_argument("--chunks", type=int, default=8, help="2048-token chunks (= lowbit windows) of WikiText-2 test")
     p.add_argument("--threads", type=int, default=2)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import harness  # noqa: E402  (the shared run arguments)
 from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 from lowbit.experiment import BudgetOptions, CalibOptions, MethodOptions, Session
 from lowbit.models import load_model
@@ -89,15 +90,11 @@ def save_chart(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    harness.add_run_args(p, "model", "group_size", "max_windows", "calib_samples", "calib_seq_len")
     p.add_argument("--methods", nargs="+", default=["rtn", "awq"], choices=["rtn", "awq", "gptq", "awq+gptq"])
     p.add_argument("--uniform-bits", nargs="+", type=int, default=list(CHOICES))
     p.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0],
                    help="average code bits per weight of the mixed rows")
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--search-samples", type=int, default=4)
     p.add_argument("--probes", type=int, default=4, help="Hutchinson probes")
     p.add_argument("--sensitivity-samples", type=int, default=4, help="calibration sequences for the traces")

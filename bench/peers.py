@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rows as result_rows  # noqa: E402, I001  (bench/ is not a package)
+import harness  # noqa: E402, I001  (bench/ is not a package: the shared run arguments)
+import rows as result_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's lowbit, not whichever one the venv has installed
@@ -451,13 +452,6 @@ def default_data_dir() -> None:
             os.environ["LOWBIT_DATA_DIR"] = str(shared)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def options(text: str) -> list[str]:
     """One quoted string of command-line options, split as a shell would (a refused string: one line, exit 2)."""
     try:
@@ -477,10 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="lowbit vs llm-compressor (AWQ, GPTQ), AutoRound, HQQ and GPTQModel "
                                             "(GPTQ, GPTAQ): PPL and quantization time on the same tokens.")
     p.add_argument("--bits", type=_bits, nargs="+", default=[3, 4], help="weight bit widths (default 3 4)")
-    p.add_argument("--group-size", type=_positive, default=64, help="quantization group size (default 64)")
-    p.add_argument("--calib-samples", type=_positive, default=16, help="calibration sequences (default 16)")
-    p.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--max-windows", type=_positive, default=16, help="2048-token evaluation windows (default 16)")
+    # every peer's rows are grouped: no per-channel (0) group size here
+    p.add_argument("--group-size", type=harness.positive, default=64, help="quantization group size (default 64)")
+    harness.add_run_args(p, "calib_samples", "calib_seq_len", "max_windows", "model", "seed")
     p.add_argument("--eval-data", help="evaluate every row on this text (or chat .jsonl) file instead of "
                                        "WikiText-2 test; passed to the workers and to `lowbit eval --data`")
     p.add_argument("--second-text", metavar="FILE",
@@ -507,18 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AutoRound's own preset: default (`auto-round`: 200 iters) or best (`auto-round-best`: 1000 "
                         "iters; lr 2/iters at 3 bits and below); batch 8 in both. Their nsamples (128, 512) and "
                         "seqlen 2048 do not apply: AutoRound gets --calib-samples x --calib-seq-len like every tool")
-    p.add_argument("--autoround-iters", type=_positive,
+    p.add_argument("--autoround-iters", type=harness.positive,
                    help="AutoRound tuning steps per block (default: the recipe's, 200 or 1000; its 'light' recipe "
                         "is 50 steps at --autoround-lr 5e-3)")
     p.add_argument("--autoround-lr", type=float,
                    help="AutoRound learning rate (default: its own, 1/iters, or 2/iters for best at 3 bits and below)")
-    p.add_argument("--autoround-batch-size", type=_positive,
+    p.add_argument("--autoround-batch-size", type=harness.positive,
                    help="AutoRound samples per tuning step (default 8, its own default)")
     p.add_argument("--autoround-float32", action="store_true",
                    help="tune AutoRound in float32 (amp off); by default it picks its own dtype: bfloat16 on a CPU "
                         "with AVX512-BF16, float32 otherwise")
-    p.add_argument("--model", default="smollm2-135m", help="lowbit model name or path (default smollm2-135m)")
-    p.add_argument("--seed", type=int, default=0, help="calibration sample seed (default 0)")
     p.add_argument("--peers-venv", "--peer-venv", dest="peers_venv", default=str(REPO / ENVS["peers"].default_dir),
                    help="venv for llm-compressor (default .venv-peers)")
     p.add_argument("--autoround-venv", default=str(REPO / ENVS["autoround"].default_dir),

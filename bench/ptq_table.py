@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import harness  # noqa: E402  (the shared run arguments)
 import peers  # noqa: E402  (bench/peers.py: the llm-compressor venv and worker)
 
 
@@ -120,13 +121,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    harness.add_run_args(p, "model", "max_windows", "calib_samples", "calib_seq_len", "seed")
     p.add_argument("--bits", type=int, nargs="+", default=[3, 4], help="weight-only bit widths (default 3 4)")
-    p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--search-samples", type=int, default=4, help="AWQ's α-scoring samples (default 4)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peers", action="store_true", help="skip llm-compressor")
     p.add_argument("--peer-methods", nargs="+", choices=("gptq", "awq"), default=["gptq", "awq"],
                    help="llm-compressor methods in the table (default gptq awq; its AWQ takes ~6 min per width)")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench import harness  # noqa: E402  (the shared run arguments)
 from bench import rows as bench_rows  # noqa: E402  (the shared row and machine helpers)
 
 # (label, lowbit method, spec rounding, QATConfig fields)
@@ -41,9 +42,7 @@ ROWS = [
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--calib-samples", type=int, default=32)
+    harness.add_run_args(p, "group_size", "max_windows", "calib_samples", calib_samples=32)
     p.add_argument("--steps", type=int, default=32, help="QAT steps per layer (block-wise rows)")
     p.add_argument("--model-steps", type=int, default=96, help="QAT steps of the end-to-end row")
     p.add_argument("--lr", type=float, default=1e-4)
