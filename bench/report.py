@@ -180,6 +180,12 @@ MEASURED = Col("measured", measured, right=False)
 PTQ = "ptq_table"
 
 
+# the commands of issue 33's one peers run (bench/peers.py resumes by key: the same run, continued)
+_FULL = ("--bits 3 4 --max-windows 8 --lowbit-methods awq gptq-r awq+gptq-r blockwise-fast "
+         "--out results/peers_full.json --gptqmodel-venv /work/main/.venv-gptqmodel "
+         "--autoround-venv /work/main/.venv-autoround")
+PEERS_FULL = tuple(f"python bench/peers.py --peers {peers} {args}" for peers in ("gptqmodel", "gptqmodel autoround")
+                   for args in (_FULL, _FULL.split(" --gptqmodel-venv")[0]))
 HEADLINE = {"split": "wikitext-2 test", "windows": 16, "model": "smollm2-135m",
             "threads": None}  # rows at the machine's default thread count (--threads rows measure the spread)
 LOWBIT_METHODS = (("rtn", "RTN"), ("gptq-r", "GPTQ-R (act-order)"), ("awq", "AWQ"), ("awq+gptq-r", "AWQ+GPTQ-R"))
@@ -254,6 +260,13 @@ TABLES: dict[str, Table] = {
          Col("recipe", "recipe", right=False), Col("PPL", "ppl", PPL), Col("quantization s", "seconds", "{:.1f}"),
          Col("threads", "machine.threads"), Col("load at start", "load_avg", "{:.2f}"), MEASURED),
         (Every("peers", {"run": "gptqmodel 2026-12-06"}),)),
+    # docs/results.md: issue 33's one run at full strength (GPTQModel, AutoRound 200 iterations, lowbit), with KLD
+    "peers-full": Table(
+        (Col("tool", "tool", right=False), Col("method", "method", right=False), Col("bits", "bits"),
+         Col("recipe", "recipe", right=False), Col("PPL", "ppl", PPL), Col("KLD", "kld_mean", "{:.4f}"),
+         Col("same top token", "top1_agreement", "{:.3f}"), Col("quantization s", "seconds", "{:.1f}"),
+         Col("load at start", "load_avg", "{:.2f}"), Col("commit", "commit", right=False), MEASURED),
+        (Every("peers", {"windows": 8, "command": frozenset(PEERS_FULL)}),)),
     # docs/blockwise.md: block-wise against AutoRound on two texts
     "blockwise-peers": Table(
         (Col("g64, 16 windows", "label", right=False), Col("PPL WikiText-2", "ppl", PPL),
