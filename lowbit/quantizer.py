@@ -21,6 +21,7 @@ from .errors import LowbitError
 from .formats import Format, GGMLType, canonical, fixed_width, get_format, ggml_type, is_block
 from .formats import ggml as ggml_grid
 from .formats.base import stochastic_floor
+from .formats.ggml import signed_extreme
 
 Granularity = Literal["tensor", "channel", "group"]
 
@@ -250,11 +251,6 @@ def compute_qparams(
     hi = wg.amax(dim=-1, keepdim=True).clamp(min=0) * ratio
     lo = wg.amin(dim=-1, keepdim=True).clamp(max=0) * ratio
     return qparams_from_range(lo, hi, spec)
-
-
-def signed_extreme(wg: torch.Tensor) -> torch.Tensor:
-    """Per group (last axis, kept), the value of largest magnitude with its sign; the first such on ties."""
-    return wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True))
 
 
 # Integer grids store their scales as float16 (packed files, every export): the quantizer rounds each scale

@@ -440,8 +440,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
         n_layers, n_head = cfg.num_hidden_layers, cfg.num_attention_heads
         n_kv = _n_kv(cfg, arch)
         vocab = read_vocab(model_dir, cfg.vocab_size)
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
-    names = gguf.get_tensor_name_map(arch_id, n_layers)
+    names = _tensor_names(arch, n_layers)
     tensors = read_weights(model_dir, doc)
     plan, types, worst = tensor_plan(doc, tensors, arch, n_head, n_kv, offset, names)
     main_type = file_type(doc, types)
@@ -459,10 +458,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_string("lowbit.method", str(doc.get("method")))
         for gname, data, kind in plan:
-            if kind is None:
-                writer.add_tensor(gname, data)
-            else:
-                writer.add_tensor(gname, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            writer.add_tensor(gname, data, raw_dtype=None if kind is None else getattr(gguf.GGMLQuantizationType, kind))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -476,9 +472,7 @@ def gguf_linear_names(model, linear_names: list[str]) -> dict[str, str]:
     """llama.cpp's tensor name (``blk.3.attn_v.weight``) of each of ``model``'s linears; experts by their
     stacked tensor (``blk.3.ffn_down_exps.weight``)."""
     cfg = model.config
-    arch = arch_for(cfg.model_type)
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
-    names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    names = _tensor_names(arch_for(cfg.model_type), cfg.num_hidden_layers)
     out = {}
     for n in linear_names:
         m = _EXPERT.match(n + ".weight")
@@ -500,13 +494,18 @@ def file_type(doc: dict, types: set[str]) -> str:
 def _copy_fields(writer, reader) -> None:
     """Every metadata field of the source GGUF except those this export writes itself."""
     for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "lowbit.")):
-            continue
-        if field.name in (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION):
+        written_here = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
+                        gguf.Keys.General.QUANTIZATION_VERSION)
+        if field.name in written_here or field.name.startswith(("GGUF.", "lowbit.")):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def _tensor_names(arch: Arch, n_layers: int):
+    """gguf's map from Hugging Face tensor names to llama.cpp's for ``arch`` with ``n_layers`` blocks."""
+    return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf), n_layers)
 
 
 def _gguf_name(names, hf_name: str) -> str:

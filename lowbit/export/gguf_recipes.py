@@ -86,10 +86,6 @@ CATEGORIES = (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("a
               ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"))
 
 
-def recipe_names() -> list[str]:
-    return list(RECIPES)
-
-
 def category(gguf_name: str) -> str:
     return next((cat for key, cat in CATEGORIES if key in gguf_name), "other")
 

@@ -94,7 +94,6 @@ def write_hf_dir(source: PackedSource, out: str | os.PathLike, tensors: dict[str
     """Write ``tensors`` and the source's config (plus ``quantization_config``) as a model directory, atomically."""
     from safetensors.torch import save_file
 
-
     dest = check_export_dir(out, force, source.path)
     try:
         config = json.loads((source.path / "config.json").read_text())

@@ -21,6 +21,7 @@ costs a group its scale, never the model its function.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -511,13 +512,7 @@ def _guess_norm_offset(layer: nn.Module, norms: list[str]) -> float:
 
 
 def _common_parent(names: tuple[str, ...]) -> str:
-    parts = [n.split(".")[:-1] for n in names]
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) > 1:
-            break
-        common.append(level[0])
-    return ".".join(common)
+    return ".".join(os.path.commonprefix([n.split(".")[:-1] for n in names]))
 
 
 def discover_groups(layer: nn.Module, linears: tuple[str, ...], run: Callable[[], object]) -> tuple[ScalingGroup, ...]:
