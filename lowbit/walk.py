@@ -86,10 +86,6 @@ class Call:
         return cls((tuple(d["one"][0]), d["one"][1]), (tuple(d["full"][0]), d["full"][1]), d["n"], d["where"])
 
 
-def _passthrough(*args, **kwargs):
-    return _main_input(args, kwargs)
-
-
 @torch.no_grad()
 def _capture_calls(model: nn.Module, family: Family, ids: torch.Tensor, last: int | None = None):
     """(each layer's (extra args, kwargs) up to layer ``last``, the hidden states entering layer 0) for ``ids``.
@@ -117,7 +113,7 @@ def _capture_calls(model: nn.Module, family: Family, ids: torch.Tensor, last: in
     handles = []
     try:
         for i, layer in enumerate(layers[: last + 1]):
-            layer.forward = _passthrough
+            layer.forward = lambda *args, **kwargs: _main_input(args, kwargs)  # skip the layer's work
             handles.append(layer.register_forward_pre_hook(hook(i), with_kwargs=True))
         _run_until_stop(model, ids, ids.shape[0])
     finally:

@@ -24,7 +24,7 @@ from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
 from ..options import option, positive_int
-from ..quantizer import QuantSpec, fake_quantize
+from ..quantizer import QuantSpec, clip_range, fake_quantize
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from ..walk import LayerContext, walk_layers
 from .base import QuantReport, input_transform, prepare
@@ -296,13 +296,7 @@ def apply_clip(lin: nn.Linear, ratio: torch.Tensor, spec: QuantSpec) -> None:
     w = lin.weight
     out_f, in_f = w.shape
     wg = w.view(out_f, -1, _group_width(spec, in_f))
-    r = ratio.to(w.dtype).unsqueeze(-1)
-    if spec.symmetric:
-        amax = wg.abs().amax(-1, keepdim=True) * r
-        lo, hi = -amax, amax
-    else:
-        hi = wg.amax(-1, keepdim=True).clamp(min=0) * r
-        lo = wg.amin(-1, keepdim=True).clamp(max=0) * r
+    lo, hi = clip_range(wg, spec.symmetric, ratio.to(w.dtype).unsqueeze(-1))
     w.copy_(torch.maximum(torch.minimum(wg, hi), lo).view_as(w))
 
 
@@ -416,17 +410,15 @@ class AWQLayerStep:
         for rel in self.family.linears:
             key = f"{ctx.index}.{rel}"
             lin, spec = layer.get_submodule(rel), spec_for(specs, rel)
+            ratio = None
             if self.loaded is not None:
                 ratio = self.loaded.clips.get(key)
             elif cfg.clip and rel not in self.family.unclipped:  # q and k stay unclipped (Family.unclipped)
                 x = ctx.linear_inputs.get(rel)
                 if x is None or x.numel() == 0:
                     self.unclipped.append(key)
-                    ratio = None
                 else:
                     ratio = search_clip(lin, grams.blocks(x, _group_width(spec, lin.in_features)), cfg, spec)
-            else:
-                ratio = None
             if ratio is not None:
                 self.found.clips[key] = ratio
                 apply_clip(lin, ratio, spec)
