@@ -8,6 +8,7 @@ layer's outputs as the next inputs. Only one layer's activations live at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -211,10 +212,8 @@ class Activations:
 def _run_until_stop(model: nn.Module, samples: torch.Tensor, batch_size: int) -> None:
     """Run the model on each batch of samples; a hook raising ``_Stop`` ends a batch early."""
     for batch in samples.split(batch_size):
-        try:
+        with suppress(_Stop):
             model(batch.to(_device(model)), use_cache=False)
-        except _Stop:
-            pass
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -147,12 +147,7 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, title: str, skip: tup
             continue
         shown = "" if o.default is None else f" (default {_default_text(o.default)})"  # None: unset, the help says
         kw = {"dest": o.dest, "default": o.default, "help": o.help + shown}
-        if o.choices:
-            kw["choices"] = o.choices
-        if o.parse:
-            kw["type"] = o.parse
-        if o.nargs:
-            kw["nargs"] = o.nargs
+        kw.update({k: v for k, v in (("choices", o.choices), ("type", o.parse), ("nargs", o.nargs)) if v})
         kw["metavar"] = o.metavar or {int: "N", positive_int: "N", non_negative_int: "N", float: "X"}.get(o.parse)
         g.add_argument(*flags, **kw)
 

@@ -65,9 +65,7 @@ def read_packed(model_dir: str | os.PathLike) -> PackedSource:
         else:
             floats[f"{name}.weight"] = smallest_exact(pt.dequantize(torch.float32))
             dequantized.append(f"{name}.weight")
-    for key, t in tensors.items():
-        if key not in used:
-            floats[key] = t
+    floats.update({key: t for key, t in tensors.items() if key not in used})
     if not linears:
         raise LowbitError(f"{p} holds no quantized linear layers")
     return PackedSource(p, doc, linears, floats, dequantized)

@@ -527,15 +527,11 @@ def discover_groups(layer: nn.Module, linears: tuple[str, ...], run: Callable[[]
              and isinstance(getattr(m, "weight", None), torch.Tensor)}
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # keeps outputs alive so ids stay unique
     consumers: dict[str, list[str]] = {}
-    hooks = [
-        m.register_forward_hook(lambda m_, i, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in norms.items()
-    ]
-    for n in linears:
-        hooks.append(
-            layer.get_submodule(n).register_forward_pre_hook(
-                lambda m_, args, n=n: consumers.setdefault(produced.get(id(args[0]), ("",))[0], []).append(n)
-            )
-        )
+    hooks = [m.register_forward_hook(lambda m_, i, o, n=n: produced.__setitem__(id(o), (n, o)))
+             for n, m in norms.items()]
+    hooks += [layer.get_submodule(n).register_forward_pre_hook(
+        lambda m_, args, n=n: consumers.setdefault(produced.get(id(args[0]), ("",))[0], []).append(n))
+        for n in linears]
     try:
         run()
     finally:

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -199,10 +200,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, kernel: str = "dequant") -> tu
         cached = cache_dir() / name_or_path
         if not (cached / "config.json").is_file():
             model, tok = _from_gguf(where)
-            try:
+            with suppress(OSError):  # a read-only cache only costs time
                 _save_atomically(model, tok, cached)
-            except OSError:
-                pass  # a read-only cache only costs time
         else:
             model, tok = _from_dir(cached)
     elif kind == "gguf":
