@@ -235,10 +235,9 @@ def search_scale(
             lin.weight.copy_(w)
     losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, math.inf))
     k = int(losses.argmin())
-    best = (losses[k].item(), alphas[k].item(), scales[k])
-    if not math.isfinite(best[0]):
+    if not math.isfinite(losses[k].item()):
         return None, None, "every α gave a non-finite error"
-    return best[1], best[2], None
+    return alphas[k].item(), scales[k], None
 
 
 # Candidate scales scored together in one batched product; bounds the search's memory at
@@ -455,10 +454,8 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
     if config.save_search:
         found.save(config.save_search)
     info = {"alphas": found.alphas, "fallbacks": found.fallbacks, "groups": len(found.scales),
-            "unclipped": processor.unclipped}
-    report = QuantReport("awq", config.spec, bits_per_weight(config.spec, linears), info=info)
-    report.info["search"] = found
-    return report
+            "unclipped": processor.unclipped, "search": found}
+    return QuantReport("awq", config.spec, bits_per_weight(config.spec, linears), info=info)
 
 
 def _apply_without_calibration(model: nn.Module, family: Family, processor: AWQLayerStep) -> None:
