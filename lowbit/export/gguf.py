@@ -173,10 +173,6 @@ def _n_kv(cfg, arch: Arch) -> int:
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
-def _ffn(cfg, arch: Arch) -> int:
-    return int((getattr(cfg, arch.ffn_attr, None) if arch.ffn_attr else None) or 4 * cfg.hidden_size)
-
-
 def check_config(cfg, arch: Arch) -> list[str]:
     """Refuse what llama.cpp would compute differently from the Hugging Face model; returns warnings."""
     name, notes = cfg.model_type, []
@@ -245,7 +241,8 @@ def add_hparams(writer, cfg, arch: Arch, name: str) -> dict[str, np.ndarray]:
     writer.add_context_length(int(ctx))
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(_ffn(cfg, arch))
+    writer.add_feed_forward_length(int((getattr(cfg, arch.ffn_attr, None) if arch.ffn_attr else None)
+                                       or 4 * cfg.hidden_size))
     writer.add_head_count(n_head)
     writer.add_head_count_kv(_n_kv(cfg, arch))
     if arch.layer_norm:
