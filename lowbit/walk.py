@@ -186,9 +186,6 @@ class Activations:
         for i in range(self.count):
             yield self._batches[i] if self.directory is None else torch.load(self._file(i), weights_only=True)
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._batches)
-
     def save(self, directory: Path) -> None:
         """Write every batch as a file in ``directory`` (for resuming); a disk store is already there."""
         directory.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,6 @@ from ..errors import LowbitError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _header(path: Path) -> tuple[dict, bytes]:

@@ -54,10 +54,6 @@ class PackedModel:
     entries: dict[str, dict] = field(default_factory=dict)  # module name -> role, kernel, ...
     meta: dict = field(default_factory=dict)
 
-    def nbytes(self) -> int:
-        return sum(p.nbytes() for p in self.packed.values()) + sum(
-            t.numel() * t.element_size() for t in self.floats.values())
-
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor as a safetensors file stores it: each packed weight's parts, then the floats."""
         out = {}
