@@ -17,9 +17,7 @@ from .errors import LowbitError
 
 
 def _is_prime(q: int) -> bool:
-    if q < 2:
-        return False
-    return all(q % d for d in range(2, math.isqrt(q) + 1))
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
 
 
 def is_paley_order(m: int) -> bool:

@@ -168,9 +168,7 @@ def _n_experts(cfg) -> int | None:
 
 
 def _n_kv(cfg, arch: Arch) -> int:
-    if arch.multi_query:
-        return 1
-    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 1 if arch.multi_query else getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def check_config(cfg, arch: Arch) -> list[str]:
@@ -323,9 +321,7 @@ def _source_gguf(doc: dict) -> Path | None:
             return builtin_gguf(src)
         except LowbitError:
             return None
-    if src.endswith(".gguf") and Path(src).is_file():
-        return Path(src)
-    return None
+    return Path(src) if src.endswith(".gguf") and Path(src).is_file() else None
 
 
 def tensor_plan(doc: dict, tensors: dict[str, torch.Tensor], arch: Arch, n_head: int, n_kv: int, offset: float,

@@ -417,9 +417,7 @@ def family_for(model: nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     fam = FAMILIES.get(model_type)
     adapt_(model, fam)
-    if fam is None:
-        return discover_family(model)
-    return expand_experts(fam, model)
+    return discover_family(model) if fam is None else expand_experts(fam, model)
 
 
 def _count_experts(layer: nn.Module, path: str) -> int:
@@ -506,9 +504,7 @@ def _guess_norm_offset(layer: nn.Module, norms: list[str]) -> float:
     the fold check, which then leaves the group unscaled."""
     ws = [getattr(layer.get_submodule(n), "weight", None) for n in norms]
     ws = [w for w in ws if isinstance(w, torch.Tensor) and w.dim() == 1]
-    if ws and all(float(w.detach().float().abs().mean()) < 0.3 for w in ws):
-        return 1.0
-    return 0.0
+    return 1.0 if ws and all(float(w.detach().float().abs().mean()) < 0.3 for w in ws) else 0.0
 
 
 def _common_parent(names: tuple[str, ...]) -> str:

@@ -154,8 +154,7 @@ def _from_dir(path: Path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, config=config)
     except ValueError as e:
         raise LowbitError(f"cannot load {path}: {e}") from None
-    tok = AutoTokenizer.from_pretrained(path)
-    return model, tok
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def _from_hub(model_id: str):
@@ -214,9 +213,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, kernel: str = "dequant") -> tu
         model, tok = _from_dir(where)
     else:
         model, tok = _from_hub(where)
-    model.eval()
-    model.requires_grad_(False)
-    return model, tok
+    return model.eval().requires_grad_(False), tok
 
 
 def local_checkpoint(name_or_path: str) -> Path:
