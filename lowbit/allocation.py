@@ -162,10 +162,7 @@ def solve(costs: torch.Tensor, sizes: torch.Tensor, capacity: int) -> tuple[torc
 def _units(sizes: torch.Tensor, capacity: int, max_states: int) -> tuple[torch.Tensor, int, bool]:
     """Sizes and capacity in the largest unit that keeps the program exact (their gcd), or a coarser one
     with sizes rounded up (still feasible, maybe not optimal) when that leaves more than ``max_states``."""
-    g = 0
-    for v in sizes.flatten().tolist():
-        g = math.gcd(g, int(v))
-    g = max(g, 1)  # all sizes 0: any unit
+    g = max(math.gcd(*sizes.flatten().tolist()), 1)  # all sizes 0: any unit
     if capacity // g <= max_states:
         return sizes // g, capacity // g, True
     unit = math.ceil(capacity / max_states)

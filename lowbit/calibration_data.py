@@ -125,8 +125,7 @@ def _tokens(tokenizer, docs: list[str], templated: bool) -> torch.Tensor:
     tokenizer's usual ones once, as one long text would."""
     if not templated:
         return tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
-    parts = [tokenizer(d, add_special_tokens=False, return_tensors="pt").input_ids[0] for d in docs]
-    return torch.cat(parts)
+    return torch.cat([tokenizer(d, add_special_tokens=False, return_tensors="pt").input_ids[0] for d in docs])
 
 
 def jsonl_text(tokenizer, path: str | os.PathLike) -> str:

@@ -175,9 +175,7 @@ def eval_text(data: str | None = None, data_dir: str | None = None, split: str =
 
 def calib_text(calib_data: str | None = None, data_dir: str | None = None) -> str:
     """Calibration text: a given file, else the calibration part of WikiText-2 validation (local or hub)."""
-    if calib_data is not None:
-        return read_text(calib_data)
-    return split_validation(validation_text(data_dir))[0]
+    return read_text(calib_data) if calib_data is not None else split_validation(validation_text(data_dir))[0]
 
 
 def dev_text(data_dir: str | None = None) -> str:

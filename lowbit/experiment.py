@@ -17,20 +17,12 @@ from .calibration_data import Calibration, calibration_windows
 from .data import eval_source, eval_text
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
-from .methods import (
-    REGISTRY,
-    ActQuantConfig,
-    Pipeline,
-    needs_calibration,
-    quantize_,
-)
+from .methods import REGISTRY, ActQuantConfig, Pipeline, needs_calibration, quantize_
 from .methods.base import detach_runtime
 from .methods.rotation import RotationConfig
 from .models.inventory import retie, tied_parameters
 from .quantizer import QuantSpec, set_codes
 from .specmap import SpecMap, base_spec, bits_per_weight, code_bits
-
-METHOD_NAMES = REGISTRY.names()
 
 
 @dataclass

@@ -7,6 +7,7 @@ Walsh–Hadamard transform over the 2^k factor and one m × m matmul, instead of
 """
 from __future__ import annotations
 
+import itertools
 import math
 from functools import lru_cache
 
@@ -16,9 +17,7 @@ from .errors import LowbitError
 
 
 def _is_prime(q: int) -> bool:
-    if q < 2:
-        return False
-    return all(q % d for d in range(2, math.isqrt(q) + 1))
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
 
 
 def is_paley_order(m: int) -> bool:
@@ -43,12 +42,7 @@ def split_order(n: int) -> tuple[int, int] | None:
 def supported_near(n: int, count: int = 3) -> tuple[list[int], list[int]]:
     """Up to ``count`` supported orders below ``n`` and above it, nearest first."""
     below = [k for k in range(n - 1, 0, -1) if split_order(k)][:count]
-    above = []
-    k = n + 1
-    while len(above) < count:
-        if split_order(k):
-            above.append(k)
-        k += 1
+    above = list(itertools.islice((k for k in itertools.count(n + 1) if split_order(k)), count))
     return below, above
 
 

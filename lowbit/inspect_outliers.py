@@ -76,6 +76,13 @@ def save_figures(stages: dict[str, list[InputStats]], paths: dict[tuple[str, str
 
     from .atomic_write import atomic_path
 
+    def save(fig, stage: str, kind: str, layer: int) -> None:
+        fig.suptitle(f"{title}: layer {layer}, {stage}")
+        fig.tight_layout()
+        with atomic_path(paths[(stage, kind)]) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+
     n_inputs = len(next(iter(stages.values())))
     zmax = [max(float(st[i].sample.max()) for st in stages.values()) for i in range(n_inputs)]
     for stage, stats in stages.items():
@@ -90,11 +97,7 @@ def save_figures(stages: dict[str, list[InputStats]], paths: dict[tuple[str, str
             ax.set_zlim(0, zmax[i])
             ax.set(xlabel="channel", ylabel="token", zlabel="|x|")
             ax.set_title(f"{s.name}\nkurtosis {s.kurtosis:.1f}, max/median {s.max_median:.1f}", fontsize=9)
-        fig.suptitle(f"{title}: layer {stats[0].layer}, {stage}")
-        fig.tight_layout()
-        with atomic_path(paths[(stage, "surface")]) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+        save(fig, stage, "surface", stats[0].layer)
 
         fig, axes = plt.subplots(1, n_inputs, figsize=(4.6 * n_inputs, 3.8), squeeze=False)
         for ax, s, z in zip(axes[0], stats, zmax):
@@ -103,11 +106,7 @@ def save_figures(stages: dict[str, list[InputStats]], paths: dict[tuple[str, str
                            extent=(0, s.sample.shape[1], s.sample.shape[0], 0))
             ax.set(xlabel="channel", ylabel="token", title=f"{s.name}: max |x| {float(s.channel_max.max()):.3g}")
             fig.colorbar(im, ax=ax, label="|x|")
-        fig.suptitle(f"{title}: layer {stats[0].layer}, {stage}")
-        fig.tight_layout()
-        with atomic_path(paths[(stage, "heatmap")]) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+        save(fig, stage, "heatmap", stats[0].layer)
 
 
 def rows(stages: dict[str, list[InputStats]], top: int = 5) -> list[dict]:

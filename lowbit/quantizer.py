@@ -21,6 +21,7 @@ from .errors import LowbitError
 from .formats import Format, GGMLType, canonical, fixed_width, get_format, ggml_type, is_block
 from .formats import ggml as ggml_grid
 from .formats.base import stochastic_floor
+from .formats.ggml import signed_extreme
 
 Granularity = Literal["tensor", "channel", "group"]
 
@@ -244,17 +245,15 @@ def compute_qparams(
         return spec.number_format.qparams(wg, ratio)
     if spec.full_range:
         return full_range_scale(signed_extreme(wg) * ratio, spec.qmin)
-    if spec.symmetric:
+    return qparams_from_range(*clip_range(wg, spec.symmetric, ratio), spec)
+
+
+def clip_range(wg: torch.Tensor, symmetric: bool, ratio) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) per group (last axis, kept): ±max|w| if ``symmetric``, else [min(min, 0), max(max, 0)], times ratio."""
+    if symmetric:
         amax = wg.abs().amax(dim=-1, keepdim=True) * ratio
-        return qparams_from_range(-amax, amax, spec)
-    hi = wg.amax(dim=-1, keepdim=True).clamp(min=0) * ratio
-    lo = wg.amin(dim=-1, keepdim=True).clamp(max=0) * ratio
-    return qparams_from_range(lo, hi, spec)
-
-
-def signed_extreme(wg: torch.Tensor) -> torch.Tensor:
-    """Per group (last axis, kept), the value of largest magnitude with its sign; the first such on ties."""
-    return wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True))
+        return -amax, amax
+    return wg.amin(dim=-1, keepdim=True).clamp(max=0) * ratio, wg.amax(dim=-1, keepdim=True).clamp(min=0) * ratio
 
 
 # Integer grids store their scales as float16 (packed files, every export): the quantizer rounds each scale

@@ -357,9 +357,7 @@ class StreamRun:
                         start=max(self.resumed_at, 1) - 1, store=lambda index: self.new_store(index + 2),
                         before=self.read_layer if awq else None, after=after)
             if self.resumed_at < self.n_steps:
-                part, info = _tail_step(self.model, self.ckpt, self.family, self.emb_name, self.tied,
-                                        self.head_mod, self.head_name, self.embed, self.kernel)
-                self.commit(self.n_steps - 1, part, None, info)
+                self.tail_step()
                 bar.update(1)
         finally:
             bar.close()
@@ -373,10 +371,13 @@ class StreamRun:
             with atomic_path(self.run / "layer_calls.pt") as tmp:
                 torch.save([c.state() for c in inputs[1]], tmp)
             hidden_at = self.keep_hidden(inputs[0], 1)
-        part, info = _embedding_part(self.ckpt, self.emb_mod, self.emb_name, self.tied, self.head_mod,
-                                     self.head_name, self.embed, self.kernel)
+        # the embedding is also the head when tied, and packed as ``embed`` says
+        part, info = pack_embedding_(self.emb_name, self.emb_mod, "embedding", self.embed, self.kernel, self.tied,
+                                     update=False)
+        if self.tied and getattr(self.head_mod, "bias", None) is not None:
+            part.floats.update(self.ckpt.read([f"{self.head_name}.bias"], torch.float32))
         release(self.emb_mod)
-        self.commit(0, part, hidden_at, info)
+        self.commit(0, part, hidden_at, {"embedding": info})
         return inputs
 
     def kept_inputs(self) -> tuple[Activations, list[Call]] | None:
@@ -391,10 +392,34 @@ class StreamRun:
         materialise(layer, f"{self.family.layers}.{index}", self.ckpt)
 
     def rtn_layer(self, ctx: LayerContext) -> None:
-        """RTN's step of the walk without calibration: the layer rounded and packed linear by linear, committed."""
-        prefix = f"{self.family.layers}.{ctx.index}"
-        self.commit(ctx.index + 1, _rtn_layer(ctx.layer, prefix, self.family.linears, self.ckpt, self.spec,
-                                               self.kernel), None)
+        """RTN's step of the walk, which needs no calibration: each linear is read, rounded, packed and dropped in
+        turn, then the layer's other tensors are read and the layer is committed."""
+        prefix, rels = f"{self.family.layers}.{ctx.index}", self.family.linears
+        part = PackedModel()
+        for rel in rels:
+            lin = ctx.layer.get_submodule(rel)
+            materialise(lin, f"{prefix}.{rel}", self.ckpt)
+            round_linears({rel: lin}, self.spec)
+            merge_(part, pack_linear(f"{prefix}.{rel}", lin, self.spec, self.kernel))
+            release(lin)
+        done = {f"{rel}.weight" for rel in rels} | {f"{rel}.bias" for rel in rels}
+        part.floats.update(self.ckpt.read([f"{prefix}.{k}" for k in ctx.layer.state_dict() if k not in done],
+                                          torch.float32))
+        self.commit(ctx.index + 1, part, None)
+
+    def tail_step(self) -> None:
+        """The last shard: every tensor outside the layers and the embedding (final norm), and an untied head."""
+        part, info = PackedModel(), {}
+        if self.head_mod is not None and not self.tied:
+            materialise(self.head_mod, self.head_name, self.ckpt)
+            p, info["lm_head"] = pack_embedding_(self.head_name, self.head_mod, "lm_head", self.embed, self.kernel,
+                                                 False, update=False)
+            merge_(part, p)
+            release(self.head_mod)
+        skip = (f"{self.family.layers}.", f"{self.emb_name}.") + ((f"{self.head_name}.",) if self.head_name else ())
+        part.floats.update(self.ckpt.read([k for k in self.model.state_dict() if not k.startswith(skip)],
+                                          torch.float32))
+        self.commit(self.n_steps - 1, part, None, info)
 
     def finish(self, tokenizer, extra: dict | None, start: float) -> StreamResult:
         """The shards become the output directory (config, tokenizer, index) and the run directory goes."""
@@ -417,28 +442,6 @@ class StreamRun:
                             self.ckpt.nbytes())
 
 
-def _embedding_part(ckpt, emb_mod, emb_name, tied, head_mod, head_name, embed, kernel):
-    """Shard 1: the (materialised) embedding, which is also the head when tied, packed as ``embed`` says."""
-    part, info = pack_embedding_(emb_name, emb_mod, "embedding", embed, kernel, tied, update=False)
-    if tied and getattr(head_mod, "bias", None) is not None:
-        part.floats.update(ckpt.read([f"{head_name}.bias"], torch.float32))
-    return part, {"embedding": info}
-
-
-def _tail_step(model, ckpt, family, emb_name, tied, head_mod, head_name, embed, kernel):
-    """The last shard: every tensor outside the layers and the embedding (final norm), and an untied head."""
-    part, info = PackedModel(), {}
-    if head_mod is not None and not tied:
-        materialise(head_mod, head_name, ckpt)
-        p, info["lm_head"] = pack_embedding_(head_name, head_mod, "lm_head", embed, kernel, False, update=False)
-        merge_(part, p)
-        release(head_mod)
-    skip = (f"{family.layers}.", f"{emb_name}.") + ((f"{head_name}.",) if head_name else ())
-    rest = [k for k in model.state_dict() if not k.startswith(skip)]
-    part.floats.update(ckpt.read(rest, torch.float32))
-    return part, info
-
-
 def pack_layer(layer: nn.Module, prefix: str, rels: tuple[str, ...], spec: QuantSpec, kernel: str) -> PackedModel:
     """A rounded layer's linears packed, and its other tensors (norms) as they are now."""
     part = PackedModel()
@@ -448,20 +451,4 @@ def pack_layer(layer: nn.Module, prefix: str, rels: tuple[str, ...], spec: Quant
     for k, t in layer.state_dict().items():
         if k not in done:
             part.floats[f"{prefix}.{k}"] = t.detach().clone()
-    return part
-
-
-def _rtn_layer(layer: nn.Module, prefix: str, rels: tuple[str, ...], ckpt: LazyCheckpoint, spec: QuantSpec,
-               kernel: str) -> PackedModel:
-    """RTN needs no calibration: each linear is read, rounded, packed and dropped in turn."""
-    part = PackedModel()
-    for rel in rels:
-        lin = layer.get_submodule(rel)
-        materialise(lin, f"{prefix}.{rel}", ckpt)
-        round_linears({rel: lin}, spec)
-        merge_(part, pack_linear(f"{prefix}.{rel}", lin, spec, kernel))
-        release(lin)
-    done = {f"{rel}.weight" for rel in rels} | {f"{rel}.bias" for rel in rels}
-    rest = [f"{prefix}.{k}" for k in layer.state_dict() if k not in done]
-    part.floats.update(ckpt.read(rest, torch.float32))
     return part

@@ -8,6 +8,7 @@ layer's outputs as the next inputs. Only one layer's activations live at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -86,10 +87,6 @@ class Call:
         return cls((tuple(d["one"][0]), d["one"][1]), (tuple(d["full"][0]), d["full"][1]), d["n"], d["where"])
 
 
-def _passthrough(*args, **kwargs):
-    return _main_input(args, kwargs)
-
-
 @torch.no_grad()
 def _capture_calls(model: nn.Module, family: Family, ids: torch.Tensor, last: int | None = None):
     """(each layer's (extra args, kwargs) up to layer ``last``, the hidden states entering layer 0) for ``ids``.
@@ -117,7 +114,7 @@ def _capture_calls(model: nn.Module, family: Family, ids: torch.Tensor, last: in
     handles = []
     try:
         for i, layer in enumerate(layers[: last + 1]):
-            layer.forward = _passthrough
+            layer.forward = lambda *args, **kwargs: _main_input(args, kwargs)  # skip the layer's work
             handles.append(layer.register_forward_pre_hook(hook(i), with_kwargs=True))
         _run_until_stop(model, ids, ids.shape[0])
     finally:
@@ -189,9 +186,6 @@ class Activations:
         for i in range(self.count):
             yield self._batches[i] if self.directory is None else torch.load(self._file(i), weights_only=True)
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._batches)
-
     def save(self, directory: Path) -> None:
         """Write every batch as a file in ``directory`` (for resuming); a disk store is already there."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -215,10 +209,8 @@ class Activations:
 def _run_until_stop(model: nn.Module, samples: torch.Tensor, batch_size: int) -> None:
     """Run the model on each batch of samples; a hook raising ``_Stop`` ends a batch early."""
     for batch in samples.split(batch_size):
-        try:
+        with suppress(_Stop):
             model(batch.to(_device(model)), use_cache=False)
-        except _Stop:
-            pass
 
 
 def _device(model: nn.Module) -> torch.device:

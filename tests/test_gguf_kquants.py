@@ -14,7 +14,7 @@ from conftest import byte_tokenizer, tiny_llama
 from lowbit import AWQConfig, GPTQConfig, RTNConfig, quantize_
 from lowbit.cli import main
 from lowbit.errors import LowbitError
-from lowbit.export.gguf_recipes import bits_per_weight, recipe_specs
+from lowbit.export.gguf_recipes import recipe_specs
 from lowbit.formats.ggml import (
     GGML_TYPES,
     block_params,
@@ -27,7 +27,10 @@ from lowbit.formats.ggml import (
     to_blocks,
 )
 from lowbit.methods import AWQGPTQConfig
+from lowbit.models.families import family_for
+from lowbit.models.inventory import quantizable_linears
 from lowbit.quantizer import QuantSpec, dequantize, encode, quantize
+from lowbit.specmap import bits_per_weight
 
 TYPES = sorted(GGML_TYPES)
 
@@ -258,7 +261,7 @@ def test_recipes_where_every_row_fits_a_super_block():
     assert q2.spec_for("model.layers.0.self_attn.v_proj").ggml.name == "Q4_K"  # 4 heads share a kv head
     assert q2.spec_for("model.layers.0.self_attn.o_proj").ggml.name == "Q3_K"
     assert q2.spec_for("model.layers.0.mlp.gate_proj").ggml.name == "Q2_K"
-    assert abs(bits_per_weight(model, q2) - 2.98) < 0.05
+    assert abs(bits_per_weight(q2, quantizable_linears(model, family_for(model))) - 2.98) < 0.05
 
 
 def tiny_256():

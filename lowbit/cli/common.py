@@ -8,12 +8,9 @@ from ..errors import LowbitError
 from ..options import non_negative_int, positive_int
 
 GROUP_HELP = "group size along the input dimension (must divide every layer's input width); 0 = per output channel"
-
-
 FORMAT_HELP = ("int, fp4_e2m1, fp6_e3m2, fp6_e2m3, fp8_e4m3, fp8_e5m2, fp16, bf16, fp32, eXmY[_bZ] (custom float, "
                "bias Z), nf4 (nf2-nf8), mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8_e4m3, mxfp8_e5m2, mxint8, bfp, log2, "
-               "kmeans, "
-               "binary, ternary")
+               "kmeans, binary, ternary")
 
 
 def method_choices(**want: bool) -> tuple[str, ...]:
@@ -63,8 +60,6 @@ def bits_arg(text: str) -> int:
 
 
 positive = positive_int  # an integer of at least 1
-
-
 non_negative = non_negative_int  # an integer of at least 0
 
 
@@ -152,12 +147,7 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, title: str, skip: tup
             continue
         shown = "" if o.default is None else f" (default {_default_text(o.default)})"  # None: unset, the help says
         kw = {"dest": o.dest, "default": o.default, "help": o.help + shown}
-        if o.choices:
-            kw["choices"] = o.choices
-        if o.parse:
-            kw["type"] = o.parse
-        if o.nargs:
-            kw["nargs"] = o.nargs
+        kw.update({k: v for k, v in (("choices", o.choices), ("type", o.parse), ("nargs", o.nargs)) if v})
         kw["metavar"] = o.metavar or {int: "N", positive_int: "N", non_negative_int: "N", float: "X"}.get(o.parse)
         g.add_argument(*flags, **kw)
 

@@ -74,10 +74,7 @@ def run(args) -> int:
         columns = RESULT_COLUMNS + [("ppl_second", "PPL (second text)", ".3f")]
     if reference is not None:
         columns = columns + KLD_COLUMNS
-    if args.json:
-        print(json.dumps(row))
-    else:
-        print(table([row], columns))
+    print(json.dumps(row) if args.json else table([row], columns))
     return 0
 
 

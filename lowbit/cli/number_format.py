@@ -62,7 +62,7 @@ def print_values(r: dict) -> None:
 
 
 def run(args) -> int:
-    from ..formats import canonical, get_format, is_block
+    from ..formats import canonical, fixed_width, get_format, is_block
     from ..formats.explain import explain_value, quantize_values
 
     if (args.value is None) == (args.values is None):
@@ -75,8 +75,6 @@ def run(args) -> int:
     else:
         if is_block(name):
             raise LowbitError(f"{name} stores blocks of numbers with a shared scale; use --values")
-        from ..formats import fixed_width
-
         bits = None if fixed_width(name) is not None else (args.bits or 4)
         if args.bits is not None and fixed_width(name) not in (None, args.bits):
             raise LowbitError(f"format {name} has {fixed_width(name)} bits; --bits {args.bits} contradicts it")

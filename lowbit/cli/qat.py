@@ -57,11 +57,9 @@ def run(args) -> int:
             row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2),
                        data=session.data)
     rows.append(row)
-    if args.json:
-        print(json.dumps(rows))
-    else:
-        print(table(rows, RESULT_COLUMNS + [("steps", "steps", ""), ("first_loss", "loss first", ".4g"),
-                                             ("last_loss", "loss last", ".4g")]))
+    columns = RESULT_COLUMNS + [("steps", "steps", ""), ("first_loss", "loss first", ".4g"),
+                                ("last_loss", "loss last", ".4g")]
+    print(json.dumps(rows) if args.json else table(rows, columns))
     if "stopped" in result.info:
         print(f"lowbit: warning: training stopped early: {result.info['stopped']}", file=sys.stderr)
     return 0

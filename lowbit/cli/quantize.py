@@ -111,6 +111,7 @@ def run_streamed(args) -> int:
 def run(args) -> int:
     from ..atomic_write import check_writable
     from ..methods import REGISTRY
+    from ..pack.checkpoint import check_output_dir, check_packable
 
     refused = REGISTRY.refusals()
     if args.method in refused:
@@ -133,15 +134,11 @@ def run(args) -> int:
     if args.save_search:
         check_writable(args.save_search, args.force)
     if args.output:
-        from ..pack.checkpoint import check_output_dir
-
         check_output_dir(args.output, args.force)
         if args.save_search and Path(args.save_search).resolve() == Path(args.output).resolve():
             raise LowbitError("-o and --save-search must be different paths")
     spec = spec_from_args(args)
     if args.output:
-        from ..pack.checkpoint import check_packable
-
         check_packable(spec)
     opts = method_options(args, save_search=args.save_search)
     budget = budget_options(args)

@@ -18,10 +18,8 @@ def run(args) -> int:
 
     out = check_writable(args.output, args.force)
     plot = check_writable(args.plot, args.force) if args.plot else None
-    if args.group_size == 0:
-        base = QuantSpec(bits=args.bits[0], granularity="channel", symmetric=args.sym, full_range=args.full_range)
-    else:
-        base = QuantSpec(bits=args.bits[0], group_size=args.group_size, symmetric=args.sym, full_range=args.full_range)
+    groups = {"granularity": "channel"} if args.group_size == 0 else {"group_size": args.group_size}
+    base = QuantSpec(bits=args.bits[0], symmetric=args.sym, full_range=args.full_range, **groups)
     if model_source(args.model)[0] == "lowbit":
         raise LowbitError(f"{args.model} is a packed model; sensitivity needs the float weights")
     from ..calibration_data import calibration_windows, check_source

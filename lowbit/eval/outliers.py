@@ -15,6 +15,7 @@ one layer's inputs, and the walk stops after the last layer asked for.
 """
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
@@ -126,8 +127,6 @@ def activation_stats(model: nn.Module, samples: torch.Tensor, layers: list[int] 
         if ctx.index >= last:
             raise _Done
 
-    try:
+    with suppress(_Done):
         walk_layers(model, family, samples, process, batch_size=batch_size, propagate="float", desc="outliers")
-    except _Done:
-        pass
     return out

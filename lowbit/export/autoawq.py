@@ -72,15 +72,11 @@ def quantization_config(group_size: int) -> dict:
 
 def export_autoawq(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
     """Write the packed model in ``model_dir`` as an AutoAWQ (GEMM) model directory at ``out``."""
-    src = read_packed(model_dir)
-    spec = src.doc.get("spec", {})
-    if spec.get("format", "int") != "int":
-        raise LowbitError(f"AutoAWQ export holds 4-bit integer weights; this model uses {spec['format']}")
-    channel = spec.get("granularity") in ("channel", "tensor")
+    src = read_packed(model_dir, "AutoAWQ export holds 4-bit integer weights")
     groups = set()
     tensors, worst = dict(src.floats), 0.0
     for name, pt in src.linears.items():
-        check(pt, name, channel)
+        check(pt, name, src.channel)
         groups.add(pt.group_size)
         parts, change = awq_tensors(pt, name)
         tensors.update(parts)

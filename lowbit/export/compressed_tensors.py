@@ -81,12 +81,8 @@ def quantization_config(weights: dict) -> dict:
 
 def export_compressed_tensors(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
     """Write the packed model in ``model_dir`` as a compressed-tensors model directory at ``out``."""
-    src = read_packed(model_dir)
-    spec = src.doc.get("spec", {})
-    if spec.get("format", "int") != "int":
-        raise LowbitError(f"compressed-tensors export holds integer weights; this model uses {spec['format']}")
-    channel = spec.get("granularity") in ("channel", "tensor")  # per-tensor parameters are packed per row
-    schemes = {name: scheme(pt, channel) for name, pt in src.linears.items()}
+    src = read_packed(model_dir, "compressed-tensors export holds integer weights")
+    schemes = {name: scheme(pt, src.channel) for name, pt in src.linears.items()}
     distinct = {tuple(sorted(s.items())) for s in schemes.values()}
     if len(distinct) != 1:
         raise LowbitError(f"compressed-tensors export writes one scheme for all linears; this model mixes "

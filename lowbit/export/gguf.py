@@ -168,13 +168,7 @@ def _n_experts(cfg) -> int | None:
 
 
 def _n_kv(cfg, arch: Arch) -> int:
-    if arch.multi_query:
-        return 1
-    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-
-
-def _ffn(cfg, arch: Arch) -> int:
-    return int((getattr(cfg, arch.ffn_attr, None) if arch.ffn_attr else None) or 4 * cfg.hidden_size)
+    return 1 if arch.multi_query else getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def check_config(cfg, arch: Arch) -> list[str]:
@@ -245,7 +239,8 @@ def add_hparams(writer, cfg, arch: Arch, name: str) -> dict[str, np.ndarray]:
     writer.add_context_length(int(ctx))
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(_ffn(cfg, arch))
+    writer.add_feed_forward_length(int((getattr(cfg, arch.ffn_attr, None) if arch.ffn_attr else None)
+                                       or 4 * cfg.hidden_size))
     writer.add_head_count(n_head)
     writer.add_head_count_kv(_n_kv(cfg, arch))
     if arch.layer_norm:
@@ -326,9 +321,7 @@ def _source_gguf(doc: dict) -> Path | None:
             return builtin_gguf(src)
         except LowbitError:
             return None
-    if src.endswith(".gguf") and Path(src).is_file():
-        return Path(src)
-    return None
+    return Path(src) if src.endswith(".gguf") and Path(src).is_file() else None
 
 
 def tensor_plan(doc: dict, tensors: dict[str, torch.Tensor], arch: Arch, n_head: int, n_kv: int, offset: float,
@@ -440,8 +433,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
         n_layers, n_head = cfg.num_hidden_layers, cfg.num_attention_heads
         n_kv = _n_kv(cfg, arch)
         vocab = read_vocab(model_dir, cfg.vocab_size)
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
-    names = gguf.get_tensor_name_map(arch_id, n_layers)
+    names = _tensor_names(arch, n_layers)
     tensors = read_weights(model_dir, doc)
     plan, types, worst = tensor_plan(doc, tensors, arch, n_head, n_kv, offset, names)
     main_type = file_type(doc, types)
@@ -459,10 +451,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_string("lowbit.method", str(doc.get("method")))
         for gname, data, kind in plan:
-            if kind is None:
-                writer.add_tensor(gname, data)
-            else:
-                writer.add_tensor(gname, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            writer.add_tensor(gname, data, raw_dtype=None if kind is None else getattr(gguf.GGMLQuantizationType, kind))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -476,9 +465,7 @@ def gguf_linear_names(model, linear_names: list[str]) -> dict[str, str]:
     """llama.cpp's tensor name (``blk.3.attn_v.weight``) of each of ``model``'s linears; experts by their
     stacked tensor (``blk.3.ffn_down_exps.weight``)."""
     cfg = model.config
-    arch = arch_for(cfg.model_type)
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
-    names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    names = _tensor_names(arch_for(cfg.model_type), cfg.num_hidden_layers)
     out = {}
     for n in linear_names:
         m = _EXPERT.match(n + ".weight")
@@ -500,13 +487,18 @@ def file_type(doc: dict, types: set[str]) -> str:
 def _copy_fields(writer, reader) -> None:
     """Every metadata field of the source GGUF except those this export writes itself."""
     for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "lowbit.")):
-            continue
-        if field.name in (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION):
+        written_here = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
+                        gguf.Keys.General.QUANTIZATION_VERSION)
+        if field.name in written_here or field.name.startswith(("GGUF.", "lowbit.")):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def _tensor_names(arch: Arch, n_layers: int):
+    """gguf's map from Hugging Face tensor names to llama.cpp's for ``arch`` with ``n_layers`` blocks."""
+    return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf), n_layers)
 
 
 def _gguf_name(names, hf_name: str) -> str:

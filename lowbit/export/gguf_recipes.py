@@ -86,10 +86,6 @@ CATEGORIES = (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("a
               ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"))
 
 
-def recipe_names() -> list[str]:
-    return list(RECIPES)
-
-
 def category(gguf_name: str) -> str:
     return next((cat for key, cat in CATEGORIES if key in gguf_name), "other")
 
@@ -144,13 +140,3 @@ def recipe_specs(model: nn.Module, recipe: str, calibrated: bool) -> SpecMap:
         specs[n] = QuantSpec(format=tensor_type(key, cats[n], ctx, lin.in_features))
     default = QuantSpec(format=RECIPES[key][0])
     return SpecMap(default, {n: s for n, s in specs.items() if s != default}, recipe=key)
-
-
-def bits_per_weight(model: nn.Module, spec: SpecMap) -> float:
-    """Bits per linear weight of the recipe's types (scales included)."""
-    from ..models.families import family_for
-    from ..models.inventory import quantizable_linears
-
-    linears = quantizable_linears(model, family_for(model))
-    total = sum(lin.weight.numel() for lin in linears.values())
-    return sum(spec.spec_for(n).bits_per_weight() * lin.weight.numel() for n, lin in linears.items()) / total

@@ -35,6 +35,7 @@ class PackedSource:
     linears: dict[str, PackedTensor]  # module name -> packed weight (role "linear")
     floats: dict[str, torch.Tensor]  # state-dict name -> float tensor, embeddings dequantized
     dequantized: list[str]  # state-dict names of 8-bit tensors written as float
+    channel: bool  # one scale per output row (per-channel, or per-tensor parameters packed per row)
 
 
 def smallest_exact(t: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,9 @@ def smallest_exact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def read_packed(model_dir: str | os.PathLike) -> PackedSource:
-    """Open a lowbit packed directory (checksums verified); refuses anything else."""
+def read_packed(model_dir: str | os.PathLike, holds: str) -> PackedSource:
+    """Open a lowbit packed directory (checksums verified); refuses anything else, and a model of another format
+    than int (``holds``: what the target format holds, for that error)."""
     from ..pack.checkpoint import is_packed_dir, read_config, read_weights
 
     p = Path(model_dir)
@@ -55,6 +57,9 @@ def read_packed(model_dir: str | os.PathLike) -> PackedSource:
         raise LowbitError(f"{p} is not a lowbit packed model directory (no lowbit.json); make one with "
                           "lowbit quantize -o DIR")
     doc = read_config(p)
+    spec = doc.get("spec", {})
+    if spec.get("format", "int") != "int":
+        raise LowbitError(f"{holds}; this model uses {spec['format']}")
     tensors = read_weights(p, doc)
     linears, floats, dequantized, used = {}, {}, [], set()
     for name, entry in doc["tensors"].items():
@@ -65,12 +70,10 @@ def read_packed(model_dir: str | os.PathLike) -> PackedSource:
         else:
             floats[f"{name}.weight"] = smallest_exact(pt.dequantize(torch.float32))
             dequantized.append(f"{name}.weight")
-    for key, t in tensors.items():
-        if key not in used:
-            floats[key] = t
+    floats.update({key: t for key, t in tensors.items() if key not in used})
     if not linears:
         raise LowbitError(f"{p} holds no quantized linear layers")
-    return PackedSource(p, doc, linears, floats, dequantized)
+    return PackedSource(p, doc, linears, floats, dequantized, spec.get("granularity") in ("channel", "tensor"))
 
 
 def check_export_dir(out: str | os.PathLike, force: bool, source: Path) -> Path:
@@ -93,7 +96,6 @@ def write_hf_dir(source: PackedSource, out: str | os.PathLike, tensors: dict[str
                  quantization_config: dict, *, force: bool = False, config_updates: dict | None = None) -> Path:
     """Write ``tensors`` and the source's config (plus ``quantization_config``) as a model directory, atomically."""
     from safetensors.torch import save_file
-
 
     dest = check_export_dir(out, force, source.path)
     try:

@@ -30,6 +30,7 @@ def quantize_values(values: list[float], fmt_name: str, bits: int | None = None,
     ``block`` (default: all the values) for bfp.
     """
     from ..quantizer import QuantSpec, compute_qparams, decode, encode, qparams_from_range
+    from . import is_block
 
     x = torch.tensor(values, dtype=torch.float32)
     if x.numel() == 0 or not torch.isfinite(x).all():
@@ -37,8 +38,6 @@ def quantize_values(values: list[float], fmt_name: str, bits: int | None = None,
     if clip is not None and clip[0] > clip[1]:
         raise LowbitError(f"clip range [{clip[0]}, {clip[1]}] is empty: give LOW,HIGH with LOW <= HIGH")
     sym = symmetric or full_range or (clip is not None and clip[0] == -clip[1])
-    from . import is_block
-
     kw = {} if bits is None else {"bits": bits}
     if is_block(fmt_name):
         size = 32 if fmt_name.startswith("mx") else (block or x.numel())
@@ -75,8 +74,7 @@ def quantize_values(values: list[float], fmt_name: str, bits: int | None = None,
     if spec.is_int:
         out["integers"] = out["codes"]
     else:
-        fmt = spec.number_format
-        out["code_bits"] = [fmt.code_bits(c) for c in out["codes"]]
+        out["code_bits"] = [spec.number_format.code_bits(c) for c in out["codes"]]
     return out
 
 

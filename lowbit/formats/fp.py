@@ -82,11 +82,8 @@ class FloatFormat(Format):
         self._fast = self.emin - man_bits >= -126 and self.emax <= 126
 
     # -- rounding -------------------------------------------------------------------------------
-    def _work_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return torch.float32 if self._fast and x.dtype != torch.float64 else torch.float64
-
     def _round(self, x: torch.Tensor, stochastic: bool, generator: torch.Generator | None) -> torch.Tensor:
-        dt = self._work_dtype(x)
+        dt = torch.float32 if self._fast and x.dtype != torch.float64 else torch.float64
         xw = x.to(dt)
         a = xw.abs()
         e = floor_log2(a).clamp(self.emin, self.emax)

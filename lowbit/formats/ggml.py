@@ -87,7 +87,7 @@ def _half(t: torch.Tensor) -> torch.Tensor:
 
 
 def signed_extreme(t: torch.Tensor) -> torch.Tensor:
-    """Per row of the last axis (kept), the value of largest magnitude with its sign."""
+    """Per row of the last axis (kept), the value of largest magnitude with its sign; the first such on ties."""
     return t.gather(-1, t.abs().argmax(dim=-1, keepdim=True))
 
 

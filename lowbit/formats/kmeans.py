@@ -66,8 +66,9 @@ class KMeansFormat(Format):
         book = kmeans_codebook(torch.maximum(torch.minimum(wg, amax), -amax), self.k, self.iters)
         return book, torch.zeros_like(amax)
 
-    def _codes(self, wg: torch.Tensor, book: torch.Tensor, stochastic: bool,
-               generator: torch.Generator | None) -> torch.Tensor:
+    def encode_scaled(self, wg: torch.Tensor, book: torch.Tensor, stochastic: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Indices into each group's codebook ``book`` (what other formats take as the scale)."""
         lead = torch.broadcast_shapes(wg.shape[:-1], book.shape[:-1])
         x = wg.expand(*lead, wg.shape[-1]).reshape(-1, wg.shape[-1]).float()
         c = book.expand(*lead, self.k).reshape(-1, self.k).float().contiguous()
@@ -84,9 +85,6 @@ class KMeansFormat(Format):
 
     def round_scaled(self, wg, scale, stochastic=False, generator=None):
         return self.decode_scaled(self.encode_scaled(wg, scale, stochastic, generator), scale)
-
-    def encode_scaled(self, wg, scale, stochastic=False, generator=None):
-        return self._codes(wg, scale, stochastic, generator)
 
     def decode_scaled(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         lead = torch.broadcast_shapes(codes.shape[:-1], scale.shape[:-1])

@@ -31,7 +31,6 @@ FLOAT = Method("fp", None, None, "the float model, unquantized", build=lambda sp
 REGISTRY = Registry((FLOAT, rtn.METHOD, salient.METHOD, awq.METHOD, gptq.METHOD, awq_gptq.METHOD,
                      smoothquant.METHOD, qat.METHOD, imatrix.METHOD, blockwise.METHOD, rotation.METHOD,
                      actquant.METHOD))
-HANDLERS: dict[type, Callable[..., QuantReport]] = {m.config: m.apply for m in REGISTRY if m.config is not None}
 
 
 def needs_calibration(config) -> bool:
@@ -70,23 +69,7 @@ def _count_float(model: nn.Module, report: QuantReport) -> None:
 
 
 __all__ = [
-    "HANDLERS",
-    "REGISTRY",
-    "Method",
-    "AWQConfig",
-    "ActQuantConfig",
-    "AWQGPTQConfig",
-    "AWQSearch",
-    "GPTQConfig",
-    "ImatrixConfig",
-    "Pipeline",
-    "QATConfig",
-    "BlockwiseConfig",
-    "QuantReport",
-    "RotationConfig",
-    "RTNConfig",
-    "SalientConfig",
-    "SmoothQuantConfig",
-    "needs_calibration",
-    "quantize_",
+    "REGISTRY", "Method", "AWQConfig", "ActQuantConfig", "AWQGPTQConfig", "AWQSearch", "GPTQConfig", "ImatrixConfig",
+    "Pipeline", "QATConfig", "BlockwiseConfig", "QuantReport", "RotationConfig", "RTNConfig", "SalientConfig",
+    "SmoothQuantConfig", "needs_calibration", "quantize_",
 ]

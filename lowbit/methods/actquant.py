@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from ..models.families import Family, family_for
+from ..models.families import family_for
 from ..models.inventory import layer_modules
 from ..quantizer import QuantSpec, decode, encode, fake_quantize, qparams_from_range
 from ..walk import input_ranges
@@ -56,14 +56,6 @@ class ActQuantConfig:
 Hook = Callable[[nn.Module, tuple], tuple]
 
 
-def activation_targets(model: nn.Module, family: Family) -> dict[str, nn.Module]:
-    """Full name -> module whose input is quantized: the family's linears in every decoder layer.
-
-    Any module type (a packed linear too), since only its input is touched.
-    """
-    return layer_modules(model, family)
-
-
 def dynamic_hook(spec: QuantSpec) -> Hook:
     """A pre-hook that rounds the input on ranges taken from the input itself."""
     def hook(_m, args):
@@ -96,7 +88,9 @@ def _device(module: nn.Module) -> torch.device:
 def apply_actquant(model: nn.Module, config: ActQuantConfig, calib: torch.Tensor | None = None) -> QuantReport:
     """Install the input-rounding hooks (removed by ``detach_runtime`` / ``Session.restore``)."""
     family = family_for(model)
-    targets = activation_targets(model, family)
+    # full name -> module whose input is quantized: the family's linears in every decoder layer, of any module
+    # type (a packed linear too), since only its input is touched
+    targets = layer_modules(model, family)
     spec = config.act_spec
     info: dict = {"a_bit": config.bits, "a_granularity": config.granularity, "a_static": config.static,
                   "a_symmetric": config.symmetric}

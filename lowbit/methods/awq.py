@@ -24,7 +24,7 @@ from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
 from ..options import option, positive_int
-from ..quantizer import QuantSpec, fake_quantize
+from ..quantizer import QuantSpec, clip_range, fake_quantize
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
 from ..walk import LayerContext, walk_layers
 from .base import QuantReport, input_transform, prepare
@@ -235,10 +235,9 @@ def search_scale(
             lin.weight.copy_(w)
     losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, math.inf))
     k = int(losses.argmin())
-    best = (losses[k].item(), alphas[k].item(), scales[k])
-    if not math.isfinite(best[0]):
+    if not math.isfinite(losses[k].item()):
         return None, None, "every α gave a non-finite error"
-    return best[1], best[2], None
+    return alphas[k].item(), scales[k], None
 
 
 # Candidate scales scored together in one batched product; bounds the search's memory at
@@ -296,13 +295,7 @@ def apply_clip(lin: nn.Linear, ratio: torch.Tensor, spec: QuantSpec) -> None:
     w = lin.weight
     out_f, in_f = w.shape
     wg = w.view(out_f, -1, _group_width(spec, in_f))
-    r = ratio.to(w.dtype).unsqueeze(-1)
-    if spec.symmetric:
-        amax = wg.abs().amax(-1, keepdim=True) * r
-        lo, hi = -amax, amax
-    else:
-        hi = wg.amax(-1, keepdim=True).clamp(min=0) * r
-        lo = wg.amin(-1, keepdim=True).clamp(max=0) * r
+    lo, hi = clip_range(wg, spec.symmetric, ratio.to(w.dtype).unsqueeze(-1))
     w.copy_(torch.maximum(torch.minimum(wg, hi), lo).view_as(w))
 
 
@@ -416,17 +409,15 @@ class AWQLayerStep:
         for rel in self.family.linears:
             key = f"{ctx.index}.{rel}"
             lin, spec = layer.get_submodule(rel), spec_for(specs, rel)
+            ratio = None
             if self.loaded is not None:
                 ratio = self.loaded.clips.get(key)
             elif cfg.clip and rel not in self.family.unclipped:  # q and k stay unclipped (Family.unclipped)
                 x = ctx.linear_inputs.get(rel)
                 if x is None or x.numel() == 0:
                     self.unclipped.append(key)
-                    ratio = None
                 else:
                     ratio = search_clip(lin, grams.blocks(x, _group_width(spec, lin.in_features)), cfg, spec)
-            else:
-                ratio = None
             if ratio is not None:
                 self.found.clips[key] = ratio
                 apply_clip(lin, ratio, spec)
@@ -463,10 +454,8 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
     if config.save_search:
         found.save(config.save_search)
     info = {"alphas": found.alphas, "fallbacks": found.fallbacks, "groups": len(found.scales),
-            "unclipped": processor.unclipped}
-    report = QuantReport("awq", config.spec, bits_per_weight(config.spec, linears), info=info)
-    report.info["search"] = found
-    return report
+            "unclipped": processor.unclipped, "search": found}
+    return QuantReport("awq", config.spec, bits_per_weight(config.spec, linears), info=info)
 
 
 def _apply_without_calibration(model: nn.Module, family: Family, processor: AWQLayerStep) -> None:

@@ -127,12 +127,7 @@ def one_thread() -> Iterator[None]:
 def _qparams(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per (row, group) of ``w`` [out, in] as the quantizer sets them: [rows, n_groups]."""
-    if spec.granularity == "tensor":
-        wg = w.reshape(1, 1, -1)
-    elif spec.granularity == "channel":
-        wg = w.unsqueeze(1)
-    else:
-        wg = grouped(w, spec)
+    wg = grouped(w, spec)
     imp = None if importance is None or spec.granularity != "group" else grouped(importance.reshape(1, -1), spec)
     scale, zero = compute_qparams(wg, spec, importance=imp)
     return scale.squeeze(-1), zero.squeeze(-1)

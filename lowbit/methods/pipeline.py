@@ -36,9 +36,7 @@ def apply_pipeline(model: nn.Module, config: Pipeline, calib: torch.Tensor | Non
                    handler_for: Callable[[object], Callable[..., QuantReport]],
                    needs_calibration: Callable[[object], bool]) -> QuantReport:
     """Run each step's handler in order; the report is named after every step and keeps each one's info."""
-    reports = []
-    for step in config.steps:
-        reports.append(handler_for(step)(model, step, calib if needs_calibration(step) else None))
+    reports = [handler_for(step)(model, step, calib if needs_calibration(step) else None) for step in config.steps]
     weight = [r for r in reports if r.spec is not None]
     bits = weight[-1].bits_per_weight if weight else 16.0
     info: dict = {}

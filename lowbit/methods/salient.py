@@ -67,10 +67,7 @@ def apply_salient(model: nn.Module, config: SalientConfig, calib: torch.Tensor |
     else:
         g = torch.Generator().manual_seed(config.seed)
         for lin in linears.values():
-            if config.by == "weight":
-                importance = lin.weight.norm(dim=0)
-            else:
-                importance = torch.rand(lin.in_features, generator=g)
+            importance = lin.weight.norm(dim=0) if config.by == "weight" else torch.rand(lin.in_features, generator=g)
             keep_salient(lin, importance, config.frac, config.spec)
     return QuantReport(
         f"salient-{config.by}", config.spec, config.bits_per_weight(), info={"frac": config.frac, "by": config.by}

@@ -26,17 +26,15 @@ def _linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
-def _conv1d_to_linear(model: nn.Module) -> int:
+def _conv1d_to_linear(model: nn.Module) -> None:
     """Replace every transformers Conv1D (y = x W + b, W [in, out]) by the equivalent nn.Linear."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a dependency
-        return 0
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv1D)]
-    for name, mod in targets:
+        return
+    for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, Conv1D)]:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, _linear_like(mod.weight.T, mod.bias))
-    return len(targets)
 
 
 class ExpertMLP(nn.Module):
@@ -96,12 +94,9 @@ def _split_experts(module: nn.Module, layout) -> LinearExperts:
     gu_bias = getattr(module, f"{layout.gate_up}_bias").detach() if layout.bias else None
     d_bias = getattr(module, f"{layout.down}_bias").detach() if layout.bias else None
     n_inter = gate_up.shape[1] // 2
-    if layout.interleaved:
-        gate_w, up_w = gate_up[:, 0::2], gate_up[:, 1::2]
-        gate_b, up_b = (gu_bias[:, 0::2], gu_bias[:, 1::2]) if gu_bias is not None else (None, None)
-    else:
-        gate_w, up_w = gate_up[:, :n_inter], gate_up[:, n_inter:]
-        gate_b, up_b = (gu_bias[:, :n_inter], gu_bias[:, n_inter:]) if gu_bias is not None else (None, None)
+    halves = (slice(0, None, 2), slice(1, None, 2)) if layout.interleaved else (slice(n_inter), slice(n_inter, None))
+    gate_w, up_w = (gate_up[:, h] for h in halves)
+    gate_b, up_b = (None, None) if gu_bias is None else (gu_bias[:, h] for h in halves)
     glu = _glu_for(layout.glu, module)
     experts = []
     for e in range(gate_up.shape[0]):
@@ -111,11 +106,9 @@ def _split_experts(module: nn.Module, layout) -> LinearExperts:
     return LinearExperts(experts)
 
 
-def _unfuse_experts(model: nn.Module, family) -> int:
+def _unfuse_experts(model: nn.Module, family) -> None:
     layout = family.experts
-    layers = model.get_submodule(family.layers)
-    done = 0
-    for layer in layers:
+    for layer in model.get_submodule(family.layers):
         try:
             mod = layer.get_submodule(layout.path)
         except AttributeError:
@@ -127,8 +120,6 @@ def _unfuse_experts(model: nn.Module, family) -> int:
                               "its expert layout differs from lowbit/models/families.py")
         parent, _, child = layout.path.rpartition(".")
         setattr(layer.get_submodule(parent) if parent else layer, child, _split_experts(mod, layout))
-        done += 1
-    return done
 
 
 def adapt_(model: nn.Module, family=None) -> None:

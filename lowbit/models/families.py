@@ -21,6 +21,7 @@ costs a group its scale, never the model its function.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -416,9 +417,7 @@ def family_for(model: nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     fam = FAMILIES.get(model_type)
     adapt_(model, fam)
-    if fam is None:
-        return discover_family(model)
-    return expand_experts(fam, model)
+    return discover_family(model) if fam is None else expand_experts(fam, model)
 
 
 def _count_experts(layer: nn.Module, path: str) -> int:
@@ -505,19 +504,11 @@ def _guess_norm_offset(layer: nn.Module, norms: list[str]) -> float:
     the fold check, which then leaves the group unscaled."""
     ws = [getattr(layer.get_submodule(n), "weight", None) for n in norms]
     ws = [w for w in ws if isinstance(w, torch.Tensor) and w.dim() == 1]
-    if ws and all(float(w.detach().float().abs().mean()) < 0.3 for w in ws):
-        return 1.0
-    return 0.0
+    return 1.0 if ws and all(float(w.detach().float().abs().mean()) < 0.3 for w in ws) else 0.0
 
 
 def _common_parent(names: tuple[str, ...]) -> str:
-    parts = [n.split(".")[:-1] for n in names]
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) > 1:
-            break
-        common.append(level[0])
-    return ".".join(common)
+    return ".".join(os.path.commonprefix([n.split(".")[:-1] for n in names]))
 
 
 def discover_groups(layer: nn.Module, linears: tuple[str, ...], run: Callable[[], object]) -> tuple[ScalingGroup, ...]:
@@ -532,15 +523,11 @@ def discover_groups(layer: nn.Module, linears: tuple[str, ...], run: Callable[[]
              and isinstance(getattr(m, "weight", None), torch.Tensor)}
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # keeps outputs alive so ids stay unique
     consumers: dict[str, list[str]] = {}
-    hooks = [
-        m.register_forward_hook(lambda m_, i, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in norms.items()
-    ]
-    for n in linears:
-        hooks.append(
-            layer.get_submodule(n).register_forward_pre_hook(
-                lambda m_, args, n=n: consumers.setdefault(produced.get(id(args[0]), ("",))[0], []).append(n)
-            )
-        )
+    hooks = [m.register_forward_hook(lambda m_, i, o, n=n: produced.__setitem__(id(o), (n, o)))
+             for n, m in norms.items()]
+    hooks += [layer.get_submodule(n).register_forward_pre_hook(
+        lambda m_, args, n=n: consumers.setdefault(produced.get(id(args[0]), ("",))[0], []).append(n))
+        for n in linears]
     try:
         run()
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -19,8 +20,6 @@ from ..errors import LowbitError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _header(path: Path) -> tuple[dict, bytes]:
@@ -71,9 +70,8 @@ class LazyCheckpoint:
             head, raw = _header(self.path / f)
             self.files[f] = {"bytes": (self.path / f).stat().st_size}
             digest.update(f.encode() + b"\0" + str(self.files[f]["bytes"]).encode() + b"\0" + raw)
-            for name, t in head.items():
-                self.where[name] = f
-                self.info[name] = t
+            self.where.update(dict.fromkeys(head, f))
+            self.info.update(head)
         if weight_map is not None:
             wrong = sorted(n for n, f in weight_map.items() if self.where.get(n) != f)
             if wrong:
@@ -88,7 +86,7 @@ class LazyCheckpoint:
 
     def float32_bytes(self) -> int:
         """Memory the whole model would take in float32."""
-        return sum(4 * _numel(t["shape"]) for t in self.info.values())
+        return sum(4 * math.prod(t["shape"]) for t in self.info.values())
 
     def nbytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
@@ -114,13 +112,6 @@ class LazyCheckpoint:
                     t = st.get_tensor(n)
                     out[n] = t.to(dtype) if t.is_floating_point() else t
         return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def empty_model(path: Path) -> nn.Module:

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -153,8 +154,7 @@ def _from_dir(path: Path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, config=config)
     except ValueError as e:
         raise LowbitError(f"cannot load {path}: {e}") from None
-    tok = AutoTokenizer.from_pretrained(path)
-    return model, tok
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def _from_hub(model_id: str):
@@ -199,10 +199,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, kernel: str = "dequant") -> tu
         cached = cache_dir() / name_or_path
         if not (cached / "config.json").is_file():
             model, tok = _from_gguf(where)
-            try:
+            with suppress(OSError):  # a read-only cache only costs time
                 _save_atomically(model, tok, cached)
-            except OSError:
-                pass  # a read-only cache only costs time
         else:
             model, tok = _from_dir(cached)
     elif kind == "gguf":
@@ -215,9 +213,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, kernel: str = "dequant") -> tu
         model, tok = _from_dir(where)
     else:
         model, tok = _from_hub(where)
-    model.eval()
-    model.requires_grad_(False)
-    return model, tok
+    return model.eval().requires_grad_(False), tok
 
 
 def local_checkpoint(name_or_path: str) -> Path:

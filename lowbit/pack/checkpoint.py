@@ -54,9 +54,13 @@ class PackedModel:
     entries: dict[str, dict] = field(default_factory=dict)  # module name -> role, kernel, ...
     meta: dict = field(default_factory=dict)
 
-    def nbytes(self) -> int:
-        return sum(p.nbytes() for p in self.packed.values()) + sum(
-            t.numel() * t.element_size() for t in self.floats.values())
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a safetensors file stores it: each packed weight's parts, then the floats."""
+        out = {}
+        for name, pt in self.packed.items():
+            out.update(pt.tensors(name))
+        out.update(self.floats)
+        return {k: v.contiguous() for k, v in out.items()}
 
 
 def is_packed_dir(path: str | os.PathLike) -> bool:
@@ -85,11 +89,6 @@ def _pack_embedding(weight: torch.Tensor, how: str, name: str,
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[how]
     stored = weight.to(dtype)
     return None, stored.to(weight.dtype), {"storage": how, "exact": bool(torch.equal(stored.to(weight.dtype), weight))}
-
-
-def _tied(model: nn.Module) -> bool:
-    out = model.get_output_embeddings()
-    return out is not None and out.weight is model.get_input_embeddings().weight
 
 
 def _method_codes(lin: nn.Linear, spec: QuantSpec) -> QTensor | None:
@@ -128,7 +127,7 @@ def pack_embedding_(name: str, mod: nn.Module, role: str, embed: str, kernel: st
     if embed not in EMBED_CHOICES:
         raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
     out = PackedModel()
-    pt, loaded, info = _pack_embedding(mod.weight.detach(), embed, name, loaded=update or pt_is_float(embed))
+    pt, loaded, info = _pack_embedding(mod.weight.detach(), embed, name, loaded=update or embed != "int8")
     if update:
         mod.weight.copy_(loaded)
     if pt is None:
@@ -142,11 +141,6 @@ def pack_embedding_(name: str, mod: nn.Module, role: str, embed: str, kernel: st
     if role == "lm_head" and getattr(mod, "bias", None) is not None:
         out.floats[f"{name}.bias"] = mod.bias.detach()
     return out, info
-
-
-def pt_is_float(embed: str) -> bool:
-    """Whether ``embed`` storage keeps the embedding as float (no packed codes)."""
-    return embed != "int8"
 
 
 def merge_(into: PackedModel, part: PackedModel) -> PackedModel:
@@ -173,8 +167,6 @@ def packed_meta(method: str, spec: QuantSpec, embed_info: dict, tied: bool, entr
 @torch.no_grad()
 def check_packable(spec: SpecLike) -> None:
     """Refuse, before any work, a spec whose codes a packed file cannot hold (it holds integer grids)."""
-    from ..specmap import base_spec
-
     s = base_spec(spec)
     if not s.is_int:
         raise LowbitError(f"a packed file holds integer grids (--format int: asymmetric, --sym or --full-range); "
@@ -201,21 +193,20 @@ def pack_model_(model: nn.Module, spec: SpecLike, *, method: str = "unknown", em
     out = PackedModel()
     for name, lin in linears.items():
         merge_(out, pack_linear(name, lin, spec_for(spec, name), kernel))
-    tied = _tied(model)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
     embeddings = {"embedding": model.get_input_embeddings()}
-    if not tied and model.get_output_embeddings() is not None:
-        embeddings["lm_head"] = model.get_output_embeddings()
+    if not tied and head is not None:
+        embeddings["lm_head"] = head
     names = {id(m): n for n, m in model.named_modules()}
     embed_info = {}
     for role, mod in embeddings.items():
         part, embed_info[role] = pack_embedding_(names[id(mod)], mod, role, embed, kernel, tied)
         merge_(out, part)
-    if tied:
-        head = model.get_output_embeddings()
-        if head is not None and getattr(head, "bias", None) is not None:
-            out.floats[f"{names[id(head)]}.bias"] = head.bias.detach()
+    if tied and getattr(head, "bias", None) is not None:
+        out.floats[f"{names[id(head)]}.bias"] = head.bias.detach()
     done = {f"{n}.weight" for n in out.packed} | set(out.floats)
-    tied_head = f"{names[id(model.get_output_embeddings())]}.weight" if tied else None
+    tied_head = f"{names[id(head)]}.weight" if tied else None
     for key, t in model.state_dict().items():
         if key not in done and key != tied_head:
             out.floats[key] = t.detach()
@@ -258,11 +249,7 @@ def save_packed(packed: PackedModel, config, tokenizer, path: str | os.PathLike,
 
     dest = check_output_dir(path, force)
     with atomic_dir(dest) as tmp:
-        tensors = {}
-        for name, pt in packed.packed.items():
-            tensors.update(pt.tensors(name))
-        tensors.update(packed.floats)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(packed.tensors(), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         finish_dir(tmp, {**packed.meta, **(extra or {})}, packed.entries, config, tokenizer, generation_config)
     return dest
 
@@ -278,12 +265,9 @@ def save_shard(part: PackedModel, path: Path) -> dict:
 
     from ..atomic_write import atomic_path
 
-    tensors = {}
-    for name, pt in part.packed.items():
-        tensors.update(pt.tensors(name))
-    tensors.update(part.floats)
+    tensors = part.tensors()
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata={"format": "pt"})
     return {"bytes": path.stat().st_size, "sha256": _sha256(path), "tensors": sorted(tensors)}
 
 
@@ -455,18 +439,14 @@ def load_packed(path: str | os.PathLike, kernel: str = "auto", dtype: torch.dtyp
         setattr(model.get_submodule(parent) if parent else model, child, qlin)
         replaced.add(name)
     for key, t in tensors.items():
-        if key in used:
-            continue
-        if key.rpartition(".")[0] in replaced:
-            continue
-        state[key] = t.to(dtype) if t.is_floating_point() else t
+        if key not in used and key.rpartition(".")[0] not in replaced:
+            state[key] = t.to(dtype) if t.is_floating_point() else t
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), None)
     if doc.get("tied_embeddings") and head is not None and head_name not in replaced:
         head.weight = model.get_input_embeddings().weight
         missing = [k for k in missing if k != f"{head_name}.weight"]
-    if doc.get("tied_embeddings") and head_name not in replaced and head is not None:
         model.config.tie_word_embeddings = True
     missing = [k for k in missing if k.rpartition(".")[0] not in replaced]
     if missing or unexpected:

@@ -222,6 +222,3 @@ class PackedTensor:
             raise LowbitError(f"{prefix}: bad entry in the quantization config ({e})") from None
         pt.check(prefix)
         return pt
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors("").values())
