@@ -22,27 +22,15 @@ for _path in (str(REPO), str(BENCH)):  # this checkout's lowbit, and bench/'s mo
         sys.path.insert(0, _path)
 import rows  # noqa: E402
 
+from lowbit.options import non_negative_int, positive_int  # noqa: E402
 
-def positive(text: str) -> int:
-    """An integer of at least 1, or one argparse error line."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def group_size(text: str) -> int:
-    """A group size: 0 (one group per output channel) or a positive integer."""
-    return 0 if text.strip() == "0" else positive(text)
+positive = positive_int  # bench/peers.py's counts: the CLI's own parser
 
 
 # name -> (parser, default, help): the run settings every benchmark states the same way
 RUN_ARGS = {
     "model": (str, "smollm2-135m", "lowbit model name, checkpoint directory or .gguf file"),
-    "group_size": (group_size, 64, "quantization group size along the input (0: per output channel)"),
+    "group_size": (non_negative_int, 64, "quantization group size along the input (0: per output channel)"),
     "calib_samples": (positive, 16, "calibration sequences"),
     "calib_seq_len": (positive, 512, "tokens per calibration sequence"),
     "max_windows": (positive, 16, "2048-token evaluation windows"),
