@@ -443,11 +443,12 @@ def fit(loss_on: Callable[[torch.Tensor], torch.Tensor], n: int, groups: list[di
         with torch.no_grad():
             for p, value in zip(params, best):
                 p.copy_(value)
-    if not checks:
+    if checks:
+        log.steps = step + 1  # the step a check or a non-finite loss stopped at counts
+    else:
         log.best_step = log.steps
     _set_mode(grids, True, None)
     k = max(1, min(4, len(log.losses) // 4))
     if log.losses:
         log.first_loss, log.last_loss = sum(log.losses[:k]) / k, sum(log.losses[-k:]) / k
-    log.steps = max(log.steps, step + 1) if checks else log.steps
     return log
