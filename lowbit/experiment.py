@@ -15,6 +15,7 @@ from torch import nn
 from . import options
 from .calibration_data import Calibration, calibration_windows
 from .data import eval_source, eval_text
+from .device import placed
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
 from .methods import REGISTRY, ActQuantConfig, Pipeline, needs_calibration, quantize_
@@ -174,8 +175,10 @@ class Session:
 
     def __init__(self, model: nn.Module, tokenizer, *, text: str | None = None, data_dir: str | None = None,
                  seq_len: int = 2048, max_windows: int | None = None, calib: CalibOptions | None = None,
-                 split: str = "test", data: str | None = None, evaluates: bool = True):
-        """``text`` is the evaluation text (default: WikiText-2 ``split``, test or dev, from ``data_dir`` or the hub,
+                 split: str = "test", data: str | None = None, evaluates: bool = True,
+                 device: torch.device | None = None):
+        """``device`` is the execution device (None: where the model is). ``text`` is the evaluation text
+        (default: WikiText-2 ``split``, test or dev, from ``data_dir`` or the hub,
         read when first needed, so a run that only quantizes works without it); ``data`` names it in result rows.
         Window lengths are checked against the model when used: evaluation's now unless ``evaluates`` is False,
         calibration's when calibrating."""
@@ -187,6 +190,7 @@ class Session:
             check_positions(model, seq_len)
         self.model = model
         self.tokenizer = tokenizer
+        self.device = device
         self.data_dir = data_dir
         eval_source(None, split)  # an unknown split fails here, not at the first evaluation
         self.split = split
@@ -245,6 +249,18 @@ class Session:
             memo[id(t)] = nn.Parameter(kept, requires_grad=False) if isinstance(t, nn.Parameter) else kept
         return copy.deepcopy(self.model, memo)
 
+    def evaluation_device(self) -> torch.device | None:
+        """Where the model is evaluated: the execution device, or the CPU while it holds torch's CPU-only packed
+        kernels (a packed model loaded for another device takes the unpack kernel instead)."""
+        from .pack.kernels import cpu_only
+
+        return torch.device("cpu") if self.device is not None and cpu_only(self.model) else self.device
+
+    def perplexity(self, windows: torch.Tensor | None = None, progress: bool = True):
+        """The model's perplexity on ``windows`` (default: the evaluation windows), run on the execution device."""
+        with placed(self.model, self.evaluation_device()):
+            return perplexity(self.model, self.windows if windows is None else windows, progress=progress)
+
     def allocate(self, base: QuantSpec, budget: BudgetOptions, progress: bool = True) -> SpecMap:
         """Each linear's width under ``budget`` (or from a saved allocation), chosen on the float model."""
         from .allocation import Allocation, allocate_bits, check_choices, hawq_costs, loss_costs
@@ -290,7 +306,7 @@ class Session:
         if config is not None:
             calib = self.calibration() if needs_calibration(config) else None
             start = time.perf_counter()
-            report = quantize_(self.model, config, calib)
+            report = quantize_(self.model, config, calib, device=self.device)
             quant_seconds, bpw, name = time.perf_counter() - start, report.bits_per_weight, report.method
             info = {k: v for k, v in report.info.items() if k != "search"}
             if calib is not None:
@@ -299,7 +315,7 @@ class Session:
                 info.update(size_info(self.model, spec))
         if not evaluate:
             return RunResult(label or name, spec, math.nan, 0, 0, bpw, quant_seconds, 0.0, info)
-        res = perplexity(self.model, self.windows, progress=progress)
+        res = self.perplexity(progress=progress)
         if self.data is not None:
             info["data"] = self.data
         return RunResult(label or name, spec, res.ppl, res.windows, res.tokens, bpw, quant_seconds, res.seconds, info)

@@ -12,7 +12,7 @@ format itself.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -408,6 +408,19 @@ def set_latent(module: torch.nn.Module, latent: torch.Tensor | None) -> None:
 
 def latent_of(module: torch.nn.Module) -> torch.Tensor | None:
     return module.__dict__.get(LATENT_ATTR)
+
+
+def move_records_(module: torch.nn.Module, device: torch.device) -> None:
+    """Move the codes and latents recorded on ``module`` and its submodules to ``device``, as ``Module.to`` moves
+    their weights (it moves only parameters and buffers)."""
+    for m in module.modules():
+        qt = m.__dict__.get(QTENSOR_ATTR)
+        if qt is not None and qt.q.device != device:
+            m.__dict__[QTENSOR_ATTR] = replace(qt, q=qt.q.to(device), scale=qt.scale.to(device),
+                                               zero=qt.zero.to(device))
+        latent = m.__dict__.get(LATENT_ATTR)
+        if latent is not None:
+            m.__dict__[LATENT_ATTR] = latent.to(device)
 
 
 def codes_of(module: torch.nn.Module) -> QTensor | None:

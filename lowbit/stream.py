@@ -198,8 +198,10 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
                       calib: torch.Tensor | None = None, tokenizer=None, *, embed: str = "int8",
                       kernel: str = "auto", act_dtype: str = "fp32", offload: str | os.PathLike | None = None,
                       batch_size: int = 16, resume: bool = False, force: bool = False, progress: bool = True,
-                      extra: dict | None = None, log=None) -> StreamResult:
+                      extra: dict | None = None, log=None, device: torch.device | None = None) -> StreamResult:
     """Quantize the safetensors checkpoint at ``source`` with RTN or AWQ into a sharded packed directory.
+
+    ``device`` is where each layer's AWQ search runs (the walk moves it there and back before packing).
 
     ``act_dtype`` ("fp32" or "bf16") is how calibration hidden states are kept (bf16 halves them but
     changes the numbers); ``offload`` keeps them in files in that directory instead of memory.
@@ -208,7 +210,7 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
     _check_request(config, calib, act_dtype, embed)
     run = StreamRun(Path(source), Path(output), config, calib, embed=embed, kernel=kernel, act_dtype=act_dtype,
                     offload=offload, batch_size=batch_size, resume=resume, force=force,
-                    log=log or (lambda msg: print(msg, file=sys.stderr)))
+                    log=log or (lambda msg: print(msg, file=sys.stderr)), device=device)
     run.steps(calib, progress)
     return run.finish(tokenizer, extra, start)
 
@@ -238,10 +240,10 @@ class StreamRun:
 
     def __init__(self, source: Path, output: Path, config: RTNConfig | AWQConfig, calib: torch.Tensor | None, *,
                  embed: str, kernel: str, act_dtype: str, offload, batch_size: int, resume: bool, force: bool,
-                 log) -> None:
+                 log, device: torch.device | None = None) -> None:
         self.source, self.output, self.config, self.spec = source, output, config, config.spec
         self.method = "awq" if isinstance(config, AWQConfig) else "rtn"
-        self.embed, self.kernel, self.batch_size = embed, kernel, batch_size
+        self.embed, self.kernel, self.batch_size, self.device = embed, kernel, batch_size, device
         self.ckpt = LazyCheckpoint(source)
         self.model = model = empty_model(source)
         stored = {(n, tuple(p.shape)) for n, p in model.named_parameters()}
@@ -355,7 +357,7 @@ class StreamRun:
                         else self.rtn_layer, batch_size=self.batch_size, desc=f"stream {self.method} layers",
                         propagate=self.config.propagate or AWQ_PROPAGATE if awq else "float", inputs=inputs,
                         start=max(self.resumed_at, 1) - 1, store=lambda index: self.new_store(index + 2),
-                        before=self.read_layer if awq else None, after=after)
+                        before=self.read_layer if awq else None, after=after, device=self.device if awq else None)
             if self.resumed_at < self.n_steps:
                 self.tail_step()
                 bar.update(1)

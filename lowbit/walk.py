@@ -17,8 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .device import fits, home_of, placed, to_device
+from .distributed import share
 from .errors import LowbitError
 from .models.families import Family, ScalingGroup, discover_groups
+from .quantizer import move_records_
 
 
 class _Stop(Exception):
@@ -76,6 +79,10 @@ class Call:
     def __call__(self, module: nn.Module, x: torch.Tensor):
         args, kwargs = self.at(x.shape[0])
         return module(x, *args, **kwargs)
+
+    def to(self, device: torch.device) -> Call:
+        """The same call with its tensors (masks, rotary tables) on ``device``."""
+        return Call(to_device(self.one, device), to_device(self.full, device), self.n, self.where)
 
     def state(self) -> dict:
         """Plain containers (for ``torch.save(weights_only=True)``)."""
@@ -161,11 +168,14 @@ class Activations:
 
     ``dtype`` (e.g. bfloat16) stores them smaller; each batch is cast back to the layer's dtype
     when run. On disk, one batch at a time is read back, so memory holds a batch, not the set.
+    ``device`` keeps them on that device (the execution device, where they fit), else where they were made.
     """
 
-    def __init__(self, dtype: torch.dtype | None = None, directory: Path | None = None) -> None:
+    def __init__(self, dtype: torch.dtype | None = None, directory: Path | None = None,
+                 device: torch.device | None = None) -> None:
         self.dtype = dtype
         self.directory = directory
+        self.device = device
         self._batches: list[torch.Tensor] = []
         self.count = 0
         if directory is not None:
@@ -176,10 +186,12 @@ class Activations:
 
     def append(self, batch: torch.Tensor) -> None:
         b = batch if self.dtype is None else batch.to(self.dtype)
+        if self.directory is None and self.device is not None:
+            b = b.to(self.device)
         if self.directory is None:
             self._batches.append(b)
         else:
-            torch.save(b.contiguous().clone(), self._file(self.count))  # clone: a view would save its whole base
+            torch.save(b.cpu().contiguous().clone(), self._file(self.count))  # clone: a view would save its whole base
         self.count += 1
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -190,7 +202,7 @@ class Activations:
         """Write every batch as a file in ``directory`` (for resuming); a disk store is already there."""
         directory.mkdir(parents=True, exist_ok=True)
         for i, b in enumerate(self):
-            torch.save(b.contiguous().clone(), directory / f"batch-{i:05d}.pt")
+            torch.save(b.cpu().contiguous().clone(), directory / f"batch-{i:05d}.pt")
 
     @classmethod
     def load(cls, directory: Path, dtype: torch.dtype | None = None, keep_on_disk: bool = False) -> Activations:
@@ -238,6 +250,17 @@ class LayerContext:
     module_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # inspected module -> its input
     # with ``float_targets``: the float model's output of this layer (its own float stream, whatever ``propagate``)
     targets: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer is while the method works on it (the execution device)."""
+        return home_of(self.layer)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """The hidden states entering the layer, batch by batch, on its device in its dtype."""
+        dtype = next(self.layer.parameters()).dtype
+        for b in self.inputs:
+            yield b.to(self.device, dtype)
 
     def run(self, module_name: str, x: torch.Tensor) -> torch.Tensor:
         """Output of a submodule of the layer (the layer itself for "") on ``x``, batched to bound memory."""
@@ -315,6 +338,7 @@ def walk_layers(
     store: Callable[[int], Activations] | None = None,
     before: Callable[[int, nn.Module], None] | None = None,
     after: Callable[[int, nn.Module, Activations | None], None] | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Call ``process`` on each decoder layer with its captured calibration inputs.
 
@@ -329,35 +353,52 @@ def walk_layers(
     (the hidden states entering that layer and every layer's call), keeps each layer's outputs in
     ``store(index)`` (e.g. files), reads each layer in ``before(index, layer)`` and packs and
     commits it in ``after(index, layer, outputs)``.
+
+    ``device`` (default: where the model is) is the execution device: each layer moves there for its
+    step and back after it, with its calibration states and call arguments; the states between
+    layers stay there where they fit in half its free memory, else on the CPU.
     """
     layers = model.get_submodule(family.layers)
     if inputs is not None:
         hidden, calls = inputs
-    elif samples is not None:
-        hidden, calls = first_layer_batches(model, family, samples, batch_size)
+    elif samples is not None:  # a data-parallel worker walks its share of the samples
+        hidden, calls = first_layer_batches(model, family, share(samples), batch_size)
     else:
         hidden = calls = None
     floats = torch.cat(list(hidden)) if float_targets else None
+    keep = _states_device(hidden, device, 3 if float_targets else 2)
 
     def with_targets(ctx: LayerContext) -> None:
         nonlocal floats
-        floats = ctx.targets = ctx.run_layer(floats.to(next(ctx.layer.parameters()).dtype))  # before ``process``
-        process(ctx)
+        floats = ctx.targets = ctx.run_layer(floats.to(ctx.device, next(ctx.layer.parameters()).dtype))
+        process(ctx)  # after the float output was taken
 
     step = with_targets if float_targets else process
     for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", leave=False):
         layer = layers[index]
         if before is not None:
             before(index, layer)
-        if hidden is None:
-            process(LayerContext(index, layer, None, {}, {}, family.groups if groups is None else groups))
-        else:
-            out = store(index) if store is not None else Activations(hidden.dtype)
-            groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], step, out,
-                                     batch_size=batch_size, propagate=propagate)
-            hidden = out
+        with placed(layer, device):
+            if hidden is None:
+                process(LayerContext(index, layer, None, {}, {}, family.groups if groups is None else groups))
+            else:
+                out = store(index) if store is not None else Activations(hidden.dtype, device=keep)
+                groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], step, out,
+                                         batch_size=batch_size, propagate=propagate)
+                hidden = out
+        if device is not None:
+            move_records_(layer, home_of(layer))  # the codes a method recorded go home with the weights
         if after is not None:
             after(index, layer, hidden)
+
+
+def _states_device(hidden: Activations | None, device: torch.device | None, copies: int) -> torch.device | None:
+    """Where the states between layers are kept: the execution device if ``copies`` sets of them fit in half
+    its free memory, else the CPU (None: where they are made, the CPU path)."""
+    if hidden is None or device is None or device.type == "cpu":
+        return None
+    nbytes = sum(b.numel() * b.element_size() for b in hidden)
+    return device if fits(copies * nbytes, device) else torch.device("cpu")
 
 
 def layer_groups(layer: nn.Module, family: Family, call: Call, x1: torch.Tensor) -> tuple[ScalingGroup, ...]:
@@ -389,8 +430,9 @@ def calibrate_layer(
 
     The walk's step for a calibrated layer (in memory and streamed alike).
     """
-    dtype = next(layer.parameters()).dtype
-    first = next(iter(hidden))[:1].to(dtype)
+    dtype, device = next(layer.parameters()).dtype, home_of(layer)
+    call = call.to(device)
+    first = next(iter(hidden))[:1].to(device, dtype)
     if groups is None:
         groups = layer_groups(layer, family, call, first)
     capture = _LayerCapture()
@@ -407,7 +449,7 @@ def calibrate_layer(
             capture.sources.clear()
             capture.batch = xb.shape[0]
             n_first = n_first or xb.shape[0]
-            y = layer_output(call(layer, xb.to(dtype)))
+            y = layer_output(call(layer, xb.to(device, dtype)))
             float_outputs.append(y)
             if propagate == "float":
                 out.append(y)
@@ -427,7 +469,7 @@ def calibrate_layer(
     del ctx, linear_inputs, module_inputs, float_outputs
     if propagate == "quantized":
         for xb in hidden:
-            out.append(layer_output(call(layer, xb.to(dtype))))
+            out.append(layer_output(call(layer, xb.to(device, dtype))))
     return groups
 
 

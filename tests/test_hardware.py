@@ -1,5 +1,6 @@
 """The compute dtype follows what the CPU does natively: bfloat16 only where it is not emulated."""
 import pytest
+import torch
 
 from lowbit import hardware
 from lowbit.errors import LowbitError
@@ -28,12 +29,12 @@ def test_missing_cpuinfo_means_no_native_bf16(tmp_path):
 
 
 def test_blockwise_trains_in_float32_without_native_bf16(monkeypatch):
-    spec = QuantSpec(bits=3, group_size=8)
+    spec, cpu = QuantSpec(bits=3, group_size=8), torch.device("cpu")
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert BlockwiseConfig(spec).bf16 is False
-    assert BlockwiseConfig(spec, dtype="bf16").bf16 is True
+    assert BlockwiseConfig(spec).bf16_on(cpu) is False
+    assert BlockwiseConfig(spec, dtype="bf16").bf16_on(cpu) is True
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    assert BlockwiseConfig(spec).bf16 is True
-    assert BlockwiseConfig(spec, dtype="fp32").bf16 is False
+    assert BlockwiseConfig(spec).bf16_on(cpu) is True
+    assert BlockwiseConfig(spec, dtype="fp32").bf16_on(cpu) is False
     with pytest.raises(LowbitError, match="dtype"):
         BlockwiseConfig(spec, dtype="fp16")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..distributed import finish
 from ..errors import LowbitError
 from . import compare, evaluate, export, generate, inspect_layer, number_format, qat, quantize, sensitivity
 from .common import Parser
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        finish()
 
 
 __all__ = ["build_parser", "main"]

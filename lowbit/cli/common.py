@@ -70,6 +70,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "or a hub id")
 
 
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    from ..device import DEVICE_HELP
+
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="evaluate on this UTF-8 text file, or a JSONL file of chats (rendered with the "
                                   "model's chat template), instead of WikiText-2 test")
@@ -295,11 +301,20 @@ def may_calibrate(args) -> bool:
 def session_from_args(args):
     from ..calibration_data import check_source, jsonl_text
     from ..data import eval_source, eval_text
+    from ..device import resolve_device
+    from ..distributed import init_from_env
     from ..experiment import CalibOptions, Session
     from ..models import load_model
     from ..models.loading import model_source
+    from ..pack.kernels import CPU_ONLY
 
     model_source(args.model)  # a bad --model or bad data fails before the slow model load
+    device = resolve_device(args.device) if hasattr(args, "device") else None
+    init_from_env(device or resolve_device("cpu"))  # under torchrun: join the data-parallel workers
+    kernel = args.kernel if args.command == "eval" else "dequant"
+    if device is not None and device.type != "cpu" and kernel in CPU_ONLY:
+        raise LowbitError(f"--kernel {kernel} is torch's CPU-only op; with --device {args.device} use --kernel unpack "
+                          "or dequant")
     split = getattr(args, "split", None)
     if split is not None and args.data is not None:
         raise LowbitError(f"--data {args.data} and --split {split} both choose the evaluation text; give one")
@@ -314,14 +329,14 @@ def session_from_args(args):
     if hasattr(args, "calib_data") and may_calibrate(args):
         check_source(args.calib_data, args.data_dir)
     # Only eval reads a packed model with a chosen kernel; quantize's --kernel is what it records.
-    model, tok = load_model(args.model, kernel=args.kernel if args.command == "eval" else "dequant")
+    model, tok = load_model(args.model, kernel=kernel)
     if chats and evaluates:
         text = jsonl_text(tok, args.data)
     calib = CalibOptions(args.calib_samples, args.calib_seq_len, args.seed, args.calib_data) \
         if hasattr(args, "calib_samples") else None
     return Session(model, tok, text=text, data_dir=args.data_dir, seq_len=args.seq_len,
                    max_windows=args.max_windows, calib=calib, split=split, data=eval_source(args.data, split),
-                   evaluates=evaluates)
+                   evaluates=evaluates, device=device)
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

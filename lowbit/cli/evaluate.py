@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 
+from ..distributed import is_writer
 from ..errors import LowbitError
 from .common import (
     RESULT_COLUMNS,
     add_activation_args,
     add_budget_args,
     add_data_args,
+    add_device_args,
     add_method_args,
     add_model_args,
     add_spec_args,
@@ -74,7 +76,8 @@ def run(args) -> int:
         columns = RESULT_COLUMNS + [("ppl_second", "PPL (second text)", ".3f")]
     if reference is not None:
         columns = columns + KLD_COLUMNS
-    print(json.dumps(row) if args.json else table([row], columns))
+    if is_writer():  # one data-parallel worker prints
+        print(json.dumps(row) if args.json else table([row], columns))
     return 0
 
 
@@ -117,10 +120,13 @@ def kld_reference(args, session):
 
 def kld_row(reference, session, args, quant_seconds: float) -> dict:
     """KL divergence statistics of the session's (quantized) model against the reference, for the result row."""
+    from ..device import placed
     from ..eval.kld import kl_divergence
 
     model, label = reference
-    res = kl_divergence(model, session.model, session.windows, progress=not args.json)
+    device = session.evaluation_device()
+    with placed(model, device), placed(session.model, device):
+        res = kl_divergence(model, session.model, session.windows, progress=not args.json)
     keys = ("kld_mean", "kld_median", "kld_p99", "kld_p999", "top1_agreement", "rms_dp", "ppl_ref")
     return {"ppl": res.ppl, "windows": res.windows, "tokens": res.tokens, "eval_seconds": round(res.seconds, 2),
             "seconds": round(quant_seconds + res.seconds, 2), **{k: getattr(res, k) for k in keys},
@@ -143,20 +149,21 @@ def second_text(args) -> str | None:
 def evaluate_second_text(session, text: str, args) -> dict:
     """The same quantized model's perplexity on a second text: one quantization, two verdicts, so an ordering
     of methods can be checked on text that is not WikiText-2 without quantizing again."""
-    from ..eval.perplexity import perplexity, tokenize_windows
+    from ..eval.perplexity import tokenize_windows
 
     if str(args.second_text).endswith(".jsonl"):
         from ..calibration_data import jsonl_text
 
         text = jsonl_text(session.tokenizer, args.second_text)
     windows = tokenize_windows(session.tokenizer, text, args.seq_len, args.max_windows)
-    res = perplexity(session.model, windows, progress=not args.json)
+    res = session.perplexity(windows, progress=not args.json)
     return {"second_text": str(args.second_text), "ppl_second": res.ppl, "windows_second": res.windows}
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="quantize a model with one method and measure its perplexity")
     add_model_args(p)
+    add_device_args(p)
     p.add_argument("--method", default="fp", choices=method_choices(),
                    help=method_help(method_choices(), "fp") + "; any of them combines with --a-bit")
     add_spec_args(p)

@@ -5,10 +5,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..distributed import is_writer
 from ..errors import LowbitError
 from .common import (
     RESULT_COLUMNS,
     add_data_args,
+    add_device_args,
     add_method_args,
     add_model_args,
     add_spec_args,
@@ -51,14 +53,14 @@ def run(args) -> int:
     if args.output:
         row.update(save_packed_from_session(session, spec, args))
         if not args.no_eval:
-            from ..eval.perplexity import perplexity
-
-            res = perplexity(session.model, session.windows, progress=not args.json)
+            res = session.perplexity(progress=not args.json)
             row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2),
                        data=session.data)
     rows.append(row)
     columns = RESULT_COLUMNS + [("steps", "steps", ""), ("first_loss", "loss first", ".4g"),
                                 ("last_loss", "loss last", ".4g")]
+    if not is_writer():  # data-parallel workers: rank 0 wrote the files and prints
+        return 0
     print(json.dumps(rows) if args.json else table(rows, columns))
     if "stopped" in result.info:
         print(f"lowbit: warning: training stopped early: {result.info['stopped']}", file=sys.stderr)
@@ -69,6 +71,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("qat", help="quantization-aware training (STE, LSQ step sizes, PACT clips, soft or stochastic "
                                    "rounding) from AWQ or RTN, block by block or end to end; PPL before and after")
     add_model_args(p)
+    add_device_args(p)
     add_spec_args(p)
     add_data_args(p)
     add_method_args(p, ("awq", "qat"))

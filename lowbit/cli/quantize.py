@@ -6,12 +6,14 @@ import os
 import sys
 from pathlib import Path
 
+from ..distributed import is_writer
 from ..errors import LowbitError
 from .common import (
     RESULT_COLUMNS,
     add_activation_args,
     add_budget_args,
     add_data_args,
+    add_device_args,
     add_method_args,
     add_model_args,
     add_spec_args,
@@ -62,6 +64,7 @@ STREAM_COLUMNS = [
 
 def run_streamed(args) -> int:
     """``lowbit quantize --stream``: layer by layer from disk into a sharded packed directory."""
+    from ..device import resolve_device
     from ..experiment import make_config
     from ..models.loading import local_checkpoint
     from ..stream import quantize_streamed
@@ -72,6 +75,9 @@ def run_streamed(args) -> int:
                      ("--rotate", args.rotate), ("--a-bit", args.a_bit is not None)):
         if on:
             raise LowbitError(f"{flag} is not available with --stream (it needs the whole model in memory)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LowbitError("--stream runs in one process; start it without torchrun")
+    device = resolve_device(args.device)
     spec = spec_from_args(args)
     if args.gguf:
         raise LowbitError("--gguf is not supported with streamed quantization (--stream, --resume, "
@@ -96,7 +102,7 @@ def run_streamed(args) -> int:
     res = quantize_streamed(src, args.output, config, calib, tok, embed=args.embed, kernel=args.kernel,
                             act_dtype=args.act_dtype or "fp32", offload=args.offload_activations,
                             resume=args.resume, force=args.force, progress=not args.json,
-                            extra={"source_model": args.model})
+                            extra={"source_model": args.model}, device=device)
     row = {**res.row(), "w_bit": spec.bits, "group_size": spec.group_size if spec.granularity == "group" else None,
            "disk_mb": round(res.disk_bytes / 1e6, 2), "estimate_mb": round(res.estimate_bytes / 1e6, 2),
            "peak_rss_mb": round(res.peak_rss_mb, 1)}
@@ -153,11 +159,11 @@ def run(args) -> int:
     if args.output:
         row.update(save_packed_from_session(session, spec, args))
     if args.eval:
-        from ..eval.perplexity import perplexity
-
-        res = perplexity(session.model, session.windows, progress=not args.json)
+        res = session.perplexity(progress=not args.json)
         row.update(ppl=res.ppl, windows=res.windows, tokens=res.tokens, eval_seconds=round(res.seconds, 2),
                    data=session.data)
+    if not is_writer():  # data-parallel workers: rank 0 wrote the files and prints
+        return 0
     print(json.dumps(row) if args.json else table([row], RESULT_COLUMNS))
     if args.save_search:
         print(f"search saved to {args.save_search}", file=sys.stderr)
@@ -173,6 +179,8 @@ def save_packed_from_session(session, spec, args) -> dict:
 
     model = session.model
     packed = pack_model_(model, spec, method=args.method, embed=args.embed, kernel=args.kernel)
+    if not is_writer():  # every data-parallel worker packs (its model is then the file's); rank 0 writes it
+        return {}
     recipe = getattr(spec, "recipe", None)
     out = save_packed(packed, model.config, session.tokenizer, args.output, force=args.force,
                       generation_config=getattr(model, "generation_config", None),
@@ -191,6 +199,7 @@ def save_packed_from_session(session, spec, args) -> dict:
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save it packed (-o DIR) and/or its AWQ search")
     add_model_args(p)
+    add_device_args(p)
     packs = method_choices(packs=True)
     p.add_argument("--method", default="awq", choices=(*packs, *refused_choices()),
                    help=method_help(packs, "awq") + "; " + ", ".join(refused_choices()) + " is refused: it does "

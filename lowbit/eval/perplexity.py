@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import gather_shares, share
 from ..errors import LowbitError
 
 
@@ -43,18 +44,26 @@ def tokenize_windows(tokenizer, text: str, seq_len: int = 2048, max_windows: int
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> PPLResult:
-    """Perplexity of ``model`` over token windows [n, seq_len], one window per forward."""
+    """Perplexity of ``model`` over token windows [n, seq_len], one window per forward.
+
+    Data-parallel workers (:mod:`lowbit.distributed`) each run their share of the windows; the per-window
+    losses are gathered in window order and summed as one process sums them, so the result is the same.
+    """
     start = time.perf_counter()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    bar = tqdm(windows, desc="perplexity", unit="window", disable=not progress, leave=False)
+    nlls = []
+    bar = tqdm(share(windows, "evaluation windows"), desc="perplexity", unit="window", disable=not progress,
+               leave=False)
     for w in bar:
         ids = w.unsqueeze(0).to(device)
         logits = model(ids, use_cache=False).logits[0, :-1].float()
         nll = F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         if not math.isfinite(nll):
             raise LowbitError("the model produced non-finite logits; the quantized weights are broken")
+        nlls.append(nll)
+        bar.set_postfix(ppl=f"{math.exp(sum(nlls) / (len(nlls) * (windows.shape[1] - 1))):.3f}")
+    total, count = 0.0, 0
+    for nll in gather_shares(torch.tensor(nlls, dtype=torch.float64), len(windows)).tolist():
         total += nll
-        count += ids.shape[1] - 1
-        bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
+        count += windows.shape[1] - 1
     return PPLResult(math.exp(total / count), len(windows), windows.numel(), total / count, time.perf_counter() - start)

@@ -7,6 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import distributed
+from ..device import resolve_device
+from ..errors import LowbitError
 from ..models.families import family_for
 from ..models.inventory import float_weights, quantizable_linears
 from . import actquant, awq, awq_gptq, blockwise, gptq, imatrix, qat, rotation, rtn, salient, smoothquant
@@ -25,7 +28,8 @@ from .rtn import RTNConfig
 from .salient import SalientConfig
 from .smoothquant import SmoothQuantConfig
 
-FLOAT = Method("fp", None, None, "the float model, unquantized", build=lambda spec, opts: (), packs=False)
+FLOAT = Method("fp", None, None, "the float model, unquantized", build=lambda spec, opts: (), packs=False,
+               data_parallel=True)
 
 # the order of the CLI's --method choices; the steps others compose (rotation, activations) last
 REGISTRY = Registry((FLOAT, rtn.METHOD, salient.METHOD, awq.METHOD, gptq.METHOD, awq_gptq.METHOD,
@@ -40,17 +44,35 @@ def needs_calibration(config) -> bool:
     return REGISTRY.of(config).calibrates(config)
 
 
+def check_data_parallel(config) -> None:
+    """Refuse, on torchrun's workers, a method whose statistics are not yet summed over them."""
+    if not distributed.active():
+        return
+    for step in config.steps if isinstance(config, Pipeline) else (config,):
+        method = REGISTRY.of(step)
+        if not method.data_parallel:
+            raise LowbitError(f"{method.name} does not run on data-parallel workers yet; run it in one process "
+                              f"(without torchrun). Methods that do: {', '.join(REGISTRY.names(data_parallel=True))}")
+
+
 def _handler(config) -> Callable[..., QuantReport]:
     return REGISTRY.of(config).apply
 
 
-def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None) -> QuantReport:
-    """Quantize ``model`` in place as ``config`` says; ``calib`` holds token samples [n, seq]."""
+def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None,
+              device: str | torch.device | None = None) -> QuantReport:
+    """Quantize ``model`` in place as ``config`` says; ``calib`` holds token samples [n, seq].
+
+    ``device`` (``"auto"``, ``"cpu"``, ``"cuda:0"``, ...) is where each layer's work runs; the model stays
+    where it is. None: where the model is.
+    """
     start = time.perf_counter()
+    placed_on = None if device is None else resolve_device(device)
+    check_data_parallel(config)
     if isinstance(config, Pipeline):
-        report = apply_pipeline(model, config, calib, _handler, needs_calibration)
+        report = apply_pipeline(model, config, calib, _handler, needs_calibration, placed_on)
     else:
-        report = _handler(config)(model, config, calib)
+        report = _handler(config)(model, config, calib, device=placed_on)
     report.seconds = time.perf_counter() - start
     _count_float(model, report)
     return report

@@ -85,7 +85,8 @@ def _device(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def apply_actquant(model: nn.Module, config: ActQuantConfig, calib: torch.Tensor | None = None) -> QuantReport:
+def apply_actquant(model: nn.Module, config: ActQuantConfig, calib: torch.Tensor | None = None,
+                   device: torch.device | None = None) -> QuantReport:
     """Install the input-rounding hooks (removed by ``detach_runtime`` / ``Session.restore``)."""
     family = family_for(model)
     # full name -> module whose input is quantized: the family's linears in every decoder layer, of any module
@@ -111,4 +112,5 @@ def apply_actquant(model: nn.Module, config: ActQuantConfig, calib: torch.Tensor
 
 
 METHOD = Method("actquant", ActQuantConfig, apply_actquant, "fake-quantize the inputs of the linears (--a-bit)",
-                calibrates=lambda config: config.static, selectable=False, packs=False, page="docs/ptq.md")
+                calibrates=lambda config: config.static, selectable=False, packs=False, data_parallel=True,
+                page="docs/ptq.md")

@@ -80,8 +80,8 @@ class AWQSearch:
 
         from ..atomic_write import atomic_path
 
-        tensors = {f"scale:{k}": v.contiguous() for k, v in self.scales.items()}
-        tensors.update({f"clip:{k}": v.contiguous() for k, v in self.clips.items()})
+        tensors = {f"scale:{k}": v.cpu().contiguous() for k, v in self.scales.items()}
+        tensors.update({f"clip:{k}": v.cpu().contiguous() for k, v in self.clips.items()})
         meta = {"lowbit_awq_search": json.dumps({**self.meta, "alphas": self.alphas, "fallbacks": self.fallbacks})}
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
@@ -121,8 +121,8 @@ def model_fingerprint(model: nn.Module, family: Family, spec: SpecLike) -> dict:
 
 def _tied_mean(x_mean: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
     """Average a per-consumer-channel statistic over each tie class, then spread it back."""
-    sums = torch.zeros(width, dtype=x_mean.dtype).index_add_(0, index, x_mean)
-    counts = torch.zeros(width, dtype=x_mean.dtype).index_add_(0, index, torch.ones_like(x_mean))
+    sums = torch.zeros(width, dtype=x_mean.dtype, device=x_mean.device).index_add_(0, index, x_mean)
+    counts = torch.zeros(width, dtype=x_mean.dtype, device=x_mean.device).index_add_(0, index, torch.ones_like(x_mean))
     return (sums / counts.clamp(min=1))[index]
 
 
@@ -182,7 +182,7 @@ def search_inputs(x: torch.Tensor, n_samples: int, token_wise: bool, seed: int =
     if not token_wise:
         return x[:n_samples]
     pick = torch.randperm(n * seq, generator=torch.Generator().manual_seed(seed))[: n_samples * seq]
-    return x.reshape(-1, width)[pick.sort().values].view(n_samples, seq, width)
+    return x.reshape(-1, width)[pick.sort().values.to(x.device)].view(n_samples, seq, width)
 
 
 @torch.no_grad()
@@ -214,10 +214,10 @@ def search_scale(
     else:
         xs = search_inputs(x, cfg.search_samples, group.token_wise, seed=ctx.index)
         ref = ctx.run(group.inspect, xs)
-    alphas = torch.arange(cfg.n_grid, dtype=torch.float32) / cfg.n_grid
+    alphas = torch.arange(cfg.n_grid, dtype=torch.float32, device=x.device) / cfg.n_grid
     scales = x_mean[None, :].pow(alphas[:, None]).clamp(min=1e-4)  # [n_grid, in], all candidates
     scales = scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()
-    losses = torch.full((cfg.n_grid,), math.inf)
+    losses = torch.full((cfg.n_grid,), math.inf, device=x.device)
     try:
         if single:  # many candidates at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
             losses = sum(torch.cat([single_linear_losses(w0.float(), g, part, spec, tokens)
@@ -273,8 +273,8 @@ def search_clip(lin: nn.Linear, grams: torch.Tensor, cfg: AWQConfig, spec: Quant
     n_groups = grams.shape[0]
     wg = w.view(out_f, n_groups, in_f // n_groups)
     n_steps = max(1, round(cfg.clip_grid * cfg.max_shrink))
-    best_err = torch.full((out_f, n_groups), math.inf)
-    best_ratio = torch.ones(out_f, n_groups)
+    best_err = torch.full((out_f, n_groups), math.inf, device=w.device)
+    best_ratio = torch.ones(out_f, n_groups, device=w.device)
     for i in range(n_steps):
         ratio = 1.0 - i / cfg.clip_grid
         d = fake_quantize(w, spec, clip_ratio=ratio).view_as(wg) - wg
@@ -326,7 +326,7 @@ class AWQLayerStep:
         layer = ctx.layer
         linears = [layer.get_submodule(n) for n in group.linears]
         readers = [layer.get_submodule(n) for n in group.readers]
-        unit = torch.ones(linears[0].in_features)
+        unit = torch.ones(linears[0].in_features, device=ctx.device)
         self.found.scales[key] = unit  # until a scale is found and passes its check
 
         def fallback(why: str) -> None:
@@ -340,13 +340,14 @@ class AWQLayerStep:
         try:
             prod = producer(layer.get_submodule(group.prev), group.part, linears[0].in_features, self.model,
                             self.family.norm_offset)
-            index = tie_index(prod.width, linears[0].in_features, self.head_dim)
+            index = tie_index(prod.width, linears[0].in_features, self.head_dim, ctx.device)
         except LowbitError as e:
             return fallback(f"{e}; no scale")
         if self.loaded is not None:
             s = self.loaded.scales.get(key)
             if s is None:
                 raise LowbitError(f"search file has no scale for {key}; it was made for another model")
+            s = s.to(ctx.device)
         elif ctx.group_input(group) is None:
             return fallback("no calibration token reached it (an expert never routed to); kept s=1")
         else:
@@ -374,10 +375,9 @@ class AWQLayerStep:
         per fold; the search before it runs a module on search_samples sequences per α of the grid)."""
         if ctx.call is None or ctx.inputs is None:
             return None
-        dtype = next(ctx.layer.parameters()).dtype
         chunks, n = [], 0
-        for batch in ctx.inputs:
-            chunks.append(batch[: samples - n].to(dtype))
+        for batch in ctx.batches():
+            chunks.append(batch[: samples - n])
             n += chunks[-1].shape[0]
             if n >= samples:
                 break
@@ -385,7 +385,7 @@ class AWQLayerStep:
             return None
         x = torch.cat(chunks)
         ref = ctx.run_layer(x)
-        tol = fold_tolerance(dtype)
+        tol = fold_tolerance(x.dtype)
 
         def check() -> str | None:
             err = fold_error(ref, ctx.run_layer(x))
@@ -412,6 +412,7 @@ class AWQLayerStep:
             ratio = None
             if self.loaded is not None:
                 ratio = self.loaded.clips.get(key)
+                ratio = None if ratio is None else ratio.to(ctx.device)
             elif cfg.clip and rel not in self.family.unclipped:  # q and k stay unclipped (Family.unclipped)
                 x = ctx.linear_inputs.get(rel)
                 if x is None or x.numel() == 0:
@@ -425,9 +426,9 @@ class AWQLayerStep:
 
 
 def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = None,
-              rounder: Rounder | None = None) -> QuantReport:
-    """AWQ scales (+ clips), then ``rounder`` (default RTN) on each layer; a custom rounder
-    is given the captured inputs, so it calibrates even with a loaded search."""
+              rounder: Rounder | None = None, device: torch.device | None = None) -> QuantReport:
+    """AWQ scales (+ clips), then ``rounder`` (default RTN) on each layer, each on the execution ``device``;
+    a custom rounder is given the captured inputs, so it calibrates even with a loaded search."""
     family, linears = prepare(model, config.spec)
     fingerprint = model_fingerprint(model, family, config.spec)
     loaded = None
@@ -440,11 +441,12 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
             )
     processor = AWQLayerStep(model, family, config, loaded, rounder or rtn_rounder)
     if loaded is not None and rounder is None:
-        _apply_without_calibration(model, family, processor)
+        _apply_without_calibration(model, family, processor, device)
     else:
         if calib is None:
             raise LowbitError("AWQ needs calibration samples (or --load-search FILE)")
-        walk_layers(model, family, calib, processor, propagate=config.propagate or PROPAGATE, desc="awq")
+        walk_layers(model, family, calib, processor, propagate=config.propagate or PROPAGATE, desc="awq",
+                    device=device)
     found = processor.found
     found.meta = {
         "fingerprint": fingerprint,
@@ -458,11 +460,12 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
     return QuantReport("awq", config.spec, bits_per_weight(config.spec, linears), info=info)
 
 
-def _apply_without_calibration(model: nn.Module, family: Family, processor: AWQLayerStep) -> None:
+def _apply_without_calibration(model: nn.Module, family: Family, processor: AWQLayerStep,
+                               device: torch.device | None) -> None:
     groups = tuple(ScalingGroup(prev, tuple(lins), insp, part=part, readers=tuple(readers))
                    for prev, lins, insp, *rest in processor.loaded.meta.get("groups", [])
                    for part, readers in [rest if rest else (None, ())])
-    walk_layers(model, family, None, processor, groups=groups, desc="awq (loaded search)")
+    walk_layers(model, family, None, processor, groups=groups, desc="awq (loaded search)", device=device)
 
 
 def _mismatch(a: dict, b: dict) -> str:

@@ -37,14 +37,15 @@ class AWQGPTQConfig:
         return self.awq.spec
 
 
-def apply_awq_gptq(model: nn.Module, config: AWQGPTQConfig, calib: torch.Tensor | None = None) -> QuantReport:
+def apply_awq_gptq(model: nn.Module, config: AWQGPTQConfig, calib: torch.Tensor | None = None,
+                   device: torch.device | None = None) -> QuantReport:
     if calib is None:
         raise LowbitError("AWQ+GPTQ needs calibration samples (GPTQ reads them even with a loaded AWQ search)")
     _, linears = prepare(model, config.spec)
     warn_if_few_tokens(calib, linears)
     rounder = GPTQRounder(config.gptq)
     awq_cfg = replace(config.awq, propagate=config.awq.propagate or PROPAGATE)
-    report = apply_awq(model, awq_cfg, calib, rounder=rounder)
+    report = apply_awq(model, awq_cfg, calib, rounder=rounder, device=device)
     report.method = "awq+gptq-r" if config.gptq.act_order else "awq+gptq"
     report.info.update(rounder.info())
     return report

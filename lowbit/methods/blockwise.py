@@ -123,10 +123,9 @@ class BlockwiseConfig:
                 raise LowbitError(f"block-wise reconstruction learns codes on an integer grid; {spec.describe()} is "
                                   "not one (use int or a GGUF block type)")
 
-    @property
-    def bf16(self) -> bool:
-        """Whether training runs under bfloat16 autocast (``dtype``, with auto resolved on this machine)."""
-        return compute_dtype(self.dtype)[0] == "bf16"
+    def bf16_on(self, device: torch.device) -> bool:
+        """Whether training on ``device`` runs under bfloat16 autocast (``dtype``, with auto resolved there)."""
+        return compute_dtype(self.dtype, device)[0] == "bf16"
 
     @property
     def recipe(self) -> dict:
@@ -156,7 +155,7 @@ def fit_block(run, x: torch.Tensor, target: torch.Tensor, grids: list[LearnedCod
     r = cfg.recipe
     sched = Schedule(r["steps"], r["check_every"], r["patience"], r["batch"], cfg.holdout,
                      (4.0, 400.0) if cfg.soft else None)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_on(x.device))
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         with autocast:
@@ -186,8 +185,7 @@ class BlockReconstructor:
         if ctx.inputs is None or ctx.targets is None:
             raise LowbitError("block-wise reconstruction needs the layer's calibration inputs and float outputs")
         grids = attach_codes(linears)
-        dtype = next(ctx.layer.parameters()).dtype
-        x = torch.cat([b.to(dtype) for b in ctx.inputs])
+        x = torch.cat(list(ctx.batches()))
         norms = norm_parameters(ctx.layer) if self.cfg.norm_lr > 0 else []
         flags = trainable_only(ctx.layer, [p for g in grids.values() for p in g.parameters() if p.requires_grad]
                                + norms)
@@ -224,7 +222,8 @@ def tune_steps_e2e(model: nn.Module, linears: dict[str, nn.Linear], calib: torch
     flags = trainable_only(model, params)
     was_training = model.training
     model.eval()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_on(device))
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         ids = calib[idx]
@@ -252,7 +251,8 @@ def tune_steps_e2e(model: nn.Module, linears: dict[str, nn.Linear], calib: torch
 # ---- the method ----------------------------------------------------------------------------------------
 
 
-def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tensor | None = None) -> QuantReport:
+def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tensor | None = None,
+                    device: torch.device | None = None) -> QuantReport:
     if calib is None:
         raise LowbitError("block-wise reconstruction trains on calibration samples; none were given")
     family, linears = prepare(model, config.spec)
@@ -274,10 +274,11 @@ def apply_blockwise(model: nn.Module, config: BlockwiseConfig, calib: torch.Tens
     rounder = BlockReconstructor(config, gptq)
     awq = AWQLayerStep(model, family, awq_cfg, None, rounder)
     # the quantized model's hidden states in (what each layer will see), the float model's outputs as targets
-    walk_layers(model, family, calib, awq, propagate="quantized", desc="blockwise", float_targets=True)
+    walk_layers(model, family, calib, awq, propagate="quantized", desc="blockwise", float_targets=True,
+                device=device)
     logs = rounder.logs
     e2e = tune_steps_e2e(model, linears, calib, config, teacher) if e2e_steps else {}
-    dtype, why = compute_dtype(config.dtype)
+    dtype, why = compute_dtype(config.dtype, device or next(model.parameters()).device)  # the block training's
     info: dict = {"recipe": "fast" if config.fast else "default", "dtype": dtype, "dtype_reason": why,
                   "steps": sum(lg.steps for lg in logs),
                   "block_seconds": round(time.perf_counter() - started, 1),

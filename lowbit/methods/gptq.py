@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..distributed import all_sum, same_everywhere, token_count
 from ..errors import LowbitError
 from ..options import option, positive_int
 from ..quantizer import (
@@ -70,11 +71,11 @@ class GPTQConfig:
 def hessian(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """H = 2XᵀX/T over all tokens of ``x`` [..., in], summed in float64 across token chunks."""
     xt = x.reshape(-1, x.shape[-1])
-    h = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64)
+    h = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64, device=x.device)
     for xb in xt.split(chunk):
         xb = xb.float()
         h += (xb.T @ xb).double()
-    return h.mul_(2.0 / max(1, xt.shape[0]))
+    return all_sum(h).mul_(2.0 / max(1, token_count(xt)))  # over every worker's tokens
 
 
 @dataclass
@@ -101,7 +102,7 @@ def factor_hessian(h: torch.Tensor, damp: float, act_order: bool = False, name: 
     mean_diag = h.diagonal().mean()
     for attempt in range(DAMP_RETRIES + 1):
         d = damp * 10**attempt
-        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * torch.eye(h.shape[0], dtype=h.dtype))
+        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
         if info == 0:
             u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
             if info == 0 and torch.isfinite(u).all():
@@ -152,7 +153,7 @@ def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block
     dynamic = spec.granularity == "group" and factor.perm is None and not static_groups
     imp = importance if spec.ggml is not None else None
     scale, zero = _qparams(w, spec, imp)  # final for static groups; overwritten group by group otherwise
-    order = torch.arange(n) if factor.perm is None else factor.perm
+    order = torch.arange(n, device=w.device) if factor.perm is None else factor.perm
     if factor.perm is not None:
         w = w[:, factor.perm]
     col_scale, col_zero = scale[:, order // gs], zero[:, order // gs]  # parameters of each processed column
@@ -205,6 +206,7 @@ class GPTQRounder:
 
     def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike) -> None:
         missing = [rel for rel in linears if rel not in ctx.linear_inputs or ctx.linear_inputs[rel].numel() == 0]
+        same_everywhere([rel not in missing for rel in linears], list(linears), f"GPTQ, layer {ctx.index}")
         if missing and ctx.call is None:
             raise LowbitError(f"GPTQ needs the calibration inputs of {', '.join(missing)}; none were captured")
         # an expert the router never chose on the calibration set has no Hessian: round it to nearest
@@ -224,7 +226,7 @@ class GPTQRounder:
             self.dead_columns += int(factor.dead.sum())
             for s, batch in _batches(linears, rels, spec):
                 w = torch.cat([m.weight for m in batch])
-                latent = torch.empty(w.shape) if self.keep_latent else None
+                latent = torch.empty(w.shape, device=w.device) if self.keep_latent else None
                 with one_thread():
                     qt = gptq_quantize(w, factor, s, self.config.block_size, self.config.static_groups,
                                        h.diagonal().clone() if self.config.weighted_params else None, latent)
@@ -270,7 +272,8 @@ def warn_if_few_tokens(calib: torch.Tensor, linears: dict[str, nn.Linear]) -> No
         )
 
 
-def apply_gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor | None = None) -> QuantReport:
+def apply_gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor | None = None,
+               device: torch.device | None = None) -> QuantReport:
     family, linears = prepare(model, config.spec)
     if calib is None:
         raise LowbitError("GPTQ needs calibration samples")
@@ -281,7 +284,7 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor | None 
         rounder(ctx, {rel: ctx.layer.get_submodule(rel) for rel in family.linears},
                 layer_specs(config.spec, f"{family.layers}.{ctx.index}."))
 
-    walk_layers(model, family, calib, process, propagate="quantized", desc="gptq")
+    walk_layers(model, family, calib, process, propagate="quantized", desc="gptq", device=device)
     return QuantReport("gptq-r" if config.act_order else "gptq", config.spec, bits_per_weight(config.spec, linears),
                        info=rounder.info())
 
@@ -289,4 +292,5 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor | None 
 METHOD = Method("gptq", GPTQConfig, apply_gptq,
                 "round column by column, each error corrected by the ones after it (--act-order: GPTQ-R)",
                 build=lambda spec, opts: (GPTQConfig(spec, **opts.for_config(GPTQConfig)),), calibrates=always,
-                mixed=True, options_title="gptq (also the rounding step of awq+gptq)", page="docs/gptq.md")
+                mixed=True, data_parallel=True, options_title="gptq (also the rounding step of awq+gptq)",
+                page="docs/gptq.md")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..distributed import same_everywhere, token_mean
 from ..errors import LowbitError
 from ..quantizer import QuantSpec, round_weight_
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
@@ -30,7 +31,7 @@ class ImatrixConfig:
 def channel_importance(x: torch.Tensor) -> torch.Tensor:
     """Mean of x² per input channel over the captured tokens (llama-imatrix's statistic)."""
     x = x.reshape(-1, x.shape[-1]).float()
-    return x.pow(2).mean(0)
+    return token_mean(x.pow(2))  # over every data-parallel worker's tokens
 
 
 @dataclass
@@ -41,6 +42,8 @@ class ImatrixRounder:
 
     @torch.no_grad()
     def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike) -> None:
+        present = [ctx.linear_inputs.get(r) is not None and ctx.linear_inputs[r].numel() > 0 for r in linears]
+        same_everywhere(present, list(linears), f"imatrix, layer {ctx.index}")
         for rel, lin in linears.items():
             x = ctx.linear_inputs.get(rel)
             if x is None or x.numel() == 0:  # an expert no calibration token reached
@@ -58,7 +61,8 @@ def check_gguf_spec(spec: SpecLike) -> None:
                           f"q4_k, ...); {', '.join(plain)} has none to fit")
 
 
-def apply_imatrix(model: nn.Module, config: ImatrixConfig, calib: torch.Tensor | None = None) -> QuantReport:
+def apply_imatrix(model: nn.Module, config: ImatrixConfig, calib: torch.Tensor | None = None,
+                  device: torch.device | None = None) -> QuantReport:
     check_gguf_spec(config.spec)
     family, linears = prepare(model, config.spec)
     if calib is None:
@@ -69,11 +73,12 @@ def apply_imatrix(model: nn.Module, config: ImatrixConfig, calib: torch.Tensor |
         rounder(ctx, {rel: ctx.layer.get_submodule(rel) for rel in family.linears},
                 layer_specs(config.spec, f"{family.layers}.{ctx.index}."))
 
-    walk_layers(model, family, calib, process, propagate="float", desc="imatrix")
+    walk_layers(model, family, calib, process, propagate="float", desc="imatrix", device=device)
     return QuantReport("imatrix", config.spec, bits_per_weight(config.spec, linears),
                        info={"rtn_fallback": rounder.rtn_fallback})
 
 
 METHOD = Method("imatrix", ImatrixConfig, apply_imatrix,
                 "fit each group's scale with the calibration's mean x² (llama.cpp's importance matrix)",
-                build=lambda spec, opts: (ImatrixConfig(spec),), calibrates=always, mixed=True, page="docs/gguf.md")
+                build=lambda spec, opts: (ImatrixConfig(spec),), calibrates=always, mixed=True, data_parallel=True,
+                page="docs/gguf.md")

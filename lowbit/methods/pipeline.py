@@ -34,9 +34,11 @@ class Pipeline:
 
 def apply_pipeline(model: nn.Module, config: Pipeline, calib: torch.Tensor | None,
                    handler_for: Callable[[object], Callable[..., QuantReport]],
-                   needs_calibration: Callable[[object], bool]) -> QuantReport:
-    """Run each step's handler in order; the report is named after every step and keeps each one's info."""
-    reports = [handler_for(step)(model, step, calib if needs_calibration(step) else None) for step in config.steps]
+                   needs_calibration: Callable[[object], bool], device: torch.device | None = None) -> QuantReport:
+    """Run each step's handler in order (on ``device``); the report is named after every step and keeps each one's
+    info."""
+    reports = [handler_for(step)(model, step, calib if needs_calibration(step) else None, device=device)
+               for step in config.steps]
     weight = [r for r in reports if r.spec is not None]
     bits = weight[-1].bits_per_weight if weight else 16.0
     info: dict = {}

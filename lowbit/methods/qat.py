@@ -219,8 +219,7 @@ class BlockTrainer:
         if ctx.inputs is None or ctx.outputs is None:
             raise LowbitError("block-wise QAT needs the layer walk's float outputs (calibration samples)")
         alphas = _input_alphas(ctx, list(linears)) if self.cfg.a_bit is not None else None
-        dtype = next(ctx.layer.parameters()).dtype
-        x = torch.cat([b.to(dtype) for b in ctx.inputs])
+        x = torch.cat(list(ctx.batches()))
         target = torch.cat(ctx.outputs)
 
         def loss_on(idx: torch.Tensor) -> torch.Tensor:
@@ -234,7 +233,8 @@ def _no_rounding(ctx: LayerContext, linears: dict[str, nn.Linear], spec: QuantSp
     """A layer walk's last step that leaves the weights in float (model mode rounds them later)."""
 
 
-def apply_qat(model: nn.Module, config: QATConfig, calib: torch.Tensor | None = None) -> QuantReport:
+def apply_qat(model: nn.Module, config: QATConfig, calib: torch.Tensor | None = None,
+              device: torch.device | None = None) -> QuantReport:
     if calib is None:
         raise LowbitError("QAT trains on calibration samples; none were given")
     family, linears = prepare(model, config.spec)
@@ -251,15 +251,15 @@ def apply_qat(model: nn.Module, config: QATConfig, calib: torch.Tensor | None = 
     if config.mode == "block":
         trainer = BlockTrainer(model, config)
         if config.init == "awq":
-            apply_awq(model, awq_cfg, calib, rounder=trainer)
+            apply_awq(model, awq_cfg, calib, rounder=trainer, device=device)
         else:
             walk_layers(model, family, calib, lambda ctx: trainer(ctx, {n: ctx.layer.get_submodule(n)
                                                                         for n in family.linears}, config.spec),
-                        propagate=config.propagate, desc="qat")
+                        propagate=config.propagate, desc="qat", device=device)
         logs = trainer.logs
     else:
         if config.init == "awq":
-            apply_awq(model, awq_cfg, calib, rounder=_no_rounding)
+            apply_awq(model, awq_cfg, calib, rounder=_no_rounding, device=device)
         logs = [_train_model(model, teacher, linears, calib, config)]
     info.update(steps=sum(lg.steps for lg in logs), first_loss=finite_mean(lg.first_loss for lg in logs),
                 last_loss=finite_mean(lg.last_loss for lg in logs))
@@ -280,7 +280,7 @@ def _train_model(model: nn.Module, teacher: tuple[torch.Tensor, torch.Tensor] | 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         ids = calib[idx]
         logits = model(ids, use_cache=False).logits
-        loss = torch.zeros((), dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         if cfg.distill < 1:
             loss = loss + (1 - cfg.distill) * F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
                                                               ids[:, 1:].flatten())

@@ -37,7 +37,7 @@ class Method:
 
     name: str
     config: type | None  # the config dataclass that holds its options; None for the float model
-    apply: Callable | None  # the handler: apply(model, config, calib) -> QuantReport
+    apply: Callable | None  # the handler: apply(model, config, calib, device=None) -> QuantReport
     summary: str  # one line for --help and the docs
     build: Callable[[Any, Any], tuple] | None = None
     calibrates: Callable[[Any], bool] = never  # whether a config of this method reads calibration activations
@@ -47,6 +47,7 @@ class Method:
     refusal: str | None = None  # why ``lowbit quantize`` refuses it (a method that cannot pack)
     streams: bool = False  # ``lowbit quantize --stream`` runs it layer by layer from disk
     trains: bool = False  # learns weights or steps by gradient descent
+    data_parallel: bool = False  # runs on torchrun's workers, each with a share of the calibration (lowbit.distributed)
     own_activations: bool = False  # quantizes activations itself (--a-bit goes to its config, not a run-time step)
     selectable: bool = True  # a ``--method`` choice; False for steps composed by others (rotation, activations)
     options_title: str | None = None  # the CLI's heading for its options (default: its name)

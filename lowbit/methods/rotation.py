@@ -103,7 +103,8 @@ def _check_widths(model: nn.Module, family: Family, config: RotationConfig) -> N
 
 
 @torch.no_grad()
-def apply_rotation(model: nn.Module, config: RotationConfig, calib=None) -> QuantReport:
+def apply_rotation(model: nn.Module, config: RotationConfig, calib=None,
+                   device: torch.device | None = None) -> QuantReport:
     """Fold the norms and rotate the model in place; its outputs stay the same up to rounding."""
     family = family_for(model)
     if family.post_norms:
@@ -136,20 +137,20 @@ def apply_rotation(model: nn.Module, config: RotationConfig, calib=None) -> Quan
 
     def rotate_layer(ctx: LayerContext) -> None:
         """The residual stream's rotation into and out of one layer, then its heads' and its online one."""
-        layer = ctx.layer
+        layer, q_here = ctx.layer, q.to(ctx.device)
         for norm_name, lin_names in readers.items():
             lins = [get_submodule(layer, n) for n in lin_names]
             fold_norm(get_submodule(layer, norm_name), lins, f"{family.layers}.{ctx.index}.{norm_name}",
                       family.norm_offset)
             for lin in lins:
-                _set(lin.weight, lin.weight.double() @ q)
+                _set(lin.weight, lin.weight.double() @ q_here)
         for name in family.residual_writers:
             lin = get_submodule(layer, name)
-            _set(lin.weight, q.T @ lin.weight.double())
+            _set(lin.weight, q_here.T @ lin.weight.double())
             if lin.bias is not None:
-                _set(lin.bias, lin.bias.double() @ q)
+                _set(lin.bias, lin.bias.double() @ q_here)
         if qh is not None:
-            _rotate_heads(*(get_submodule(layer, n) for n in family.value_output), qh)
+            _rotate_heads(*(get_submodule(layer, n) for n in family.value_output), qh.to(ctx.device))
         if qm is not None:
             lin = get_submodule(layer, family.online_rotated)
             _set(lin.weight, lin.weight.double() @ qm.to(lin.weight.device))
@@ -157,10 +158,10 @@ def apply_rotation(model: nn.Module, config: RotationConfig, calib=None) -> Quan
             attach_input_transform(model, lin, lambda x, s=s: apply_hadamard(x, qm.shape[0]) * s.to(x.dtype),
                                    f"online Hadamard {qm.shape[0]}")
 
-    walk_layers(model, family, None, rotate_layer, desc="rotate")
+    walk_layers(model, family, None, rotate_layer, desc="rotate", device=device)
     return QuantReport("rotate", None, 16.0, info=info)
 
 
 METHOD = Method("rotation", RotationConfig, apply_rotation,
                 "fold the norms and rotate the residual stream by a random Hadamard matrix (--rotate)",
-                selectable=False, packs=False, page="docs/rotation.md")
+                selectable=False, packs=False, data_parallel=True, page="docs/rotation.md")

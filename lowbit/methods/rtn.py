@@ -36,11 +36,13 @@ def rtn_rounder(ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike
     round_linears(linears, spec)
 
 
-def apply_rtn(model: nn.Module, config: RTNConfig, calib=None) -> QuantReport:
+def apply_rtn(model: nn.Module, config: RTNConfig, calib=None, device: torch.device | None = None) -> QuantReport:
+    """Round every linear where its weights are: an elementwise pass gains nothing from ``device``."""
     _, linears = prepare(model, config.spec)
     round_linears(linears, config.spec)
     return QuantReport("rtn", config.spec, bits_per_weight(config.spec, linears), info={"linears": len(linears)})
 
 
 METHOD = Method("rtn", RTNConfig, apply_rtn, "round each group to the nearest point of its grid",
-                build=lambda spec, opts: (RTNConfig(spec),), mixed=True, streams=True, page="docs/formats.md")
+                build=lambda spec, opts: (RTNConfig(spec),), mixed=True, streams=True, data_parallel=True,
+                page="docs/formats.md")

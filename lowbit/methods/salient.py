@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..distributed import token_mean
 from ..errors import LowbitError
 from ..options import option
 from ..quantizer import QuantSpec, fake_quantize
@@ -51,7 +52,8 @@ def keep_salient(lin: nn.Linear, importance: torch.Tensor, frac: float, spec: Qu
     w.copy_(wq)
 
 
-def apply_salient(model: nn.Module, config: SalientConfig, calib: torch.Tensor | None = None) -> QuantReport:
+def apply_salient(model: nn.Module, config: SalientConfig, calib: torch.Tensor | None = None,
+                  device: torch.device | None = None) -> QuantReport:
     family, linears = prepare(model, config.spec)
     if config.by == "activation":
         if calib is None:
@@ -60,10 +62,10 @@ def apply_salient(model: nn.Module, config: SalientConfig, calib: torch.Tensor |
         def process(ctx: LayerContext) -> None:
             for rel in family.linears:
                 x = ctx.linear_inputs[rel]
-                importance = x.abs().reshape(-1, x.shape[-1]).mean(0)
+                importance = token_mean(x.abs().reshape(-1, x.shape[-1]))
                 keep_salient(ctx.layer.get_submodule(rel), importance, config.frac, config.spec)
 
-        walk_layers(model, family, calib, process, desc="salient")
+        walk_layers(model, family, calib, process, desc="salient", device=device)
     else:
         g = torch.Generator().manual_seed(config.seed)
         for lin in linears.values():
@@ -77,7 +79,7 @@ def apply_salient(model: nn.Module, config: SalientConfig, calib: torch.Tensor |
 METHOD = Method(
     "salient", SalientConfig, apply_salient, "keep the input channels that see the largest activations in float",
     build=lambda spec, opts: (SalientConfig(spec, **opts.for_config(SalientConfig)),),
-    calibrates=lambda config: config.by == "activation", packs=False,
+    calibrates=lambda config: config.by == "activation", packs=False, data_parallel=True,
     refusal="salient FP16 keeps a fraction of each matrix's input channels in float; a packed linear holds one grid "
             "for the whole matrix, so the file cannot hold it (evaluate it with lowbit eval --method salient; AWQ "
             "protects the same channels by scaling and packs: --method awq)", page="docs/results.md")

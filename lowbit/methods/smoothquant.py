@@ -77,7 +77,8 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor | None = None) -> QuantReport:
+def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.Tensor | None = None,
+                      device: torch.device | None = None) -> QuantReport:
     """Fold SmoothQuant scales into every decoder layer; weights stay float."""
     if calib is None:
         raise LowbitError("SmoothQuant needs calibration samples (the activations' per-channel maxima)")
@@ -121,7 +122,7 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
             undo.append(Snapshot([prev, *linears, *extra]))
             fold_scale(prod, linears, smooth_scales(x_tied, w_tied, config.alpha)[index], index, extra)
 
-    walk_layers(model, family, None, smooth_layer, desc="smoothquant")
+    walk_layers(model, family, None, smooth_layer, desc="smoothquant", device=device)
     err = fold_error(before, _logits(model, probe))
     if err > fold_tolerance(next(model.parameters()).dtype):
         for snap in reversed(undo):
@@ -136,4 +137,4 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, calib: torch.
 METHOD = Method("smoothquant", SmoothQuantConfig, apply_smoothquant,
                 "move activation outliers into the weights, then round the weights to nearest",
                 build=lambda spec, opts: (SmoothQuantConfig(**opts.for_config(SmoothQuantConfig)), RTNConfig(spec)),
-                calibrates=always, chains=("rtn",), mixed=True, page="docs/ptq.md")
+                calibrates=always, chains=("rtn",), mixed=True, data_parallel=True, page="docs/ptq.md")

@@ -49,7 +49,8 @@ def ste_round(u: torch.Tensor) -> torch.Tensor:
 
 def stochastic_ste_round(u: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Unbiased random rounding forward (up with probability frac(u)), identity backward."""
-    noise = torch.rand(u.shape, generator=generator, dtype=u.dtype, device=u.device)
+    where = generator.device if generator is not None else u.device  # a generator draws on its own device
+    noise = torch.rand(u.shape, generator=generator, dtype=u.dtype, device=where).to(u.device)
     return u + (torch.floor(u + noise) - u).detach()
 
 

@@ -43,19 +43,19 @@ def kv_width(model: nn.Module) -> int | None:
     return None if hd is None or n_kv is None else int(n_kv) * int(hd)
 
 
-def tie_index(prev_out: int, lin_in: int, head_dim: int | None) -> torch.Tensor:
+def tie_index(prev_out: int, lin_in: int, head_dim: int | None, device: torch.device | None = None) -> torch.Tensor:
     """For each input channel of the consumer, the channel of ``prev`` that feeds it.
 
     Identity when widths match; for grouped-query attention query head h reads KV head
     h // (n_q / n_kv), so channel h*d + i maps to (h // rep)*d + i.
     """
     if prev_out == lin_in:
-        return torch.arange(lin_in)
+        return torch.arange(lin_in, device=device)
     if head_dim is None or lin_in % prev_out or prev_out % head_dim:
         raise LowbitError(f"cannot tie a {prev_out}-wide producer to a {lin_in}-wide consumer without head_dim")
     rep = lin_in // prev_out
-    heads = torch.arange(lin_in // head_dim) // rep
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    heads = torch.arange(lin_in // head_dim, device=device) // rep
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,10 @@ def fold_scale(prod: Producer, linears: list[nn.Module], s: torch.Tensor, index:
 
     ``s`` is over the consumers' input channels and constant on each tie class of ``index``.
     """
-    s_prev = torch.zeros(prod.width, dtype=s.dtype).index_copy_(0, index, s)
     prev = prod.module
+    device = prev.weight.device
+    s, index = s.to(device), index.to(device)  # a scale found elsewhere (a file, the CPU) folds where prev is
+    s_prev = torch.zeros(prod.width, dtype=s.dtype, device=device).index_copy_(0, index, s)
     if isinstance(prev, nn.Linear):
         rows = prod.rows or slice(None)
         prev.weight[rows].div_(s_prev.view(-1, 1).to(prev.weight.dtype))

@@ -41,6 +41,7 @@ KERNEL_OPS = {
     "dequant": "float weight + torch.matmul",
 }
 COMPUTE_DTYPE = torch.bfloat16
+CPU_ONLY = ("int4", "int4x2", "int8")  # torch's weight-only CPU ops; elsewhere the unpack kernel runs
 
 
 def _int4_fits(pt: PackedTensor) -> bool:
@@ -72,6 +73,11 @@ def choose_kernel(pt: PackedTensor, requested: str = "auto") -> str:
         if applicable(pt, k):
             return k
     return "dequant"
+
+
+def cpu_only(model: nn.Module) -> bool:
+    """Whether ``model`` holds packed linears whose kernel is one of torch's CPU-only ops."""
+    return any(isinstance(m, QuantLinear) and m.kernel in CPU_ONLY for m in model.modules())
 
 
 def _int4_weight(codes: torch.Tensor) -> torch.Tensor:
@@ -136,6 +142,9 @@ class QuantLinear(nn.Module):
         if self.kernel == "unpack":  # bias inside F.linear, as nn.Linear does: identical results
             y = F.linear(x2, self._dequantized(x2.dtype), self.bias)
             return y.reshape(*shape[:-1], self.out_features)
+        if x2.device.type != "cpu":
+            raise LowbitError(f"kernel {self.kernel} is torch's CPU-only op; on {x2.device.type} load the model "
+                              "with --kernel unpack")
         xc = x2.to(COMPUTE_DTYPE)
         if self.kernel == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.w, self.group_size, self.sz)

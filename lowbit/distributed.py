@@ -1,0 +1,121 @@
+"""Data-parallel workers on torch.distributed: each rank walks its own share of the calibration samples.
+
+Under ``torchrun --nproc-per-node N -m lowbit quantize ...`` every rank loads the model and draws the same
+calibration windows; the layer walk keeps only the rank's contiguous share of them. What a method sums
+over calibration tokens (GPTQ's Hessian, imatrix's mean x², token counts) is summed over the ranks with
+:func:`all_sum`, which gives every rank the same bits, so every rank takes the same decisions and holds the
+same weights; one rank writes the files. With one process every function here is the identity, so the
+single-process path is unchanged bit for bit.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import LowbitError
+
+
+def active() -> bool:
+    """Whether this process is one of several ranks of an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_writer() -> bool:
+    """Whether this rank writes files and prints results (rank 0; the only process without torchrun)."""
+    return rank() == 0
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1): NCCL for CUDA devices, else gloo."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return active()
+
+
+def _bounds(n: int) -> list[int]:
+    size = world_size()
+    return [r * n // size for r in range(size + 1)]
+
+
+def finish() -> None:
+    """Leave the process group (if this process joined one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share(rows: torch.Tensor, what: str = "calibration samples") -> torch.Tensor:
+    """This rank's contiguous share of ``rows`` (calibration samples, evaluation windows), in rank order."""
+    if not active():
+        return rows
+    if rows.shape[0] < world_size():
+        raise LowbitError(f"{rows.shape[0]} {what} cannot be shared by {world_size()} workers; give at least "
+                          f"{world_size()}")
+    b = _bounds(rows.shape[0])
+    return rows[b[rank()]:b[rank() + 1]]
+
+
+def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's ``local`` [its share of n, ...] back in row order: the single process's rows, bit for bit."""
+    if not active():
+        return local
+    b = _bounds(n)
+    width = max(hi - lo for lo, hi in zip(b, b[1:]))
+    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=_collective_device())
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: hi - lo] for p, lo, hi in zip(parts, b, b[1:])]).to(local.device)
+
+
+def _collective_device() -> torch.device:
+    """Where the backend reduces: NCCL only on the rank's CUDA device, gloo on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, the same bits on every rank; ``t`` itself with one process."""
+    if not active():
+        return t
+    out = t.detach().to(_collective_device(), copy=True).contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def same_everywhere(present: list[bool], names: list[str], what: str) -> None:
+    """Refuse a step whose inputs exist on some ranks only (an expert routed tokens on one worker's share):
+    the ranks would disagree on what to reduce."""
+    if not active():
+        return
+    counts = all_sum(torch.tensor(present, dtype=torch.int64)).tolist()
+    partial = [n for n, c in zip(names, counts) if 0 < c < world_size()]
+    if partial:
+        raise LowbitError(f"{what}: {', '.join(partial[:3])} got calibration tokens on some workers only; "
+                          "data-parallel quantization of such experts is not supported yet: run one process")
+
+
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every rank's tokens of ``x`` [tokens, width] (with one process exactly ``x.mean(0)``)."""
+    if not active():
+        return x.mean(0)
+    total = all_sum(torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device))
+    return (all_sum(x.sum(0, dtype=torch.float64)) / total.clamp(min=1)).to(x.dtype)
+
+
+def token_count(x: torch.Tensor | None) -> int:
+    """Calibration tokens in ``x`` [..., width] over every rank (0 for None)."""
+    local = 0 if x is None else x.numel() // max(1, x.shape[-1])
+    return int(all_sum(torch.tensor([local], dtype=torch.int64)).item()) if active() else local
