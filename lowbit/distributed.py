@@ -107,6 +107,31 @@ def same_everywhere(present: list[bool], names: list[str], what: str) -> None:
                           "data-parallel quantization of such experts is not supported yet: run one process")
 
 
+def all_max(value: float) -> float:
+    """The largest of every rank's ``value``."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def offset(rows: int) -> tuple[int, int]:
+    """(where this rank's ``rows`` start among all ranks' rows, how many rows all ranks hold)."""
+    if not active():
+        return 0, rows
+    counts = gather_shares(torch.tensor([[rows]], dtype=torch.int64), world_size()).flatten().tolist()
+    return sum(counts[: rank()]), sum(counts)
+
+
+def element_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of every element of ``t`` over every rank (with one process exactly ``t.mean()``)."""
+    if not active():
+        return t.mean()
+    total = all_sum(torch.tensor([t.numel()], dtype=torch.float64, device=t.device))
+    return (all_sum(t.sum(dtype=torch.float64).reshape(1)) / total.clamp(min=1)).to(t.dtype).reshape(())
+
+
 def token_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over every rank's tokens of ``x`` [tokens, width] (with one process exactly ``x.mean(0)``)."""
     if not active():

@@ -217,3 +217,29 @@ def test_compare_writes_table_and_chart_and_keeps_them_without_force(tmp_path, t
     before = (out / "compare.json").read_text()
     assert_clean_error(run(*args), "compare.json exists; pass --force")
     assert (out / "compare.json").read_text() == before
+
+
+@pytest.mark.model
+def test_torchrun_two_workers_write_what_one_process_writes(tmp_path, tokenizer_dir, data_dir):
+    """``torchrun --nproc-per-node 2 -m lowbit quantize``: rank 0 alone writes and prints; the file and its
+    perplexity are one process's (GPTQ-R's Hessian summed over the workers' halves of the calibration)."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny", tokenizer_dir)
+    args = ["quantize", "--model", str(ckpt), "--method", "gptq", "--act-order", "--w-bit", "4", "--group-size", "16",
+            "--calib-samples", "4", "--calib-seq-len", "64", "--eval", "--seq-len", "128", "--max-windows", "3",
+            "--json"]
+    one = run(*args, "-o", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lowbit", *args, "-o", str(tmp_path / "two")], check=False, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert two.returncode == 0, two.stderr
+    rows = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1, two.stdout  # one worker prints
+    expected = json.loads(one.stdout.strip().splitlines()[-1])
+    assert rows[0]["ppl"] == pytest.approx(expected["ppl"], rel=1e-4) and rows[0]["windows"] == 3
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    codes = [k for k in a if a[k].dtype in (torch.int32, torch.uint8, torch.int8)]
+    assert codes and sum((a[k] != b[k]).sum().item() for k in codes) <= 1e-3 * sum(a[k].numel() for k in codes)

@@ -1,7 +1,8 @@
 """Data-parallel workers (torch.distributed, gloo): two ranks, each with half the calibration samples and half
 the evaluation windows, give the weights and the perplexity of one process, up to summation order: the
-workers sum their statistics in float64 where one process sums all tokens at once, so a code may flip in a
-near-tie (bounded below); the workers agree with each other bit for bit.
+workers sum their statistics in float64 where one process sums all tokens at once, so a folded weight may
+move by float rounding and a code may flip in a near-tie (bounded below); the workers agree with each other
+bit for bit.
 
 The ranks run in spawned processes, as ``torchrun`` would start them; each saves what it produced.
 """
@@ -31,6 +32,8 @@ CONFIGS = {
     "imatrix": lambda: lb.ImatrixConfig(QuantSpec(format="q4_0")),
     "salient": lambda: lb.SalientConfig(SPEC, by="activation"),
     "awq": lambda: lb.AWQConfig(SPEC),
+    "awq+gptq-r": lambda: lb.AWQGPTQConfig(lb.AWQConfig(SPEC), lb.GPTQConfig(SPEC, act_order=True)),
+    "blockwise": lambda: lb.BlockwiseConfig(SPEC, fast=True, steps=2, e2e_steps=0),
 }
 
 
@@ -74,20 +77,22 @@ def _two_ranks(tmp_path: Path, family: str, method: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("family, method", [("llama", "gptq-r"), ("llama", "imatrix"), ("llama", "salient"),
-                                            ("qwen2_moe", "gptq-r")])
+                                            ("llama", "awq"), ("llama", "awq+gptq-r"), ("qwen2_moe", "gptq-r"),
+                                            ("qwen2_moe", "awq")])
 def test_two_workers_give_one_process_weights_and_perplexity(tmp_path, family, method):
     alone = _run(family, method)
     ranks = _two_ranks(tmp_path, family, method)
     assert not any("refused" in r for r in ranks), ranks
     assert ranks[0]["hash"] == ranks[1]["hash"] and ranks[0]["ppl"] == ranks[1]["ppl"], "the workers disagree"
-    moved = (ranks[0]["weights"] != alone["weights"]).float().mean().item()
-    assert moved <= 1e-3, f"{moved:.2%} of the weights differ from one process's"
+    # float rounding of the summed statistics moves a folded weight by an ulp; a flipped code moves it a grid step
+    moved = (~torch.isclose(ranks[0]["weights"], alone["weights"], rtol=1e-5, atol=1e-8)).float().mean().item()
+    assert moved <= 1e-3, f"{moved:.2%} of the weights differ from one process's by more than float rounding"
     assert ranks[0]["ppl"] == pytest.approx(alone["ppl"], rel=1e-4)  # the bar: 4 significant digits
 
 
 def test_a_method_not_yet_data_parallel_is_refused_on_every_worker(tmp_path):
-    ranks = _two_ranks(tmp_path, "llama", "awq")
-    assert all("awq does not run on data-parallel workers yet" in r.get("refused", "") for r in ranks)
+    ranks = _two_ranks(tmp_path, "llama", "blockwise")
+    assert all("blockwise does not run on data-parallel workers yet" in r.get("refused", "") for r in ranks)
 
 
 def test_one_process_is_the_identity():

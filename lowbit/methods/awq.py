@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import distributed
+from ..distributed import all_max, all_sum, element_mean, offset, same_everywhere, token_count, token_mean
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
@@ -131,7 +133,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     sum((D @ G) * D) / out, so candidates can be scored on every token at the cost of one
     [out, in] x [in, in] product instead of a pass over the data."""
     xt = x.reshape(-1, x.shape[-1]).float()
-    return (xt.T @ xt) / xt.shape[0]
+    return all_sum(xt.T @ xt) / token_count(xt)  # over every data-parallel worker's tokens
 
 
 class Grams:
@@ -168,21 +170,33 @@ class Grams:
                 self._blocks[key] = g.view(n, group, n, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
             else:
                 xt = x.reshape(-1, x.shape[-1]).float().view(-1, n, group)
-                self._blocks[key] = torch.einsum("tgk,tgl->gkl", xt, xt) / xt.shape[0]
+                self._blocks[key] = all_sum(torch.einsum("tgk,tgl->gkl", xt, xt)) / token_count(xt.flatten(1))
         return self._blocks[key]
 
 
 def search_inputs(x: torch.Tensor, n_samples: int, token_wise: bool, seed: int = 0) -> torch.Tensor:
     """The inputs that score α: ``n_samples`` whole sequences for a module that mixes tokens
     (attention), or as many tokens drawn from all sequences for a token-wise one (an MLP),
-    which estimates the error better for the same work since neighbouring tokens are alike."""
-    n, seq, width = x.shape
+    which estimates the error better for the same work since neighbouring tokens are alike.
+
+    A data-parallel worker holding sequences ``start`` onwards of all of them returns its part of the same draw.
+    """
+    local, seq, width = x.shape
+    start, n = offset(local)
     if n_samples >= n:
         return x
     if not token_wise:
-        return x[:n_samples]
-    pick = torch.randperm(n * seq, generator=torch.Generator().manual_seed(seed))[: n_samples * seq]
-    return x.reshape(-1, width)[pick.sort().values.to(x.device)].view(n_samples, seq, width)
+        return x[: max(0, n_samples - start)]
+    pick = torch.randperm(n * seq, generator=torch.Generator().manual_seed(seed))[: n_samples * seq].sort().values
+    if local == n:
+        return x.reshape(-1, width)[pick.to(x.device)].view(n_samples, seq, width)
+    mine = pick[(pick >= start * seq) & (pick < (start + local) * seq)] - start * seq
+    return x.reshape(-1, width)[mine.to(x.device)].view(1, -1, width)  # token-wise: any shape of batch
+
+
+def _run(ctx: LayerContext, module: str, x: torch.Tensor) -> torch.Tensor:
+    """``ctx.run``, or nothing for a data-parallel worker that holds none of the search's inputs."""
+    return ctx.run(module, x) if x.numel() else x.new_zeros(0)
 
 
 @torch.no_grad()
@@ -200,7 +214,7 @@ def search_scale(
     of ``cfg.search_samples`` sequences (see :func:`search_inputs`).
     """
     x = ctx.group_input(group)
-    x_mean = _tied_mean(x.abs().reshape(-1, x.shape[-1]).float().mean(0), index, width)
+    x_mean = _tied_mean(token_mean(x.abs().reshape(-1, x.shape[-1]).float()), index, width)
     linears = [ctx.layer.get_submodule(n) for n in group.linears]
     own = [spec_for(cfg.spec if specs is None else specs, n) for n in group.linears]
     originals = [lin.weight.detach().clone() for lin in linears]
@@ -210,10 +224,10 @@ def search_scale(
         tokens = x.reshape(-1, x.shape[-1]).float()
         # score through the Gram matrix (in x in) unless there are fewer tokens than inputs
         # (a 7B down_proj with a small calibration set): then D X^T is the cheaper product
-        g = grams.full(x) if tokens.shape[0] >= tokens.shape[1] else None
+        g = grams.full(x) if token_count(tokens) >= tokens.shape[1] else None
     else:
         xs = search_inputs(x, cfg.search_samples, group.token_wise, seed=ctx.index)
-        ref = ctx.run(group.inspect, xs)
+        ref = _run(ctx, group.inspect, xs)
     alphas = torch.arange(cfg.n_grid, dtype=torch.float32, device=x.device) / cfg.n_grid
     scales = x_mean[None, :].pow(alphas[:, None]).clamp(min=1e-4)  # [n_grid, in], all candidates
     scales = scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()
@@ -229,7 +243,7 @@ def search_scale(
                     continue
                 for lin, w, spec in zip(linears, originals, own):
                     lin.weight.copy_(fake_quantize(w * s, spec) / s)
-                losses[i] = (ctx.run(group.inspect, xs) - ref).float().pow(2).mean()
+                losses[i] = element_mean((_run(ctx, group.inspect, xs) - ref).float().pow(2))
     finally:
         for lin, w in zip(linears, originals):
             lin.weight.copy_(w)
@@ -256,7 +270,7 @@ def single_linear_losses(w0: torch.Tensor, g: torch.Tensor | None, scales: torch
     scaled = (w0[None] * scales[:, None, :]).reshape(-1, w0.shape[1])  # rows keep their own groups
     d = fake_quantize(scaled, spec).view(len(scales), *w0.shape) / scales[:, None, :] - w0[None]
     if g is None:
-        return (d @ tokens.T).pow(2).sum((1, 2)) / (d.shape[1] * tokens.shape[0])
+        return all_sum((d @ tokens.T).pow(2).sum((1, 2))) / (d.shape[1] * token_count(tokens))
     return ((d @ g) * d).sum((1, 2)) / d.shape[1]
 
 
@@ -348,7 +362,7 @@ class AWQLayerStep:
             if s is None:
                 raise LowbitError(f"search file has no scale for {key}; it was made for another model")
             s = s.to(ctx.device)
-        elif ctx.group_input(group) is None:
+        elif token_count(ctx.group_input(group)) == 0:
             return fallback("no calibration token reached it (an expert never routed to); kept s=1")
         else:
             alpha, s, why = search_scale(ctx, group, self.cfg, index, prod.width, grams, specs)
@@ -375,20 +389,22 @@ class AWQLayerStep:
         per fold; the search before it runs a module on search_samples sequences per α of the grid)."""
         if ctx.call is None or ctx.inputs is None:
             return None
+        start, _ = offset(sum(b.shape[0] for b in ctx.inputs))  # a data-parallel worker: its part of the first
+        samples = max(0, samples - start)
         chunks, n = [], 0
         for batch in ctx.batches():
-            chunks.append(batch[: samples - n])
-            n += chunks[-1].shape[0]
             if n >= samples:
                 break
-        if not n:
+            chunks.append(batch[: samples - n])
+            n += chunks[-1].shape[0]
+        if not distributed.active() and not n:
             return None
-        x = torch.cat(chunks)
-        ref = ctx.run_layer(x)
-        tol = fold_tolerance(x.dtype)
+        x = torch.cat(chunks) if n else None
+        ref = ctx.run_layer(x) if n else None
+        tol = fold_tolerance(next(ctx.layer.parameters()).dtype)
 
         def check() -> str | None:
-            err = fold_error(ref, ctx.run_layer(x))
+            err = all_max(fold_error(ref, ctx.run_layer(x)) if n else 0.0)
             return None if err <= tol else f"relative change {err:.2g} > {tol:g} at its worst position"
 
         return check
@@ -401,6 +417,8 @@ class AWQLayerStep:
                 "declare them in lowbit/models/families.py"
             )
         self.groups = ctx.groups
+        same_everywhere([ctx.linear_inputs.get(r) is not None and ctx.linear_inputs[r].numel() > 0
+                         for r in self.family.linears], list(self.family.linears), f"AWQ, layer {ctx.index}")
         specs = layer_specs(cfg.spec, f"{self.family.layers}.{ctx.index}.")
         grams = Grams()
         check = self._checker(ctx)
@@ -415,7 +433,7 @@ class AWQLayerStep:
                 ratio = None if ratio is None else ratio.to(ctx.device)
             elif cfg.clip and rel not in self.family.unclipped:  # q and k stay unclipped (Family.unclipped)
                 x = ctx.linear_inputs.get(rel)
-                if x is None or x.numel() == 0:
+                if token_count(x) == 0:
                     self.unclipped.append(key)
                 else:
                     ratio = search_clip(lin, grams.blocks(x, _group_width(spec, lin.in_features)), cfg, spec)
@@ -475,4 +493,5 @@ def _mismatch(a: dict, b: dict) -> str:
 
 METHOD = Method("awq", AWQConfig, apply_awq, "scale the salient input channels before rounding (activation-aware)",
                 build=lambda spec, opts: (AWQConfig(spec, **opts.for_config(AWQConfig)),),
-                calibrates=lambda config: config.load_search is None, mixed=True, streams=True, page="docs/design.md")
+                calibrates=lambda config: config.load_search is None, mixed=True, streams=True, data_parallel=True,
+                page="docs/design.md")

@@ -54,4 +54,4 @@ def apply_awq_gptq(model: nn.Module, config: AWQGPTQConfig, calib: torch.Tensor 
 METHOD = Method("awq+gptq", AWQGPTQConfig, apply_awq_gptq, "AWQ's scales and clips, then GPTQ's rounding",
                 build=lambda spec, opts: (AWQGPTQConfig(awq.METHOD.build(spec, opts)[0],
                                                         gptq.METHOD.build(spec, opts)[0]),),
-                calibrates=always, chains=("awq", "gptq"), mixed=True, page="docs/gptq.md")
+                calibrates=always, chains=("awq", "gptq"), mixed=True, data_parallel=True, page="docs/gptq.md")
