@@ -57,7 +57,7 @@ from .pack.checkpoint import (
     write_index,
 )
 from .quantizer import QuantSpec
-from .walk import Activations, Call, LayerContext, first_layer_batches, walk_layers
+from .walk import Activations, Call, LayerContext, Streaming, first_layer_batches, walk_layers
 
 MANIFEST = "manifest.json"
 ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -355,9 +355,11 @@ class StreamRun:
             awq = self.method == "awq"
             walk_layers(self.model, self.family, None, AWQLayerStep(self.model, self.family, self.config) if awq
                         else self.rtn_layer, batch_size=self.batch_size, desc=f"stream {self.method} layers",
-                        propagate=self.config.propagate or AWQ_PROPAGATE if awq else "float", inputs=inputs,
-                        start=max(self.resumed_at, 1) - 1, store=lambda index: self.new_store(index + 2),
-                        before=self.read_layer if awq else None, after=after, device=self.device if awq else None)
+                        propagate=self.config.propagate or AWQ_PROPAGATE if awq else "float",
+                        streaming=Streaming(inputs, max(self.resumed_at, 1) - 1,
+                                            lambda index: self.new_store(index + 2),
+                                            self.read_layer if awq else None, after),
+                        device=self.device if awq else None)
             if self.resumed_at < self.n_steps:
                 self.tail_step()
                 bar.update(1)

@@ -321,6 +321,19 @@ class _LayerCapture:
                 if n in by}
 
 
+@dataclass
+class Streaming:
+    """How :mod:`lowbit.stream` walks: from layer ``start`` on ``inputs`` it computed or kept (the hidden states
+    entering that layer and every layer's call), each layer's outputs kept in ``store(index)`` (e.g. files),
+    each layer read in ``before(index, layer)`` and packed and committed in ``after(index, layer, outputs)``."""
+
+    inputs: tuple[Activations, list[Call]] | None = None
+    start: int = 0
+    store: Callable[[int], Activations] | None = None
+    before: Callable[[int, nn.Module], None] | None = None
+    after: Callable[[int, nn.Module, Activations | None], None] | None = None
+
+
 @torch.no_grad()
 def walk_layers(
     model: nn.Module,
@@ -333,11 +346,7 @@ def walk_layers(
     desc: str = "calibrating",
     float_targets: bool = False,
     groups: tuple[ScalingGroup, ...] | None = None,
-    inputs: tuple[Activations, list[Call]] | None = None,
-    start: int = 0,
-    store: Callable[[int], Activations] | None = None,
-    before: Callable[[int, nn.Module], None] | None = None,
-    after: Callable[[int, nn.Module, Activations | None], None] | None = None,
+    streaming: Streaming | None = None,
     device: torch.device | None = None,
 ) -> None:
     """Call ``process`` on each decoder layer with its captured calibration inputs.
@@ -349,18 +358,16 @@ def walk_layers(
     ``samples`` None walks without calibration: each context holds the layer and its scaling
     groups (``groups``, or the family's) only, for folds and for a search loaded from a file.
 
-    Streaming (:mod:`lowbit.stream`) walks from layer ``start`` on ``inputs`` it computed or kept
-    (the hidden states entering that layer and every layer's call), keeps each layer's outputs in
-    ``store(index)`` (e.g. files), reads each layer in ``before(index, layer)`` and packs and
-    commits it in ``after(index, layer, outputs)``.
+    ``streaming`` (:class:`Streaming`) resumes from a layer and reads, keeps and commits each layer.
 
     ``device`` (default: where the model is) is the execution device: each layer moves there for its
     step and back after it, with its calibration states and call arguments; the states between
     layers stay there where they fit in half its free memory, else on the CPU.
     """
     layers = model.get_submodule(family.layers)
-    if inputs is not None:
-        hidden, calls = inputs
+    stream = streaming or Streaming()
+    if stream.inputs is not None:
+        hidden, calls = stream.inputs
     elif samples is not None:  # a data-parallel worker walks its share of the samples
         hidden, calls = first_layer_batches(model, family, share(samples), batch_size)
     else:
@@ -374,22 +381,22 @@ def walk_layers(
         process(ctx)  # after the float output was taken
 
     step = with_targets if float_targets else process
-    for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", leave=False):
+    for index in tqdm(range(stream.start, len(layers)), desc=desc, unit="layer", leave=False):
         layer = layers[index]
-        if before is not None:
-            before(index, layer)
+        if stream.before is not None:
+            stream.before(index, layer)
         with placed(layer, device):
             if hidden is None:
                 process(LayerContext(index, layer, None, {}, {}, family.groups if groups is None else groups))
             else:
-                out = store(index) if store is not None else Activations(hidden.dtype, device=keep)
+                out = stream.store(index) if stream.store is not None else Activations(hidden.dtype, device=keep)
                 groups = calibrate_layer(index, layer, family, groups, hidden, calls[index], step, out,
                                          batch_size=batch_size, propagate=propagate)
                 hidden = out
         if device is not None:
             move_records_(layer, home_of(layer))  # the codes a method recorded go home with the weights
-        if after is not None:
-            after(index, layer, hidden)
+        if stream.after is not None:
+            stream.after(index, layer, hidden)
 
 
 def _states_device(hidden: Activations | None, device: torch.device | None, copies: int) -> torch.device | None:
