@@ -16,6 +16,7 @@ from . import options
 from .calibration_data import Calibration, calibration_windows
 from .data import eval_source, eval_text
 from .device import placed
+from .distributed import is_writer
 from .errors import LowbitError
 from .eval.perplexity import perplexity, tokenize_windows
 from .methods import REGISTRY, ActQuantConfig, Pipeline, needs_calibration, quantize_
@@ -293,7 +294,7 @@ class Session:
             alloc = allocate_bits(linears, costs, base, bits_budget=budget.bits_budget,
                                   size_budget_mb=budget.size_budget_mb, choices=choices)
             alloc.meta.update(cost_model=budget.cost, **source)
-        if budget.save_allocation:
+        if budget.save_allocation and is_writer():  # one data-parallel worker writes
             alloc.save(budget.save_allocation)
         return alloc.spec_map()
 

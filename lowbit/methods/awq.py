@@ -471,7 +471,7 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
         "groups": [[g.prev, list(g.linears), g.inspect, g.part, list(g.readers)] for g in processor.groups],
         "config": {k: v for k, v in vars(config).items() if k not in ("spec", "load_search", "save_search")},
     }
-    if config.save_search:
+    if config.save_search and distributed.is_writer():  # one data-parallel worker writes
         found.save(config.save_search)
     info = {"alphas": found.alphas, "fallbacks": found.fallbacks, "groups": len(found.scales),
             "unclipped": processor.unclipped, "search": found}
