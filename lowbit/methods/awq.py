@@ -389,8 +389,8 @@ class AWQLayerStep:
         per fold; the search before it runs a module on search_samples sequences per α of the grid)."""
         if ctx.call is None or ctx.inputs is None:
             return None
-        start, _ = offset(sum(b.shape[0] for b in ctx.inputs))  # a data-parallel worker: its part of the first
-        samples = max(0, samples - start)
+        if distributed.active():  # a data-parallel worker checks its part of the first ``samples`` sequences
+            samples = max(0, samples - offset(sum(b.shape[0] for b in ctx.inputs))[0])
         chunks, n = [], 0
         for batch in ctx.batches():
             if n >= samples:
