@@ -5,6 +5,7 @@ A refactor that claims "no number moves" re-measures the headline rows at its co
 row of the same key measured at an earlier commit in ``bench/results/headline.jsonl``:
 
     python bench/reproduce.py [--new headline_repro] [--old headline]
+    python bench/reproduce.py --family OLD.json NEW.json   # two runs of bench/family_table.py, same settings
 
 It prints PPL, mean KLD, top-1 agreement and bits per weight of both, and whether they are equal as
 printed (3, 4, 3 and 3 decimals, as the README prints them) and exactly; it exits 1 when a row differs.
@@ -56,6 +57,27 @@ def compare(old: list[dict], new: list[dict]) -> tuple[list[str], bool]:
     return lines, all_same
 
 
+def compare_family(old: dict, new: dict) -> tuple[list[str], bool]:
+    """Two ``bench/family_table.py`` result files of the same settings, row by row: PPL as printed and exactly."""
+    if old["settings"] != new["settings"]:
+        raise SystemExit(f"different settings: {old['settings']} and {new['settings']}")
+    lines = [f"settings {old['settings']}",
+             f"{'bits':>4}  {'method':<12} {'PPL old':>18} {'PPL new':>18}  printed  exact  packed / GGUF PPL"]
+    rows_new, all_same = {(r["label"], r["w_bit"]): r for r in new["rows"]}, True
+    for r in old["rows"]:
+        n = rows_new.get((r["label"], r["w_bit"]))
+        if n is None:
+            lines.append(f"{r['w_bit']:>4}  {r['label']:<12} {r['ppl']:>18.15g} {'(not run)':>18}")
+            all_same = False
+            continue
+        printed, exact = _fmt(r["ppl"], 3) == _fmt(n["ppl"], 3), r["ppl"] == n["ppl"]
+        exports = "; ".join(f"{r[k]} -> {n.get(k)}" for k in ("packed_ppl", "gguf_ppl") if k in r)
+        all_same &= printed and all(r[k] == n.get(k) for k in ("packed_ppl", "gguf_ppl") if k in r)
+        lines.append(f"{r['w_bit']:>4}  {r['label']:<12} {r['ppl']:>18.15g} {n['ppl']:>18.15g}  "
+                     f"{'same' if printed else 'DIFFERS':>7s}  {'same' if exact else 'differs':>5s}  {exports}")
+    return lines, all_same
+
+
 def _fmt(value, decimals: int) -> str:
     return "-" if value is None else f"{value:.{decimals}f}"
 
@@ -64,7 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new", default="headline_repro", help="the re-measured rows (default headline_repro)")
     p.add_argument("--old", default="headline", help="the stored rows (default headline)")
+    p.add_argument("--family", nargs=2, metavar=("OLD", "NEW"),
+                   help="instead: two bench/family_table.py result files (JSON) of the same settings")
     args = p.parse_args(argv)
+    if args.family:
+        import json
+
+        lines, same = compare_family(*(json.loads(Path(f).read_text()) for f in args.family))
+        print("\n".join(lines))
+        print("every row reproduces as printed" if same else "some rows differ (or were not run)")
+        return 0 if same else 1
     new = rows.read_rows(rows.results_path(args.new))
     if not new:
         print(f"no rows in {rows.results_path(args.new)}", file=sys.stderr)

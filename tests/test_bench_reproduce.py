@@ -22,3 +22,17 @@ def test_other_settings_or_the_same_commit_are_no_reference():
     old = [dict(BASE, commit="c", **MEASURED), dict(BASE, commit="a", **dict(MEASURED), propagate="quantized")]
     lines, same = reproduce.compare(old, [dict(BASE, commit="c", **MEASURED)])
     assert not same and "no earlier row" in lines[1]
+
+
+def test_family_tables_compare_row_by_row_with_their_export_checks():
+    settings = {"model": "gemma3-270m", "group_size": 128}
+    rows = [{"label": "AWQ", "w_bit": 4, "ppl": 23.46578, "packed_ppl": 23.4658, "gguf_ppl": 23.4628},
+            {"label": "RTN", "w_bit": 4, "ppl": 35.0105}]
+    old = {"settings": settings, "rows": rows}
+    lines, same = reproduce.compare_family(old, {"settings": settings, "rows": [dict(r) for r in rows]})
+    assert same and all(" same   same" in ln for ln in lines[2:])
+    moved = [dict(rows[0], gguf_ppl=23.47), rows[1]]  # the model's PPL is the same; its GGUF file's is not
+    lines, same = reproduce.compare_family(old, {"settings": settings, "rows": moved})
+    assert not same
+    lines, same = reproduce.compare_family(old, {"settings": settings, "rows": rows[:1]})
+    assert not same and "(not run)" in lines[-1]
