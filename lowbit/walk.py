@@ -222,11 +222,7 @@ def _run_until_stop(model: nn.Module, samples: torch.Tensor, batch_size: int) ->
     """Run the model on each batch of samples; a hook raising ``_Stop`` ends a batch early."""
     for batch in samples.split(batch_size):
         with suppress(_Stop):
-            model(batch.to(_device(model)), use_cache=False)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+            model(batch.to(home_of(model)), use_cache=False)
 
 
 def layer_output(o):
