@@ -299,17 +299,21 @@ class Session:
         return alloc.spec_map()
 
     def run(self, method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions | None = None,
-            progress: bool = True, label: str | None = None, evaluate: bool = True) -> RunResult:
-        """Quantize the float model with ``method`` and (unless told not to) measure its perplexity."""
+            progress: bool = True, label: str | None = None, evaluate: bool = True,
+            bound: bool = False) -> RunResult:
+        """Quantize the float model with ``method`` and (unless told not to) measure its perplexity; ``bound``
+        also times the run's matrix products on this machine, for its lower bound (:mod:`lowbit.flops`)."""
         self.restore()
         config = make_config(method, spec, opts or MethodOptions())
         quant_seconds, bpw, info, name = 0.0, 16.0, {}, method
         if config is not None:
             calib = self.calibration() if needs_calibration(config) else None
             start = time.perf_counter()
-            report = quantize_(self.model, config, calib, device=self.device)
+            report = quantize_(self.model, config, calib, device=self.device, count_matmuls=bound)
             quant_seconds, bpw, name = time.perf_counter() - start, report.bits_per_weight, report.method
             info = {k: v for k, v in report.info.items() if k != "search"}
+            if bound:
+                info.update(report.lower_bound().row(quant_seconds))
             if calib is not None:
                 info["calibration"] = self.calibration_record.describe()
             if spec is not None:

@@ -7,7 +7,8 @@ head) is written at once as one safetensors shard of lowbit's packed format, so 
 never whole in memory either.
 
 The layers go through the in-memory methods' own layer walk (:func:`lowbit.walk.walk_layers`, with
-:class:`lowbit.methods.awq.AWQLayerStep` or RTN's rounding, and :func:`lowbit.pack.checkpoint.pack_linear`);
+'each calibrated method's own step of it (``Method.layer_step``: AWQ, GPTQ, AWQ+GPTQ) or RTN's rounding, and
+:func:`lowbit.pack.checkpoint.pack_linear`);
 streaming only says where each layer is read from and where its outputs and shard go, so the streamed
 output holds the same codes, bit for bit.
 
@@ -25,6 +26,8 @@ import resource
 import shutil
 import sys
 import time
+import dataclasses
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,9 +37,9 @@ from tqdm.auto import tqdm
 
 from .atomic_write import atomic_path, install_dir
 from .errors import LowbitError
+from .flops import LowerBound, MatmulCount, Shape, lower_bound
 from .methods import REGISTRY
-from .methods.awq import PROPAGATE as AWQ_PROPAGATE
-from .methods.awq import AWQConfig, AWQLayerStep
+from .methods.awq import AWQConfig
 from .methods.rtn import RTNConfig, round_linears
 from .models.families import family_for
 from .models.inventory import check_spec_fits, quantizable_linears
@@ -57,7 +60,7 @@ from .pack.checkpoint import (
     write_index,
 )
 from .quantizer import QuantSpec
-from .walk import Activations, Call, LayerContext, Streaming, first_layer_batches, walk_layers
+from .walk import Activations, Call, LayerContext, LayerStep, Streaming, first_layer_batches, walk_layers
 
 MANIFEST = "manifest.json"
 ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -77,9 +80,15 @@ class StreamResult:
     disk_bytes: int = 0
     estimate_bytes: int = 0
     checkpoint_bytes: int = 0
+    matmuls: Counter[Shape] = field(default_factory=Counter)  # the run's matrix products by shape
+
+    def lower_bound(self) -> LowerBound:
+        """The least time this machine needs for the run's matrix products (timed now)."""
+        return lower_bound(self.matmuls)
 
     def row(self) -> dict:
         d = asdict(self)
+        del d["matmuls"]
         d["path"] = str(self.path)
         ls = self.layer_seconds
         d["layer_seconds"] = [round(s, 3) for s in ls]
@@ -194,14 +203,15 @@ def _open_run(run: Path, identity: dict, resume: bool, force: bool) -> dict:
 
 
 @torch.no_grad()
-def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, config: RTNConfig | AWQConfig,
+def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, config,
                       calib: torch.Tensor | None = None, tokenizer=None, *, embed: str = "int8",
                       kernel: str = "auto", act_dtype: str = "fp32", offload: str | os.PathLike | None = None,
                       batch_size: int = 16, resume: bool = False, force: bool = False, progress: bool = True,
                       extra: dict | None = None, log=None, device: torch.device | None = None) -> StreamResult:
-    """Quantize the safetensors checkpoint at ``source`` with RTN or AWQ into a sharded packed directory.
+    """Quantize the safetensors checkpoint at ``source`` with RTN or a calibrated method that has a step of the
+    layer walk (AWQ, GPTQ, AWQ+GPTQ: ``Method.layer_step``) into a sharded packed directory.
 
-    ``device`` is where each layer's AWQ search runs (the walk moves it there and back before packing).
+    ``device`` is where each layer's calibrated work runs (the walk moves it there and back before packing).
 
     ``act_dtype`` ("fp32" or "bf16") is how calibration hidden states are kept (bf16 halves them but
     changes the numbers); ``offload`` keeps them in files in that directory instead of memory.
@@ -211,20 +221,35 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
     run = StreamRun(Path(source), Path(output), config, calib, embed=embed, kernel=kernel, act_dtype=act_dtype,
                     offload=offload, batch_size=batch_size, resume=resume, force=force,
                     log=log or (lambda msg: print(msg, file=sys.stderr)), device=device)
-    run.steps(calib, progress)
-    return run.finish(tokenizer, extra, start)
+    with MatmulCount() as counted:
+        run.steps(calib, progress)
+    result = run.finish(tokenizer, extra, start)
+    result.matmuls = counted.shapes
+    return result
+
+
+def method_name(config) -> str:
+    """The method as its packed file names it: GPTQ with act-order (alone or after AWQ) is GPTQ-R."""
+    name = REGISTRY.of(config).name
+    return f"{name}-r" if getattr(getattr(config, "gptq", config), "act_order", False) else name
+
+
+def _settings(config) -> dict:
+    """A config's settings for a run's identity (nested configs too), without its spec and search files."""
+    return {k: _settings(v) if dataclasses.is_dataclass(v) and not isinstance(v, QuantSpec) else v
+            for k, v in vars(config).items() if k not in ("spec", "load_search", "save_search")}
 
 
 def _check_request(config, calib: torch.Tensor | None, act_dtype: str, embed: str) -> None:
     """Refuse what streaming cannot do before anything is read."""
     if type(config) not in {REGISTRY[name].config for name in REGISTRY.names(streams=True)}:
-        raise LowbitError(f"streaming supports {' and '.join(REGISTRY.names(streams=True))}, not "
+        raise LowbitError(f"streaming supports {', '.join(REGISTRY.names(streams=True))}, not "
                           f"{type(config).__name__}")
-    if isinstance(config, AWQConfig):
-        if config.load_search or config.save_search:
-            raise LowbitError("streaming does not load or save AWQ searches; drop --load-search/--save-search")
-        if calib is None:
-            raise LowbitError("AWQ needs calibration samples")
+    awq = config if isinstance(config, AWQConfig) else getattr(config, "awq", None)
+    if awq is not None and (awq.load_search or awq.save_search):
+        raise LowbitError("streaming does not load or save AWQ searches; drop --load-search/--save-search")
+    if REGISTRY.of(config).layer_step is not None and calib is None:
+        raise LowbitError(f"{REGISTRY.of(config).name} needs calibration samples")
     if config.spec.rounding == "stochastic":
         raise LowbitError("streaming needs deterministic rounding (resuming must give the same result); "
                           "use --rounding nearest")
@@ -238,11 +263,12 @@ class StreamRun:
     """One streamed run: the empty model and its checkpoint, the run directory and its manifest, and the steps
     (the embedding, every decoder layer, the final norm and head), each committed as one shard."""
 
-    def __init__(self, source: Path, output: Path, config: RTNConfig | AWQConfig, calib: torch.Tensor | None, *,
+    def __init__(self, source: Path, output: Path, config, calib: torch.Tensor | None, *,
                  embed: str, kernel: str, act_dtype: str, offload, batch_size: int, resume: bool, force: bool,
                  log, device: torch.device | None = None) -> None:
         self.source, self.output, self.config, self.spec = source, output, config, config.spec
-        self.method = "awq" if isinstance(config, AWQConfig) else "rtn"
+        self.method = method_name(config)
+        self.calibrated = REGISTRY.of(config).layer_step is not None  # else RTN, which reads no activations
         self.embed, self.kernel, self.batch_size, self.device = embed, kernel, batch_size, device
         self.ckpt = LazyCheckpoint(source)
         self.model = model = empty_model(source)
@@ -270,7 +296,7 @@ class StreamRun:
         identity = {
             "format_version": FORMAT_VERSION, "source": self.ckpt.fingerprint(), "method": self.method,
             "spec": self.spec.to_dict(),
-            "config": {k: v for k, v in vars(config).items() if k not in ("spec", "load_search", "save_search")},
+            "config": _settings(config),
             "calib": calib_digest(calib), "embed": embed, "kernel": kernel, "act_dtype": act_dtype,
             "batch_size": batch_size, "offload": str(self.offload_dir.resolve()) if self.offload_dir else None,
         }
@@ -339,7 +365,7 @@ class StreamRun:
         clock = [time.perf_counter()]
 
         def after(index: int, layer: nn.Module, hidden: Activations | None) -> None:
-            if self.method == "awq":
+            if self.calibrated:
                 part = pack_layer(layer, f"{self.family.layers}.{index}", self.family.linears, self.spec, self.kernel)
                 release(layer)
                 self.commit(index + 1, part, self.keep_hidden(hidden, index + 2))
@@ -352,14 +378,15 @@ class StreamRun:
             inputs = self.embedding_step(calib) if self.resumed_at == 0 else self.kept_inputs()
             bar.update(self.resumed_at == 0)
             clock[0] = time.perf_counter()
-            awq = self.method == "awq"
-            walk_layers(self.model, self.family, None, AWQLayerStep(self.model, self.family, self.config) if awq
-                        else self.rtn_layer, batch_size=self.batch_size, desc=f"stream {self.method} layers",
-                        propagate=self.config.propagate or AWQ_PROPAGATE if awq else "float",
+            on = self.calibrated
+            step = (REGISTRY.of(self.config).layer_step(self.model, self.family, self.config) if on
+                    else LayerStep(self.rtn_layer, "float"))
+            walk_layers(self.model, self.family, None, step.run, batch_size=self.batch_size,
+                        desc=f"stream {self.method} layers", propagate=step.propagate,
                         streaming=Streaming(inputs, max(self.resumed_at, 1) - 1,
                                             lambda index: self.new_store(index + 2),
-                                            self.read_layer if awq else None, after),
-                        device=self.device if awq else None)
+                                            self.read_layer if on else None, after),
+                        device=self.device if on else None)
             if self.resumed_at < self.n_steps:
                 self.tail_step()
                 bar.update(1)
@@ -367,10 +394,10 @@ class StreamRun:
             bar.close()
 
     def embedding_step(self, calib: torch.Tensor | None) -> tuple[Activations, list[Call]] | None:
-        """Step 0: the float embedding starts the calibration (AWQ), then it is packed."""
+        """Step 0: the float embedding starts the calibration (of a calibrated method), then it is packed."""
         materialise(self.emb_mod, self.emb_name, self.ckpt)
         inputs, hidden_at = None, None
-        if self.method == "awq":
+        if self.calibrated:
             inputs = first_layer_batches(self.model, self.family, calib, self.batch_size, self.new_store(1))
             with atomic_path(self.run / "layer_calls.pt") as tmp:
                 torch.save([c.state() for c in inputs[1]], tmp)
@@ -385,8 +412,9 @@ class StreamRun:
         return inputs
 
     def kept_inputs(self) -> tuple[Activations, list[Call]] | None:
-        """A resumed AWQ run's hidden states entering its next layer, and every layer's call, as kept on disk."""
-        if self.method != "awq" or self.resumed_at > len(self.layers):
+        """A resumed calibrated run's hidden states entering its next layer, and every layer's call, as kept on
+        disk."""
+        if not self.calibrated or self.resumed_at > len(self.layers):
             return None
         calls = [Call.from_state(c) for c in torch.load(self.run / "layer_calls.pt", weights_only=True)]
         return Activations.load(Path(self.man["hidden"]), self.store_dtype,

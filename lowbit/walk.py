@@ -318,6 +318,15 @@ class _LayerCapture:
 
 
 @dataclass
+class LayerStep:
+    """A method's work on one decoder layer of the walk, and what the next layer's inputs are: the layer's
+    outputs after it is quantized (``"quantized"``) or before (``"float"``). :mod:`lowbit.stream` runs it."""
+
+    run: Callable[[LayerContext], None]
+    propagate: str
+
+
+@dataclass
 class Streaming:
     """How :mod:`lowbit.stream` walks: from layer ``start`` on ``inputs`` it computed or kept (the hidden states
     entering that layer and every layer's call), each layer's outputs kept in ``store(index)`` (e.g. files),

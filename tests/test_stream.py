@@ -1,6 +1,7 @@
 """Streaming quantization: same codes as the in-memory path, resumable after a kill, clear errors."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -13,13 +14,14 @@ import torch
 from conftest import byte_tokenizer, tiny_llama, with_outliers
 
 from lowbit.errors import LowbitError
-from lowbit.methods import AWQConfig, RTNConfig, quantize_
+from lowbit.methods import AWQConfig, AWQGPTQConfig, GPTQConfig, RTNConfig, quantize_
 from lowbit.pack.checkpoint import load_packed, pack_model_, read_config, read_weights
 from lowbit.quantizer import QuantSpec
 from lowbit.stream import MANIFEST, quantize_streamed, run_dir
 
 SPEC = QuantSpec(bits=4, group_size=32)
 AWQ = AWQConfig(SPEC, n_grid=4, clip_grid=4)
+GPTQ_R = GPTQConfig(SPEC, act_order=True)
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps by the fire. " * 40
 
@@ -44,7 +46,7 @@ def _in_memory(src: Path, config, calib) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval().requires_grad_(False)
-    quantize_(model, config, calib if isinstance(config, AWQConfig) else None)
+    quantize_(model, config, None if isinstance(config, RTNConfig) else calib)
     packed = pack_model_(model, config.spec, method="x")
     out = dict(packed.floats)
     for name, pt in packed.packed.items():
@@ -64,30 +66,30 @@ def _stream(src, out, config, **kw) -> dict[str, torch.Tensor]:
     return read_weights(out, read_config(out))
 
 
-@pytest.mark.parametrize("config,tied", [(RTNConfig(SPEC), False), (RTNConfig(SPEC), True), (AWQ, False)],
-                         ids=["rtn", "rtn-tied", "awq"])
-def test_streamed_equals_in_memory(tmp_path, config, tied):
+@pytest.mark.parametrize("config,tied,name", [(RTNConfig(SPEC), False, "rtn"), (RTNConfig(SPEC), True, "rtn"),
+                                              (AWQ, False, "awq"), (GPTQ_R, False, "gptq-r"),
+                                              (AWQGPTQConfig(AWQ, GPTQ_R), False, "awq+gptq-r")],
+                         ids=["rtn", "rtn-tied", "awq", "gptq-r", "awq+gptq-r"])
+def test_streamed_equals_in_memory(tmp_path, monkeypatch, config, tied, name):
     src = _checkpoint(tmp_path / "src", tied=tied)
     assert len(list(src.glob("model-*.safetensors"))) > 1  # really sharded
     got = _stream(src, tmp_path / "out", config)
     assert len(list((tmp_path / "out").glob("model-*-of-00005.safetensors"))) == 5  # embedding, 3 layers, tail
-    _assert_same(_in_memory(src, config, _calib()) if not isinstance(config, AWQConfig) else _awq_in_memory(src),
-                 got)
+    _stream_batches(monkeypatch)
+    _assert_same(_in_memory(src, config, _calib()), got)
     model, _ = load_packed(tmp_path / "out")  # the sharded directory loads like a single-file one
     assert model.config.num_hidden_layers == 3
+    assert read_config(tmp_path / "out")["method"] == name
     assert not run_dir(tmp_path / "out").exists()
 
 
-def _awq_in_memory(src: Path) -> dict[str, torch.Tensor]:
-    """AWQ in memory with the streamed run's batch size (batches change float sums)."""
+def _stream_batches(monkeypatch) -> None:
+    """The in-memory walks with the streamed run's batch size (batches change float sums)."""
     import lowbit.methods.awq as awq
+    import lowbit.methods.gptq as gptq
 
-    walk = awq.walk_layers
-    awq.walk_layers = lambda *a, **k: walk(*a, **{**k, "batch_size": 4})
-    try:
-        return _in_memory(src, AWQ, _calib())
-    finally:
-        awq.walk_layers = walk
+    for module in (awq, gptq):
+        monkeypatch.setattr(module, "walk_layers", functools.partial(module.walk_layers, batch_size=4))
 
 
 def test_offloaded_activations_give_the_same_codes_and_bf16_runs(tmp_path):

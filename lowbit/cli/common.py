@@ -353,7 +353,7 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 RESULT_COLUMNS = [
     ("method", "method", ""), ("w_bit", "bits", ""), ("group_size", "group", ""),
     ("bits_per_weight", "bits/weight", ".3f"), ("ppl", "PPL", ".3f"), ("windows", "windows", ""),
-    ("quant_seconds", "quant s", ".1f"), ("eval_seconds", "eval s", ".1f"),
+    ("quant_seconds", "quant s", ".1f"), ("lower_bound_ratio", "x bound", ".1f"), ("eval_seconds", "eval s", ".1f"),
 ]
 
 

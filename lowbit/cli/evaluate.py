@@ -51,7 +51,7 @@ def run(args) -> int:
         spec = session.allocate(spec, budget, progress=not args.json)
     spec = recipe_spec(args, session, spec)
     # With --kld the side-by-side pass gives the quantized model's PPL too: no separate perplexity pass.
-    result = session.run(args.method, spec, opts, progress=not args.json, evaluate=reference is None)
+    result = session.run(args.method, spec, opts, progress=not args.json, evaluate=reference is None, bound=True)
     warn_not_done(result.info)
     row = result.row()
     if reference is not None:

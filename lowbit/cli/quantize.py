@@ -57,7 +57,8 @@ def wants_stream(args) -> bool:
 
 STREAM_COLUMNS = [
     ("method", "method", ""), ("w_bit", "bits", ""), ("group_size", "group", ""), ("layers", "layers", ""),
-    ("mean_layer_seconds", "s/layer", ".2f"), ("seconds", "total s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+    ("mean_layer_seconds", "s/layer", ".2f"), ("seconds", "total s", ".1f"), ("lower_bound_ratio", "x bound", ".1f"),
+    ("peak_rss_mb", "peak RSS MB", ".0f"),
     ("disk_mb", "output MB", ".1f"),
 ]
 
@@ -67,6 +68,7 @@ def run_streamed(args) -> int:
     from ..device import resolve_device
     from ..experiment import make_config
     from ..models.loading import local_checkpoint
+    from ..methods import REGISTRY
     from ..stream import quantize_streamed
 
     if not args.output:
@@ -83,6 +85,7 @@ def run_streamed(args) -> int:
         raise LowbitError("--gguf is not supported with streamed quantization (--stream, --resume, "
                           "--offload-activations, --act-dtype, or a checkpoint larger than memory) yet")
     config = make_config(args.method, spec, method_options(args))
+    calibrated = REGISTRY[args.method].layer_step is not None
     src = local_checkpoint(args.model)
     tok = None
     try:
@@ -90,10 +93,11 @@ def run_streamed(args) -> int:
 
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError, TypeError):
-        if args.method == "awq":
-            raise LowbitError(f"{src} has no tokenizer; AWQ needs one to tokenize the calibration text") from None
+        if calibrated:
+            raise LowbitError(f"{src} has no tokenizer; {args.method} needs one to tokenize the calibration "
+                              "text") from None
     calib = None
-    if args.method == "awq":
+    if calibrated:
         from ..calibration_data import calibration_windows
 
         calib, record = calibration_windows(tok, args.calib_data, args.data_dir, args.calib_samples,
@@ -103,7 +107,7 @@ def run_streamed(args) -> int:
                             act_dtype=args.act_dtype or "fp32", offload=args.offload_activations,
                             resume=args.resume, force=args.force, progress=not args.json,
                             extra={"source_model": args.model}, device=device)
-    row = {**res.row(), "w_bit": spec.bits, "group_size": spec.group_size if spec.granularity == "group" else None,
+    row = {**res.row(), **res.lower_bound().row(res.seconds), "w_bit": spec.bits, "group_size": spec.group_size if spec.granularity == "group" else None,
            "disk_mb": round(res.disk_bytes / 1e6, 2), "estimate_mb": round(res.estimate_bytes / 1e6, 2),
            "peak_rss_mb": round(res.peak_rss_mb, 1)}
     print(json.dumps(row) if args.json else table([row], STREAM_COLUMNS))
@@ -153,7 +157,7 @@ def run(args) -> int:
     if budget.active:
         spec = session.allocate(spec, budget, progress=not args.json)
     spec = recipe_spec(args, session, spec)
-    result = session.run(args.method, spec, opts, progress=not args.json, evaluate=False)
+    result = session.run(args.method, spec, opts, progress=not args.json, evaluate=False, bound=True)
     warn_not_done(result.info)
     row = {k: v for k, v in result.row().items() if k not in ("ppl", "windows", "tokens", "eval_seconds")}
     if args.output:

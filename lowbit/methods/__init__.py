@@ -1,6 +1,7 @@
 """Quantization methods, each a config dataclass and a handler: ``quantize_(model, config)``."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ from torch import nn
 from .. import distributed
 from ..device import resolve_device
 from ..errors import LowbitError
+from ..flops import MatmulCount
 from ..models.families import family_for
 from ..models.inventory import float_weights, quantizable_linears
 from . import actquant, awq, awq_gptq, blockwise, gptq, imatrix, qat, rotation, rtn, salient, smoothquant
@@ -60,20 +62,23 @@ def _handler(config) -> Callable[..., QuantReport]:
 
 
 def quantize_(model: nn.Module, config, calib: torch.Tensor | None = None,
-              device: str | torch.device | None = None) -> QuantReport:
+              device: str | torch.device | None = None, count_matmuls: bool = False) -> QuantReport:
     """Quantize ``model`` in place as ``config`` says; ``calib`` holds token samples [n, seq].
 
     ``device`` (``"auto"``, ``"cpu"``, ``"cuda:0"``, ...) is where each layer's work runs; the model stays
-    where it is. None: where the model is.
+    where it is. None: where the model is. ``count_matmuls`` records every matrix product the run makes
+    (``report.matmuls``), so that ``report.lower_bound()`` can time them on this machine afterwards.
     """
     start = time.perf_counter()
     placed_on = None if device is None else resolve_device(device)
     check_data_parallel(config)
-    if isinstance(config, Pipeline):
-        report = apply_pipeline(model, config, calib, _handler, needs_calibration, placed_on)
-    else:
-        report = _handler(config)(model, config, calib, device=placed_on)
+    with MatmulCount() if count_matmuls else contextlib.nullcontext() as counted:
+        if isinstance(config, Pipeline):
+            report = apply_pipeline(model, config, calib, _handler, needs_calibration, placed_on)
+        else:
+            report = _handler(config)(model, config, calib, device=placed_on)
     report.seconds = time.perf_counter() - start
+    report.matmuls = counted.shapes if counted is not None else None
     _count_float(model, report)
     return report
 

@@ -28,7 +28,7 @@ from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head
 from ..options import option, positive_int
 from ..quantizer import QuantSpec, clip_range, fake_quantize
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
-from ..walk import LayerContext, walk_layers
+from ..walk import LayerContext, LayerStep, walk_layers
 from .base import QuantReport, input_transform, prepare
 from .registry import Method
 from .rtn import Rounder, rtn_rounder
@@ -478,6 +478,11 @@ def apply_awq(model: nn.Module, config: AWQConfig, calib: torch.Tensor | None = 
     return QuantReport("awq", config.spec, bits_per_weight(config.spec, linears), info=info)
 
 
+def layer_step(model: nn.Module, family: Family, config: AWQConfig, rounder: Rounder = rtn_rounder) -> LayerStep:
+    """AWQ on one layer of the walk (scales, clips, then ``rounder``), without a saved search."""
+    return LayerStep(AWQLayerStep(model, family, config, None, rounder), config.propagate or PROPAGATE)
+
+
 def _apply_without_calibration(model: nn.Module, family: Family, processor: AWQLayerStep,
                                device: torch.device | None) -> None:
     groups = tuple(ScalingGroup(prev, tuple(lins), insp, part=part, readers=tuple(readers))
@@ -493,5 +498,5 @@ def _mismatch(a: dict, b: dict) -> str:
 
 METHOD = Method("awq", AWQConfig, apply_awq, "scale the salient input channels before rounding (activation-aware)",
                 build=lambda spec, opts: (AWQConfig(spec, **opts.for_config(AWQConfig)),),
-                calibrates=lambda config: config.load_search is None, mixed=True, streams=True, data_parallel=True,
+                calibrates=lambda config: config.load_search is None, mixed=True, streams=True, layer_step=layer_step, data_parallel=True,
                 page="docs/design.md")

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..models.families import Family
+from ..walk import LayerStep
 from . import awq, gptq
 from .awq import AWQConfig, apply_awq
 from .base import QuantReport, prepare
@@ -44,14 +46,23 @@ def apply_awq_gptq(model: nn.Module, config: AWQGPTQConfig, calib: torch.Tensor 
     _, linears = prepare(model, config.spec)
     warn_if_few_tokens(calib, linears)
     rounder = GPTQRounder(config.gptq)
-    awq_cfg = replace(config.awq, propagate=config.awq.propagate or PROPAGATE)
-    report = apply_awq(model, awq_cfg, calib, rounder=rounder, device=device)
+    report = apply_awq(model, _awq_config(config), calib, rounder=rounder, device=device)
     report.method = "awq+gptq-r" if config.gptq.act_order else "awq+gptq"
     report.info.update(rounder.info())
     return report
 
 
+def _awq_config(config: AWQGPTQConfig) -> AWQConfig:
+    return replace(config.awq, propagate=config.awq.propagate or PROPAGATE)
+
+
+def layer_step(model: nn.Module, family: Family, config: AWQGPTQConfig) -> LayerStep:
+    """AWQ's scales and clips on one layer of the walk, then GPTQ's rounding of it."""
+    return awq.layer_step(model, family, _awq_config(config), GPTQRounder(config.gptq))
+
+
 METHOD = Method("awq+gptq", AWQGPTQConfig, apply_awq_gptq, "AWQ's scales and clips, then GPTQ's rounding",
                 build=lambda spec, opts: (AWQGPTQConfig(awq.METHOD.build(spec, opts)[0],
                                                         gptq.METHOD.build(spec, opts)[0]),),
-                calibrates=always, chains=("awq", "gptq"), mixed=True, data_parallel=True, page="docs/gptq.md")
+                calibrates=always, chains=("awq", "gptq"), mixed=True, data_parallel=True, streams=True,
+                layer_step=layer_step, page="docs/gptq.md")

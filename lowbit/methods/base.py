@@ -1,9 +1,12 @@
 """What every method shares: its result record and the model facts it starts from."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from ..flops import LowerBound, Shape, lower_bound
 
 from ..models.families import Family, family_for
 from ..models.inventory import check_finite, check_spec_fits, quantizable_linears
@@ -20,6 +23,11 @@ class QuantReport:
     bits_per_weight: float
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    matmuls: Counter[Shape] | None = None  # the run's matrix products by shape, when counted
+
+    def lower_bound(self) -> LowerBound | None:
+        """The least time this machine needs for the run's matrix products (timed now; None if not counted)."""
+        return None if self.matmuls is None else lower_bound(self.matmuls)
 
 
 def prepare(model: nn.Module, spec: SpecLike) -> tuple[Family, dict[str, nn.Linear]]:

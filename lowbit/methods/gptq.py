@@ -27,6 +27,7 @@ from torch import nn
 
 from ..distributed import all_sum, same_everywhere, token_count
 from ..errors import LowbitError
+from ..models.families import Family
 from ..options import option, positive_int
 from ..quantizer import (
     QTensor,
@@ -41,7 +42,7 @@ from ..quantizer import (
     set_latent,
 )
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
-from ..walk import LayerContext, walk_layers
+from ..walk import LayerContext, LayerStep, walk_layers
 from .base import QuantReport, prepare
 from .registry import Method, always
 
@@ -279,18 +280,25 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, calib: torch.Tensor | None 
         raise LowbitError("GPTQ needs calibration samples")
     warn_if_few_tokens(calib, linears)
     rounder = GPTQRounder(config)
+    step = layer_step(model, family, config, rounder)
+    walk_layers(model, family, calib, step.run, propagate=step.propagate, desc="gptq", device=device)
+    return QuantReport("gptq-r" if config.act_order else "gptq", config.spec, bits_per_weight(config.spec, linears),
+                       info=rounder.info())
+
+
+def layer_step(model: nn.Module, family: Family, config: GPTQConfig, rounder: GPTQRounder | None = None) -> LayerStep:
+    """GPTQ on one layer of the walk, each layer fitted to the outputs of the quantized layers before it."""
+    rounder = rounder or GPTQRounder(config)
 
     def process(ctx: LayerContext) -> None:
         rounder(ctx, {rel: ctx.layer.get_submodule(rel) for rel in family.linears},
                 layer_specs(config.spec, f"{family.layers}.{ctx.index}."))
 
-    walk_layers(model, family, calib, process, propagate="quantized", desc="gptq", device=device)
-    return QuantReport("gptq-r" if config.act_order else "gptq", config.spec, bits_per_weight(config.spec, linears),
-                       info=rounder.info())
+    return LayerStep(process, "quantized")
 
 
 METHOD = Method("gptq", GPTQConfig, apply_gptq,
                 "round column by column, each error corrected by the ones after it (--act-order: GPTQ-R)",
                 build=lambda spec, opts: (GPTQConfig(spec, **opts.for_config(GPTQConfig)),), calibrates=always,
-                mixed=True, data_parallel=True, options_title="gptq (also the rounding step of awq+gptq)",
+                mixed=True, data_parallel=True, streams=True, layer_step=layer_step, options_title="gptq (also the rounding step of awq+gptq)",
                 page="docs/gptq.md")

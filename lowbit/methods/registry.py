@@ -46,6 +46,9 @@ class Method:
     packs: bool = True  # ``lowbit quantize`` writes it as a packed file
     refusal: str | None = None  # why ``lowbit quantize`` refuses it (a method that cannot pack)
     streams: bool = False  # ``lowbit quantize --stream`` runs it layer by layer from disk
+    # a calibrated method's step of the layer walk, layer_step(model, family, config) -> walk.LayerStep: what
+    # ``--stream`` runs between reading a layer from disk and writing it packed
+    layer_step: Callable[[Any, Any, Any], Any] | None = None
     trains: bool = False  # learns weights or steps by gradient descent
     data_parallel: bool = False  # runs on torchrun's workers, each with a share of the calibration (lowbit.distributed)
     own_activations: bool = False  # quantizes activations itself (--a-bit goes to its config, not a run-time step)
