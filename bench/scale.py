@@ -4,6 +4,7 @@
     python bench/scale.py --shape 1b            # TinyLlama-1.1B shapes
     python bench/scale.py --shape tiny          # a minute-long check that the pipeline works
     python bench/scale.py --shape 7b --layers 2 # full 7B widths, 2 layers: the per-layer peak in minutes
+    python bench/scale.py --shape 1b --methods awq gptq-r   # issue 36's bar: peak RSS and time against the bound
 
 Each shape's checkpoint has random weights (normal, std 0.02; norms 1), is written once in bf16,
 tensor by tensor, in ~1 GB shards under $LOWBIT_CACHE/scale/ (13.5 GB for 7B), with a config.json
@@ -14,8 +15,11 @@ default calibration text (WikiText-2 validation) is tokenized byte by byte.
 
 Every quantization runs in its own process (``python -m lowbit.cli quantize --stream ...``);
 its peak resident memory is the kernel's ru_maxrss for that child (os.wait4), which counts
-memory-mapped checkpoint pages while they are mapped. The bar of issue 9: on a 24 GiB machine,
-7B-shaped RTN W4 g128 with peak RSS <= 4 GiB and AWQ with <= 8 GiB.
+memory-mapped checkpoint pages while they are mapped. Its row also carries the run's own report of
+its matrix-multiply work and lower bound (lowbit.flops: the FLOPs over the throughput this machine
+measures for those shapes right after the run) and their ratio. The bars: issue 9, on a 24 GiB machine,
+7B-shaped RTN W4 g128 with peak RSS <= 4 GiB and AWQ with <= 8 GiB; issue 36, the 1.1B shape's AWQ W4 g128
+and GPTQ-R within 3 GiB and 2.5x the lower bound, the 7B shape's AWQ within 8 GiB and 2x.
 
 Rows are printed as a table and merged into bench/results/scale.json (one row per shape and method).
 """
@@ -28,15 +32,18 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/ is not a package: its shared row fields
 
 from lowbit.models.byte_tokenizer import byte_tokenizer
 from lowbit.models.loading import cache_dir
+from rows import commit, machine  # noqa: I001
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -46,7 +53,11 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=32000),
 }
-BARS_GIB = {("7b", "rtn"): 4.0, ("7b", "awq"): 8.0}  # issue 9, on the full 32-layer shape
+# peak RSS GiB, and time as a multiple of the lower bound, on the full shape (issues 9 and 36)
+BARS_GIB = {("7b", "rtn"): 4.0, ("7b", "awq"): 8.0, ("1b", "awq"): 3.0, ("1b", "gptq-r"): 3.0}
+BARS_RATIO = {("7b", "awq"): 2.0, ("1b", "awq"): 2.5, ("1b", "gptq-r"): 2.5}
+METHOD_ARGS = {"rtn": ["--method", "rtn"], "awq": ["--method", "awq"], "gptq-r": ["--method", "gptq", "--act-order"],
+               "awq+gptq-r": ["--method", "awq+gptq", "--act-order"]}
 SHARD_BYTES = 1 << 30
 
 
@@ -120,11 +131,12 @@ def make_checkpoint(shape: str, layers: int | None, root: Path) -> Path:
 
 def run(model_dir: Path, method: str, out: Path, args) -> dict:
     """One ``lowbit quantize --stream`` in a child process; its peak RSS from the kernel."""
-    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", "--model", str(model_dir), "--stream", "--method", method,
-           "--w-bit", "4", "--group-size", "128", "-o", str(out), "--force", "--json"]
-    if method == "awq":
-        cmd += ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
-                "--n-grid", str(args.n_grid)]
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", "--model", str(model_dir), "--stream",
+           *METHOD_ARGS[method], "--w-bit", "4", "--group-size", "128", "-o", str(out), "--force", "--json"]
+    if method != "rtn":
+        cmd += ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
+    if "awq" in method:
+        cmd += ["--n-grid", str(args.n_grid)]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
     if args.resume:
@@ -144,14 +156,17 @@ def run(model_dir: Path, method: str, out: Path, args) -> dict:
     row = json.loads(stdout.strip().splitlines()[-1])
     return {"method": method, "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3), "wall_seconds": round(wall, 1),
             "mean_layer_seconds": row["mean_layer_seconds"], "layer_seconds": row["layer_seconds"],
-            "output_gb": round(row["disk_mb"] / 1e3, 3), "checkpoint_gb": round(row["checkpoint_bytes"] / 1e9, 3)}
+            "output_gb": round(row["disk_mb"] / 1e3, 3), "checkpoint_gb": round(row["checkpoint_bytes"] / 1e9, 3),
+            "quant_seconds": row["seconds"],
+            **{k: v for k, v in row.items() if k.startswith(("lower_bound", "matmul", "measured_gflops"))}}
 
 
 def _table(rows: list[dict]) -> str:
     cols = [("shape", "shape", ""), ("layers", "layers", ""), ("method", "method", ""),
             ("calib", "calibration", ""), ("checkpoint_gb", "ckpt GB", ".2f"), ("output_gb", "out GB", ".2f"),
             ("peak_rss_gib", "peak RSS GiB", ".2f"), ("bar", "bar", ""), ("mean_layer_seconds", "s/layer", ".1f"),
-            ("wall_seconds", "total s", ".0f")]
+            ("quant_seconds", "total s", ".0f"), ("lower_bound_seconds", "bound s", ".0f"),
+            ("lower_bound_ratio", "x bound", ".2f"), ("ratio_bar", "bar", ""), ("measured_gflops_float32", "GFLOPS", ".0f")]
     cells = [[h for _, h, _ in cols]] + [["" if r.get(k) is None else format(r[k], f) for k, _, f in cols]
                                          for r in rows]
     w = [max(len(c[i]) for c in cells) for i in range(len(cols))]
@@ -163,8 +178,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=tuple(SHAPES), default="7b")
     ap.add_argument("--layers", type=int, help="override the number of decoder layers (widths unchanged)")
-    ap.add_argument("--methods", nargs="+", choices=("rtn", "awq"), default=["rtn", "awq"])
-    ap.add_argument("--calib-samples", type=int, default=8, help="AWQ calibration sequences (default 8)")
+    ap.add_argument("--methods", nargs="+", choices=tuple(METHOD_ARGS), default=["rtn", "awq"])
+    ap.add_argument("--calib-samples", type=int, default=8, help="calibration sequences (default 8)")
     ap.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     ap.add_argument("--n-grid", type=int, default=20, help="AWQ α grid (default 20, as lowbit's default)")
     ap.add_argument("--data-dir", help="WikiText-2 directory (default $LOWBIT_DATA_DIR)")
@@ -186,12 +201,17 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
         bar = BARS_GIB.get((args.shape, method)) if args.layers is None else None
+        ratio_bar = BARS_RATIO.get((args.shape, method)) if args.layers is None else None
+        ratio = r.get("lower_bound_ratio")
         r.update(shape=args.shape, layers=n_layers, machine_gib=round(os.sysconf("SC_PAGE_SIZE") *
                                                                       os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                 calib=f"{args.calib_samples}x{args.calib_seq_len}" if method == "awq" else "none",
+                 calib=f"{args.calib_samples}x{args.calib_seq_len}" if method != "rtn" else "none",
                  bar=(f"<= {bar:g}: {'yes' if r['peak_rss_gib'] <= bar else 'NO'}" if bar else None),
+                 ratio_bar=(f"<= {ratio_bar:g}: {'yes' if ratio is not None and ratio <= ratio_bar else 'NO'}"
+                            if ratio_bar else None),
                  load_average=round(os.getloadavg()[0], 2), torch_threads=torch.get_num_threads(),
-                 resumed=args.resume or None)
+                 resumed=args.resume or None, machine=machine(), commit=commit(),
+                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         rows.append(r)
         print(_table([r]).splitlines()[-1], file=sys.stderr, flush=True)
     print(_table(rows))
