@@ -95,16 +95,13 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
-def same_everywhere(present: list[bool], names: list[str], what: str) -> None:
-    """Refuse a step whose inputs exist on some ranks only (an expert routed tokens on one worker's share):
-    the ranks would disagree on what to reduce."""
+def all_max_ints(values: list[int]) -> list[int]:
+    """The largest of every rank's ``values``, element by element (one collective)."""
     if not active():
-        return
-    counts = all_sum(torch.tensor(present, dtype=torch.int64)).tolist()
-    partial = [n for n, c in zip(names, counts) if 0 < c < world_size()]
-    if partial:
-        raise LowbitError(f"{what}: {', '.join(partial[:3])} got calibration tokens on some workers only; "
-                          "data-parallel quantization of such experts is not supported yet: run one process")
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def all_max(value: float) -> float:
@@ -138,6 +135,12 @@ def token_mean(x: torch.Tensor) -> torch.Tensor:
         return x.mean(0)
     total = all_sum(torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device))
     return (all_sum(x.sum(0, dtype=torch.float64)) / total.clamp(min=1)).to(x.dtype)
+
+
+def token_counts(xs: list[torch.Tensor | None]) -> list[int]:
+    """Calibration tokens in each of ``xs`` over every rank (one collective for all)."""
+    local = [0 if x is None else x.numel() // max(1, x.shape[-1]) for x in xs]
+    return all_sum(torch.tensor(local, dtype=torch.int64)).tolist() if active() and local else local
 
 
 def token_count(x: torch.Tensor | None) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .device import fits, home_of, placed, to_device
+from . import distributed
 from .distributed import share
 from .errors import LowbitError
 from .models.families import Family, ScalingGroup, discover_groups
@@ -272,10 +273,10 @@ class LayerContext:
 
     def group_input(self, group: ScalingGroup) -> torch.Tensor | None:
         """What the group's linears read, over every calibration token (an MoE block's whole input,
-        not the share one expert was routed); None if no calibration token reached them."""
+        not the share one expert was routed); None, or empty on a data-parallel worker that stands in for
+        the others' tokens (:func:`agreed_inputs`), if no calibration token here reached them."""
         x = self.module_inputs.get(group.inspect)
-        x = x if x is not None else self.linear_inputs.get(group.linears[0])
-        return x if x is not None and x.numel() else None
+        return x if x is not None else self.linear_inputs.get(group.linears[0])
 
 
 class _LayerCapture:
@@ -422,6 +423,28 @@ def layer_groups(layer: nn.Module, family: Family, call: Call, x1: torch.Tensor)
     return traced + tuple(g for g in family.groups if g.prev not in {t.prev for t in traced})
 
 
+def agreed_inputs(inputs: dict[str, torch.Tensor], names: tuple[str, ...], dtype: torch.dtype,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """On data-parallel workers: an empty input [0, width] for every module that read tokens on other workers
+    only (an expert the router gave none of this worker's share), shared by the modules that share the
+    others' input, so that every worker makes the same collective calls in the same order."""
+    if not distributed.active():
+        return inputs
+    first: dict[int, int] = {}
+    local = [-1] * len(names) + [0] * len(names)  # which name's tensor each one reads, then its width
+    for i, n in enumerate(names):
+        x = inputs.get(n)
+        if x is not None and x.numel():
+            local[i], local[len(names) + i] = first.setdefault(id(x), i), x.shape[-1]
+    agreed = distributed.all_max_ints(local)
+    empty: dict[int, torch.Tensor] = {}
+    out = dict(inputs)
+    for i, n in enumerate(names):
+        if agreed[i] >= 0 and local[i] < 0:
+            out[n] = empty.setdefault(agreed[i], torch.empty(0, agreed[len(names) + i], dtype=dtype, device=device))
+    return out
+
+
 @torch.no_grad()
 def calibrate_layer(
     index: int,
@@ -471,7 +494,7 @@ def calibrate_layer(
     finally:
         for h in handles:
             h.remove()
-    inputs = capture.inputs(watched)
+    inputs = agreed_inputs(capture.inputs(watched), watched, dtype, device)
     linear_inputs = {n: inputs[n] for n in family.linears if n in inputs}
     module_inputs = {n: inputs[n] for n in inspected if n in inputs}
     ctx = LayerContext(index, layer, call, linear_inputs, capture.module_calls(n_first, f"{family.layers}.{index}"),

@@ -38,23 +38,43 @@ CONFIGS = {
 
 
 def _model(family: str):
+    """A zoo model, its calibration samples and evaluation windows. ``-partial``: the second worker's share of the
+    samples repeats one token, so its tokens reach only the experts that token is routed to."""
     sys.path.insert(0, TESTS)
     from zoo import tiny_model, tiny_samples
 
-    model = tiny_model(family)
-    return model, tiny_samples(model, n=6, seq=32, seed=1), tiny_samples(model, n=5, seq=32, seed=2)
+    model = tiny_model(family.removesuffix("-partial"))
+    calib = tiny_samples(model, n=6, seq=32, seed=1)
+    if family.endswith("-partial"):
+        calib[3:] = calib[3, 0]
+    return model, calib, tiny_samples(model, n=5, seq=32, seed=2)
 
 
 def _run(family: str, method: str) -> dict:
-    """Quantize, evaluate and fingerprint, in this process (one rank of several, or alone)."""
+    """Quantize, evaluate and fingerprint, in this process (one rank of several, or alone); count the inputs this
+    worker stood in for (modules that read tokens on the other worker only)."""
+    from lowbit import walk
+
     torch.set_num_threads(1)
     model, calib, windows = _model(family)
-    quantize_(model, CONFIGS[method](), calib)
+    stood_in, agreed = [], walk.agreed_inputs
+
+    def counting(inputs, names, *args):
+        out = agreed(inputs, names, *args)
+        stood_in.extend(n for n in names if n in out and n not in inputs)
+        return out
+
+    walk.agreed_inputs = counting
+    try:
+        quantize_(model, CONFIGS[method](), calib)
+    finally:
+        walk.agreed_inputs = agreed
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode() + v.detach().float().contiguous().numpy().tobytes())
     weights = torch.cat([p.detach().flatten() for _, p in sorted(model.named_parameters()) if p.dim() == 2])
-    return {"hash": h.hexdigest(), "weights": weights, "ppl": perplexity(model, windows, progress=False).ppl}
+    return {"hash": h.hexdigest(), "weights": weights, "ppl": perplexity(model, windows, progress=False).ppl,
+            "stood_in": stood_in}
 
 
 def _rank(rank: int, out: str, family: str, method: str) -> None:
@@ -78,11 +98,14 @@ def _two_ranks(tmp_path: Path, family: str, method: str) -> list[dict]:
 
 @pytest.mark.parametrize("family, method", [("llama", "gptq-r"), ("llama", "imatrix"), ("llama", "salient"),
                                             ("llama", "awq"), ("llama", "awq+gptq-r"), ("qwen2_moe", "gptq-r"),
-                                            ("qwen2_moe", "awq")])
+                                            ("qwen2_moe", "awq"), ("qwen2_moe-partial", "gptq-r"),
+                                            ("qwen2_moe-partial", "awq+gptq-r"), ("qwen2_moe-partial", "imatrix")])
 def test_two_workers_give_one_process_weights_and_perplexity(tmp_path, family, method):
     alone = _run(family, method)
     ranks = _two_ranks(tmp_path, family, method)
     assert not any("refused" in r for r in ranks), ranks
+    # with partial routing the second worker stands in for experts only the first one's tokens reached
+    assert bool(ranks[1]["stood_in"]) == family.endswith("-partial") and not ranks[0]["stood_in"]
     assert ranks[0]["hash"] == ranks[1]["hash"] and ranks[0]["ppl"] == ranks[1]["ppl"], "the workers disagree"
     # float rounding of the summed statistics moves a folded weight by an ulp; a flipped code moves it a grid step
     moved = (~torch.isclose(ranks[0]["weights"], alone["weights"], rtol=1e-5, atol=1e-8)).float().mean().item()

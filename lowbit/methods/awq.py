@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..distributed import all_max, all_sum, element_mean, offset, same_everywhere, token_count, token_mean
+from ..distributed import all_max, all_sum, element_mean, offset, token_count, token_mean
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
@@ -417,8 +417,6 @@ class AWQLayerStep:
                 "declare them in lowbit/models/families.py"
             )
         self.groups = ctx.groups
-        same_everywhere([ctx.linear_inputs.get(r) is not None and ctx.linear_inputs[r].numel() > 0
-                         for r in self.family.linears], list(self.family.linears), f"AWQ, layer {ctx.index}")
         specs = layer_specs(cfg.spec, f"{self.family.layers}.{ctx.index}.")
         grams = Grams()
         check = self._checker(ctx)

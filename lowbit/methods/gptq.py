@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..distributed import all_sum, same_everywhere, token_count
+from ..distributed import all_sum, token_count, token_counts
 from ..errors import LowbitError
 from ..models.families import Family
 from ..options import option, positive_int
@@ -206,8 +206,8 @@ class GPTQRounder:
     keep_latent: bool = False  # record each weight's pre-rounding value beside its codes (set_latent)
 
     def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike) -> None:
-        missing = [rel for rel in linears if rel not in ctx.linear_inputs or ctx.linear_inputs[rel].numel() == 0]
-        same_everywhere([rel not in missing for rel in linears], list(linears), f"GPTQ, layer {ctx.index}")
+        counts = token_counts([ctx.linear_inputs.get(rel) for rel in linears])  # over every worker
+        missing = [rel for rel, n in zip(linears, counts) if n == 0]
         if missing and ctx.call is None:
             raise LowbitError(f"GPTQ needs the calibration inputs of {', '.join(missing)}; none were captured")
         # an expert the router never chose on the calibration set has no Hessian: round it to nearest

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..distributed import same_everywhere, token_mean
+from ..distributed import token_counts, token_mean
 from ..errors import LowbitError
 from ..quantizer import QuantSpec, round_weight_
 from ..specmap import SpecLike, SpecMap, bits_per_weight, layer_specs, spec_for
@@ -42,11 +42,10 @@ class ImatrixRounder:
 
     @torch.no_grad()
     def __call__(self, ctx: LayerContext, linears: dict[str, nn.Linear], spec: SpecLike) -> None:
-        present = [ctx.linear_inputs.get(r) is not None and ctx.linear_inputs[r].numel() > 0 for r in linears]
-        same_everywhere(present, list(linears), f"imatrix, layer {ctx.index}")
-        for rel, lin in linears.items():
+        counts = token_counts([ctx.linear_inputs.get(r) for r in linears])  # over every worker
+        for (rel, lin), n in zip(linears.items(), counts):
             x = ctx.linear_inputs.get(rel)
-            if x is None or x.numel() == 0:  # an expert no calibration token reached
+            if n == 0:  # an expert no calibration token reached
                 round_weight_(lin, spec_for(spec, rel))
                 self.rtn_fallback.append(f"{ctx.index}.{rel}")
                 continue
