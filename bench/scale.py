@@ -41,9 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # bench/ is not a package: its shared row fields
 
+from rows import commit, machine  # noqa: I001
+
 from lowbit.models.byte_tokenizer import byte_tokenizer
 from lowbit.models.loading import cache_dir
-from rows import commit, machine  # noqa: I001
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -166,7 +167,8 @@ def _table(rows: list[dict]) -> str:
             ("calib", "calibration", ""), ("checkpoint_gb", "ckpt GB", ".2f"), ("output_gb", "out GB", ".2f"),
             ("peak_rss_gib", "peak RSS GiB", ".2f"), ("bar", "bar", ""), ("mean_layer_seconds", "s/layer", ".1f"),
             ("quant_seconds", "total s", ".0f"), ("lower_bound_seconds", "bound s", ".0f"),
-            ("lower_bound_ratio", "x bound", ".2f"), ("ratio_bar", "bar", ""), ("measured_gflops_float32", "GFLOPS", ".0f")]
+            ("lower_bound_ratio", "x bound", ".2f"), ("ratio_bar", "bar", ""),
+            ("measured_gflops_float32", "GFLOPS", ".0f")]
     cells = [[h for _, h, _ in cols]] + [["" if r.get(k) is None else format(r[k], f) for k, _, f in cols]
                                          for r in rows]
     w = [max(len(c[i]) for c in cells) for i in range(len(cols))]

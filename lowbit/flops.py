@@ -11,9 +11,10 @@ stays below what any implementation could reach.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -76,12 +77,26 @@ for _name, _dims, _like in (("_scaled_dot_product_flash_attention_for_cpu", _att
         _PRODUCTS[getattr(aten, _name).default] = (_dims, _like)
 
 
+_active: list[MatmulCount] = []  # the counts in effect, innermost last
+
+
 class MatmulCount(TorchDispatchMode):
-    """Counts, while active, every matrix product by shape and dtype (``shapes``: shape -> calls)."""
+    """Counts, while active, every matrix product by shape and dtype (``shapes``: shape -> calls).
+
+    Every torch call made while it is active passes through Python (tens of microseconds each); a hot loop
+    of small element-wise calls that makes no counted product runs under :func:`uncounted`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shapes: Counter[Shape] = Counter()
+
+    def __enter__(self) -> MatmulCount:
+        _active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        _active.remove(self)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -95,6 +110,21 @@ class MatmulCount(TorchDispatchMode):
     @property
     def flops(self) -> int:
         return sum(flops_of(s) * calls for s, calls in self.shapes.items())
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Suspend the innermost active count for a hot loop that makes no matrix product (GPTQ's column loop:
+    rank-one updates and rounding), so the loop does not pay the count's cost per torch call."""
+    if not _active:
+        yield
+        return
+    count = _active[-1]
+    count.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        count.__enter__()
 
 
 def flops_of(shape: Shape) -> int:

@@ -19,6 +19,7 @@ last finished step; the result equals an uninterrupted run's.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,6 @@ import resource
 import shutil
 import sys
 import time
-import dataclasses
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ from .errors import LowbitError
 from .flops import LowerBound, MatmulCount, Shape, lower_bound
 from .methods import REGISTRY
 from .methods.awq import AWQConfig
-from .methods.rtn import RTNConfig, round_linears
+from .methods.rtn import round_linears
 from .models.families import family_for
 from .models.inventory import check_spec_fits, quantizable_linears
 from .models.lazy import LazyCheckpoint, check_matches, empty_model, materialise, release

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .device import fits, home_of, placed, to_device
 from . import distributed
+from .device import fits, home_of, placed, to_device
 from .distributed import share
 from .errors import LowbitError
 from .models.families import Family, ScalingGroup, discover_groups

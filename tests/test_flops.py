@@ -1,7 +1,6 @@
 """A run's lower bound: its matrix products counted by shape, then timed on this machine."""
 from __future__ import annotations
 
-import copy
 import json
 from collections import Counter
 

@@ -48,7 +48,8 @@ def run(args) -> int:
             if search:  # QAT re-walks the layers with these scales instead of searching again
                 opts = opts.replace(load_search=search)
         # With -o the trained model is measured after packing (its embedding as the file stores it).
-        result = session.run("qat", spec, opts, progress=not args.json, evaluate=not (args.no_eval or args.output), bound=True)
+        result = session.run("qat", spec, opts, progress=not args.json, evaluate=not (args.no_eval or args.output),
+                             bound=True)
     row = result.row()
     if args.output:
         row.update(save_packed_from_session(session, spec, args))

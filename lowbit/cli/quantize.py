@@ -67,8 +67,8 @@ def run_streamed(args) -> int:
     """``lowbit quantize --stream``: layer by layer from disk into a sharded packed directory."""
     from ..device import resolve_device
     from ..experiment import make_config
-    from ..models.loading import local_checkpoint
     from ..methods import REGISTRY
+    from ..models.loading import local_checkpoint
     from ..stream import quantize_streamed
 
     if not args.output:
@@ -107,7 +107,8 @@ def run_streamed(args) -> int:
                             act_dtype=args.act_dtype or "fp32", offload=args.offload_activations,
                             resume=args.resume, force=args.force, progress=not args.json,
                             extra={"source_model": args.model}, device=device)
-    row = {**res.row(), **res.lower_bound().row(res.seconds), "w_bit": spec.bits, "group_size": spec.group_size if spec.granularity == "group" else None,
+    row = {**res.row(), **res.lower_bound().row(res.seconds), "w_bit": spec.bits,
+           "group_size": spec.group_size if spec.granularity == "group" else None,
            "disk_mb": round(res.disk_bytes / 1e6, 2), "estimate_mb": round(res.estimate_bytes / 1e6, 2),
            "peak_rss_mb": round(res.peak_rss_mb, 1)}
     print(json.dumps(row) if args.json else table([row], STREAM_COLUMNS))

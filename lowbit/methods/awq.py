@@ -496,5 +496,6 @@ def _mismatch(a: dict, b: dict) -> str:
 
 METHOD = Method("awq", AWQConfig, apply_awq, "scale the salient input channels before rounding (activation-aware)",
                 build=lambda spec, opts: (AWQConfig(spec, **opts.for_config(AWQConfig)),),
-                calibrates=lambda config: config.load_search is None, mixed=True, streams=True, layer_step=layer_step, data_parallel=True,
+                calibrates=lambda config: config.load_search is None, mixed=True, streams=True,
+                layer_step=layer_step, data_parallel=True,
                 page="docs/design.md")

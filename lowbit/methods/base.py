@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..flops import LowerBound, Shape, lower_bound
-
 from ..models.families import Family, family_for
 from ..models.inventory import check_finite, check_spec_fits, quantizable_linears
 from ..quantizer import QuantSpec

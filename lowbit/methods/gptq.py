@@ -27,6 +27,7 @@ from torch import nn
 
 from ..distributed import all_sum, token_count, token_counts
 from ..errors import LowbitError
+from ..flops import uncounted
 from ..models.families import Family
 from ..options import option, positive_int
 from ..quantizer import (
@@ -166,24 +167,25 @@ def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block
         i2 = min(i1 + block_size, n)
         w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]  # views: updates land in w
         err = torch.empty_like(w1)
-        for i in range(i2 - i1):
-            c = i1 + i
-            if dynamic and c % span == 0:
-                part = None if imp is None else grouped(imp[c : c + span].reshape(1, -1), spec)
-                sp, zp = compute_qparams(grouped(w1[:, i : i + span], spec), spec, importance=part)
-                scale[:, c // gs : (c + span) // gs], zero[:, c // gs : (c + span) // gs] = sp[..., 0], zp[..., 0]
-            if dynamic:
-                s, z = scale[:, c // gs].unsqueeze(1), zero[:, c // gs].unsqueeze(1)
-            else:
-                s, z = col_scale[:, c : c + 1], col_zero[:, c : c + 1]
-            col = w1[:, i : i + 1]
-            if latent is not None:
-                latent[:, order[c]] = col[:, 0]
-            q = encode(col, s, z, spec)
-            codes[:, c : c + 1] = q
-            e = (col - decode(q, s, z, spec)).squeeze(1) / u1[i, i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
-            err[:, i] = e
+        with uncounted():  # many small calls and no matrix product: rank-one updates and rounding
+            for i in range(i2 - i1):
+                c = i1 + i
+                if dynamic and c % span == 0:
+                    part = None if imp is None else grouped(imp[c : c + span].reshape(1, -1), spec)
+                    sp, zp = compute_qparams(grouped(w1[:, i : i + span], spec), spec, importance=part)
+                    scale[:, c // gs : (c + span) // gs], zero[:, c // gs : (c + span) // gs] = sp[..., 0], zp[..., 0]
+                if dynamic:
+                    s, z = scale[:, c // gs].unsqueeze(1), zero[:, c // gs].unsqueeze(1)
+                else:
+                    s, z = col_scale[:, c : c + 1], col_zero[:, c : c + 1]
+                col = w1[:, i : i + 1]
+                if latent is not None:
+                    latent[:, order[c]] = col[:, 0]
+                q = encode(col, s, z, spec)
+                codes[:, c : c + 1] = q
+                e = (col - decode(q, s, z, spec)).squeeze(1) / u1[i, i]
+                w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
+                err[:, i] = e
         w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1.0)
     if factor.perm is not None:
         codes = codes[:, torch.argsort(factor.perm)]
@@ -300,5 +302,6 @@ def layer_step(model: nn.Module, family: Family, config: GPTQConfig, rounder: GP
 METHOD = Method("gptq", GPTQConfig, apply_gptq,
                 "round column by column, each error corrected by the ones after it (--act-order: GPTQ-R)",
                 build=lambda spec, opts: (GPTQConfig(spec, **opts.for_config(GPTQConfig)),), calibrates=always,
-                mixed=True, data_parallel=True, streams=True, layer_step=layer_step, options_title="gptq (also the rounding step of awq+gptq)",
+                mixed=True, data_parallel=True, streams=True, layer_step=layer_step,
+                options_title="gptq (also the rounding step of awq+gptq)",
                 page="docs/gptq.md")
