@@ -21,7 +21,8 @@ measures for those shapes right after the run) and their ratio. The bars: issue 
 7B-shaped RTN W4 g128 with peak RSS <= 4 GiB and AWQ with <= 8 GiB; issue 36, the 1.1B shape's AWQ W4 g128
 and GPTQ-R within 3 GiB and 2.5x the lower bound, the 7B shape's AWQ within 8 GiB and 2x.
 
-Rows are printed as a table and merged into bench/results/scale.json (one row per shape and method).
+Rows are printed as a table and appended to bench/results/scale.json; bench/results/scale.png plots
+seconds and lower bound against parameter count per method, from every row that reports a bound.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ from lowbit.models.loading import cache_dir
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=32000),  # Qwen2.5-0.5B's widths on Llama's layout and vocabulary
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000),
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
@@ -76,6 +79,35 @@ def _tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
                 (f"{p}.mlp.gate_proj.weight", (i, h)), (f"{p}.mlp.up_proj.weight", (i, h)),
                 (f"{p}.mlp.down_proj.weight", (h, i))]
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def parameters(cfg: dict) -> int:
+    """The checkpoint's parameter count (embedding and head included)."""
+    return sum(torch.Size(s).numel() for _, s in _tensor_shapes(cfg))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Seconds (solid) and lower bound (dashed) against parameter count, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    measured = [r for r in rows if r.get("parameters") and r.get("quant_seconds")]
+    for i, method in enumerate(sorted({r["method"] for r in measured})):
+        mine = sorted((r for r in measured if r["method"] == method), key=lambda r: r["parameters"])
+        x = [r["parameters"] / 1e9 for r in mine]
+        ax.plot(x, [r["quant_seconds"] for r in mine], "o-", color=f"C{i}", label=f"{method}")
+        bound = [(r["parameters"] / 1e9, r["lower_bound_seconds"]) for r in mine if r.get("lower_bound_seconds")]
+        if bound:
+            ax.plot(*zip(*bound), "x--", color=f"C{i}", label=f"{method}: lower bound")
+    ax.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel="seconds",
+           title="Streamed quantization, W4 g128 (bench/scale.py)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def make_checkpoint(shape: str, layers: int | None, root: Path) -> Path:
@@ -190,6 +222,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from its last finished layer (its time and peak cover this part)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    ap.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "scale.png",
+                    help="seconds and lower bound against parameters, per method, from every row")
     args = ap.parse_args()
 
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -205,8 +239,9 @@ def main() -> None:
         bar = BARS_GIB.get((args.shape, method)) if args.layers is None else None
         ratio_bar = BARS_RATIO.get((args.shape, method)) if args.layers is None else None
         ratio = r.get("lower_bound_ratio")
-        r.update(shape=args.shape, layers=n_layers, machine_gib=round(os.sysconf("SC_PAGE_SIZE") *
-                                                                      os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        cfg = {**SHAPES[args.shape], "num_hidden_layers": n_layers}
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        r.update(shape=args.shape, layers=n_layers, parameters=parameters(cfg), machine_gib=round(ram / 2**30, 1),
                  calib=f"{args.calib_samples}x{args.calib_seq_len}" if method != "rtn" else "none",
                  bar=(f"<= {bar:g}: {'yes' if r['peak_rss_gib'] <= bar else 'NO'}" if bar else None),
                  ratio_bar=(f"<= {ratio_bar:g}: {'yes' if ratio is not None and ratio <= ratio_bar else 'NO'}"
@@ -217,12 +252,13 @@ def main() -> None:
         rows.append(r)
         print(_table([r]).splitlines()[-1], file=sys.stderr, flush=True)
     print(_table(rows))
-    old = json.loads(args.out.read_text()) if args.out.is_file() else []
-    keep = [o for o in old if (o.get("shape"), o.get("layers"), o.get("method")) not in
-            {(r["shape"], r["layers"], r["method"]) for r in rows}]
+    old = json.loads(args.out.read_text()) if args.out.is_file() else []  # earlier rows stay: each has its date
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(keep + rows, indent=1))
+    args.out.write_text(json.dumps(old + rows, indent=1))
     print(f"rows: {args.out}", file=sys.stderr)
+    if args.plot:
+        plot([r for r in old + rows if r.get("commit")], args.plot)  # rows that report a lower bound
+        print(f"plot: {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":
