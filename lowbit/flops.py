@@ -141,9 +141,9 @@ def _synchronize(device: str) -> None:
 def product_seconds(shape: Shape, min_seconds: float = 0.05, max_calls: int = 50) -> float:
     """The fastest time of one product of ``shape`` on this machine now (after one warm-up call)."""
     dtype, device, b, m, k, n = shape
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(b, m, k, generator=gen).to(device=device, dtype=dtype)
-    w = torch.randn(b, k, n, generator=gen).to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # the run's own random streams stay untouched
+    a = torch.randn(b, m, k, generator=gen, dtype=dtype, device=device)
+    w = torch.randn(b, k, n, generator=gen, dtype=dtype, device=device)
     torch.bmm(a, w)
     best, spent, calls = float("inf"), 0.0, 0
     while calls < 2 or (spent < min_seconds and calls < max_calls):
@@ -180,6 +180,7 @@ def lower_bound(shapes: Counter[Shape], cover: float = 0.99, max_probes: int = 4
     """Time the products that carry ``cover`` of the FLOPs (at most ``max_probes`` shapes, and each dtype's
     largest) and bound the whole run by them; a data-parallel run's bound is its slowest worker's."""
     started = time.perf_counter()
+    shapes = Counter({s: n for s, n in shapes.items() if not s[1].startswith("meta")})  # nothing ran there
     ordered = sorted(shapes, key=lambda s: flops_of(s) * shapes[s], reverse=True)
     total = sum(flops_of(s) * shapes[s] for s in ordered)
     rates: dict[Shape, float] = {}

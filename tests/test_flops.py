@@ -105,6 +105,11 @@ def test_every_dtype_gets_its_own_measured_rate(monkeypatch):
     assert bound.seconds == pytest.approx(100 * flops.flops_of(f32) / 60e9 + flops.flops_of(bf16) / 2e9)
 
 
+def test_products_on_the_meta_device_ran_nowhere_and_bound_nothing():
+    bound = lower_bound(Counter({(torch.float32, "meta", 1, 512, 512, 512): 4}))
+    assert (bound.seconds, bound.flops, bound.probed) == (0, 0, 0)
+
+
 def test_product_seconds_measures_a_real_product():
     s = flops.product_seconds((*F32, 2, 64, 64, 64), min_seconds=0.0)
     assert 0 < s < 1
