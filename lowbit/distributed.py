@@ -55,6 +55,12 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait until every rank got here (nothing with one process)."""
+    if active():
+        dist.barrier()
+
+
 def share(rows: torch.Tensor, what: str = "calibration samples") -> torch.Tensor:
     """This rank's contiguous share of ``rows`` (calibration samples, evaluation windows), in rank order."""
     if not active():

@@ -35,7 +35,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .atomic_write import atomic_path, install_dir
+from .distributed import is_writer, share
 from .errors import LowbitError
 from .flops import LowerBound, MatmulCount, Shape, lower_bound
 from .methods import REGISTRY
@@ -228,6 +230,11 @@ def quantize_streamed(source: str | os.PathLike, output: str | os.PathLike, conf
     return result
 
 
+def own(name: str) -> str:
+    """``name`` for this data-parallel worker's own copy (its share of the hidden states); ``name`` alone."""
+    return f"{name}.rank{distributed.rank()}" if distributed.active() else name
+
+
 def method_name(config) -> str:
     """The method as its packed file names it: GPTQ with act-order (alone or after AWQ) is GPTQ-R."""
     name = REGISTRY.of(config).name
@@ -299,8 +306,14 @@ class StreamRun:
             "config": _settings(config),
             "calib": calib_digest(calib), "embed": embed, "kernel": kernel, "act_dtype": act_dtype,
             "batch_size": batch_size, "offload": str(self.offload_dir.resolve()) if self.offload_dir else None,
+            **({"workers": distributed.world_size()} if distributed.active() else {}),
         }
-        self.man = _open_run(self.run, identity, resume, force)
+        # data-parallel workers share one run directory (one filesystem): the writer opens it, the others read it
+        if is_writer():
+            self.man = _open_run(self.run, identity, resume, force)
+        distributed.barrier()
+        if not is_writer():
+            self.man = _open_run(self.run, identity, True, False)
         self.resumed_at = self.man["done"]
         dtype = ACT_DTYPES[act_dtype]
         self.store_dtype = None if dtype == torch.float32 else dtype
@@ -313,6 +326,7 @@ class StreamRun:
             act_bytes = 2 * calib.numel() * hidden_size * ACT_DTYPES[act_dtype].itemsize  # two layers' states
         already = (sum(f.stat().st_size for f in (self.run / "out").glob("*.safetensors"))
                    if resume and self.run.exists() else 0)
+        log = log if is_writer() else (lambda _msg: None)
         log(f"streaming {self.source} ({self.ckpt.nbytes() / 1e9:.2f} GB, {len(self.layers)} layers) -> "
             f"{self.output}: output about {self.estimate / 1e9:.2f} GB"
             + (f", calibration states {act_bytes / 1e9:.2f} GB" if act_bytes else ""))
@@ -324,49 +338,57 @@ class StreamRun:
     def new_store(self, step: int) -> Activations:
         if self.offload_dir is None:
             return Activations(self.store_dtype)
-        d = self.offload_dir / f"hidden-{step}.tmp"
+        d = self.offload_dir / own(f"hidden-{step}.tmp")
         shutil.rmtree(d, ignore_errors=True)
         return Activations(self.store_dtype, d)
 
     def keep_hidden(self, store: Activations, step: int) -> str:
-        """Put the hidden states entering ``step`` where a resumed run finds them; returns that place."""
-        final = (self.offload_dir or self.run) / f"hidden-{step}"
+        """Put the hidden states entering ``step`` where a resumed run finds them; returns that place, as the
+        manifest names it (each data-parallel worker keeps its own share there: :func:`own`)."""
+        place = (self.offload_dir or self.run) / f"hidden-{step}"
+        final = Path(own(str(place)))
         shutil.rmtree(final, ignore_errors=True)
         if store.directory is None:
-            tmp = self.run / f"hidden-{step}.tmp"
+            tmp = self.run / own(f"hidden-{step}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             store.save(tmp)
             os.replace(tmp, final)
         else:
             os.replace(store.directory, final)
             store.directory = final
-        return str(final)
+        return str(place)
 
-    def commit(self, step: int, part: PackedModel, hidden_at: str | None, embed_info: dict | None = None) -> None:
-        """Write ``step``'s shard and record it (and where the next step's inputs are) in the manifest."""
+    def commit(self, step: int, part: PackedModel | None, hidden_at: str | None,
+               embed_info: dict | None = None) -> None:
+        """Write ``step``'s shard and record it (and where the next step's inputs are) in the manifest: the
+        writer, once every data-parallel worker has kept its inputs of the next step (the others pass None)."""
         man = self.man
-        name = shard_name(step + 1, self.n_steps)
-        man["shards"][name] = save_shard(part, self.run / "out" / name)
-        man["entries"].update(part.entries)
-        if embed_info:
-            man["embedding"].update(embed_info)
+        distributed.barrier()
+        if is_writer():
+            name = shard_name(step + 1, self.n_steps)
+            man["shards"][name] = save_shard(part, self.run / "out" / name)
+            man["entries"].update(part.entries)
+            if embed_info:
+                man["embedding"].update(embed_info)
         old = man.get("hidden")
         man["hidden"] = hidden_at
         man["done"] = step + 1
-        _write_json(self.run / MANIFEST, man)
+        if is_writer():
+            _write_json(self.run / MANIFEST, man)
         if old and old != hidden_at:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(own(old), ignore_errors=True)
 
     def steps(self, calib: torch.Tensor | None, progress: bool) -> None:
         """Every step not done yet, in order: the embedding (which starts the calibration), the decoder layers on
         the layer walk (:func:`lowbit.walk.walk_layers`, the in-memory methods' own), then the tail."""
         bar = tqdm(total=self.n_steps, initial=self.resumed_at, desc=f"stream {self.method}", unit="step",
-                   disable=not progress)
+                   disable=not progress or not is_writer())
         clock = [time.perf_counter()]
 
         def after(index: int, layer: nn.Module, hidden: Activations | None) -> None:
             if self.calibrated:
-                part = pack_layer(layer, f"{self.family.layers}.{index}", self.family.linears, self.spec, self.kernel)
+                part = pack_layer(layer, f"{self.family.layers}.{index}", self.family.linears, self.spec,
+                                  self.kernel) if is_writer() else None
                 release(layer)
                 self.commit(index + 1, part, self.keep_hidden(hidden, index + 2))
             self.layer_seconds.append(time.perf_counter() - clock[0])
@@ -397,16 +419,17 @@ class StreamRun:
         """Step 0: the float embedding starts the calibration (of a calibrated method), then it is packed."""
         materialise(self.emb_mod, self.emb_name, self.ckpt)
         inputs, hidden_at = None, None
-        if self.calibrated:
-            inputs = first_layer_batches(self.model, self.family, calib, self.batch_size, self.new_store(1))
-            with atomic_path(self.run / "layer_calls.pt") as tmp:
+        if self.calibrated:  # a data-parallel worker its share of the samples
+            inputs = first_layer_batches(self.model, self.family, share(calib), self.batch_size, self.new_store(1))
+            with atomic_path(self.run / own("layer_calls.pt")) as tmp:
                 torch.save([c.state() for c in inputs[1]], tmp)
             hidden_at = self.keep_hidden(inputs[0], 1)
-        # the embedding is also the head when tied, and packed as ``embed`` says
-        part, info = pack_embedding_(self.emb_name, self.emb_mod, "embedding", self.embed, self.kernel, self.tied,
-                                     update=False)
-        if self.tied and getattr(self.head_mod, "bias", None) is not None:
-            part.floats.update(self.ckpt.read([f"{self.head_name}.bias"], torch.float32))
+        part, info = None, None
+        if is_writer():  # the embedding is also the head when tied, and packed as ``embed`` says
+            part, info = pack_embedding_(self.emb_name, self.emb_mod, "embedding", self.embed, self.kernel,
+                                         self.tied, update=False)
+            if self.tied and getattr(self.head_mod, "bias", None) is not None:
+                part.floats.update(self.ckpt.read([f"{self.head_name}.bias"], torch.float32))
         release(self.emb_mod)
         self.commit(0, part, hidden_at, {"embedding": info})
         return inputs
@@ -416,8 +439,8 @@ class StreamRun:
         disk."""
         if not self.calibrated or self.resumed_at > len(self.layers):
             return None
-        calls = [Call.from_state(c) for c in torch.load(self.run / "layer_calls.pt", weights_only=True)]
-        return Activations.load(Path(self.man["hidden"]), self.store_dtype,
+        calls = [Call.from_state(c) for c in torch.load(self.run / own("layer_calls.pt"), weights_only=True)]
+        return Activations.load(Path(own(self.man["hidden"])), self.store_dtype,
                                 keep_on_disk=self.offload_dir is not None), calls
 
     def read_layer(self, index: int, layer: nn.Module) -> None:
@@ -427,6 +450,8 @@ class StreamRun:
         """RTN's step of the walk, which needs no calibration: each linear is read, rounded, packed and dropped in
         turn, then the layer's other tensors are read and the layer is committed."""
         prefix, rels = f"{self.family.layers}.{ctx.index}", self.family.linears
+        if not is_writer():  # nothing to share out: the writer rounds and writes
+            return self.commit(ctx.index + 1, None, None)
         part = PackedModel()
         for rel in rels:
             lin = ctx.layer.get_submodule(rel)
@@ -441,6 +466,8 @@ class StreamRun:
 
     def tail_step(self) -> None:
         """The last shard: every tensor outside the layers and the embedding (final norm), and an untied head."""
+        if not is_writer():
+            return self.commit(self.n_steps - 1, None, None)
         part, info = PackedModel(), {}
         if self.head_mod is not None and not self.tied:
             materialise(self.head_mod, self.head_name, self.ckpt)
@@ -454,7 +481,17 @@ class StreamRun:
         self.commit(self.n_steps - 1, part, None, info)
 
     def finish(self, tokenizer, extra: dict | None, start: float) -> StreamResult:
-        """The shards become the output directory (config, tokenizer, index) and the run directory goes."""
+        """The shards become the output directory (config, tokenizer, index) and the run directory goes (the
+        writer's work; the other data-parallel workers wait for it)."""
+        if is_writer():
+            self._install(tokenizer, extra)
+        distributed.barrier()
+        disk = sum(f.stat().st_size for f in self.output.iterdir() if f.is_file())
+        return StreamResult(self.output, self.method, len(self.layers), self.resumed_at,
+                            time.perf_counter() - start, self.layer_seconds, peak_rss_mb(), disk, self.estimate,
+                            self.ckpt.nbytes())
+
+    def _install(self, tokenizer, extra: dict | None) -> None:
         meta = packed_meta(self.method, self.spec, self.man["embedding"], self.tied, self.man["entries"],
                            self.family.name, torch.float32)
         finish = self.run / "out"
@@ -468,10 +505,6 @@ class StreamRun:
                    known=self.man["shards"])
         install_dir(finish, self.output)
         shutil.rmtree(self.run, ignore_errors=True)
-        disk = sum(f.stat().st_size for f in self.output.iterdir() if f.is_file())
-        return StreamResult(self.output, self.method, len(self.layers), self.resumed_at,
-                            time.perf_counter() - start, self.layer_seconds, peak_rss_mb(), disk, self.estimate,
-                            self.ckpt.nbytes())
 
 
 def pack_layer(layer: nn.Module, prefix: str, rels: tuple[str, ...], spec: QuantSpec, kernel: str) -> PackedModel:

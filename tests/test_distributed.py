@@ -123,3 +123,57 @@ def test_one_process_is_the_identity():
     x = torch.randn(5, 3)
     assert distributed.share(x) is x and distributed.all_sum(x) is x and distributed.gather_shares(x, 5) is x
     assert torch.equal(distributed.token_mean(x), x.mean(0)) and distributed.token_count(x) == 5
+
+
+STREAMED = {"awq": lambda: lb.AWQConfig(SPEC, n_grid=4, clip_grid=4), "gptq-r": CONFIGS["gptq-r"],
+            "rtn": lambda: lb.RTNConfig(SPEC)}
+
+
+def _streamed(src: Path, out: Path, method: str) -> dict:
+    """A streamed quantization of the checkpoint ``src`` into ``out``, then the packed weights read back."""
+    from lowbit.pack.checkpoint import load_packed
+    from lowbit.stream import quantize_streamed
+
+    sys.path.insert(0, TESTS)
+    from conftest import byte_tokenizer
+
+    torch.set_num_threads(1)
+    calib = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
+    res = quantize_streamed(src, out, STREAMED[method](), calib, byte_tokenizer(), batch_size=2, progress=False,
+                            log=lambda _m: None)
+    model, _ = load_packed(out)
+    weights = torch.cat([m.weight.detach().flatten() for _, m in sorted(model.named_modules())
+                         if hasattr(m, "weight") and getattr(m.weight, "dim", lambda: 0)() == 2])
+    flops = sum(2 * b * m * k * n * c for (_, _, b, m, k, n), c in res.matmuls.items())
+    return {"weights": weights, "files": sorted(p.name for p in out.iterdir()), "flops": flops}
+
+
+def _stream_rank(rank: int, tmp: str, method: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    distributed.init_from_env(torch.device("cpu"))
+    try:
+        result = _streamed(Path(tmp) / "src", Path(tmp) / "workers", method)
+    finally:
+        distributed.finish()
+    torch.save(result, Path(tmp) / f"stream-rank{rank}.pt")
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq-r", "rtn"])
+def test_streamed_workers_write_one_process_file(tmp_path, method):
+    """Two workers stream one checkpoint from disk, each calibrating on half the samples; the writer's
+    directory holds one process's codes (up to summation order) and no worker's leftovers."""
+    from conftest import byte_tokenizer, tiny_llama
+
+    model = tiny_llama(layers=3)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(tmp_path / "src")
+    alone = _streamed(tmp_path / "src", tmp_path / "alone", method)
+    mp.start_processes(_stream_rank, args=(str(tmp_path), method), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"stream-rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["files"] == alone["files"] and torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+    assert not (tmp_path / "workers.partial").exists()
+    if method != "rtn":  # each worker ran its half of the calibration samples through the layers
+        assert all(0.3 < r["flops"] / alone["flops"] < 0.7 for r in ranks), [r["flops"] for r in ranks]
+    moved = (~torch.isclose(ranks[0]["weights"], alone["weights"], rtol=1e-5, atol=1e-8)).float().mean().item()
+    assert moved <= (0 if method == "rtn" else 1e-3), f"{moved:.2%} of the weights differ from one process's"

@@ -77,8 +77,6 @@ def run_streamed(args) -> int:
                      ("--rotate", args.rotate), ("--a-bit", args.a_bit is not None)):
         if on:
             raise LowbitError(f"{flag} is not available with --stream (it needs the whole model in memory)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LowbitError("--stream runs in one process; start it without torchrun")
     device = resolve_device(args.device)
     spec = spec_from_args(args)
     if args.gguf:
@@ -102,12 +100,16 @@ def run_streamed(args) -> int:
 
         calib, record = calibration_windows(tok, args.calib_data, args.data_dir, args.calib_samples,
                                             args.calib_seq_len, args.seed)
-        print(f"lowbit: calibration: {record.describe()}", file=sys.stderr)
+        if is_writer():
+            print(f"lowbit: calibration: {record.describe()}", file=sys.stderr)
     res = quantize_streamed(src, args.output, config, calib, tok, embed=args.embed, kernel=args.kernel,
                             act_dtype=args.act_dtype or "fp32", offload=args.offload_activations,
                             resume=args.resume, force=args.force, progress=not args.json,
                             extra={"source_model": args.model}, device=device)
-    row = {**res.row(), **res.lower_bound().row(res.seconds), "w_bit": spec.bits,
+    bound = res.lower_bound()  # on every data-parallel worker: the bound is the slowest one's
+    if not is_writer():
+        return 0
+    row = {**res.row(), **bound.row(res.seconds), "w_bit": spec.bits,
            "group_size": spec.group_size if spec.granularity == "group" else None,
            "disk_mb": round(res.disk_bytes / 1e6, 2), "estimate_mb": round(res.estimate_bytes / 1e6, 2),
            "peak_rss_mb": round(res.peak_rss_mb, 1)}
