@@ -5,6 +5,7 @@
     python bench/scale.py --shape tiny          # a minute-long check that the pipeline works
     python bench/scale.py --shape 7b --layers 2 # full 7B widths, 2 layers: the per-layer peak in minutes
     python bench/scale.py --shape 1b --methods awq gptq-r   # issue 36's bar: peak RSS and time against the bound
+    python bench/scale.py --shape 1b --methods gptq-r --workers 2   # 2 torchrun workers x 1 thread
 
 Each shape's checkpoint has random weights (normal, std 0.02; norms 1), is written once in bf16,
 tensor by tensor, in ~1 GB shards under $LOWBIT_CACHE/scale/ (13.5 GB for 7B), with a config.json
@@ -163,8 +164,11 @@ def make_checkpoint(shape: str, layers: int | None, root: Path) -> Path:
 
 
 def run(model_dir: Path, method: str, out: Path, args) -> dict:
-    """One ``lowbit quantize --stream`` in a child process; its peak RSS from the kernel."""
-    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", "--model", str(model_dir), "--stream",
+    """One ``lowbit quantize --stream`` in a child process (or ``args.workers`` torchrun workers, one thread each
+    of ``args.threads``); the peak RSS of its largest process from the kernel."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}", "-m", "lowbit"] \
+        if args.workers > 1 else ["-m", "lowbit.cli"]
+    cmd = [sys.executable, *launch, "quantize", "--model", str(model_dir), "--stream",
            *METHOD_ARGS[method], "--w-bit", "4", "--group-size", "128", "-o", str(out), "--force", "--json"]
     if method != "rtn":
         cmd += ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
@@ -174,7 +178,7 @@ def run(model_dir: Path, method: str, out: Path, args) -> dict:
             cmd += ["--data-dir", args.data_dir]
     if args.resume:
         cmd.append("--resume")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, args.threads // args.workers))}
     shared = ROOT.parent / "shared" / "data"  # the local WikiText-2 copies beside the checkout, as the Makefile does
     if shared.is_dir():
         env.setdefault("LOWBIT_DATA_DIR", str(shared))
@@ -195,7 +199,7 @@ def run(model_dir: Path, method: str, out: Path, args) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    cols = [("shape", "shape", ""), ("layers", "layers", ""), ("method", "method", ""),
+    cols = [("shape", "shape", ""), ("layers", "layers", ""), ("method", "method", ""), ("workers", "workers", ""),
             ("calib", "calibration", ""), ("checkpoint_gb", "ckpt GB", ".2f"), ("output_gb", "out GB", ".2f"),
             ("peak_rss_gib", "peak RSS GiB", ".2f"), ("bar", "bar", ""), ("mean_layer_seconds", "s/layer", ".1f"),
             ("quant_seconds", "total s", ".0f"), ("lower_bound_seconds", "bound s", ".0f"),
@@ -219,6 +223,9 @@ def main() -> None:
     ap.add_argument("--data-dir", help="WikiText-2 directory (default $LOWBIT_DATA_DIR)")
     ap.add_argument("--cache", type=Path, default=cache_dir() / "scale", help="where checkpoints and outputs go")
     ap.add_argument("--keep", action="store_true", help="keep the quantized outputs")
+    ap.add_argument("--workers", type=int, default=1, help="torchrun data-parallel workers (default 1: one process)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads in all: one process's, or split over the workers (default: the CPUs)")
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from its last finished layer (its time and peak cover this part)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
@@ -246,7 +253,8 @@ def main() -> None:
                  bar=(f"<= {bar:g}: {'yes' if r['peak_rss_gib'] <= bar else 'NO'}" if bar else None),
                  ratio_bar=(f"<= {ratio_bar:g}: {'yes' if ratio is not None and ratio <= ratio_bar else 'NO'}"
                             if ratio_bar else None),
-                 load_average=round(os.getloadavg()[0], 2), torch_threads=torch.get_num_threads(),
+                 load_average=round(os.getloadavg()[0], 2), workers=args.workers,
+                 threads_per_worker=max(1, args.threads // args.workers),
                  resumed=args.resume or None, machine=machine(), commit=commit(),
                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         rows.append(r)

@@ -243,3 +243,29 @@ def test_torchrun_two_workers_write_what_one_process_writes(tmp_path, tokenizer_
     assert a.keys() == b.keys()
     codes = [k for k in a if a[k].dtype in (torch.int32, torch.uint8, torch.int8)]
     assert codes and sum((a[k] != b[k]).sum().item() for k in codes) <= 1e-3 * sum(a[k].numel() for k in codes)
+
+
+def test_torchrun_workers_stream_what_one_process_streams(tmp_path):
+    """``torchrun ... -m lowbit quantize --stream``: the workers join one group (else each would write the run
+    directory as if alone), one prints, and the sharded directory holds one streamed process's codes."""
+    from conftest import byte_tokenizer, tiny_llama
+
+    tiny_llama(layers=3).to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(tmp_path / "src")
+    args = ["quantize", "--model", str(tmp_path / "src"), "--stream", "--method", "gptq", "--act-order", "--w-bit",
+            "4", "--group-size", "16", "--calib-samples", "4", "--calib-seq-len", "64", "--json"]
+    one = run(*args, "-o", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lowbit", *args, "-o", str(tmp_path / "two")], check=False, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert two.returncode == 0, two.stderr
+    rows = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["layers"] == 3 and rows[0]["lower_bound_seconds"] > 0, two.stdout
+    from lowbit.pack.checkpoint import read_config, read_weights
+
+    a = read_weights(tmp_path / "one", read_config(tmp_path / "one"))
+    b = read_weights(tmp_path / "two", read_config(tmp_path / "two"))
+    assert a.keys() == b.keys()
+    codes = [k for k in a if a[k].dtype in (torch.int32, torch.uint8, torch.int8)]
+    assert codes and sum((a[k] != b[k]).sum().item() for k in codes) <= 1e-3 * sum(a[k].numel() for k in codes)

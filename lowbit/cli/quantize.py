@@ -66,6 +66,7 @@ STREAM_COLUMNS = [
 def run_streamed(args) -> int:
     """``lowbit quantize --stream``: layer by layer from disk into a sharded packed directory."""
     from ..device import resolve_device
+    from ..distributed import init_from_env
     from ..experiment import make_config
     from ..methods import REGISTRY
     from ..models.loading import local_checkpoint
@@ -78,6 +79,7 @@ def run_streamed(args) -> int:
         if on:
             raise LowbitError(f"{flag} is not available with --stream (it needs the whole model in memory)")
     device = resolve_device(args.device)
+    init_from_env(device)  # under torchrun: join the data-parallel workers
     spec = spec_from_args(args)
     if args.gguf:
         raise LowbitError("--gguf is not supported with streamed quantization (--stream, --resume, "
