@@ -110,6 +110,8 @@ def test_two_workers_give_one_process_weights_and_perplexity(tmp_path, family, m
     # float rounding of the summed statistics moves a folded weight by an ulp; a flipped code moves it a grid step
     moved = (~torch.isclose(ranks[0]["weights"], alone["weights"], rtol=1e-5, atol=1e-8)).float().mean().item()
     assert moved <= 1e-3, f"{moved:.2%} of the weights differ from one process's by more than float rounding"
+    if method == "gptq-r" and family.startswith("qwen2_moe"):  # routed tokens: float64 Hessian products
+        assert moved == 0, f"{moved:.2%} of the weights differ from one process's"
     assert ranks[0]["ppl"] == pytest.approx(alone["ppl"], rel=1e-4)  # the bar: 4 significant digits
 
 

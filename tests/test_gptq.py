@@ -164,3 +164,18 @@ def test_few_calibration_tokens_warn_with_the_number_needed():
         quantize_(tiny_llama(), GPTQConfig(QuantSpec(bits=4, group_size=16)), samples(2, 32))  # 64 tokens, width 128
     msgs = [str(w.message) for w in caught if "calibration tokens" in str(w.message)]
     assert msgs and "at least 128 tokens" in msgs[0] and "--calib-samples 4" in msgs[0]
+
+
+def test_an_exact_hessian_does_not_depend_on_where_its_chunks_begin():
+    """Routed tokens (MoE experts) split over data-parallel workers where the router says, not at sample
+    boundaries: their Hessian is summed from float64 products, which agree however the tokens are chunked."""
+    from lowbit.methods.gptq import hessian
+
+    x = torch.randn(1000, 48, generator=torch.Generator().manual_seed(0)) * 10
+    exact = [hessian(x, chunk=c, exact=True) for c in (1000, 333, 64)]
+    rough = [hessian(x, chunk=c) for c in (1000, 333, 64)]
+
+    def spread(hs):  # the largest disagreement between chunkings, relative to the largest entry
+        return max(((h - hs[0]).abs().max() / hs[0].abs().max()).item() for h in hs)
+
+    assert spread(exact) < 1e-14 and spread(rough) > 1e-9  # float32 products round where the chunks begin

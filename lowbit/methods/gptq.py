@@ -70,12 +70,13 @@ class GPTQConfig:
             raise LowbitError(f"--gptq-block-size must be a positive integer, got {self.block_size!r}")
 
 
-def hessian(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """H = 2XᵀX/T over all tokens of ``x`` [..., in], summed in float64 across token chunks."""
+def hessian(x: torch.Tensor, chunk: int = 2048, exact: bool = False) -> torch.Tensor:
+    """H = 2XᵀX/T over all tokens of ``x`` [..., in], summed in float64 across token chunks of float32 products,
+    or (``exact``) of float64 products, whose sum does not depend on where the chunks begin."""
     xt = x.reshape(-1, x.shape[-1])
     h = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64, device=x.device)
     for xb in xt.split(chunk):
-        xb = xb.float()
+        xb = xb.double() if exact else xb.float()
         h += (xb.T @ xb).double()
     return all_sum(h).mul_(2.0 / max(1, token_count(xt)))  # over every worker's tokens
 
@@ -221,7 +222,10 @@ class GPTQRounder:
             by_input.setdefault(id(ctx.linear_inputs[rel]), []).append(rel)
         for rels in by_input.values():
             name = f"layer {ctx.index} ({', '.join(rels)})"
-            h = hessian(ctx.linear_inputs[rels[0]])
+            x = ctx.linear_inputs[rels[0]]
+            # routed tokens [tokens, in] (MoE experts): their split over data-parallel workers follows the router,
+            # not the samples, so float32 chunk products would round differently from one process's
+            h = hessian(x, exact=x.dim() == 2)
             with one_thread():
                 factor = factor_hessian(h, self.config.damp, self.config.act_order, name)
             if factor.damp > self.config.damp:
