@@ -219,6 +219,18 @@ def test_compare_writes_table_and_chart_and_keeps_them_without_force(tmp_path, t
     assert (out / "compare.json").read_text() == before
 
 
+def _alone_and_on_two_workers(args: list[str], tmp_path: Path):
+    """``lowbit ARGS -o one`` in one process, then ``-o two`` on two torchrun workers (one thread each); both
+    must succeed. Returns both runs and the JSON rows the workers printed."""
+    one = run(*args, "-o", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lowbit", *args, "-o", str(tmp_path / "two")], check=False, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert two.returncode == 0, two.stderr
+    return one, two, [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+
+
 @pytest.mark.model
 def test_torchrun_two_workers_write_what_one_process_writes(tmp_path, tokenizer_dir, data_dir):
     """``torchrun --nproc-per-node 2 -m lowbit quantize``: rank 0 alone writes and prints; the file and its
@@ -227,13 +239,7 @@ def test_torchrun_two_workers_write_what_one_process_writes(tmp_path, tokenizer_
     args = ["quantize", "--model", str(ckpt), "--method", "gptq", "--act-order", "--w-bit", "4", "--group-size", "16",
             "--calib-samples", "4", "--calib-seq-len", "64", "--eval", "--seq-len", "128", "--max-windows", "3",
             "--json"]
-    one = run(*args, "-o", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "lowbit", *args, "-o", str(tmp_path / "two")], check=False, capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert two.returncode == 0, two.stderr
-    rows = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    one, two, rows = _alone_and_on_two_workers(args, tmp_path)
     assert len(rows) == 1, two.stdout  # one worker prints
     expected = json.loads(one.stdout.strip().splitlines()[-1])
     assert rows[0]["ppl"] == pytest.approx(expected["ppl"], rel=1e-4) and rows[0]["windows"] == 3
@@ -254,13 +260,7 @@ def test_torchrun_workers_stream_what_one_process_streams(tmp_path):
     byte_tokenizer().save_pretrained(tmp_path / "src")
     args = ["quantize", "--model", str(tmp_path / "src"), "--stream", "--method", "gptq", "--act-order", "--w-bit",
             "4", "--group-size", "16", "--calib-samples", "4", "--calib-seq-len", "64", "--json"]
-    one = run(*args, "-o", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "lowbit", *args, "-o", str(tmp_path / "two")], check=False, capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert two.returncode == 0, two.stderr
-    rows = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    one, two, rows = _alone_and_on_two_workers(args, tmp_path)
     assert len(rows) == 1 and rows[0]["layers"] == 3 and rows[0]["lower_bound_seconds"] > 0, two.stdout
     from lowbit.pack.checkpoint import read_config, read_weights
 
