@@ -16,6 +16,7 @@ A mixture-of-experts layer is costed per expert with the tokens the router gives
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from lowbit.distributed import owners  # noqa: E402
 
 GRID, SEARCH, CLIP_STEPS, GROUP, CHECK = 20, 4, 10, 128, 8  # AWQ's defaults (clip: 20 ratios x max shrink 0.5)
 
@@ -64,10 +67,11 @@ def forward(tokens: float, seq: int, h: int, mlp_params: float, kv: int) -> floa
 
 
 def single_linear(tokens: float, out: int, n: int, w: int) -> float:
-    """A single linear's α search: through its Gram matrix when the tokens outnumber its inputs (the losses on
-    every worker, the matrix from each one's share), else D X^T on each worker's share."""
+    """A single linear's α search: through its Gram matrix when the tokens outnumber its inputs (the matrix from
+    each worker's share of the tokens, the losses of each worker's share of the candidates), else D X^T on each
+    worker's share of the tokens."""
     if n <= tokens:
-        return GRID * 2 * out * n * n + 2 * tokens / w * n * n
+        return math.ceil(GRID / w) * 2 * out * n * n + 2 * tokens / w * n * n
     return GRID * 2 * out * n * tokens / w
 
 
@@ -75,14 +79,14 @@ def awq_mlp(tokens: float, seq: int, h: int, i: int, w: int = 1) -> float:
     """AWQ on one MLP (dense or one expert) that ``tokens`` reach: gate/up scored by re-running it, down_proj
     through its Gram matrix (or D X^T when fewer tokens than inputs), clip search on its three linears."""
     search = min(tokens, SEARCH * seq) / w
-    return (GRID + 1) * 2 * search * 3 * h * i + single_linear(tokens, h, i, w) + CLIP_STEPS * 2 * GROUP * 3 * h * i
+    return (GRID + 1) * 2 * search * 3 * h * i + single_linear(tokens, h, i, w) + CLIP_STEPS * 2 * GROUP * 3 * h * i / w
 
 
 def awq_layer(s: Shape, tokens: int, seq: int, moe: bool, w: int = 1) -> float:
     """One worker's AWQ work on one layer, with ``w`` workers sharing the calibration."""
     h, kv = s.hidden, s.kv
     att = (GRID + 1) * (2 * SEARCH * seq * (h * (h + 2 * kv) + h * h) + 4 * SEARCH * seq * seq * h) / w
-    clip = CLIP_STEPS * 2 * GROUP * (h * kv + h * h)
+    clip = CLIP_STEPS * 2 * GROUP * (h * kv + h * h) / w  # each worker searches its share of the rows
     if moe:
         routed = tokens * s.active / s.experts
         mlp = s.experts * awq_mlp(routed, seq, h, s.mlp, w) + (awq_mlp(tokens, seq, h, s.shared, w) if s.shared
@@ -95,23 +99,33 @@ def awq_layer(s: Shape, tokens: int, seq: int, moe: bool, w: int = 1) -> float:
     return forward(tokens / w, seq, h, mlp_params, kv) + att + single_linear(tokens, h, h, w) + clip + mlp + check
 
 
-def gptq_mlp(tokens: float, h: int, i: int) -> float:
-    """Hessians from (a worker's share of) ``tokens``; the column updates of gate/up and down on every worker."""
-    return 2 * tokens * (h * h + i * i) + 2 * i * h * h + h * i * i
+def gptq_rounding(h: int, i: int) -> list[float]:
+    """The column updates of one MLP's two inputs (gate/up read h, down reads i): rows x width²."""
+    return [2 * i * h * h, h * i * i]
 
 
 def gptq_layer(s: Shape, tokens: int, seq: int, moe: bool, w: int = 1) -> float:
-    """One worker's GPTQ-R work on one layer, with ``w`` workers sharing the calibration."""
+    """One worker's GPTQ-R work on one layer, with ``w`` workers sharing the calibration: Hessians from its share
+    of the tokens, the forwards, and the column updates of the inputs it owns (``distributed.owners``' split)."""
     h, kv, mine = s.hidden, s.kv, tokens / w
-    att = 2 * mine * 2 * h * h + (h + 2 * kv) * h * h + h * h * h
+    rounding = [(h + 2 * kv) * h * h, h * h * h]  # q/k/v, o
+    hessians = 2 * mine * 2 * h * h
     if moe:
         routed = mine * s.active / s.experts
-        mlp = s.experts * gptq_mlp(routed, h, s.mlp) + (gptq_mlp(mine, h, s.shared) if s.shared else 0)
+        hessians += s.experts * 2 * routed * (h * h + s.mlp * s.mlp)
+        rounding += s.experts * gptq_rounding(h, s.mlp)
+        if s.shared:
+            hessians += 2 * mine * (h * h + s.shared * s.shared)
+            rounding += gptq_rounding(h, s.shared)
         mlp_params = s.active * 3 * h * s.mlp + 3 * h * s.shared
     else:
         i = s.dense_mlp or s.mlp
-        mlp, mlp_params = gptq_mlp(mine, h, i), 3 * h * i
-    return 2 * forward(mine, seq, h, mlp_params, kv) + att + mlp
+        hessians += 2 * mine * (h * h + i * i)
+        rounding += gptq_rounding(h, i)
+        mlp_params = 3 * h * i
+    owner = owners(rounding, w)
+    slowest = max(sum(c for c, o in zip(rounding, owner) if o == r) for r in range(w))
+    return 2 * forward(mine, seq, h, mlp_params, kv) + hessians + slowest
 
 
 def model_flops(s: Shape, method, tokens: int, seq: int, w: int = 1) -> float:

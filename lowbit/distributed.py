@@ -4,12 +4,16 @@ Under ``torchrun --nproc-per-node N -m lowbit quantize ...`` every rank loads th
 calibration windows; the layer walk keeps only the rank's contiguous share of them. What a method sums
 over calibration tokens (GPTQ's Hessian, imatrix's mean x², token counts) is summed over the ranks with
 :func:`all_sum`, which gives every rank the same bits, so every rank takes the same decisions and holds the
-same weights; one rank writes the files. With one process every function here is the identity, so the
+same weights; one rank writes the files. Work that needs no tokens (scoring candidates through a summed
+Gram matrix, rounding one input's linears from its Hessian) is split instead of repeated: :func:`split_rows`
+and :func:`owners` with :func:`from_rank`. With one process every function here is the identity, so the
 single-process path is unchanged bit for bit.
 """
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -85,6 +89,14 @@ def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([p[: hi - lo] for p, lo, hi in zip(parts, b, b[1:])]).to(local.device)
 
 
+def split_rows(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """``fn(rows)`` for an ``fn`` that treats rows independently and calls no collective (a search over
+    candidates, over output channels): each worker computes its contiguous share, every worker gets all rows."""
+    if not active() or rows.shape[0] < world_size():
+        return fn(rows)
+    return gather_shares(fn(share(rows)), rows.shape[0])
+
+
 def _collective_device() -> torch.device:
     """Where the backend reduces: NCCL only on the rank's CUDA device, gloo on the CPU."""
     if dist.get_backend() == "nccl":
@@ -99,6 +111,43 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().to(_collective_device(), copy=True).contiguous()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device)
+
+
+def owners(costs: list[float], workers: int | None = None) -> list[int]:
+    """The rank that does each of ``costs``' independent work items (a linear's GPTQ, an expert's): the costliest
+    first, each to the least loaded of ``workers`` (default: this group's ranks), the same on every rank; all 0
+    with one process."""
+    size = world_size() if workers is None else workers
+    load, owner = [0.0] * size, [0] * len(costs)
+    if size > 1:
+        for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            owner[i] = min(range(size), key=lambda r: (load[r], r))
+            load[owner[i]] += costs[i]
+    return owner
+
+
+def from_rank(src: int, tensors: list[torch.Tensor] | None, extra: object = None,
+              device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], object]:
+    """(``tensors``, ``extra``) as rank ``src`` holds them, on every rank (the others pass None): one small
+    message for their shapes and ``extra`` (picklable), one broadcast of their bytes. The identity alone."""
+    if not active():
+        return tensors, extra
+    mine = rank() == src
+    meta = [([(tuple(t.shape), t.dtype) for t in tensors], extra) if mine else None]
+    dist.broadcast_object_list(meta, src, device=_collective_device())
+    layout, extra = meta[0]
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in layout]
+    if mine:
+        flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8).cpu() for t in tensors]
+                         or [torch.empty(0, dtype=torch.uint8)]).to(_collective_device())
+    else:
+        flat = torch.empty(sum(sizes), dtype=torch.uint8, device=_collective_device())
+    dist.broadcast(flat, src)
+    if mine:
+        return tensors, extra
+    out = [part.cpu().clone().view(dtype).reshape(shape).to(device)  # a copy starts aligned for its dtype
+           for part, (shape, dtype) in zip(flat.split(sizes), layout)]
+    return out, extra
 
 
 def all_max_ints(values: list[int]) -> list[int]:

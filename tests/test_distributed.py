@@ -50,14 +50,30 @@ def _model(family: str):
     return model, calib, tiny_samples(model, n=5, seq=32, seed=2)
 
 
+def _counting(owner, name: str, counts: dict, size) -> None:
+    """Replace ``owner.name`` by a wrapper that adds ``size(*args)`` to ``counts[name]``."""
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + size(*args)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
 def _run(family: str, method: str) -> dict:
     """Quantize, evaluate and fingerprint, in this process (one rank of several, or alone); count the inputs this
-    worker stood in for (modules that read tokens on the other worker only)."""
+    worker stood in for (modules that read tokens on the other worker only) and the independent work it did: GPTQ's
+    rounded inputs, AWQ's candidate scales scored through a Gram matrix and the rows of its clip search."""
     from lowbit import walk
+    from lowbit.methods import awq, gptq
 
     torch.set_num_threads(1)
     model, calib, windows = _model(family)
-    stood_in, agreed = [], walk.agreed_inputs
+    stood_in, agreed, work = [], walk.agreed_inputs, {}
+    saved = [(walk, "agreed_inputs"), (gptq.GPTQRounder, "_round"), (awq, "single_linear_losses"),
+             (awq, "_clip_ratios")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
 
     def counting(inputs, names, *args):
         out = agreed(inputs, names, *args)
@@ -65,16 +81,20 @@ def _run(family: str, method: str) -> dict:
         return out
 
     walk.agreed_inputs = counting
+    _counting(gptq.GPTQRounder, "_round", work, lambda *a: 1)
+    _counting(awq, "single_linear_losses", work, lambda w0, g, scales, *a: len(scales) if g is not None else 0)
+    _counting(awq, "_clip_ratios", work, lambda w, *a: w.shape[0])
     try:
         quantize_(model, CONFIGS[method](), calib)
     finally:
-        walk.agreed_inputs = agreed
+        for owner, name, real in saved:
+            setattr(owner, name, real)
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode() + v.detach().float().contiguous().numpy().tobytes())
     weights = torch.cat([p.detach().flatten() for _, p in sorted(model.named_parameters()) if p.dim() == 2])
     return {"hash": h.hexdigest(), "weights": weights, "ppl": perplexity(model, windows, progress=False).ppl,
-            "stood_in": stood_in}
+            "stood_in": stood_in, "work": work}
 
 
 def _rank(rank: int, out: str, family: str, method: str) -> None:
@@ -113,6 +133,12 @@ def test_two_workers_give_one_process_weights_and_perplexity(tmp_path, family, m
     if method == "gptq-r" and family.startswith("qwen2_moe"):  # routed tokens: float64 Hessian products
         assert moved == 0, f"{moved:.2%} of the weights differ from one process's"
     assert ranks[0]["ppl"] == pytest.approx(alone["ppl"], rel=1e-4)  # the bar: 4 significant digits
+    # independent work is shared, not repeated: each worker does part of it and together they do it once
+    assert bool(alone["work"]) == method.startswith(("gptq", "awq"))
+    assert all(r["work"].keys() == alone["work"].keys() for r in ranks)
+    for what, n in alone["work"].items():
+        mine = [r["work"][what] for r in ranks]
+        assert sum(mine) == n and max(mine) < n, (what, mine, n)
 
 
 def test_a_method_not_yet_data_parallel_is_refused_on_every_worker(tmp_path):

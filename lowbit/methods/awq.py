@@ -234,9 +234,14 @@ def search_scale(
     losses = torch.full((cfg.n_grid,), math.inf, device=x.device)
     try:
         if single:  # many candidates at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
-            losses = sum(torch.cat([single_linear_losses(w0.float(), g, part, spec, tokens)
-                                    for part in scales.split(_candidates_per_chunk(w0.numel(), cfg.n_grid))])
-                         for w0, spec in zip(originals, own))
+            def scored(candidates: torch.Tensor) -> torch.Tensor:
+                return sum(torch.cat([single_linear_losses(w0.float(), g, part, spec, tokens)
+                                      for part in candidates.split(_candidates_per_chunk(w0.numel(), cfg.n_grid))])
+                           for w0, spec in zip(originals, own))
+
+            # through G every worker can score any candidate, so each scores its share of them; without G the
+            # workers score every candidate on their own tokens
+            losses = scored(scales) if g is None else distributed.split_rows(scored, scales)
         else:
             for i, s in enumerate(scales):
                 if not torch.isfinite(s).all():
@@ -283,6 +288,12 @@ def search_clip(lin: nn.Linear, grams: torch.Tensor, cfg: AWQConfig, spec: Quant
     """
     spec = cfg.spec if spec is None else spec
     w = lin.weight.detach().float()
+    if spec.granularity == "tensor":
+        return _clip_ratios(w, grams, cfg, spec)
+    return distributed.split_rows(lambda rows: _clip_ratios(rows, grams, cfg, spec), w)  # each worker its rows
+
+
+def _clip_ratios(w: torch.Tensor, grams: torch.Tensor, cfg: AWQConfig, spec: QuantSpec) -> torch.Tensor:
     out_f, in_f = w.shape
     n_groups = grams.shape[0]
     wg = w.view(out_f, n_groups, in_f // n_groups)

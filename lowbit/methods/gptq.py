@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..distributed import all_sum, token_count, token_counts
+from ..distributed import all_sum, from_rank, owners, rank, token_count, token_counts
 from ..errors import LowbitError
 from ..flops import uncounted
 from ..models.families import Family
@@ -220,35 +220,67 @@ class GPTQRounder:
         by_input: dict[int, list[str]] = {}
         for rel in (r for r in linears if r not in missing):
             by_input.setdefault(id(ctx.linear_inputs[rel]), []).append(rel)
-        for rels in by_input.values():
-            name = f"layer {ctx.index} ({', '.join(rels)})"
+        units = list(by_input.values())
+        # an input's Hessian sums every worker's tokens; rounding its linears needs nothing else, so each worker
+        # rounds its share of the inputs (by cost) and sends the codes to the others
+        owner = owners([_cost([linears[r] for r in rels]) for rels in units])
+        rounded = []
+        for rels, src in zip(units, owner):
             x = ctx.linear_inputs[rels[0]]
             # routed tokens [tokens, in] (MoE experts): their split over data-parallel workers follows the router,
             # not the samples, so float32 chunk products would round differently from one process's
             h = hessian(x, exact=x.dim() == 2)
+            rounded.append(self._round(f"layer {ctx.index} ({', '.join(rels)})", h, linears, rels, spec)
+                           if src == rank() else None)
+            del h
+        for rels, src, mine in zip(units, owner, rounded):
+            device = linears[rels[0]].weight.device
+            tensors, (damp, dead, error) = from_rank(src, *(mine or (None, None)), device=device)
+            if error:
+                raise LowbitError(error)
+            self._apply(f"layer {ctx.index} ({', '.join(rels)})", tensors, damp, dead, linears, rels, spec)
+
+    def _round(self, name: str, h: torch.Tensor, linears: dict[str, nn.Linear], rels: list[str], spec: SpecLike
+               ) -> tuple[list[torch.Tensor], tuple[float, int, str | None]]:
+        """GPTQ codes of the linears ``rels`` that read one input of Hessian ``h``: per stacked batch its codes,
+        scales, zero points (and latent weights), with the dampening used and the dead columns."""
+        try:
             with one_thread():
                 factor = factor_hessian(h, self.config.damp, self.config.act_order, name)
-            if factor.damp > self.config.damp:
-                self.damped.append(f"{name}: damp {factor.damp:g}")
-            self.dead_columns += int(factor.dead.sum())
-            for s, batch in _batches(linears, rels, spec):
-                w = torch.cat([m.weight for m in batch])
-                latent = torch.empty(w.shape, device=w.device) if self.keep_latent else None
-                with one_thread():
-                    qt = gptq_quantize(w, factor, s, self.config.block_size, self.config.static_groups,
-                                       h.diagonal().clone() if self.config.weighted_params else None, latent)
-                wq = dequantize(qt)
-                start = 0
-                for m, part in zip(batch, wq.split([m.out_features for m in batch])):
-                    m.weight.copy_(part.to(m.weight.dtype))
-                    rows = slice(start, start + m.out_features)
-                    start += m.out_features
-                    # the codes travel with the weight, so packing need not search for them again
-                    own = qt if len(batch) == 1 else QTensor(qt.q[rows], qt.scale[rows], qt.zero[rows], s,
-                                                              tuple(m.weight.shape))
-                    set_codes(m, own)
-                    if latent is not None:
-                        set_latent(m, latent[rows])
+        except LowbitError as e:  # every worker raises it, after the owner has sent it
+            return [], (0.0, 0, str(e))
+        tensors = []
+        for s, batch in _batches(linears, rels, spec):
+            w = torch.cat([m.weight for m in batch])
+            latent = torch.empty(w.shape, device=w.device) if self.keep_latent else None
+            with one_thread():
+                qt = gptq_quantize(w, factor, s, self.config.block_size, self.config.static_groups,
+                                   h.diagonal().clone() if self.config.weighted_params else None, latent)
+            tensors += [qt.q, qt.scale, qt.zero] + ([latent] if latent is not None else [])
+        return tensors, (factor.damp, int(factor.dead.sum()), None)
+
+    def _apply(self, name: str, tensors: list[torch.Tensor], damp: float, dead: int,
+               linears: dict[str, nn.Linear], rels: list[str], spec: SpecLike) -> None:
+        """Set the rounded weights (and their codes) of ``rels`` from what :meth:`_round` returned."""
+        if damp > self.config.damp:
+            self.damped.append(f"{name}: damp {damp:g}")
+        self.dead_columns += dead
+        per = 4 if self.keep_latent else 3
+        for i, (s, batch) in enumerate(_batches(linears, rels, spec)):
+            q, scale, zero, *latent = tensors[i * per:(i + 1) * per]
+            qt = QTensor(q, scale, zero, s, (sum(m.out_features for m in batch), batch[0].in_features))
+            wq = dequantize(qt)
+            start = 0
+            for m, part in zip(batch, wq.split([m.out_features for m in batch])):
+                m.weight.copy_(part.to(m.weight.dtype))
+                rows = slice(start, start + m.out_features)
+                start += m.out_features
+                # the codes travel with the weight, so packing need not search for them again
+                own = qt if len(batch) == 1 else QTensor(qt.q[rows], qt.scale[rows], qt.zero[rows], s,
+                                                          tuple(m.weight.shape))
+                set_codes(m, own)
+                if latent:
+                    set_latent(m, latent[0][rows])
 
     def info(self) -> dict:
         return {"damp": self.config.damp, "act_order": self.config.act_order, "damp_raised": len(self.damped),
@@ -263,6 +295,12 @@ def _batches(linears: dict[str, nn.Linear], rels: list[str], spec: SpecLike) -> 
         by_spec.setdefault(spec_for(spec, r), []).append(linears[r])
     return [(s, b) for s, mods in by_spec.items()
             for b in ([mods] if s.granularity != "tensor" else [[m] for m in mods])]
+
+
+def _cost(linears: list[nn.Linear]) -> float:
+    """Relative work of rounding linears that share an input of width n: the factor (n³) and the column loop."""
+    n = linears[0].in_features
+    return float(n) ** 3 + sum(m.out_features for m in linears) * float(n) ** 2
 
 
 def warn_if_few_tokens(calib: torch.Tensor, linears: dict[str, nn.Linear]) -> None:
