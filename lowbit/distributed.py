@@ -81,12 +81,22 @@ def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
     if not active():
         return local
     b = _bounds(n)
-    width = max(hi - lo for lo, hi in zip(b, b[1:]))
-    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=_collective_device())
+    return _gather(local, [hi - lo for lo, hi in zip(b, b[1:])])
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``local`` [any number of rows, ...] concatenated in rank order, on every rank."""
+    if not active():
+        return local
+    return _gather(local, gather_shares(torch.tensor([[local.shape[0]]]), world_size()).flatten().tolist())
+
+
+def _gather(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=_collective_device())
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: hi - lo] for p, lo, hi in zip(parts, b, b[1:])]).to(local.device)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(local.device)
 
 
 def split_rows(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -174,14 +184,6 @@ def offset(rows: int) -> tuple[int, int]:
         return 0, rows
     counts = gather_shares(torch.tensor([[rows]], dtype=torch.int64), world_size()).flatten().tolist()
     return sum(counts[: rank()]), sum(counts)
-
-
-def element_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean of every element of ``t`` over every rank (with one process exactly ``t.mean()``)."""
-    if not active():
-        return t.mean()
-    total = all_sum(torch.tensor([t.numel()], dtype=torch.float64, device=t.device))
-    return (all_sum(t.sum(dtype=torch.float64).reshape(1)) / total.clamp(min=1)).to(t.dtype).reshape(())
 
 
 def token_mean(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..distributed import all_max, all_sum, element_mean, offset, token_count, token_mean
+from ..distributed import all_max, all_sum, offset, token_count, token_mean
 from ..errors import LowbitError
 from ..models.families import Family, ScalingGroup
 from ..models.fold import Snapshot, fold_error, fold_scale, fold_tolerance, head_dim, producer, tie_index
@@ -194,6 +194,14 @@ def search_inputs(x: torch.Tensor, n_samples: int, token_wise: bool, seed: int =
     return x.reshape(-1, width)[mine.to(x.device)].view(1, -1, width)  # token-wise: any shape of batch
 
 
+def _gathered(xs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Every data-parallel worker's part of the search inputs ``xs``, in one process's order and shape (token-wise
+    parts are [1, tokens, width]; the whole draw is whole sequences of ``x``'s length)."""
+    if not distributed.active():
+        return xs
+    return distributed.gather_rows(xs.reshape(-1, x.shape[-1])).view(-1, x.shape[1], x.shape[-1])
+
+
 def _run(ctx: LayerContext, module: str, x: torch.Tensor) -> torch.Tensor:
     """``ctx.run``, or nothing for a data-parallel worker that holds none of the search's inputs."""
     return ctx.run(module, x) if x.numel() else x.new_zeros(0)
@@ -226,7 +234,7 @@ def search_scale(
         # (a 7B down_proj with a small calibration set): then D X^T is the cheaper product
         g = grams.full(x) if token_count(tokens) >= tokens.shape[1] else None
     else:
-        xs = search_inputs(x, cfg.search_samples, group.token_wise, seed=ctx.index)
+        xs = _gathered(search_inputs(x, cfg.search_samples, group.token_wise, seed=ctx.index), x)
         ref = _run(ctx, group.inspect, xs)
     alphas = torch.arange(cfg.n_grid, dtype=torch.float32, device=x.device) / cfg.n_grid
     scales = x_mean[None, :].pow(alphas[:, None]).clamp(min=1e-4)  # [n_grid, in], all candidates
@@ -242,13 +250,18 @@ def search_scale(
             # through G every worker can score any candidate, so each scores its share of them; without G the
             # workers score every candidate on their own tokens
             losses = scored(scales) if g is None else distributed.split_rows(scored, scales)
-        else:
-            for i, s in enumerate(scales):
-                if not torch.isfinite(s).all():
-                    continue
-                for lin, w, spec in zip(linears, originals, own):
-                    lin.weight.copy_(fake_quantize(w * s, spec) / s)
-                losses[i] = element_mean((_run(ctx, group.inspect, xs) - ref).float().pow(2))
+        else:  # every worker holds the whole draw of search inputs and re-runs the module for its candidates
+            def rerun(candidates: torch.Tensor) -> torch.Tensor:
+                out = torch.full((len(candidates),), math.inf, device=x.device)
+                for i, s in enumerate(candidates):
+                    if not torch.isfinite(s).all():
+                        continue
+                    for lin, w, spec in zip(linears, originals, own):
+                        lin.weight.copy_(fake_quantize(w * s, spec) / s)
+                    out[i] = (_run(ctx, group.inspect, xs) - ref).float().pow(2).mean()
+                return out
+
+            losses = distributed.split_rows(rerun, scales)
     finally:
         for lin, w in zip(linears, originals):
             lin.weight.copy_(w)
