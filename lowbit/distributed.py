@@ -88,7 +88,7 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     """Every rank's ``local`` [any number of rows, ...] concatenated in rank order, on every rank."""
     if not active():
         return local
-    return _gather(local, gather_shares(torch.tensor([[local.shape[0]]]), world_size()).flatten().tolist())
+    return _gather(local, _row_counts(local.shape[0]))
 
 
 def _gather(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -182,8 +182,13 @@ def offset(rows: int) -> tuple[int, int]:
     """(where this rank's ``rows`` start among all ranks' rows, how many rows all ranks hold)."""
     if not active():
         return 0, rows
-    counts = gather_shares(torch.tensor([[rows]], dtype=torch.int64), world_size()).flatten().tolist()
+    counts = _row_counts(rows)
     return sum(counts[: rank()]), sum(counts)
+
+
+def _row_counts(rows: int) -> list[int]:
+    """Every rank's ``rows``, in rank order (one collective)."""
+    return gather_shares(torch.tensor([[rows]], dtype=torch.int64), world_size()).flatten().tolist()
 
 
 def token_mean(x: torch.Tensor) -> torch.Tensor:

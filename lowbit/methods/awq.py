@@ -239,7 +239,6 @@ def search_scale(
     alphas = torch.arange(cfg.n_grid, dtype=torch.float32, device=x.device) / cfg.n_grid
     scales = x_mean[None, :].pow(alphas[:, None]).clamp(min=1e-4)  # [n_grid, in], all candidates
     scales = scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()
-    losses = torch.full((cfg.n_grid,), math.inf, device=x.device)
     try:
         if single:  # many candidates at once: D = Q(W s)/s - W, loss = tr(D G D^T) / out
             def scored(candidates: torch.Tensor) -> torch.Tensor:
