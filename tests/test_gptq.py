@@ -45,13 +45,16 @@ def textbook_gptq(w, h, spec, damp=0.01):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_blocked_cholesky_form_equals_the_textbook_algorithm(seed):
+@pytest.mark.parametrize("block_size,group", [(16, 8), (64, 32), (64, 8), (32, 64), (48, 24)])
+def test_blocked_cholesky_form_equals_the_textbook_algorithm(seed, block_size, group):
+    """Blocks, sub-blocks of 16 columns inside them (with groups shorter and longer than a sub-block) and groups
+    longer than a block all give the textbook's weights."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(512, 48, generator=g) @ torch.randn(48, 48, generator=g)
-    w = torch.randn(16, 48, generator=g)
-    spec = QuantSpec(bits=3, group_size=8)
+    x = torch.randn(1024, 192, generator=g) @ torch.randn(192, 192, generator=g)
+    w = torch.randn(16, 192, generator=g)
+    spec = QuantSpec(bits=3, group_size=group)
     h = hessian(x)
-    ours = dequantize(gptq_quantize(w, factor_hessian(h, 0.01), spec, block_size=16)).double()
+    ours = dequantize(gptq_quantize(w, factor_hessian(h, 0.01), spec, block_size=block_size)).double()
     ref = textbook_gptq(w, h, spec)
     assert (ours - ref).abs().max() < 1e-5
     assert (fake_quantize(w, spec).double() - ref).abs().max() > 0.1  # GPTQ is not plain rounding here

@@ -272,8 +272,9 @@ def search_scale(
 
 
 # Candidate scales scored together in one batched product; bounds the search's memory at
-# ~4 x this many float32 elements (a 7B MLP's down_proj has 45M weights per candidate).
-SEARCH_CHUNK_ELEMENTS = 1 << 26
+# ~4 x this many float32 elements (256 MiB): 1 << 26 put 1.1B-shaped AWQ's peak at 3.5 GiB, 0.75 GiB of it
+# here. A candidate is one product at least as wide as the weight, so smaller chunks cost no speed.
+SEARCH_CHUNK_ELEMENTS = 1 << 24
 
 
 def _candidates_per_chunk(weights: int, n_grid: int) -> int:
