@@ -181,3 +181,15 @@ def test_full_range_beats_the_restricted_grid_on_gaussian_weights():
         e_full = (fake_quantize(w, full) - w).pow(2).mean()
         e_restricted = (fake_quantize(w, restricted) - w).pow(2).mean()
         assert e_full < 0.9 * e_restricted, (bits, e_full, e_restricted)
+
+
+def test_all_finite_catches_nan_and_both_infinities_anywhere():
+    from lowbit.errors import all_finite
+
+    w = torch.randn(37, 53)
+    assert all_finite(w) and all_finite(w.bfloat16()) and all_finite(torch.empty(0)) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in ((0, 0), (36, 52), (17, 3)):
+            v = w.clone()
+            v[where] = bad
+            assert not all_finite(v) and not all_finite(v.double()) and not all_finite(v.T)

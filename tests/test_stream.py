@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import byte_tokenizer, tiny_llama, with_outliers
+from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
 from lowbit.methods import AWQConfig, AWQGPTQConfig, GPTQConfig, RTNConfig, quantize_
@@ -212,7 +214,17 @@ def test_bad_inputs_are_named(tmp_path, monkeypatch):
     shard.unlink()
     with pytest.raises(LowbitError, match="missing 1 shard"):
         _stream(broken, tmp_path / "o4", RTNConfig(SPEC))
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    for i, bad in ((5, float("nan")), (6, float("-inf"))):  # one weight, as a layer is read
+        poisoned = tmp_path / f"poisoned{i}"
+        shutil.copytree(src, poisoned, dirs_exist_ok=True)
+        shard = sorted(poisoned.glob("model-*.safetensors"))[1]
+        tensors = load_file(shard)
+        name = next(k for k in tensors if k.endswith("proj.weight"))
+        tensors[name][3, 5] = bad
+        save_file(tensors, shard, metadata={"format": "pt"})
+        with pytest.raises(LowbitError, match=rf"non-finite \(NaN or inf\) weights in {re.escape(name)}"):
+            _stream(poisoned, tmp_path / f"o{i}", RTNConfig(SPEC))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
 
 
 def test_sharded_output_checksums_each_shard(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import LowbitError
+from ..errors import LowbitError, all_finite
 from ..quantizer import set_codes
 
 INDEX = "model.safetensors.index.json"
@@ -153,7 +153,7 @@ def materialise(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, dtype: tor
     keys = list(module.state_dict())
     full = [f"{prefix}.{k}" if prefix else k for k in keys]
     tensors = ckpt.read(full, dtype)
-    bad = [n for n in full if tensors[n].is_floating_point() and not torch.isfinite(tensors[n]).all()]
+    bad = [n for n in full if not all_finite(tensors[n])]
     if bad:
         raise LowbitError(f"non-finite (NaN or inf) weights in {', '.join(bad[:5])}")
     module.load_state_dict({k: tensors[n] for k, n in zip(keys, full)}, strict=True, assign=True)
