@@ -138,7 +138,8 @@ def model_flops(s: Shape, method, tokens: int, seq: int, w: int = 1) -> float:
 
 def layer_memory(s: Shape, tokens: int, method: str) -> float:
     """Bytes one layer's work holds: the float32 layer, its linears' captured inputs, two sets of hidden
-    states; GPTQ's float64 Hessian of the widest input with its factor (three copies), AWQ's float32 Gram."""
+    states; GPTQ's float64 Hessian of the widest input and its float32 factorization (24 bytes an entry in all),
+    AWQ's float32 Gram."""
     widest = max(s.dense_mlp or s.mlp, s.hidden)
     params = attention_params(s.hidden, s.kv) + 3 * s.hidden * (s.experts * s.mlp + s.shared if s.experts
                                                                   else s.dense_mlp or s.mlp)

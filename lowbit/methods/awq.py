@@ -272,8 +272,8 @@ def search_scale(
 
 
 # Candidate scales scored together in one batched product; bounds the search's memory at
-# ~4 x this many float32 elements (256 MiB): 1 << 26 put 1.1B-shaped AWQ's peak at 3.5 GiB, 0.75 GiB of it
-# here. A candidate is one product at least as wide as the weight, so smaller chunks cost no speed.
+# ~4 x this many float32 elements (256 MiB); 1 << 26 (1 GiB) put the 1.1B shape's peak above 3 GiB.
+# A candidate is one product at least as wide as the weight, so smaller chunks cost no speed.
 SEARCH_CHUNK_ELEMENTS = 1 << 24
 
 
