@@ -251,17 +251,28 @@ def test_blockwise_lowers_the_error_of_its_start_on_a_llama():
     calib = tiny_samples(model, 32, 32, seed=0)
     start = copy.deepcopy(model)
     quantize_(start, AWQGPTQConfig(AWQConfig(SPEC3), GPTQConfig(SPEC3, act_order=True)), calib)
-    report = quantize_(model, BlockwiseConfig(SPEC3, steps=80, holdout=4, e2e_steps=8, dtype="bf16"), calib)
+    report = quantize_(model, BlockwiseConfig(SPEC3, steps=160, holdout=4, e2e_steps=8, dtype="bf16"), calib)
     err, start_err = (float((logits(m, held) - ref).pow(2).mean()) for m in (model, start))
     # bf16 autocast, the condition the margin was measured under (emulated bf16 is cheap at this size). In float32
-    # the same run gives 0.914 x (2026-12-06; 0.85-0.98 x with calibration seeds 2 and 3, against 0.85-1.01 x in
-    # bf16): on 8 x 32 held-out tokens of a random tiny model the draw matters more than the dtype.
-    # Measured: 0.811 x the start's error on 2026-12-06 (AVX2 EPYC), 0.856 x earlier on an AVX-512 BF16 CPU
-    # (0.81-0.92 x with other calibration or training seeds; the model of seed 1 gets 1.06 x: its layer 1
-    # cannot improve on held-out data). Its layers' held-out losses fall by 31 % and 9 %
-    # (>= 15 % and 5.5 % with the other seeds); the end-to-end pass's by 1.0 % (0.5-1.8 %).
+    # the same run gave 0.914 x at 80 steps (2026-12-06; 0.85-0.98 x with calibration seeds 2 and 3, against
+    # 0.85-1.01 x in bf16): on 8 x 32 held-out tokens of a random tiny model the draw matters more than the dtype.
+    # 80 steps measured 0.811 x the start's error on 2026-12-06 (AVX2 EPYC) but 0.909 x on 2026-12-07 (Xeon with
+    # AVX-512 BF16 and AMX) at the same commit, and a one-ulp change in GPTQ's latent weights moved calibration
+    # seeds 2 and 3 from 0.85 to 0.91-0.95 x: at 80 steps the margin sat inside the draw. 160 steps, 2026-12-07,
+    # Xeon: 0.822 x (seeds 2 and 3: 0.896, 0.805; before that GPTQ change 0.86-0.88 x for all three).
+    # At 80 steps the layers' held-out losses fell by 31 % and 9 % (>= 15 % and 5.5 % with other seeds), the
+    # end-to-end pass's by 1.0 % (0.5-1.8 %).
     assert err < 0.9 * start_err, (err, start_err)
     assert all(lg["best"] < 0.97 * lg["start"] for lg in report.info["layers"]), report.info["layers"]
+
+
+def test_the_end_to_end_pass_lowers_its_held_out_loss_after_short_layer_training():
+    """After 80 layer steps (layers trained less, so the model-level pass has something left to fix) the end-to-end
+    pass lowers its held-out loss by 0.5 % or more: 0.58 % on 2026-12-07 (Xeon, AVX-512 BF16), 1.0 % on 2026-12-06
+    (AVX2 EPYC), 0.5-1.8 % with other seeds. After 160 layer steps it gains 0.2 %."""
+    model = tiny_model("llama")
+    calib = tiny_samples(model, 32, 32, seed=0)
+    report = quantize_(model, BlockwiseConfig(SPEC3, steps=80, holdout=4, e2e_steps=8, dtype="bf16"), calib)
     assert report.info["e2e_heldout_best"] < 0.995 * report.info["e2e_heldout_start"]
     assert report.info["dtype"] == "bf16" and report.info["dtype_reason"] == "asked for"
 
