@@ -99,16 +99,16 @@ def factor_hessian(h: torch.Tensor, damp: float, act_order: bool = False, name: 
     U, the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU), comes from one Cholesky factorization of H in reversed
     order, J H J = L Lᵀ (J the reversal), as U = J L⁻¹ J; the reference's three steps (Cholesky, inverse,
     Cholesky again) do twice the work for the same matrix. In float32, as the reference: GPTQ's own objective
-    on the default model's real inputs is the same as with float64 (bench/gptq_precision.py), which took four
-    times as long on two cores."""
+    on the default model's real inputs is the same as with float64 (bench/gptq_precision.py), which was the
+    slowest part of a 1.1B-shaped layer (docs/scale.md)."""
     if not all_finite(h):
         raise LowbitError(f"{name}: non-finite calibration activations; check the model and calibration text")
     h = h.to(torch.float32, copy=True)
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0  # a channel that is always 0: its weights do not matter, so set them to 0
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
-    order = torch.arange(h.shape[0], device=h.device) if perm is None else perm
-    h = h[order.flip(0)][:, order.flip(0)]  # processing order, reversed
+    reverse = (torch.arange(h.shape[0], device=h.device) if perm is None else perm).flip(0)
+    h = h[reverse][:, reverse]  # processing order, reversed
     diagonal = h.diagonal().clone()
     mean_diag = diagonal.mean()
     for attempt in range(DAMP_RETRIES + 1):
@@ -170,7 +170,7 @@ def gptq_quantize(w: torch.Tensor, factor: HessianFactor, spec: QuantSpec, block
     order = torch.arange(n, device=w.device) if factor.perm is None else factor.perm
     group_of = (order // gs).tolist()  # each processed column's group in the original columns
     # The loop works on the transpose, [in, out] in processing order: each column it rounds, and each row of a
-    # rank-one update, is then contiguous in memory (4x faster than strided columns at 1B widths).
+    # rank-one update, is then contiguous in memory.
     wt = (w if factor.perm is None else w[:, factor.perm]).T.contiguous()
     del w
     scale_t, zero_t = scale.transpose(0, 1).contiguous(), zero.transpose(0, 1).contiguous()  # [groups, out, ...]
