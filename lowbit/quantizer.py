@@ -54,10 +54,10 @@ class QuantSpec:
     ``rounding="stochastic"`` rounds up or down at random with the probabilities that make
     the result unbiased.
 
-    A GGUF block type as ``format`` (``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0``, ``q2_k`` ... ``q6_k``;
-    :mod:`lowbit.formats.ggml`) is an integer grid that fixes the rest: its width, its block as the group,
-    signed full-range codes or unsigned codes with a float offset, and parameters rounded as the file
-    stores them, so every method's codes go into the GGUF file unchanged.
+    A GGUF block type as ``format`` (``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0``, ``q2_k`` ... ``q6_k``,
+    ``iq4_nl``, ``iq4_xs``; :mod:`lowbit.formats.ggml`) is a grid (integers, or a table's values) that fixes the
+    rest: its width, its block as the group, signed full-range codes or unsigned codes with a float offset, and
+    parameters rounded as the file stores them, so every method's codes go into the GGUF file unchanged.
 
     ``full_range=True`` (symmetric int only) uses all 2^b codes, -2^(b-1) ... 2^(b-1) - 1, as
     llama.cpp's Q4_0 and Q8_0 do: the group's signed extreme lands on -2^(b-1), so the scale is
@@ -87,6 +87,9 @@ class QuantSpec:
             _set(self, "symmetric", t.signed)
             _set(self, "full_range", t.signed)
             _set(self, "zero_point", "int" if t.signed else "float")
+            if t.values is not None and self.rounding != "nearest":
+                raise LowbitError(f"{t.name} rounds to the nearest value of its table; stochastic rounding is "
+                                  "for integer grids")
         if width is not None and type(self.bits) is _DefaultBits:
             _set(self, "bits", width)
         elif width is not None and self.bits != width:
@@ -324,6 +327,8 @@ def encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Quan
         return spec.number_format.encode_scaled(wg, scale, spec.rounding == "stochastic", generator)
     if spec.ggml is not None:  # a K-quant sub-block may have the integer scale 0: its codes are 0
         scale = scale.where(scale != 0, torch.inf)
+        if spec.ggml.values is not None:  # a table grid: the nearest table value's code
+            return ggml_grid.table_encode(wg / scale, spec.ggml)
     if spec.zero_point == "float" and not spec.symmetric:
         return torch.clamp(_round((wg - zero) / scale, spec, generator), spec.qmin, spec.qmax)
     return torch.clamp(_round(wg / scale, spec, generator) + zero, spec.qmin, spec.qmax)
@@ -333,6 +338,8 @@ def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Quant
     """Reals represented by codes ``q``."""
     if not spec.is_int:
         return spec.number_format.decode_scaled(q, scale)
+    if spec.ggml is not None and spec.ggml.values is not None:
+        return ggml_grid.table_decode(q, spec.ggml) * scale
     if spec.zero_point == "float" and not spec.symmetric:
         return q * scale + zero
     return (q - zero) * scale

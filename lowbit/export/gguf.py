@@ -51,7 +51,7 @@ from ..pack.tensor import PackedTensor
 BLOCK = 32
 FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12,
               "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-              "Q2_K_S": 21}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+              "Q2_K_S": 21, "IQ4_NL": 25, "IQ4_XS": 30}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 PURE_FILE_TYPES = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}  # a single K type names its _S file type
 
 
@@ -478,7 +478,7 @@ def file_type(doc: dict, types: set[str]) -> str:
     recipe = doc.get("gguf_recipe")
     if recipe in FILE_TYPES:
         return recipe
-    for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+    for t in ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         if t in types:
             return PURE_FILE_TYPES.get(t, t)
     return "Q8_0"

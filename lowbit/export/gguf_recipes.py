@@ -3,7 +3,8 @@
 A recipe has a default type and rules per tensor category (llama.cpp's names: attn_v, ffn_down, ...): the
 first rule whose condition holds gives the type. A type whose super-block does not divide the row falls
 back as llama.cpp's ``tensor_type_fallback`` does. Read from llama.cpp's ``llama_tensor_get_type_impl``
-(llama-cpp-python 0.3.36's sources); not reproduced: Falcon's and 70B's special cases, the IQ types.
+(llama-cpp-python 0.3.36's sources); not reproduced: Falcon's and 70B's special cases, the IQ types other than
+IQ4_NL and IQ4_XS.
 
 ``recipe_specs(model, "Q3_K_M")`` gives the :class:`~lowbit.specmap.SpecMap` every lowbit method takes, so
 the method rounds each linear onto exactly the grid its GGUF tensor will hold.
@@ -47,6 +48,7 @@ CONDITIONS = {
     "gqa>=4": lambda c: c.gqa >= 4,
     "8_experts": lambda c: c.experts == 8,
     "calibrated_first_8th": lambda c: c.calibrated and c.i < c.n // 8,
+    "uncalibrated_first_8th": lambda c: not c.calibrated and c.i < c.n // 8,
 }
 
 # Rules of every recipe, applied after its own (they win).
@@ -75,10 +77,14 @@ RECIPES: dict[str, tuple[str, dict[str, tuple[tuple[str, str], ...]]]] = {
     "Q5_K_S": ("q5_k", {}),
     "Q5_K_M": ("q5_k", {"attn_v": (("more_bits", "q6_k"),), "ffn_down": (("more_bits", "q6_k"),)}),
     "Q6_K": ("q6_k", {}),
+    "IQ4_NL": ("iq4_nl", {"attn_v": (("gqa>=4", "q5_k"),), "ffn_down": (("uncalibrated_first_8th", "q5_k"),),
+                          "attn_output": (("8_experts", "q5_k"),)}),
+    "IQ4_XS": ("iq4_xs", {"attn_v": (("gqa>=4", "q5_k"),), "ffn_down": (("uncalibrated_first_8th", "q5_k"),),
+                          "attn_output": (("8_experts", "q5_k"),)}),
 }
 
 # llama.cpp's tensor_type_fallback: a type whose block does not divide the row
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
 
 # Category of a GGUF tensor name, as llama.cpp's tensor_get_category tests them (first match)
 CATEGORIES = (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("attn_v.weight", "attn_v"),

@@ -9,6 +9,11 @@ round onto it like any integer spec, and the file holds exactly those codes:
                      sc and mn unsigned 4-bit (Q2_K) or 6-bit integers, d and dmin float16 per super-block
     Q3_K Q6_K        super-blocks of 256 in sub-blocks of 16: x = (d·sc)·q, q signed over all 2^b codes,
                      sc a signed 6-bit (Q3_K) or 8-bit (Q6_K) integer, d float16 per super-block
+    IQ4_NL           blocks of 32, x = d·T[q], T llama.cpp's 16-value non-linear table (-127 … 113), d float16
+    IQ4_XS           super-blocks of 256 in sub-blocks of 32: x = (d·sc)·T[q], sc a signed 6-bit integer
+
+The table types keep lowbit's signed codes q in -8 … 7 and read T[q + 8], so packing, GPTQ's error feedback and
+the file's nibbles treat them as any 4-bit grid; only rounding (nearest table value) and decoding differ.
 
 A K-quant's sub-block scale d·sc is exact in float32 (11 + 8 significant bits), so lowbit keeps it as the
 group's float scale and recovers (d, sc) when writing the file (:func:`split_scales`); every (d, sc) that
@@ -16,6 +21,7 @@ reproduces the scales gives the same weights.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +30,9 @@ import torch
 from ..errors import LowbitError
 
 QK_K = 256
+# kvalues_iq4nl of ggml-common.h: a non-uniform 4-bit grid, denser near zero, asymmetric (-127 … 113)
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+TABLE_TRIES = 7  # llama.cpp's ntry: inverse scales (values[0] + i) / extreme for i in -7 … 7
 REFINE_ROUNDS = 3  # alternating refinements after the candidate search (each only ever lowers the error)
 
 
@@ -38,6 +47,7 @@ class GGMLType:
     type_size: int  # bytes per block (per super-block for K-quants)
     super_block: int | None = None  # 256 for K-quants
     scale_bits: int | None = None  # width of a K-quant's integer sub-block scales (and mins)
+    values: tuple[int, ...] | None = None  # a table grid: code q stands for s·values[q - qmin]
 
     @property
     def span(self) -> int:
@@ -75,11 +85,79 @@ GGML_TYPES: dict[str, GGMLType] = {t.name.lower(): t for t in (
     GGMLType("Q4_K", 4, 32, False, 144, QK_K, 6),
     GGMLType("Q5_K", 5, 32, False, 176, QK_K, 6),
     GGMLType("Q6_K", 6, 16, True, 210, QK_K, 8),
+    GGMLType("IQ4_NL", 4, 32, True, 18, values=IQ4_VALUES),
+    GGMLType("IQ4_XS", 4, 32, True, 136, QK_K, 6, values=IQ4_VALUES),
 )}
 
 
 def ggml_type(name: str) -> GGMLType | None:
     return GGML_TYPES.get(str(name).lower())
+
+
+# ---- table grids (IQ4_NL, IQ4_XS): a code stands for a value of the type's table ----------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _table(values: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    v = torch.tensor(values, dtype=torch.float32)
+    return v, (v[1:] + v[:-1]) / 2
+
+
+def table_index(u: torch.Tensor, t: GGMLType) -> torch.Tensor:
+    """Index of the table value nearest ``u`` (values beyond the ends saturate; a tie goes up, as llama.cpp's
+    best_index_int8 does)."""
+    _, mids = _table(t.values)
+    return torch.bucketize(u.contiguous(), mids, right=True)
+
+
+def table_encode(u: torch.Tensor, t: GGMLType) -> torch.Tensor:
+    """Signed codes (float, qmin … qmax) of the table values nearest ``u``."""
+    return (table_index(u, t) + t.qmin).to(u.dtype)
+
+
+def table_decode(q: torch.Tensor, t: GGMLType) -> torch.Tensor:
+    """The table values of signed codes ``q``."""
+    v, _ = _table(t.values)
+    return v[q.long() - t.qmin]
+
+
+def table_fit(wg: torch.Tensor, t: GGMLType, ratio, weights: torch.Tensor) -> torch.Tensor:
+    """Scale per block of a table grid minimising the weighted squared error: llama.cpp's search
+    (quantize_row_iq4_nl_impl), vectorised over blocks. Each candidate maps the block's signed extreme (times
+    ``ratio``) onto a value k near an end of the table (k = -T[0], the end's own value, and steps of |T[0]|⁻¹
+    of it either way), rounds every weight to the nearest table value, and takes the least-squares scale for
+    those values; the candidate that lowers the error most wins, then :func:`refine_table`. A loop over the
+    31 candidates, so memory stays that of the weights."""
+    v, _ = _table(t.values)
+    ext = signed_extreme(wg) * ratio
+    safe = ext.where(ext != 0, 1)
+    steps = torch.arange(-TABLE_TRIES, TABLE_TRIES + 1, dtype=torch.float32) / abs(t.values[0])
+    ks = [-v[0], *(v[0] * (1 + steps)), *(v[-1] * (1 + steps))]
+    best_gain = torch.full_like(ext, -1.0)
+    scale = ext / v[0]  # the plain fit: the extreme on the table's first value
+    for k in ks:
+        q = table_decode(table_encode(wg * (k / safe), t), t)
+        sqx, sqq = (weights * q * wg).sum(-1, keepdim=True), (weights * q * q).sum(-1, keepdim=True)
+        gain = torch.where(sqq > 0, sqx * sqx / sqq.clamp(min=1e-30), -1.0)  # error drop of the least-squares scale
+        better = gain > best_gain
+        scale = torch.where(better, sqx / sqq.clamp(min=1e-30), scale)
+        best_gain = torch.maximum(gain, best_gain)
+    scale = torch.where((ext != 0) & (best_gain > 0), scale, ext / v[0])
+    return refine_table(wg, t, scale, weights)
+
+
+def refine_table(wg: torch.Tensor, t: GGMLType, scale: torch.Tensor, weights: torch.Tensor,
+                 rounds: int = REFINE_ROUNDS) -> torch.Tensor:
+    """:func:`refine_signed` on a table grid: nearest table values for the scale, then the least-squares scale
+    for those values; a block keeps a step only if its weighted error drops."""
+    def rounded(s):
+        return table_decode(table_encode(wg / s.where(s != 0, torch.inf), t), t)
+    for _ in range(rounds):
+        q = rounded(scale)
+        new = (weights * q * wg).sum(-1, keepdim=True) / (weights * q * q).sum(-1, keepdim=True).clamp(min=1e-30)
+        better = (_weighted_err(wg, weights, rounded(new), new) < _weighted_err(wg, weights, q, scale)) & (new != 0)
+        scale = torch.where(better, new, scale)
+    return scale
 
 
 def _half(t: torch.Tensor) -> torch.Tensor:
@@ -96,10 +174,14 @@ def block_range(wg: torch.Tensor, t: GGMLType, ratio, importance: torch.Tensor |
     """Float scale and offset of every block of ``wg`` [..., block] before any storage rounding.
 
     Signed types put the block's signed extreme (times ``ratio``) on the lowest code, as llama.cpp does.
+    Table types always search (:func:`table_fit`), weighted by x² without ``importance``, as llama.cpp does.
     Unsigned types span [min(min, 0), max(max, 0)] times ``ratio``. With ``importance`` (broadcastable to
     ``wg``: the weight of each element's squared error) the scale (and offset) are refit by weighted least
     squares over candidate codes, the search of llama.cpp's make_qx_quants / make_qkx2_quants, vectorised.
     """
+    if t.values is not None:  # without importance, llama.cpp's own weights for the table types: x²
+        weights = wg * wg if importance is None else importance.expand_as(wg)
+        return table_fit(wg, t, ratio, weights), torch.zeros_like(wg[..., :1])
     if t.signed:
         scale = signed_extreme(wg) * ratio / t.qmin
         if importance is None:
@@ -311,9 +393,19 @@ def to_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, t: G
             lo = u & 0xF
             parts.append(_u8(lo[:, :16] | (lo[:, 16:] << 4)))
         return np.concatenate(parts, -1).reshape(rows, -1)
+    if name == "IQ4_NL":  # d, then element j in the low nibble and j + 16 in the high one (as Q4_0)
+        return np.concatenate([_fp16_bytes(s), _u8(u[:, :16] | (u[:, 16:] << 4))], -1).reshape(rows, -1)
     d, sc = split_scales(s, t)
     if not t.signed:
         dmin, mn = split_scales(-z, t)
+    if name == "IQ4_XS":  # d scales_h(2) scales_l(4) qs(128): sub-block scale sc + 32 split into 4 + 2 bits
+        ls = sc - t.scale_range[0]
+        high = sum(((ls[:, i] >> 4) & 3) << (2 * i) for i in range(8))
+        low = (ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)
+        nib = u.reshape(nb, 8, 2, 16)
+        qs = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(nb, 128)
+        return np.concatenate([_fp16_bytes(d), high.to(torch.int64).numpy().astype(np.uint16).view(np.uint8)
+                               .reshape(nb, 2), _u8(low), _u8(qs)], -1).reshape(rows, -1)
     if name == "Q2_K":  # scales(16: sc | mn << 4) qs(64) d dmin
         qs = u.reshape(nb, 2, 4, 32)
         qs = sum((qs[:, :, j] << (2 * j)) for j in range(4)).reshape(nb, 64)

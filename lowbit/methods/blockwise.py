@@ -119,9 +119,10 @@ class BlockwiseConfig:
         specs = [self.spec] if isinstance(self.spec, QuantSpec) else [self.spec.default, *(s for _, s in
                                                                                       self.spec.overrides)]
         for spec in specs:
-            if not spec.is_int:
+            if not spec.is_int or (spec.ggml is not None and spec.ggml.values is not None):
                 raise LowbitError(f"block-wise reconstruction learns codes on an integer grid; {spec.describe()} is "
-                                  "not one (use int or a GGUF block type)")
+                                  "not one (use int or a GGUF integer type: q4_0 ... q8_0, q2_k ... q6_k; "
+                                  "awq+gptq-r rounds onto table types)")
 
     def bf16_on(self, device: torch.device) -> bool:
         """Whether training on ``device`` runs under bfloat16 autocast (``dtype``, with auto resolved there)."""

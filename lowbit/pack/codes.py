@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LowbitError
+from ..formats.ggml import table_decode
 from ..quantizer import (
     SCALE_MIN,
     QTensor,
@@ -55,6 +56,27 @@ def _scale_estimate(d: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, fal
     upper = torch.where(nz, torch.maximum(a, b), torch.inf).amin(-1)
     mid = ((lower + upper) / 2).float()
     return torch.where(torch.isfinite(mid) & (mid * fallback > 0), mid, fallback)  # the sign of the grid's scale
+
+
+def _start_scales(spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor):
+    """(scale, zero point) per group to start the search from: the extreme on the grid's end code and on the
+    SPAN_SLACK codes before it; on a table grid, the extreme on each of the table's nonzero values."""
+    if spec.ggml is not None and spec.ggml.values is not None:
+        for k in spec.ggml.values:
+            if k:
+                yield hi / k, torch.zeros_like(hi)
+        return
+    top = -spec.qmin if spec.full_range else spec.qmax  # steps from zero to the extreme's code
+    rounded = half_scale if spec.ggml is None else (lambda t: t)
+    for steps in range(top, top - SPAN_SLACK - 1, -1):
+        if spec.full_range:
+            yield full_range_scale(hi, -steps)  # the signed extreme on code -steps
+        elif spec.symmetric:
+            s = rounded((hi / steps).clamp(min=SCALE_MIN))
+            yield s, torch.zeros_like(s)
+        else:
+            s = rounded(((hi - lo) / steps).clamp(min=SCALE_MIN))
+            yield s, torch.round(-lo / s).clamp(0, spec.qmax)
 
 
 @torch.no_grad()
@@ -101,22 +123,13 @@ def grid_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     del inf
     q_sub, z_sub, s_sub = q_best[todo], z_best[todo], s_best[todo]
     done = torch.zeros(len(todo), dtype=torch.bool)
-    top = -spec.qmin if spec.full_range else spec.qmax  # steps from zero to the extreme's code
     half = spec.ggml is None  # lowbit's grids: float16 scales
-    rounded = half_scale if half else (lambda t: t)
-    for steps in range(top, top - SPAN_SLACK - 1, -1):
+    for s, z in _start_scales(spec, lo, hi):
         if bool(done.all()):
             break
-        if spec.full_range:
-            s, z = full_range_scale(hi, -steps)  # the signed extreme on code -steps
-        elif spec.symmetric:
-            s = rounded((hi / steps).clamp(min=SCALE_MIN))
-            z = torch.zeros_like(s)
-        else:
-            s = rounded(((hi - lo) / steps).clamp(min=SCALE_MIN))
-            z = torch.round(-lo / s).clamp(0, spec.qmax)
         q = encode(sub, s.unsqueeze(-1), z.unsqueeze(-1), spec)
-        d = q - z.unsqueeze(-1)  # exact small integers; products in float32, as the quantizer's decode
+        # exact small integers (or a table's values); products in float32, as the quantizer's decode
+        d = q - z.unsqueeze(-1) if spec.ggml is None or spec.ggml.values is None else table_decode(q, spec.ggml)
         estimate = _scale_estimate(d.double(), w_lo, w_hi, s)
         for cand in _ulp_candidates(estimate, ULP_STEPS, torch.float16 if half else torch.float32):
             ok = exact_in_dtype(d * cand.unsqueeze(-1)) & ~done & (cand * s > 0) & torch.isfinite(cand)
