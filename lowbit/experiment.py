@@ -202,6 +202,7 @@ class Session:
         self._calib: torch.Tensor | None = None
         self.calibration_record: Calibration | None = None
         self._float_state = copy.deepcopy(model.state_dict())
+        self.last_mix = None  # the GGUF AUTO choice of the last gguf_mix call (its types and predictions)
         # A rotation unties a tied head; loading the state dict alone would leave two equal copies.
         self._ties = tied_parameters(model)
         self._tie_flag = getattr(getattr(model, "config", None), "tie_word_embeddings", None)
@@ -297,6 +298,52 @@ class Session:
         if budget.save_allocation and is_writer():  # one data-parallel worker writes
             alloc.save(budget.save_allocation)
         return alloc.spec_map()
+
+    def gguf_mix(self, types, target_bpw: float | None = None, target_bytes: int | None = None,
+                 sensitivity: str | None = None, save_sensitivity: str | None = None, dev_windows: int = 2,
+                 dev_seq_len: int = 512, source_model: str | None = None, embed: str = "int8",
+                 progress: bool = True):
+        """Each linear's GGUF type under ``target_bpw`` bits per linear weight or a whole file of ``target_bytes``
+        (for the GGUF of ``source_model`` with the embedding stored as ``embed``), chosen by the KLD each type
+        causes alone, measured on ``dev_windows`` × ``dev_seq_len`` tokens of the dev text (or read from
+        ``sensitivity``): a :class:`lowbit.gguf_mix.Mix`."""
+        from . import gguf_mix
+        from .data import dev_text
+        from .export.gguf import gguf_linear_names
+        from .models.families import family_for
+        from .models.inventory import quantizable_linears
+
+        types = gguf_mix.check_types(types)
+        if (target_bpw is None) == (target_bytes is None):
+            raise LowbitError("give exactly one budget: --target-bpw (bits per linear weight) or --target-size")
+        if target_bpw is not None and (not math.isfinite(target_bpw) or target_bpw <= 0):
+            raise LowbitError(f"--target-bpw must be a positive number of bits per weight, got {target_bpw:g}")
+        self.restore()
+        linears = quantizable_linears(self.model, family_for(self.model))
+        if sensitivity is not None:
+            sens = gguf_mix.Sensitivity.load(sensitivity)
+            sens.check_model(linears, types)
+        else:
+            check_positions(self.model, dev_seq_len, "dev", "--dev-seq-len")
+            dev = tokenize_windows(self.tokenizer, dev_text(self.data_dir), dev_seq_len, dev_windows)
+            with placed(self.model, self.device):
+                sens = gguf_mix.measure(self.model, self.calibration(), dev, types, progress=progress)
+            sens.meta.update(dev_text="WikiText-2 validation (dev part)",
+                             calibration=self.calibration_record.describe())
+            if save_sensitivity is not None and is_writer():
+                sens.save(save_sensitivity)
+        weights = sum(r * c for r, c in sens.shapes.values())
+        stacked = gguf_linear_names(self.model, list(linears))  # experts stacked into one tensor take one type
+        if target_bytes is not None:
+            overhead = gguf_mix.file_overhead(self.model, self.tokenizer, source_model, embed)
+            mix = gguf_mix.choose(sens, types, target_bytes - overhead, overhead, groups=stacked)
+            mix.meta.update(target_bytes=target_bytes, predicted_file_bytes=mix.meta["linear_bytes"] + overhead)
+        else:
+            mix = gguf_mix.choose(sens, types, math.floor(target_bpw * weights / 8), groups=stacked)
+            mix.meta.update(target_bpw=target_bpw)
+        mix.meta.update(types=[t.upper() for t in types])
+        self.last_mix = mix
+        return mix
 
     def run(self, method: str, spec: QuantSpec | SpecMap | None, opts: MethodOptions | None = None,
             progress: bool = True, label: str | None = None, evaluate: bool = True,

@@ -97,7 +97,7 @@ def hutchinson_traces(model: nn.Module, samples: torch.Tensor, probes: int = 4, 
     return {n: float(t) for n, t in zip(linears, est)}
 
 
-class _Suffix:
+class Suffix:
     """Each decoder layer's input on the samples (from the float model), so a change inside layer i
     is scored by running layers i.. and the head only."""
 
@@ -110,13 +110,17 @@ class _Suffix:
         for layer, call in zip(self.layers, self.calls):
             self.inputs.append(layer_output(call(layer, self.inputs[-1])))
 
-    def loss(self, start: int) -> float:
-        """Calibration loss with layers from ``start`` on recomputed."""
+    def logits(self, start: int) -> torch.Tensor:
+        """The model's logits [n, seq, vocab] (float32) with layers from ``start`` on recomputed."""
         h = self.inputs[start]
         for layer, call in zip(self.layers[start:], self.calls[start:]):
             h = layer_output(call(layer, h))
         h = self.model.get_submodule(self.family.final_norm)(h)
-        logits = self.model.get_submodule(self.family.head)(h)[:, :-1].float()
+        return self.model.get_submodule(self.family.head)(h).float()
+
+    def loss(self, start: int) -> float:
+        """Calibration loss with layers from ``start`` on recomputed."""
+        logits = self.logits(start)[:, :-1]
         ids = self.samples[:, 1:].to(logits.device)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1)).item()
 
@@ -134,7 +138,7 @@ def loss_deltas(model: nn.Module, samples: torch.Tensor, base: QuantSpec, bits: 
     family = family_for(model)
     linears = quantizable_linears(model, family)
     check_finite(model)
-    suffix = _Suffix(model, samples)
+    suffix = Suffix(model, samples)
     base_loss = suffix.loss(len(suffix.layers))
     layer_of = {n: int(n[len(family.layers) + 1:].split(".")[0]) for n in linears}
     units: dict[str, list[str]] = {}

@@ -114,7 +114,22 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", type=str.upper, metavar="RECIPE",
                    help="round each linear onto the GGUF block type llama.cpp's recipe RECIPE gives it (Q4_0, Q5_0, "
                         "Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, ...), so lowbit export "
-                        "--to gguf writes exactly the codes the method chose; replaces --w-bit/--group-size/--format")
+                        "--to gguf writes exactly the codes the method chose; replaces --w-bit/--group-size/--format. "
+                        "AUTO: each linear's type chosen by its measured KLD under --target-bpw")
+    g = p.add_argument_group("GGUF at any size (--gguf AUTO; docs/gguf.md)")
+    g.add_argument("--target-bpw", type=float, metavar="B",
+                   help="bits per linear weight the AUTO mix may use (block scales included, as the file holds them)")
+    g.add_argument("--target-size", metavar="SIZE",
+                   help="bytes of the whole GGUF file the AUTO mix may take (K, M, G in powers of 1000: 93.5MB)")
+    g.add_argument("--gguf-types", nargs="+", type=str.lower, metavar="TYPE",
+                   help="types a linear may take (default every type lowbit writes: Q2_K Q3_K IQ4_XS Q4_0 Q4_K IQ4_NL "
+                        "Q4_1 Q5_0 Q5_K Q5_1 Q6_K Q8_0; a linear takes only those its rows allow)")
+    g.add_argument("--gguf-sensitivity", metavar="FILE",
+                   help="reuse the KLD measurements of an earlier run (from --save-gguf-sensitivity)")
+    g.add_argument("--save-gguf-sensitivity", metavar="FILE", help="write the KLD measurements to FILE (JSON)")
+    g.add_argument("--dev-windows", type=positive, default=2,
+                   help="dev windows the KLD of each linear and type is measured on (default 2)")
+    g.add_argument("--dev-seq-len", type=positive, default=512, help="tokens per dev window (default 512)")
 
 
 CALIB_HELP = ("calibration data: a text file, a JSONL file of chats ({\"messages\": [...]}, rendered with the "
@@ -247,11 +262,38 @@ def spec_from_args(args):
     from ..formats import canonical
     from ..quantizer import QuantSpec
 
+    auto_flags = [f for f, v in (("--target-bpw", getattr(args, "target_bpw", None)),
+                                 ("--target-size", getattr(args, "target_size", None)),
+                                 ("--gguf-types", getattr(args, "gguf_types", None)),
+                                 ("--gguf-sensitivity", getattr(args, "gguf_sensitivity", None)),
+                                 ("--save-gguf-sensitivity", getattr(args, "save_gguf_sensitivity", None)))
+                  if v is not None]
+    if auto_flags and getattr(args, "gguf", None) != "AUTO":
+        raise LowbitError(f"{', '.join(auto_flags)} choose the types of --gguf AUTO; add --gguf AUTO")
     if getattr(args, "gguf", None):
         from ..export.gguf_recipes import RECIPES
 
+        if args.gguf == "AUTO":
+            from ..gguf_mix import check_types
+
+            if (args.target_bpw is None) == (args.target_size is None):
+                raise LowbitError("--gguf AUTO chooses each linear's type under one budget: add --target-bpw B "
+                                  "(bits per linear weight) or --target-size SIZE (the whole file, e.g. 93.5MB)")
+            if args.target_size is not None:
+                from ..gguf_mix import parse_size
+
+                parse_size(args.target_size)
+            if args.save_gguf_sensitivity:
+                from ..atomic_write import check_writable
+
+                check_writable(args.save_gguf_sensitivity, getattr(args, "force", False))
+            types = check_types(args.gguf_types) if args.gguf_types else None
+            if getattr(args, "bits_budget", None) or getattr(args, "allocation", None):
+                raise LowbitError("--gguf and a bit budget (--bits-budget/--allocation) both choose the widths; "
+                                  "use one")
+            return QuantSpec(format=(types or ("q4_0",))[0], rounding=args.rounding)
         if args.gguf not in RECIPES:
-            raise LowbitError(f"unknown GGUF recipe {args.gguf!r}; choose from {', '.join(RECIPES)}")
+            raise LowbitError(f"unknown GGUF recipe {args.gguf!r}; choose from AUTO, {', '.join(RECIPES)}")
         given = [f for f, v in (("--w-bit", args.w_bit), ("--group-size", args.group_size),
                                 ("--format", args.format != "int"), ("--sym", args.sym),
                                 ("--full-range", args.full_range)) if v not in (None, False)]
@@ -384,11 +426,42 @@ def recipe_spec(args, session, spec):
     from ..export.gguf_recipes import recipe_specs
     from ..methods import REGISTRY
 
-    recipe = recipe_specs(session.model, args.gguf, calibrated=not REGISTRY[args.method].never_calibrates)
+    if args.gguf == "AUTO":
+        recipe = gguf_auto_spec(args, session)
+    else:
+        recipe = recipe_specs(session.model, args.gguf, calibrated=not REGISTRY[args.method].never_calibrates)
     if spec.rounding != "nearest":
         recipe = replace(recipe, default=replace(recipe.default, rounding=spec.rounding),
                          overrides=tuple((n, replace(s, rounding=spec.rounding)) for n, s in recipe.overrides))
     return recipe
+
+
+def gguf_auto_spec(args, session):
+    """--gguf AUTO: each linear's type under --target-bpw from its measured KLD; the choice is printed per layer."""
+    from collections import Counter
+
+    from ..distributed import is_writer
+    from ..gguf_mix import CANDIDATES, parse_size
+
+    mix = session.gguf_mix(args.gguf_types or CANDIDATES, target_bpw=args.target_bpw,
+                           target_bytes=None if args.target_size is None else parse_size(args.target_size),
+                           sensitivity=args.gguf_sensitivity, save_sensitivity=args.save_gguf_sensitivity,
+                           dev_windows=args.dev_windows, dev_seq_len=args.dev_seq_len, source_model=args.model,
+                           embed=getattr(args, "embed", "int8"), progress=not args.json)
+    if is_writer() and not args.json:
+        layers: dict[str, Counter] = {}
+        for name, t in mix.types.items():
+            layer = next((p for p in name.split(".") if p.isdigit()), "-")
+            layers.setdefault(layer, Counter())[t.upper()] += 1
+        print("lowbit: GGUF AUTO types per layer: " + "; ".join(
+            f"{k}: {' '.join(f'{n} {t}' for t, n in sorted(c.items()))}" for k, c in layers.items()), file=sys.stderr)
+        m = mix.meta
+        target = (f"target {m['target_bpw']:g}" if "target_bpw" in m else
+                  f"file {m['predicted_file_bytes'] / 1e6:.3f} MB of a target {m['target_bytes'] / 1e6:.3f} MB")
+        print(f"lowbit: GGUF AUTO: {m['bits_per_weight']:.4f} bits per linear weight ({target}), "
+              f"{m['linear_bytes'] / 1e6:.3f} MB of linears, predicted KLD (sum of each linear's alone) "
+              f"{m['predicted_kld']:.5f}", file=sys.stderr)
+    return mix.spec_map()
 
 
 def mixed_probe(spec):

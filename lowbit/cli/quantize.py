@@ -165,6 +165,10 @@ def run(args) -> int:
     result = session.run(args.method, spec, opts, progress=not args.json, evaluate=False, bound=True)
     warn_not_done(result.info)
     row = {k: v for k, v in result.row().items() if k not in ("ppl", "windows", "tokens", "eval_seconds")}
+    if session.last_mix is not None:
+        meta = session.last_mix.meta
+        row.update({k: meta[k] for k in ("target_bpw", "target_bytes", "predicted_file_bytes", "predicted_kld")
+                    if k in meta}, gguf_linear_mb=round(meta["linear_bytes"] / 1e6, 4))
     if args.output:
         row.update(save_packed_from_session(session, spec, args))
     if args.eval:
@@ -196,6 +200,15 @@ def save_packed_from_session(session, spec, args) -> dict:
                       extra={"source_model": args.model, **({"gguf_recipe": recipe} if recipe else {}),
                              **({"calibration": session.calibration_record.as_dict()}
                                 if session.calibration_record is not None else {})})
+    if recipe == "AUTO":  # the mix as llama-quantize --tensor-type-file lines, to reproduce it with llama.cpp
+        from ..atomic_write import atomic_path
+        from ..export.gguf import gguf_linear_names
+        from ..gguf_mix import Mix
+
+        types = {n: spec.spec_for(n).ggml.name.lower() for n in session.last_mix.types}
+        lines = Mix(types, {}).tensor_type_lines(gguf_linear_names(model, list(types)))
+        with atomic_path(out / "tensor-types.txt") as tmp:
+            Path(tmp).write_text("\n".join(lines) + "\n")
     fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
     disk = (out / WEIGHTS_NAME).stat().st_size
     kernels = sorted({e["kernel"] for e in packed.entries.values() if e["role"] == "linear"})

@@ -1,0 +1,268 @@
+"""A GGUF file at the size a user names: each linear's block type chosen by measured sensitivity under a budget.
+
+llama.cpp's recipes give every tensor a type by fixed rules. Here each quantizable linear and each GGUF type its
+rows allow is *measured*: the KL divergence of the model's next-token distribution to the float model's when
+that linear alone is rounded onto that type (llama.cpp's importance-weighted fit, the mean x² of its inputs on
+the calibration windows), on dev windows (WikiText-2 validation's dev part; never test text), re-running only
+the layers from that linear's on. Taking the changes as additive, one type per linear minimising the summed KLD
+under a byte budget is a multiple-choice knapsack, solved exactly by :func:`lowbit.allocation.allocate`. The
+measurements (a sensitivity file) are made once per model and reused for any budget; the chosen mix is written
+as ``llama-quantize --tensor-type-file`` lines so llama.cpp's own tools can reproduce it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import LowbitError
+from .formats.ggml import GGML_TYPES, GGMLType
+from .quantizer import QuantSpec, dequantize, quantize
+from .specmap import SpecMap
+
+# Every type lowbit writes, narrowest first: a linear may take any of them that its rows allow.
+CANDIDATES = ("q2_k", "q3_k", "iq4_xs", "q4_0", "q4_k", "iq4_nl", "q4_1", "q5_0", "q5_k", "q5_1", "q6_k", "q8_0")
+FORMAT = "lowbit-gguf-sensitivity"
+
+
+def check_types(names: Sequence[str]) -> tuple[str, ...]:
+    """Distinct known GGUF type names (lower case), in :data:`CANDIDATES` order; one clear line otherwise."""
+    wanted = {str(n).lower() for n in names}
+    unknown = sorted(wanted - set(CANDIDATES))
+    if unknown or not wanted:
+        raise LowbitError(f"unknown GGUF type {', '.join(u.upper() for u in unknown) or '(none given)'}; lowbit writes "
+                          f"{', '.join(t.upper() for t in CANDIDATES)}")
+    return tuple(t for t in CANDIDATES if t in wanted)
+
+
+def tensor_bytes(t: GGMLType, shape: Sequence[int]) -> int:
+    """Bytes of a [rows, cols] matrix of type ``t`` in a GGUF file (blocks of ``t.span`` weights per row)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    return rows * (cols // t.span) * t.type_size
+
+
+def fitting(types: Sequence[str], width: int) -> list[str]:
+    """The types whose block (or super-block) divides a row of ``width`` weights."""
+    return [t for t in types if width % GGML_TYPES[t].span == 0]
+
+
+@dataclass
+class Sensitivity:
+    """KLD to the float model of each linear alone on each type (nats, mean over the dev positions)."""
+
+    shapes: dict[str, tuple[int, int]]
+    kld: dict[str, dict[str, float]]  # linear -> type -> KLD
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        from .atomic_write import atomic_path
+
+        doc = {"format": FORMAT, **self.meta, "shapes": {n: list(s) for n, s in self.shapes.items()},
+               "kld": self.kld}
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(doc, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sensitivity:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"cannot read the GGUF sensitivity file {path}: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise LowbitError(f"{path} is not a lowbit GGUF sensitivity file (from --gguf-sensitivity)")
+        shapes = {n: tuple(s) for n, s in doc.pop("shapes").items()}
+        kld = doc.pop("kld")
+        doc.pop("format")
+        return cls(shapes, kld, doc)
+
+    def check_model(self, linears: Mapping[str, nn.Linear], types: Sequence[str]) -> None:
+        """Refuse measurements of another model, or that lack a type the allocation may choose."""
+        shapes = {n: tuple(lin.weight.shape) for n, lin in linears.items()}
+        if shapes != self.shapes:
+            raise LowbitError("the GGUF sensitivity file was measured on another model (its linears or shapes "
+                              "differ); measure again without it or give the right file")
+        missing = sorted({t for n, (_, cols) in shapes.items() for t in fitting(types, cols)
+                          if t not in self.kld.get(n, {})})
+        if missing:
+            raise LowbitError(f"the GGUF sensitivity file has no measurements for {', '.join(missing)}; measure "
+                              "again with those types")
+
+
+@torch.no_grad()
+def channel_importances(model: nn.Module, linears: Mapping[str, nn.Linear], calib: torch.Tensor,
+                        batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """The mean x² per input channel of every linear over the calibration tokens (llama-imatrix's statistic)."""
+    sums = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
+    count = [0]
+
+    def hook(name):
+        def record(_m, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] += x.pow(2).sum(0).cpu()
+        return record
+    handles = [lin.register_forward_pre_hook(hook(n)) for n, lin in linears.items()]
+    try:
+        for i in range(0, len(calib), batch_size):
+            batch = calib[i:i + batch_size]
+            model(batch.to(next(model.parameters()).device), use_cache=False)
+            count[0] += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (s / max(count[0], 1)).float() for n, s in sums.items()}
+
+
+def kl_to_reference(logits: torch.Tensor, ref_logp: torch.Tensor, ref_p: torch.Tensor | None = None) -> float:
+    """Mean over positions of KL(P_ref || Q) in nats, both [n, seq, vocab] (``ref_p``: exp(ref_logp), if kept).
+    In float64: a Q8_0 linear's KLD (1e-9 on a small model) is below float32's rounding of the log-probabilities."""
+    logq = F.log_softmax(logits.double(), -1)
+    return float(((ref_logp.exp() if ref_p is None else ref_p) * (ref_logp - logq)).sum(-1).mean())
+
+
+@torch.no_grad()
+def measure(model: nn.Module, calib: torch.Tensor, dev: torch.Tensor, types: Sequence[str],
+            progress: bool = True) -> Sensitivity:
+    """The KLD of each quantizable linear alone rounded onto each type its rows allow (importance-weighted fit),
+    on the ``dev`` windows; the weights are restored after each measurement."""
+    from .models.families import family_for
+    from .models.inventory import check_finite, quantizable_linears
+    from .sensitivity import Suffix
+
+    types = check_types(types)
+    family = family_for(model)
+    linears = quantizable_linears(model, family)
+    check_finite(model)
+    importance = channel_importances(model, linears, calib)
+    suffix = Suffix(model, dev)
+    ref = F.log_softmax(suffix.logits(len(suffix.layers)).double(), -1)
+    ref_p = ref.exp()
+    layer_of = {n: int(n[len(family.layers) + 1:].split(".")[0]) for n in linears}
+    todo = [(n, t) for n, lin in linears.items() for t in fitting(types, lin.in_features)]
+    kld: dict[str, dict[str, float]] = {n: {} for n in linears}
+    bar = tqdm(total=len(todo), desc="GGUF sensitivity", unit="fwd", disable=not progress, leave=False)
+    try:
+        for name, t in todo:
+            lin = linears[name]
+            original = lin.weight.detach().clone()
+            lin.weight.copy_(dequantize(quantize(original, QuantSpec(format=t), importance=importance[name])))
+            kld[name][t] = max(kl_to_reference(suffix.logits(layer_of[name]), ref, ref_p), 0.0)
+            lin.weight.copy_(original)
+            bar.update()
+    finally:
+        bar.close()
+    shapes = {n: tuple(lin.weight.shape) for n, lin in linears.items()}
+    return Sensitivity(shapes, kld, {"types": list(types), "calib": list(calib.shape), "dev": list(dev.shape)})
+
+
+# ---- the budget ----------------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``93.5MB``, ``120M``, ``2G`` or ``500000`` (K/M/G/T in powers of 1000)."""
+    m = _SIZE.match(str(text))
+    if m is None:
+        raise LowbitError(f"cannot read the size {text!r}; write e.g. 93.5MB, 120M, 2G or a number of bytes")
+    return int(float(m.group(1)) * 1000 ** " kmgt".index((m.group(2) or " ").lower()))
+
+
+def file_overhead(model: nn.Module, tokenizer, source_model: str, embed: str = "int8") -> int:
+    """Bytes of ``model``'s GGUF file outside its quantized linears (metadata and tokenizer, embedding, norms), read
+    off a probe: a copy with every linear rounded to Q8_0, packed and exported as the real file will be. The
+    linears' bytes depend only on their types, so a file budget minus this is what the linears may take. Where a
+    linear's bytes need not be a multiple of the file's 32-byte alignment, 31 bytes of padding each are added."""
+    import copy
+    import tempfile
+
+    from .export.gguf import export_gguf
+    from .methods import RTNConfig, quantize_
+    from .models.families import family_for
+    from .models.inventory import quantizable_linears
+    from .pack.checkpoint import pack_model_, save_packed
+
+    shapes = [tuple(lin.weight.shape) for lin in quantizable_linears(model, family_for(model)).values()]
+    probe = copy.deepcopy(model)
+    spec = QuantSpec(format="q8_0")
+    quantize_(probe, RTNConfig(spec))
+    packed = pack_model_(probe, spec, method="rtn", embed=embed)
+    with tempfile.TemporaryDirectory() as d:
+        save_packed(packed, probe.config, tokenizer, Path(d) / "probe", extra={"source_model": source_model})
+        size = export_gguf(Path(d) / "probe", Path(d) / "probe.gguf")["bytes"]
+    del probe, packed
+    padding = 0 if all(rows % 32 == 0 for rows, _ in shapes) else 31 * len(shapes)
+    return size - sum(tensor_bytes(GGML_TYPES["q8_0"], s) for s in shapes) + padding
+
+
+@dataclass
+class Mix:
+    """The chosen type of every linear, with what the choice predicts."""
+
+    types: dict[str, str]
+    meta: dict
+
+    def spec_map(self) -> SpecMap:
+        from collections import Counter
+
+        default = Counter(self.types.values()).most_common(1)[0][0]
+        return SpecMap(QuantSpec(format=default), {n: QuantSpec(format=t) for n, t in self.types.items()
+                                                   if t != default}, recipe="AUTO")
+
+    def tensor_type_lines(self, gguf_names: Mapping[str, str]) -> list[str]:
+        """``llama-quantize --tensor-type-file`` lines (``^blk\\.3\\.attn_v\\.weight$=q5_k``), one per GGUF tensor
+        (experts stacked into one tensor share a line)."""
+        lines = {f"^{re.escape(gguf_names[n])}$={t}": None for n, t in self.types.items()}
+        return list(lines)
+
+
+def choose(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhead: int | None = None,
+           groups: Mapping[str, str] | None = None) -> Mix:
+    """One type per linear minimising the summed measured KLD with the linears' bytes at most ``capacity_bytes``
+    (exact multiple-choice knapsack); a budget outside what the types can give is one line naming the range (as
+    file sizes, given the file's ``overhead`` outside the linears). Linears that ``groups`` maps to one key (the
+    experts llama.cpp stacks into one tensor) take one type together."""
+    from .allocation import allocate
+
+    types = check_types(types)
+    items: dict[str, list[str]] = {}
+    for n in sens.shapes:
+        items.setdefault((groups or {}).get(n, n), []).append(n)
+    options = [[t for t in types if all(sens.shapes[m][1] % GGML_TYPES[t].span == 0 for m in members)]
+               for members in items.values()]
+    bare = [members[0] for members, o in zip(items.values(), options) if not o]
+    if bare:
+        raise LowbitError(f"{bare[0]} has rows of {sens.shapes[bare[0]][1]} weights, which none of "
+                          f"{', '.join(t.upper() for t in types)} holds")
+    width = max(map(len, options))
+    sizes = torch.zeros(len(items), width, dtype=torch.long)
+    costs = torch.zeros(len(items), width, dtype=torch.float64)
+    for i, (members, opts) in enumerate(zip(items.values(), options)):
+        for j in range(width):
+            t = opts[min(j, len(opts) - 1)]  # items with fewer options repeat their last (widest) one
+            sizes[i, j] = sum(tensor_bytes(GGML_TYPES[t], sens.shapes[m]) for m in members)
+            costs[i, j] = sum(sens.kld[m][t] for m in members)
+    lo, hi = int(sizes.min(1).values.sum()), int(sizes.max(1).values.sum())
+    weights = sum(r * c for r, c in sens.shapes.values())
+    extra, what = (0, "the linears") if overhead is None else (overhead, "the file")
+    if capacity_bytes > 2 * weights:
+        raise LowbitError(f"the budget gives {what} {(capacity_bytes + extra) / 1e6:.3f} MB, more than with float16 "
+                          f"linears ({(2 * weights + extra) / 1e6:.3f} MB, 16 bits per weight): quantizing would "
+                          "gain nothing")
+    if not lo <= capacity_bytes:
+        raise LowbitError(f"the budget gives {what} {(capacity_bytes + extra) / 1e6:.3f} MB; the types "
+                          f"{', '.join(t.upper() for t in types)} reach {(lo + extra) / 1e6:.3f} MB "
+                          f"({8 * lo / weights:.3f} bits per linear weight) to {(hi + extra) / 1e6:.3f} MB "
+                          f"({8 * hi / weights:.3f})")
+    choice, info = allocate(costs, sizes, min(capacity_bytes, hi))
+    chosen = {m: opts[min(int(j), len(opts) - 1)] for members, opts, j in zip(items.values(), options, choice)
+              for m in members}
+    used = sum(tensor_bytes(GGML_TYPES[t], sens.shapes[n]) for n, t in chosen.items())
+    return Mix(chosen, {"linear_bytes": used, "capacity_bytes": capacity_bytes, "bits_per_weight": 8 * used / weights,
+                        "predicted_kld": sum(sens.kld[n][t] for n, t in chosen.items()), "exact": info["exact"]})

@@ -1,0 +1,240 @@
+"""GGUF at any size (--gguf AUTO): per-linear KLD measured on dev windows, one type per linear chosen by an exact
+knapsack under the budget, the file holding exactly those types and llama-quantize lines that name them."""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import gguf
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama
+
+from lowbit.cli import main
+from lowbit.errors import LowbitError
+from lowbit.formats.ggml import GGML_TYPES
+from lowbit.gguf_mix import CANDIDATES, Sensitivity, check_types, choose, fitting, measure, parse_size, tensor_bytes
+from lowbit.models.families import family_for
+from lowbit.models.inventory import quantizable_linears
+from lowbit.quantizer import QuantSpec, dequantize, quantize
+
+
+def test_sizes_read_in_powers_of_1000():
+    assert parse_size("93.5MB") == 93_500_000 and parse_size("120M") == 120_000_000
+    assert parse_size("2G") == 2_000_000_000 and parse_size("500000") == 500_000 and parse_size("1.5 kb") == 1500
+    for bad in ("", "MB", "12 XB", "-3M"):
+        with pytest.raises(LowbitError, match="cannot read the size"):
+            parse_size(bad)
+
+
+def test_type_names_are_checked_and_rows_decide_what_fits():
+    assert check_types(["Q8_0", "q2_k", "iq4_xs"]) == ("q2_k", "iq4_xs", "q8_0")  # narrowest first
+    with pytest.raises(LowbitError, match="unknown GGUF type Q7_K"):
+        check_types(["q4_0", "Q7_K"])
+    assert fitting(CANDIDATES, 576) == ["q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0"]  # no 256-blocks
+    assert fitting(CANDIDATES, 1536) == list(CANDIDATES)
+    assert tensor_bytes(GGML_TYPES["q4_k"], (10, 512)) == 10 * 2 * 144
+
+
+def synthetic(seed: int = 0) -> Sensitivity:
+    """Four linears of two widths with random KLD, lower for wider types (as measured ones are)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a": (64, 256), "b": (64, 96), "c": (32, 512), "d": (48, 256)}
+    kld = {}
+    for n, (_, cols) in shapes.items():
+        types = fitting(CANDIDATES, cols)
+        vals = torch.rand(len(types), generator=g).sort(descending=True).values
+        kld[n] = {t: float(v) for t, v in zip(types, vals)}
+    return Sensitivity(shapes, kld)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_choice_is_the_best_mix_within_the_budget(seed):
+    """Against brute force over every combination: the chosen mix fits and no mix that fits has less KLD."""
+    sens = synthetic(seed)
+    names = list(sens.shapes)
+    options = [fitting(CANDIDATES, sens.shapes[n][1]) for n in names]
+
+    def size(combo):
+        return sum(tensor_bytes(GGML_TYPES[t], sens.shapes[n]) for n, t in zip(names, combo))
+    combos = list(itertools.product(*options))
+    lo, hi = min(map(size, combos)), max(map(size, combos))
+    for capacity in torch.linspace(lo, hi, 7).long().tolist():
+        mix = choose(sens, CANDIDATES, capacity)
+        best = min(sum(sens.kld[n][t] for n, t in zip(names, c)) for c in combos if size(c) <= capacity)
+        assert mix.meta["linear_bytes"] <= capacity
+        assert mix.meta["linear_bytes"] == size([mix.types[n] for n in names])
+        assert mix.meta["predicted_kld"] == pytest.approx(best, rel=1e-12)
+
+
+def test_linears_stacked_into_one_tensor_take_one_type():
+    """Experts llama.cpp stacks into one tensor are one item of the knapsack: one type for all of them, chosen
+    on their summed KLD and bytes; the best such mix by brute force."""
+    sens = synthetic(3)
+    groups = {"a": "experts", "d": "experts"}  # both rows of 256
+    names, keys = list(sens.shapes), ["experts", "b", "c"]
+    members = {"experts": ["a", "d"], "b": ["b"], "c": ["c"]}
+    options = [fitting(CANDIDATES, sens.shapes[members[k][0]][1]) for k in keys]
+
+    def size(combo):
+        return sum(tensor_bytes(GGML_TYPES[t], sens.shapes[m]) for k, t in zip(keys, combo) for m in members[k])
+
+    def cost(combo):
+        return sum(sens.kld[m][t] for k, t in zip(keys, combo) for m in members[k])
+    combos = list(itertools.product(*options))
+    for capacity in torch.linspace(min(map(size, combos)), max(map(size, combos)), 5).long().tolist():
+        mix = choose(sens, CANDIDATES, capacity, groups=groups)
+        assert mix.types["a"] == mix.types["d"] and set(mix.types) == set(names)
+        assert mix.meta["linear_bytes"] <= capacity
+        assert mix.meta["predicted_kld"] == pytest.approx(min(cost(c) for c in combos if size(c) <= capacity),
+                                                          rel=1e-12)
+    lines = mix.tensor_type_lines({"a": "blk.0.ffn_up_exps.weight", "d": "blk.0.ffn_up_exps.weight",
+                                   "b": "blk.0.attn_q.weight", "c": "blk.0.ffn_down.weight"})
+    assert len(lines) == 3 and lines[0].startswith("^blk\\.0\\.ffn_up_exps\\.weight$=")
+
+
+def test_budgets_out_of_reach_are_one_line_naming_the_range():
+    sens = synthetic()
+    weights = sum(r * c for r, c in sens.shapes.values())
+    # Q2_K where rows allow (2.625 bits), Q4_0 on the rows of 96 (4.5): 2.85 bits per weight at the least
+    with pytest.raises(LowbitError, match=r"reach .* MB \(2\.850 bits per linear weight\) to .* MB \(8\.500\)"):
+        choose(sens, CANDIDATES, weights * 2 // 8)
+    with pytest.raises(LowbitError, match="more than with float16 linears"):
+        choose(sens, CANDIDATES, weights * 17 // 8)
+    with pytest.raises(LowbitError, match="none of Q2_K, Q3_K"):
+        choose(sens, ["q2_k", "q3_k"], weights)  # rows of 96 hold no K-quant
+
+
+@pytest.fixture(scope="module")
+def measured():
+    model = tiny_llama(hidden=256, layers=2, heads=4, kv_heads=2)
+    g = torch.Generator().manual_seed(0)
+    calib, dev = torch.randint(0, 256, (4, 32), generator=g), torch.randint(0, 256, (2, 48), generator=g)
+    before = copy.deepcopy(model.state_dict())
+    sens = measure(model, calib, dev, ["q2_k", "q4_0", "q8_0"], progress=False)
+    return model, calib, dev, before, sens
+
+
+def test_measuring_leaves_the_weights_as_they_were(measured):
+    model, _, _, before, _ = measured
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_each_kld_is_the_whole_models_with_that_linear_alone_rounded(measured):
+    """The suffix re-run gives what a full forward of the model with that one linear rounded gives; wider types
+    cost less KLD for every linear."""
+    model, calib, dev, _, sens = measured
+    linears = quantizable_linears(model, family_for(model))
+    from lowbit.gguf_mix import channel_importances
+
+    imp = channel_importances(model, linears, calib)
+    with torch.no_grad():
+        ref = F.log_softmax(model(dev).logits.double(), -1)
+        for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+            for t in ("q2_k", "q8_0"):
+                m = copy.deepcopy(model)
+                lin = m.get_submodule(name)
+                lin.weight.copy_(dequantize(quantize(lin.weight, QuantSpec(format=t), importance=imp[name])))
+                logq = F.log_softmax(m(dev).logits.double(), -1)
+                full = float((ref.exp() * (ref - logq)).sum(-1).mean())
+                assert sens.kld[name][t] == pytest.approx(full, rel=1e-4, abs=1e-9)
+    assert all(k["q8_0"] < k["q4_0"] < k["q2_k"] for k in sens.kld.values())
+
+
+def test_the_sensitivity_file_round_trips_and_refuses_another_model(measured, tmp_path):
+    model, _, _, _, sens = measured
+    sens.save(tmp_path / "s.json")
+    back = Sensitivity.load(tmp_path / "s.json")
+    assert back.kld == sens.kld and back.shapes == sens.shapes
+    linears = quantizable_linears(model, family_for(model))
+    back.check_model(linears, ["q2_k", "q8_0"])
+    with pytest.raises(LowbitError, match="no measurements for q5_k"):
+        back.check_model(linears, ["q5_k"])
+    other = tiny_llama(hidden=64)
+    with pytest.raises(LowbitError, match="another model"):
+        back.check_model(quantizable_linears(other, family_for(other)), ["q8_0"])
+
+
+@pytest.mark.model
+def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data_dir, capsys):
+    """quantize --gguf AUTO: the linears hold at most the target's bits; the exported file's tensor types are the
+    tensor-types.txt lines; reusing the saved measurements gives the same mix; a target below reach is one line."""
+    data = ("--data-dir", str(data_dir), "--calib-samples", "2", "--calib-seq-len", "32", "--dev-windows", "1",
+            "--dev-seq-len", "32", "--json")
+    out, sens = tmp_path / "q", tmp_path / "sens.json"
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "imatrix", "--gguf", "auto", "--target-bpw",
+                 "5.2", "--save-gguf-sensitivity", str(sens), "-o", str(out), *data]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["bits_per_weight"] <= 5.2 and row["predicted_kld"] > 0
+    lines = (out / "tensor-types.txt").read_text().split()
+    chosen = {line.split("=")[0].strip("^$").replace("\\", ""): line.split("=")[1].upper() for line in lines}
+    assert len(set(chosen.values())) > 1  # between Q5_0 (5.5) and Q4_0 (4.5): a mix
+    assert main(["export", "--model", str(out), "--to", "gguf", "-o", str(tmp_path / "m.gguf")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    written = {t.name: t.tensor_type.name for t in reader.tensors if t.name in chosen}
+    assert written == chosen
+    bits = sum(int(t.n_bytes) * 8 for t in reader.tensors if t.name in chosen) / \
+        sum(int(t.n_elements) for t in reader.tensors if t.name in chosen)
+    assert bits == pytest.approx(row["bits_per_weight"], abs=5e-5)  # the row rounds to 4 decimals
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-bpw", "5.2",
+                 "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q2"), *data]) == 0
+    assert (tmp_path / "q2" / "tensor-types.txt").read_text().split() == lines
+    capsys.readouterr()
+    # a whole-file budget: the file the mix predicts is the file written, byte for byte, within the budget
+    budget = (tmp_path / "m.gguf").stat().st_size - 3000
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-size",
+                 f"{budget / 1000}K", "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q5"), *data]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["export", "--model", str(tmp_path / "q5"), "--to", "gguf", "-o", str(tmp_path / "m5.gguf")]) == 0
+    assert row["predicted_file_bytes"] == (tmp_path / "m5.gguf").stat().st_size <= budget
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-size", "1M",
+                 "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q6"), *data]) == 2
+    assert "the file" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-bpw", "3",
+                 "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q3"), *data]) == 2
+    assert "reach" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--target-bpw", "3", "-o",
+                 str(tmp_path / "q4"), *data]) == 2
+    assert "add --gguf AUTO" in capsys.readouterr().err
+
+
+def test_an_auto_mix_of_a_moe_gives_each_stacked_expert_tensor_one_type(tmp_path):
+    """Qwen3-MoE: every expert measured on its own, the experts of one projection (one tensor in llama.cpp's file)
+    given one type; the file holds the mix and reads back with the model's logits."""
+    from test_export_gguf import max_logit_diff, read_back
+    from test_export_gguf import tiny_model as export_model
+
+    from lowbit.export import export_gguf
+    from lowbit.export.gguf import gguf_linear_names
+    from lowbit.methods import ImatrixConfig, quantize_
+    from lowbit.pack.checkpoint import pack_model_, save_packed
+
+    model, tok = export_model("qwen3_moe")
+    linears = quantizable_linears(model, family_for(model))
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=g)
+    dev = torch.randint(0, model.config.vocab_size, (2, 32), generator=g)
+    types = ["q4_0", "q5_0", "q8_0"]
+    sens = measure(model, calib, dev, types, progress=False)
+    names = gguf_linear_names(model, list(linears))
+    experts = [n for n in linears if ".experts." in n]
+    assert experts and len({sens.kld[n]["q4_0"] for n in experts}) == len(experts)  # each expert its own value
+    weights = sum(lin.weight.numel() for lin in linears.values())
+    mix = choose(sens, types, weights * 5 // 8, groups=names)  # between Q4_0 (4.5) and Q5_0 (5.5): a mix
+    assert len(set(mix.types.values())) > 1
+    stacked = {names[n]: {mix.types[m] for m in experts if names[m] == names[n]} for n in experts}
+    assert all(len(kinds) == 1 for kinds in stacked.values())
+    spec = mix.spec_map()
+    quantize_(model, ImatrixConfig(spec), calib)
+    src = save_packed(pack_model_(model, spec, method="imatrix", embed="int8"), model.config, tok, tmp_path / "m",
+                      extra={"gguf_recipe": "AUTO"})
+    export_gguf(src, tmp_path / "m.gguf")
+    held = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert {names[n]: held[names[n]] for n in linears} == {names[n]: t.upper() for n, t in mix.types.items()}
+    diff, scale = max_logit_diff(model, read_back(tmp_path / "m.gguf", "qwen3_moe", model), tok)
+    assert diff < 1e-4 * scale
