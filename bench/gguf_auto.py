@@ -2,6 +2,7 @@
 
     python bench/gguf_auto.py                                   # default model: the sizes of four recipes
     python bench/gguf_auto.py --recipes Q3_K_M --sizes 93.5MB 84.2MB
+    python bench/gguf_auto.py --recipes --sizes 93510272            # AUTO only, at a given size
 
 For every recipe (lowbit's imatrix rounding on llama.cpp's recipe) and every size: ``lowbit quantize -o DIR``,
 ``lowbit export --to gguf``, then ``lowbit eval --model FILE --kld --kld-reference MODEL`` (every token of N
@@ -55,7 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_run_args(p, "model", "calib_samples", "calib_seq_len", "max_windows", "seed")
     p.add_argument("--method", default="imatrix", help="rounding method for every file (default imatrix)")
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), help=f"fixed recipes (default {' '.join(RECIPES)})")
+    p.add_argument("--recipes", nargs="*", default=list(RECIPES), help=f"fixed recipes (default {' '.join(RECIPES)})")
     p.add_argument("--sizes", nargs="*", default=[], help="more AUTO sizes (e.g. 84.2MB), beside each recipe's")
     p.add_argument("--dev-windows", type=harness.positive, default=2, help="dev windows of the KLD measurement")
     p.add_argument("--data-dir", help="WikiText-2 directory (default $LOWBIT_DATA_DIR)")
