@@ -301,15 +301,17 @@ class Session:
 
     def gguf_mix(self, types, target_bpw: float | None = None, target_bytes: int | None = None,
                  sensitivity: str | None = None, save_sensitivity: str | None = None, dev_windows: int = 2,
-                 dev_seq_len: int = 512, source_model: str | None = None, embed: str = "int8",
+                 dev_seq_len: int = 512, source_model: str | None = None, embed: str | None = None,
                  progress: bool = True):
         """Each linear's GGUF type under ``target_bpw`` bits per linear weight or a whole file of ``target_bytes``
-        (for the GGUF of ``source_model`` with the embedding stored as ``embed``), chosen by the KLD each type
-        causes alone, measured on ``dev_windows`` × ``dev_seq_len`` tokens of the dev text (or read from
-        ``sensitivity``): a :class:`lowbit.gguf_mix.Mix`."""
+        (for the GGUF of ``source_model``), chosen by the KLD each type causes alone, measured on ``dev_windows``
+        × ``dev_seq_len`` tokens of the dev text (or read from ``sensitivity``): a :class:`lowbit.gguf_mix.Mix`.
+        Under ``target_bytes`` the embedding's type is chosen with the linears' unless ``embed`` fixes its
+        storage (``--embed``; int8 otherwise)."""
         from . import gguf_mix
         from .data import dev_text
         from .export.gguf import gguf_linear_names
+        from .formats.ggml import GGML_TYPES
         from .models.families import family_for
         from .models.inventory import quantizable_linears
 
@@ -320,24 +322,32 @@ class Session:
             raise LowbitError(f"--target-bpw must be a positive number of bits per weight, got {target_bpw:g}")
         self.restore()
         linears = quantizable_linears(self.model, family_for(self.model))
-        if sensitivity is not None:
-            sens = gguf_mix.Sensitivity.load(sensitivity)
-            sens.check_model(linears, types)
-        else:
+        embeddings = gguf_mix.embedding_modules(self.model)
+        known = None if sensitivity is None else gguf_mix.Sensitivity.load(sensitivity)
+        if known is not None and save_sensitivity is None:  # measured before: used as it is
+            known.check_model(linears, types, embeddings)
+            sens = known
+        else:  # measured now, or what the file lacks measured and the whole saved
             check_positions(self.model, dev_seq_len, "dev", "--dev-seq-len")
             dev = tokenize_windows(self.tokenizer, dev_text(self.data_dir), dev_seq_len, dev_windows)
             with placed(self.model, self.device):
-                sens = gguf_mix.measure(self.model, self.calibration(), dev, types, progress=progress)
+                sens = gguf_mix.measure(self.model, self.calibration(), dev, types, progress=progress, known=known)
             sens.meta.update(dev_text="WikiText-2 validation (dev part)",
                              calibration=self.calibration_record.describe())
             if save_sensitivity is not None and is_writer():
                 sens.save(save_sensitivity)
+        if embed is not None or target_bytes is None:  # the embedding's storage is fixed: the linears are chosen
+            sens = sens.without_embeddings()
         weights = sum(r * c for r, c in sens.shapes.values())
         stacked = gguf_linear_names(self.model, list(linears))  # experts stacked into one tensor take one type
         if target_bytes is not None:
-            overhead = gguf_mix.file_overhead(self.model, self.tokenizer, source_model, embed)
+            overhead = gguf_mix.file_overhead(self.model, self.tokenizer, source_model, embed or "int8")
+            # a chosen embedding's bytes come out of the probe's (int8 in blocks of 32: Q8_0)
+            for n in sens.embeddings:  # (another type's bytes may need up to 31 more of alignment padding)
+                rows = sens.shapes[n][0]
+                overhead += (31 if rows % 32 else 0) - gguf_mix.tensor_bytes(GGML_TYPES["q8_0"], sens.shapes[n])
             mix = gguf_mix.choose(sens, types, target_bytes - overhead, overhead, groups=stacked)
-            mix.meta.update(target_bytes=target_bytes, predicted_file_bytes=mix.meta["linear_bytes"] + overhead)
+            mix.meta.update(target_bytes=target_bytes, predicted_file_bytes=mix.meta["chosen_bytes"] + overhead)
         else:
             mix = gguf_mix.choose(sens, types, math.floor(target_bpw * weights / 8), groups=stacked)
             mix.meta.update(target_bpw=target_bpw)

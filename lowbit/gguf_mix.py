@@ -58,8 +58,20 @@ class Sensitivity:
     """KLD to the float model of each linear alone on each type (nats, mean over the dev positions)."""
 
     shapes: dict[str, tuple[int, int]]
-    kld: dict[str, dict[str, float]]  # linear -> type -> KLD
+    kld: dict[str, dict[str, float]]  # linear (or embedding) -> type -> KLD
     meta: dict = field(default_factory=dict)
+
+    @property
+    def embeddings(self) -> list[str]:
+        """The embedding and an untied output head, if they were measured (their names are in ``shapes`` too)."""
+        return list(self.meta.get("embeddings", []))
+
+    def without_embeddings(self) -> Sensitivity:
+        """The linears' measurements alone (the embedding's storage then fixed by ``--embed``)."""
+        drop = set(self.embeddings)
+        return Sensitivity({n: s for n, s in self.shapes.items() if n not in drop},
+                           {n: k for n, k in self.kld.items() if n not in drop},
+                           {k: v for k, v in self.meta.items() if k != "embeddings"})
 
     def save(self, path: str | Path) -> None:
         from .atomic_write import atomic_path
@@ -82,10 +94,16 @@ class Sensitivity:
         doc.pop("format")
         return cls(shapes, kld, doc)
 
-    def check_model(self, linears: Mapping[str, nn.Linear], types: Sequence[str]) -> None:
-        """Refuse measurements of another model, or that lack a type the allocation may choose."""
+    def check_model(self, linears: Mapping[str, nn.Linear], types: Sequence[str],
+                    embeddings: Mapping[str, nn.Module] | None = None) -> None:
+        """Refuse measurements of another model, or that lack a type the allocation may choose (a file measured
+        without the embeddings is still this model's)."""
         shapes = {n: tuple(lin.weight.shape) for n, lin in linears.items()}
-        if shapes != self.shapes:
+        mine = {n: s for n, s in self.shapes.items() if n not in self.embeddings}
+        if embeddings is not None:  # the embeddings the file measured must be this model's too
+            shapes.update({n: tuple(m.weight.shape) for n, m in embeddings.items() if n in self.embeddings})
+            mine = self.shapes
+        if shapes != mine:
             raise LowbitError("the GGUF sensitivity file was measured on another model (its linears or shapes "
                               "differ); measure again without it or give the right file")
         missing = sorted({t for n, (_, cols) in shapes.items() for t in fitting(types, cols)
@@ -95,10 +113,24 @@ class Sensitivity:
                               "again with those types")
 
 
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The input embedding and, if it has its own weight, the output head: the tensors besides the linears a
+    GGUF file quantizes (a tied head is the embedding's tensor: llama.cpp's ``token_embd``)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    out = {names[id(emb)]: emb}
+    if head is not None and head.weight is not emb.weight:
+        out[names[id(head)]] = head
+    return out
+
+
 @torch.no_grad()
 def channel_importances(model: nn.Module, linears: Mapping[str, nn.Linear], calib: torch.Tensor,
                         batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """The mean x² per input channel of every linear over the calibration tokens (llama-imatrix's statistic)."""
+    """The mean x² per input channel of every linear over the calibration tokens of every data-parallel worker
+    (llama-imatrix's statistic, :func:`lowbit.methods.imatrix.channel_importance`, over whole-model forwards)."""
+    from .distributed import all_sum
+
     sums = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
     count = [0]
 
@@ -116,7 +148,10 @@ def channel_importances(model: nn.Module, linears: Mapping[str, nn.Linear], cali
     finally:
         for h in handles:
             h.remove()
-    return {n: (s / max(count[0], 1)).float() for n, s in sums.items()}
+    names = list(sums)
+    total = all_sum(torch.cat([*(sums[n] for n in names), torch.tensor([float(count[0])], dtype=torch.float64)]))
+    parts = total[:-1].split([sums[n].numel() for n in names])
+    return {n: (part / max(float(total[-1]), 1.0)).float() for n, part in zip(names, parts)}
 
 
 def kl_to_reference(logits: torch.Tensor, ref_logp: torch.Tensor, ref_p: torch.Tensor | None = None) -> float:
@@ -128,12 +163,18 @@ def kl_to_reference(logits: torch.Tensor, ref_logp: torch.Tensor, ref_p: torch.T
 
 @torch.no_grad()
 def measure(model: nn.Module, calib: torch.Tensor, dev: torch.Tensor, types: Sequence[str],
-            progress: bool = True) -> Sensitivity:
+            progress: bool = True, known: Sensitivity | None = None) -> Sensitivity:
     """The KLD of each quantizable linear alone rounded onto each type its rows allow (importance-weighted fit),
-    on the ``dev`` windows; the weights are restored after each measurement."""
+    and of the embedding and an untied head (the type's own fit; the embedding re-runs the whole model), on the
+    ``dev`` windows; the weights are restored after each measurement. Data-parallel workers share the
+    measurements out and sum them, so every worker returns the same numbers. What ``known`` (measured on the
+    same calibration and dev windows) already holds is kept, not measured again: a type or the embedding added
+    to a sensitivity file costs only its own forwards."""
+    from .distributed import all_sum, rank, world_size
     from .models.families import family_for
     from .models.inventory import check_finite, quantizable_linears
     from .sensitivity import Suffix
+    from .walk import first_layer_inputs
 
     types = check_types(types)
     family = family_for(model)
@@ -143,22 +184,47 @@ def measure(model: nn.Module, calib: torch.Tensor, dev: torch.Tensor, types: Seq
     suffix = Suffix(model, dev)
     ref = F.log_softmax(suffix.logits(len(suffix.layers)).double(), -1)
     ref_p = ref.exp()
-    layer_of = {n: int(n[len(family.layers) + 1:].split(".")[0]) for n in linears}
-    todo = [(n, t) for n, lin in linears.items() for t in fitting(types, lin.in_features)]
-    kld: dict[str, dict[str, float]] = {n: {} for n in linears}
-    bar = tqdm(total=len(todo), desc="GGUF sensitivity", unit="fwd", disable=not progress, leave=False)
+    embeddings = embedding_modules(model)
+    head = model.get_output_embeddings()
+    # where each tensor's change enters: its layer's input, the head's (len(layers)), or the embedding (-1)
+    start = {n: int(n[len(family.layers) + 1:].split(".")[0]) for n in linears}
+    start.update({n: len(suffix.layers) if m is head else -1 for n, m in embeddings.items()})
+    modules = {**linears, **embeddings}
+    have = known.kld if known is not None else {}
+    if known is not None:
+        known.check_model(linears, [], embeddings)
+        if known.meta.get("dev") != list(dev.shape) or known.meta.get("calib") != list(calib.shape):
+            raise LowbitError(f"the GGUF sensitivity file was measured on {known.meta.get('dev')} dev and "
+                              f"{known.meta.get('calib')} calibration tokens, not {list(dev.shape)} and "
+                              f"{list(calib.shape)}: its numbers and new ones would not add up; measure all again")
+    todo = [(n, t) for n, m in modules.items() for t in fitting(types, m.weight.shape[1]) if t not in have.get(n, {})]
+    values = torch.zeros(len(todo), dtype=torch.float64)
+    mine = range(rank(), len(todo), world_size())
+    bar = tqdm(total=len(mine), desc="GGUF sensitivity", unit="fwd", disable=not progress, leave=False)
     try:
-        for name, t in todo:
-            lin = linears[name]
-            original = lin.weight.detach().clone()
-            lin.weight.copy_(dequantize(quantize(original, QuantSpec(format=t), importance=importance[name])))
-            kld[name][t] = max(kl_to_reference(suffix.logits(layer_of[name]), ref, ref_p), 0.0)
-            lin.weight.copy_(original)
+        for i in mine:
+            name, t = todo[i]
+            weight = modules[name].weight
+            original = weight.detach().clone()
+            weight.copy_(dequantize(quantize(original, QuantSpec(format=t), importance=importance.get(name))))
+            if start[name] >= 0:
+                logits = suffix.logits(start[name])
+            else:  # the embedding: the first layer's input again, then every layer
+                logits = suffix.logits(0, first_layer_inputs(model, family, dev, batch_size=len(dev))[0])
+            values[i] = max(kl_to_reference(logits, ref, ref_p), 0.0)
+            weight.copy_(original)
             bar.update()
     finally:
         bar.close()
-    shapes = {n: tuple(lin.weight.shape) for n, lin in linears.items()}
-    return Sensitivity(shapes, kld, {"types": list(types), "calib": list(calib.shape), "dev": list(dev.shape)})
+    values = all_sum(values)  # each measurement was made by exactly one worker
+    kld: dict[str, dict[str, float]] = {n: dict(have.get(n, {})) for n in modules}
+    for (name, t), v in zip(todo, values.tolist()):
+        kld[name][t] = v
+    measured = [n for n in embeddings if kld[n]]  # an embedding whose rows no type divides stays as --embed says
+    shapes = {n: tuple(m.weight.shape) for n, m in modules.items() if n in linears or n in measured}
+    types = check_types([*types, *(known.meta.get("types", []) if known is not None else [])])
+    return Sensitivity(shapes, {n: kld[n] for n in shapes}, {"types": list(types), "calib": list(calib.shape),
+                                                             "dev": list(dev.shape), "embeddings": measured})
 
 
 # ---- the budget ----------------------------------------------------------------------------------------------
@@ -205,14 +271,22 @@ def file_overhead(model: nn.Module, tokenizer, source_model: str, embed: str = "
 class Mix:
     """The chosen type of every linear, with what the choice predicts."""
 
-    types: dict[str, str]
+    types: dict[str, str]  # linear (and embedding, if chosen) -> type
     meta: dict
 
+    @property
+    def embed(self) -> str | None:
+        """The type chosen for the embedding (and an untied head: they take one), None if not chosen."""
+        chosen = {self.types[n] for n in self.meta.get("embeddings", [])}
+        return chosen.pop() if chosen else None
+
     def spec_map(self) -> SpecMap:
+        """The linears' types as a recipe (the embedding is stored by :attr:`embed`)."""
         from collections import Counter
 
-        default = Counter(self.types.values()).most_common(1)[0][0]
-        return SpecMap(QuantSpec(format=default), {n: QuantSpec(format=t) for n, t in self.types.items()
+        linear = {n: t for n, t in self.types.items() if n not in self.meta.get("embeddings", [])}
+        default = Counter(linear.values()).most_common(1)[0][0]
+        return SpecMap(QuantSpec(format=default), {n: QuantSpec(format=t) for n, t in linear.items()
                                                    if t != default}, recipe="AUTO")
 
     def tensor_type_lines(self, gguf_names: Mapping[str, str]) -> list[str]:
@@ -231,9 +305,10 @@ def choose(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhea
     from .allocation import allocate
 
     types = check_types(types)
+    groups = {**(groups or {}), **{n: "embeddings" for n in sens.embeddings}}  # one storage for embedding and head
     items: dict[str, list[str]] = {}
     for n in sens.shapes:
-        items.setdefault((groups or {}).get(n, n), []).append(n)
+        items.setdefault(groups.get(n, n), []).append(n)
     options = [[t for t in types if all(sens.shapes[m][1] % GGML_TYPES[t].span == 0 for m in members)]
                for members in items.values()]
     bare = [members[0] for members, o in zip(items.values(), options) if not o]
@@ -251,18 +326,23 @@ def choose(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhea
     lo, hi = int(sizes.min(1).values.sum()), int(sizes.max(1).values.sum())
     weights = sum(r * c for r, c in sens.shapes.values())
     extra, what = (0, "the linears") if overhead is None else (overhead, "the file")
+    unit, tensors = ("weight", "tensors") if sens.embeddings else ("linear weight", "linears")
     if capacity_bytes > 2 * weights:
         raise LowbitError(f"the budget gives {what} {(capacity_bytes + extra) / 1e6:.3f} MB, more than with float16 "
-                          f"linears ({(2 * weights + extra) / 1e6:.3f} MB, 16 bits per weight): quantizing would "
+                          f"{tensors} ({(2 * weights + extra) / 1e6:.3f} MB, 16 bits per weight): quantizing would "
                           "gain nothing")
     if not lo <= capacity_bytes:
         raise LowbitError(f"the budget gives {what} {(capacity_bytes + extra) / 1e6:.3f} MB; the types "
                           f"{', '.join(t.upper() for t in types)} reach {(lo + extra) / 1e6:.3f} MB "
-                          f"({8 * lo / weights:.3f} bits per linear weight) to {(hi + extra) / 1e6:.3f} MB "
+                          f"({8 * lo / weights:.3f} bits per {unit}) to {(hi + extra) / 1e6:.3f} MB "
                           f"({8 * hi / weights:.3f})")
     choice, info = allocate(costs, sizes, min(capacity_bytes, hi))
     chosen = {m: opts[min(int(j), len(opts) - 1)] for members, opts, j in zip(items.values(), options, choice)
               for m in members}
-    used = sum(tensor_bytes(GGML_TYPES[t], sens.shapes[n]) for n, t in chosen.items())
-    return Mix(chosen, {"linear_bytes": used, "capacity_bytes": capacity_bytes, "bits_per_weight": 8 * used / weights,
-                        "predicted_kld": sum(sens.kld[n][t] for n, t in chosen.items()), "exact": info["exact"]})
+    nbytes = {n: tensor_bytes(GGML_TYPES[t], sens.shapes[n]) for n, t in chosen.items()}
+    linear = [n for n in chosen if n not in sens.embeddings]
+    used = sum(nbytes[n] for n in linear)
+    return Mix(chosen, {"linear_bytes": used, "chosen_bytes": sum(nbytes.values()), "capacity_bytes": capacity_bytes,
+                        "bits_per_weight": 8 * used / sum(r * c for n, (r, c) in sens.shapes.items() if n in linear),
+                        "predicted_kld": sum(sens.kld[n][t] for n, t in chosen.items()), "exact": info["exact"],
+                        "embeddings": sens.embeddings})

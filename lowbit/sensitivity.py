@@ -110,9 +110,10 @@ class Suffix:
         for layer, call in zip(self.layers, self.calls):
             self.inputs.append(layer_output(call(layer, self.inputs[-1])))
 
-    def logits(self, start: int) -> torch.Tensor:
-        """The model's logits [n, seq, vocab] (float32) with layers from ``start`` on recomputed."""
-        h = self.inputs[start]
+    def logits(self, start: int, h: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits [n, seq, vocab] (float32) with layers from ``start`` on recomputed (from ``h`` in
+        place of the stored input of layer ``start``)."""
+        h = self.inputs[start] if h is None else h
         for layer, call in zip(self.layers[start:], self.calls[start:]):
             h = layer_output(call(layer, h))
         h = self.model.get_submodule(self.family.final_norm)(h)

@@ -133,15 +133,74 @@ def test_each_kld_is_the_whole_models_with_that_linear_alone_rounded(measured):
     imp = channel_importances(model, linears, calib)
     with torch.no_grad():
         ref = F.log_softmax(model(dev).logits.double(), -1)
-        for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        # the embedding and the (untied) head are measured too, each with the type's own fit
+        assert sens.embeddings == ["model.embed_tokens", "lm_head"]
+        for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj", *sens.embeddings):
             for t in ("q2_k", "q8_0"):
                 m = copy.deepcopy(model)
                 lin = m.get_submodule(name)
-                lin.weight.copy_(dequantize(quantize(lin.weight, QuantSpec(format=t), importance=imp[name])))
+                lin.weight.copy_(dequantize(quantize(lin.weight, QuantSpec(format=t), importance=imp.get(name))))
                 logq = F.log_softmax(m(dev).logits.double(), -1)
                 full = float((ref.exp() * (ref - logq)).sum(-1).mean())
                 assert sens.kld[name][t] == pytest.approx(full, rel=1e-4, abs=1e-9)
     assert all(k["q8_0"] < k["q4_0"] < k["q2_k"] for k in sens.kld.values())
+
+
+def _measure_rank(rank: int, out: str) -> None:
+    """One of two data-parallel workers: half the calibration windows each, the same dev windows; it counts its
+    suffix re-runs."""
+    import torch.distributed as dist
+
+    from lowbit import distributed, sensitivity
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    runs, logits = [0], sensitivity.Suffix.logits
+
+    def counting(self, *args, **kwargs):
+        runs[0] += 1
+        return logits(self, *args, **kwargs)
+    sensitivity.Suffix.logits = counting
+    try:
+        model = tiny_llama(hidden=256, layers=2, heads=4, kv_heads=2)
+        g = torch.Generator().manual_seed(0)
+        calib, dev = torch.randint(0, 256, (4, 32), generator=g), torch.randint(0, 256, (2, 48), generator=g)
+        sens = measure(model, calib[2 * rank: 2 * rank + 2], dev, ["q2_k", "q4_0", "q8_0"], progress=False)
+    finally:
+        sensitivity.Suffix.logits = logits
+        distributed.finish()
+    torch.save({"kld": sens.kld, "runs": runs[0] - 1}, f"{out}/rank{rank}.pt")  # less the float reference's
+
+
+def test_two_workers_measure_what_one_process_measures(measured, tmp_path):
+    """Each worker holds half the calibration: the importances are summed over both, the measurements shared out
+    and summed, so both workers return the one-process numbers."""
+    import torch.multiprocessing as mp
+
+    *_, alone = measured
+    mp.start_processes(_measure_rank, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["kld"] == ranks[1]["kld"], "the workers disagree"
+    measurements = sum(len(k) for k in alone.kld.values())
+    assert sum(r["runs"] for r in ranks) == measurements and max(r["runs"] for r in ranks) < measurements
+    for name, per_type in alone.kld.items():
+        for t, v in per_type.items():
+            assert ranks[0]["kld"][name][t] == pytest.approx(v, rel=1e-6, abs=1e-12), (name, t)
+
+
+def test_a_sensitivity_file_is_completed_not_measured_again(measured):
+    """Measuring with a known file measures only what it lacks (a kept number stays, even a wrong one) and the
+    rest equals a measurement from scratch; a file of other windows is refused."""
+    model, calib, dev, _, full = measured
+    part = measure(model, calib, dev, ["q4_0"], progress=False)
+    first = next(iter(part.kld))
+    part.kld[first]["q4_0"] = 123.0
+    done = measure(model, calib, dev, ["q2_k", "q8_0"], progress=False, known=part)
+    assert done.kld[first]["q4_0"] == 123.0 and done.meta["types"] == ["q2_k", "q4_0", "q8_0"]
+    for name, per_type in full.kld.items():
+        for t in ("q2_k", "q8_0"):
+            assert done.kld[name][t] == pytest.approx(per_type[t], rel=1e-9), (name, t)
+    with pytest.raises(LowbitError, match="would not add up"):
+        measure(model, calib, dev[:1], ["q8_0"], progress=False, known=part)
 
 
 def test_the_sensitivity_file_round_trips_and_refuses_another_model(measured, tmp_path):
@@ -191,6 +250,25 @@ def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["export", "--model", str(tmp_path / "q5"), "--to", "gguf", "-o", str(tmp_path / "m5.gguf")]) == 0
     assert row["predicted_file_bytes"] == (tmp_path / "m5.gguf").stat().st_size <= budget
+    # under a file budget the embedding and the untied head take one type chosen with the linears', named in the lines
+    held = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m5.gguf").tensors}
+    named = dict(line.split("=") for line in (tmp_path / "q5" / "tensor-types.txt").read_text().split())
+    named = {k.strip("^$").replace("\\", ""): v.upper() for k, v in named.items()}
+    assert {k: held[k] for k in named} == named and named["token_embd.weight"] == named["output.weight"]
+    capsys.readouterr()
+    # --embed fixes the embedding's storage: the linears are chosen for what is left, still byte for byte (the
+    # budget is the first one less what Q5_0 saves on the Q8_0 embedding and head, so the linears get as much)
+    both = sum(int(t.n_elements) for t in reader.tensors if t.name in ("token_embd.weight", "output.weight"))
+    budget = budget - both * (34 - 22) // 32
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-size",
+                 str(budget), "--embed", "q5_0", "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q7"),
+                 *data]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["export", "--model", str(tmp_path / "q7"), "--to", "gguf", "-o", str(tmp_path / "m7.gguf")]) == 0
+    held = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m7.gguf").tensors}
+    assert held["token_embd.weight"] == held["output.weight"] == "Q5_0"
+    assert row["predicted_file_bytes"] == (tmp_path / "m7.gguf").stat().st_size <= budget
+    assert "token_embd" not in (tmp_path / "q7" / "tensor-types.txt").read_text()
     capsys.readouterr()
     assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-size", "1M",
                  "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q6"), *data]) == 2
@@ -224,17 +302,18 @@ def test_an_auto_mix_of_a_moe_gives_each_stacked_expert_tensor_one_type(tmp_path
     names = gguf_linear_names(model, list(linears))
     experts = [n for n in linears if ".experts." in n]
     assert experts and len({sens.kld[n]["q4_0"] for n in experts}) == len(experts)  # each expert its own value
-    weights = sum(lin.weight.numel() for lin in linears.values())
-    mix = choose(sens, types, weights * 5 // 8, groups=names)  # between Q4_0 (4.5) and Q5_0 (5.5): a mix
-    assert len(set(mix.types.values())) > 1
+    everything = sum(r * c for r, c in sens.shapes.values())  # the embedding is chosen too
+    mix = choose(sens, types, everything * 5 // 8, groups=names)  # between Q4_0 (4.5) and Q5_0 (5.5): a mix
+    assert len(set(mix.types.values())) > 1 and mix.embed in types
     stacked = {names[n]: {mix.types[m] for m in experts if names[m] == names[n]} for n in experts}
     assert all(len(kinds) == 1 for kinds in stacked.values())
     spec = mix.spec_map()
     quantize_(model, ImatrixConfig(spec), calib)
-    src = save_packed(pack_model_(model, spec, method="imatrix", embed="int8"), model.config, tok, tmp_path / "m",
+    src = save_packed(pack_model_(model, spec, method="imatrix", embed=mix.embed), model.config, tok, tmp_path / "m",
                       extra={"gguf_recipe": "AUTO"})
     export_gguf(src, tmp_path / "m.gguf")
     held = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
-    assert {names[n]: held[names[n]] for n in linears} == {names[n]: t.upper() for n, t in mix.types.items()}
+    assert {names[n]: held[names[n]] for n in linears} == {names[n]: mix.types[n].upper() for n in linears}
+    assert held["token_embd.weight"] == mix.embed.upper()
     diff, scale = max_logit_diff(model, read_back(tmp_path / "m.gguf", "qwen3_moe", model), tok)
     assert diff < 1e-4 * scale

@@ -125,7 +125,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="types a linear may take (default every type lowbit writes: Q2_K Q3_K IQ4_XS Q4_0 Q4_K IQ4_NL "
                         "Q4_1 Q5_0 Q5_K Q5_1 Q6_K Q8_0; a linear takes only those its rows allow)")
     g.add_argument("--gguf-sensitivity", metavar="FILE",
-                   help="reuse the KLD measurements of an earlier run (from --save-gguf-sensitivity)")
+                   help="reuse the KLD measurements of an earlier run (from --save-gguf-sensitivity); with "
+                        "--save-gguf-sensitivity too, what it lacks (a type, the embedding) is measured and added")
     g.add_argument("--save-gguf-sensitivity", metavar="FILE", help="write the KLD measurements to FILE (JSON)")
     g.add_argument("--dev-windows", type=positive, default=2,
                    help="dev windows the KLD of each linear and type is measured on (default 2)")
@@ -447,7 +448,7 @@ def gguf_auto_spec(args, session):
                            target_bytes=None if args.target_size is None else parse_size(args.target_size),
                            sensitivity=args.gguf_sensitivity, save_sensitivity=args.save_gguf_sensitivity,
                            dev_windows=args.dev_windows, dev_seq_len=args.dev_seq_len, source_model=args.model,
-                           embed=getattr(args, "embed", "int8"), progress=not args.json)
+                           embed=getattr(args, "embed", None), progress=not args.json)
     if is_writer() and not args.json:
         layers: dict[str, Counter] = {}
         for name, t in mix.types.items():

@@ -104,7 +104,7 @@ def run_streamed(args) -> int:
                                             args.calib_seq_len, args.seed)
         if is_writer():
             print(f"lowbit: calibration: {record.describe()}", file=sys.stderr)
-    res = quantize_streamed(src, args.output, config, calib, tok, embed=args.embed, kernel=args.kernel,
+    res = quantize_streamed(src, args.output, config, calib, tok, embed=args.embed or "int8", kernel=args.kernel,
                             act_dtype=args.act_dtype or "fp32", offload=args.offload_activations,
                             resume=args.resume, force=args.force, progress=not args.json,
                             extra={"source_model": args.model}, device=device)
@@ -148,6 +148,10 @@ def run(args) -> int:
 
     if args.save_search:
         check_writable(args.save_search, args.force)
+    if args.embed is not None:
+        from ..pack.checkpoint import check_embed
+
+        check_embed(args.embed)
     if args.output:
         check_output_dir(args.output, args.force)
         if args.save_search and Path(args.save_search).resolve() == Path(args.output).resolve():
@@ -191,7 +195,8 @@ def save_packed_from_session(session, spec, args) -> dict:
     from ..pack.checkpoint import WEIGHTS_NAME, pack_model_, save_packed
 
     model = session.model
-    packed = pack_model_(model, spec, method=args.method, embed=args.embed, kernel=args.kernel)
+    chosen = session.last_mix.embed if session.last_mix is not None else None
+    packed = pack_model_(model, spec, method=args.method, embed=args.embed or chosen or "int8", kernel=args.kernel)
     if not is_writer():  # every data-parallel worker packs (its model is then the file's); rank 0 writes it
         return {}
     recipe = getattr(spec, "recipe", None)
@@ -203,10 +208,8 @@ def save_packed_from_session(session, spec, args) -> dict:
     if recipe == "AUTO":  # the mix as llama-quantize --tensor-type-file lines, to reproduce it with llama.cpp
         from ..atomic_write import atomic_path
         from ..export.gguf import gguf_linear_names
-        from ..gguf_mix import Mix
-
-        types = {n: spec.spec_for(n).ggml.name.lower() for n in session.last_mix.types}
-        lines = Mix(types, {}).tensor_type_lines(gguf_linear_names(model, list(types)))
+        mix = session.last_mix
+        lines = mix.tensor_type_lines(gguf_linear_names(model, list(mix.types)))
         with atomic_path(out / "tensor-types.txt") as tmp:
             Path(tmp).write_text("\n".join(lines) + "\n")
     fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
@@ -233,8 +236,10 @@ def add_parser(sub) -> None:
     add_budget_args(p)
     p.add_argument("-o", "--output", metavar="DIR", help="write the packed model (safetensors + lowbit.json + "
                                                           "tokenizer) to the directory DIR")
-    p.add_argument("--embed", choices=("int8", "fp16", "fp32"), default="int8",
-                   help="how -o stores the embedding and an untied head (default int8: 8-bit, one scale per 32)")
+    p.add_argument("--embed", type=str.lower, metavar="{int8,fp16,fp32,GGUF type}",
+                   help="how -o stores the embedding and an untied head: int8 (8-bit, one scale per 32), fp16, fp32 "
+                        "or a GGUF type such as q6_k (default: int8; with --gguf AUTO --target-size, chosen with the "
+                        "linears)")
     p.add_argument("--kernel", choices=("auto", "int4", "int4x2", "int8", "unpack", "dequant"), default="auto",
                    help="CPU kernel recorded for each packed linear (default auto: the fastest that applies)")
     p.add_argument("--save-search", help="write the AWQ search (safetensors) to FILE")

@@ -41,7 +41,7 @@ READABLE_VERSIONS = (1, 2, 3)
 CONFIG_NAME = "lowbit.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # a sharded directory (written by lowbit.stream)
-EMBED_CHOICES = ("int8", "fp16", "fp32")
+EMBED_CHOICES = ("int8", "fp16", "fp32")  # or the name of a GGUF block type (q5_0, q6_k, ...): check_embed
 EMBED_GROUP = 32  # llama.cpp's Q8_0 block: the default model's embedding is stored that way, so int8 g32 is exact
 
 
@@ -67,6 +67,21 @@ def is_packed_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
+def check_embed(embed: str, width: int | None = None) -> None:
+    """Refuse an embedding storage lowbit does not write, or a GGUF type whose blocks do not divide a row."""
+    from ..formats.ggml import GGML_TYPES
+
+    if embed in EMBED_CHOICES:
+        return
+    t = GGML_TYPES.get(str(embed).lower())
+    if t is None:
+        raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)} or a GGUF type "
+                          f"({', '.join(n.upper() for n in GGML_TYPES)}), got {embed!r}")
+    if width is not None and width % t.span:
+        raise LowbitError(f"a {embed.upper()} embedding needs rows that are a multiple of {t.span} weights; "
+                          f"this one has {width}")
+
+
 def _embed_spec(width: int) -> QuantSpec:
     if width % EMBED_GROUP == 0:
         return QuantSpec(bits=8, group_size=EMBED_GROUP, symmetric=True)
@@ -78,6 +93,11 @@ def _pack_embedding(weight: torch.Tensor, how: str, name: str,
                     loaded: bool = True) -> tuple[PackedTensor | None, torch.Tensor | None, dict]:
     """(packed or None, the float weight the file will load as (if ``loaded``), config entry) for an
     embedding or head."""
+    if how not in EMBED_CHOICES:  # a GGUF block type, rounded with the type's own scale fit
+        check_embed(how, weight.shape[1])
+        spec = QuantSpec(format=how.lower())
+        pt = PackedTensor.from_weight(weight, spec, name, codes=lambda w, s, _n: quantize(w, s))
+        return pt, pt.dequantize(weight.dtype) if loaded else None, {"storage": how.upper(), "exact": False}
     if how == "int8":
         spec = _embed_spec(weight.shape[1])
         try:
@@ -124,8 +144,7 @@ def pack_embedding_(name: str, mod: nn.Module, role: str, embed: str, kernel: st
     the file holds), with its storage record for the config."""
     from .kernels import choose_kernel
 
-    if embed not in EMBED_CHOICES:
-        raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
+    check_embed(embed)
     out = PackedModel()
     pt, loaded, info = _pack_embedding(mod.weight.detach(), embed, name, loaded=update or embed != "int8")
     if update:
@@ -184,8 +203,7 @@ def pack_model_(model: nn.Module, spec: SpecLike, *, method: str = "unknown", em
     set to exactly what the file will hold (hence the trailing underscore), so evaluating
     ``model`` afterwards measures the saved model.
     """
-    if embed not in EMBED_CHOICES:
-        raise LowbitError(f"embedding storage must be one of {', '.join(EMBED_CHOICES)}, got {embed!r}")
+    check_embed(embed)
     check_packable(spec)
     family = family_for(model)
     linears = quantizable_linears(model, family)
