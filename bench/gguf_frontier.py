@@ -36,7 +36,12 @@ from gguf_auto import cli, linear_bytes
 from gguf_ppl import data_dir, prepare
 from llamacpp import ensure_llama_tools, run_tool
 
-RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
+RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q4_1", "Q5_1",
+           "Q5_K_M", "Q6_K")
+# The default model's float reference is a dequantized Q4_1 file: Q4_1 (and Q5_1, whose grid holds Q4_1's) give
+# its linears back exactly. llama.cpp's Q4_1/Q5_1 recipes show that on its side of the frontier; on lowbit's, a
+# control mix without those types (--control-at) shows what the allocation gains without them.
+SOURCE_GRIDS = {"smollm2-135m": ("q4_1", "q5_1")}
 AUTO_AT = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 BARS = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M")  # issue 35: lower KLD and PPL at no greater size
 STATS = {"ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", "kld_mean": r"Mean\s+KLD:\s+([0-9.]+)",
@@ -56,11 +61,10 @@ def kld_stats(out: str) -> dict:
 
 
 def linear_types(path: Path) -> dict[str, str]:
-    """GGML type of every blk.* matrix of a GGUF file."""
+    """GGML type of every matrix of a GGUF file (the embedding and an output head too)."""
     import gguf
 
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors
-            if t.name.startswith("blk.") and len(t.shape) >= 2}
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) >= 2}
 
 
 def main() -> int:
@@ -70,6 +74,8 @@ def main() -> int:
     p.add_argument("--auto-at", nargs="*", default=list(AUTO_AT), help="AUTO mixes at these recipes' file sizes")
     p.add_argument("--fractions", nargs="*", type=float, default=[0.9], help="AUTO at these fractions of Q3_K_M")
     p.add_argument("--sizes", nargs="*", default=[], help="more AUTO sizes (e.g. 100MB)")
+    p.add_argument("--control-at", nargs="*", default=["Q3_K_M"],
+                   help="also an AUTO mix without the model's source-grid types at these recipes' sizes")
     p.add_argument("--method", default="imatrix", help="lowbit's rounding method (default imatrix)")
     p.add_argument("--dev-windows", type=harness.positive, default=2, help="dev windows of the KLD measurement")
     p.add_argument("--gguf-sensitivity", type=Path, help="a measured sensitivity file to reuse (same model)")
@@ -150,17 +156,27 @@ def main() -> int:
     sens = work / "sensitivity.json"
     if args.gguf_sensitivity and not sens.exists():
         shutil.copyfile(args.gguf_sensitivity, sens)
-    targets = [(f"AUTO@{r}", recipe_bytes[r]) for r in args.auto_at]
-    targets += [(f"AUTO@{f:g}xQ3_K_M", int(f * recipe_bytes["Q3_K_M"])) for f in args.fractions]
-    targets += [(f"AUTO@{s}", parse_size(s)) for s in args.sizes]
-    for label, budget in targets:
-        file = work / f"lowbit-{args.method}-{budget}.gguf"
-        packed = work / f"lowbit-{args.method}-{budget}"
+    everything = ["q2_k", "q3_k", "iq4_xs", "q4_0", "q4_k", "iq4_nl", "q4_1", "q5_0", "q5_k", "q5_1", "q6_k", "q8_0"]
+    control = [t for t in everything if t not in SOURCE_GRIDS.get(args.model, ())]
+    targets = [(f"AUTO@{r}", recipe_bytes[r], everything) for r in args.auto_at]
+    targets += [(f"AUTO@{f:g}xQ3_K_M", int(f * recipe_bytes["Q3_K_M"]), everything) for f in args.fractions]
+    targets += [(f"AUTO@{s}", parse_size(s), everything) for s in args.sizes]
+    if args.model in SOURCE_GRIDS:
+        targets += [(f"AUTO-no-{'-'.join(SOURCE_GRIDS[args.model]).upper()}@{r}", recipe_bytes[r], control)
+                    for r in args.control_at]
+    checked = False  # the first mix measures what the sensitivity file lacks (all of it, without one)
+    for label, budget, types in targets:
+        tag = "" if types == everything else "-control"
+        file = work / f"lowbit-{args.method}-{budget}{tag}.gguf"
+        packed = work / f"lowbit-{args.method}-{budget}{tag}"
         q = {}
         if not file.exists():
-            measured = not sens.exists()
-            auto = ["--gguf", "auto", "--target-size", str(budget), "--dev-windows", str(args.dev_windows)]
-            auto += ["--save-gguf-sensitivity", str(sens)] if measured else ["--gguf-sensitivity", str(sens)]
+            measured = not checked
+            auto = ["--gguf", "auto", "--target-size", str(budget), "--dev-windows", str(args.dev_windows),
+                    "--gguf-types", *types]
+            auto += (["--gguf-sensitivity", str(sens)] if sens.exists() else []) + \
+                (["--save-gguf-sensitivity", str(sens)] if measured else [])
+            checked = True
             start = time.perf_counter()
             q = cli("quantize", "--model", args.model, "--method", args.method, *auto, "--calib-samples",
                     str(args.calib_samples), "--calib-seq-len", "512", "--seed", str(args.seed), "-o", str(packed),
@@ -179,7 +195,8 @@ def main() -> int:
         theirs, ours = linear_types(redo), linear_types(file)
         redo.unlink()
         differ = sorted(n for n in ours if theirs.get(n) != ours[n])
-        row = score(label, file, {"source": f"lowbit {args.method} AUTO", "recipe": label, "target_bytes": budget,
+        row = score(label, file, {"source": f"lowbit {args.method} AUTO" + (" (control)" if tag else ""),
+                                  "recipe": label, "target_bytes": budget, "types_allowed": types,
                                   "seconds": q["wall_seconds"], "quant_seconds": q.get("seconds"),
                                   "includes_sensitivity_measurement": q["includes_sensitivity_measurement"],
                                   "predicted_kld": q.get("predicted_kld"), "dev_windows": args.dev_windows,
@@ -239,13 +256,12 @@ def plot(table: list[dict], texts: dict, path: str, model: str) -> None:
     names = list(texts)
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for source, style in (("llama.cpp+imatrix", "o-"), (None, "s-")):
+        for source in dict.fromkeys(r["source"] for r in table):
             pts = sorted((r["file_bytes"] / 1e6, (r if name == "wikitext-2 test" else r["second_text"][name])
-                          ["kld_mean"], r["label"]) for r in table
-                         if (r["source"] == source) == (source is not None))
-            label = source or table[-1]["source"]
-            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], style, label=label)
-            if source is not None:
+                          ["kld_mean"], r["label"]) for r in table if r["source"] == source)
+            style = "o-" if source.startswith("llama.cpp") else "s-" if len(pts) > 1 else "D"
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], style, label=source)
+            if source.startswith("llama.cpp"):
                 for x, y, lab in pts:
                     ax.annotate(lab.split()[-1], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_yscale("log")

@@ -73,8 +73,19 @@ def ensure_llama_tools(root: str | os.PathLike = TOOLS_DIR) -> Path:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             for m in members:
                 m.name = m.name[len(prefix):]
-            tar.extractall(src, members=[m for m in members if m.name], filter="data")
+            # not the submodule's ".git" link: it points into a repository the sdist does not ship, and cmake
+            # would make the build depend on that repository's index (ninja then re-runs cmake forever)
+            tar.extractall(src, members=[m for m in members if m.name and m.name != ".git"], filter="data")
     print(f"building {', '.join(TOOLS)} into {bin_dir} (once; about 10 minutes) ...", file=sys.stderr, flush=True)
+    import time
+
+    stray = src / ".git"  # (a source folder extracted before this rule)
+    if stray.is_file() and stray.read_text().startswith("gitdir: ../"):
+        stray.unlink()
+    now = time.time()  # sources dated after this machine's clock keep ninja's manifest "dirty" forever
+    for f in src.resolve().rglob("*"):
+        if f.is_file() and f.stat().st_mtime > now:
+            os.utime(f, (now, now))
     build = root / "build"
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
              "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
