@@ -129,7 +129,7 @@ def main() -> int:
                "bits_counted": "linear weights only", "file_bytes": size, "model": args.model, "label": label,
                **{k: main_text[k] for k in ("kld_p99", "kld_p999", "top1_agreement")},
                "second_text": {k: v for k, v in scores.items() if k != "wikitext-2 test"} or None,
-               "linear_types": types, "llama_cpp": "llama-cpp-python 0.3.36's sources", **extra}
+               "linear_types": types, "llama_cpp": "llama-cpp-python 0.3.36's sources, --no-repack", **extra}
         rows.append_row(args.out, row)
         cache[label] = {"key": key, "row": row}
         tmp = cache_path.with_suffix(".tmp")

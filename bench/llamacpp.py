@@ -98,8 +98,15 @@ def ensure_llama_tools(root: str | os.PathLike = TOOLS_DIR) -> Path:
     return bin_dir
 
 
+# ggml's AMX matrix products (weights repacked for Intel AMX, chosen by -march=native on a Xeon that has it)
+# crash in ggml_backend_amx_mul_mat on this project's machine; repacking is turned off for every file alike
+# (the plain CPU kernels, the same on every x86 machine).
+RUNTIME_FLAGS = {"llama-perplexity": ("--no-repack",), "llama-imatrix": ("--no-repack",)}
+
+
 def run_tool(bin_dir: Path, tool: str, *args: str) -> str:
     """Run one of llama.cpp's tools; its combined output (llama.cpp logs to stderr)."""
+    args = (*args, *RUNTIME_FLAGS.get(tool, ()))
     proc = subprocess.run([str(Path(bin_dir) / tool), *map(str, args)], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])

@@ -16,7 +16,6 @@ when linear l alone is rounded to b bits (:mod:`lowbit.sensitivity`).
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic_write import read_document, write_document
 from .errors import LowbitError
 from .quantizer import QuantSpec, fake_quantize
 from .specmap import SpecMap
@@ -54,20 +54,14 @@ class Allocation:
         return SpecMap.from_bits(self.base, self.bits)
 
     def save(self, path: str | Path) -> None:
-        from .atomic_write import atomic_path
-
-        doc = {"format": FORMAT, "base_spec": self.base.to_dict(), "bits": self.bits, **self.meta}
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(doc, indent=1))
+        write_document(path, {"format": FORMAT, "base_spec": self.base.to_dict(), "bits": self.bits, **self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise LowbitError(f"cannot read allocation {path}: {e}") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("bits"), dict):
-            raise LowbitError(f"{path} is not a lowbit allocation (from --save-allocation)")
+        what = "a lowbit allocation (from --save-allocation)"
+        doc = read_document(path, FORMAT, what)
+        if not isinstance(doc.get("bits"), dict):
+            raise LowbitError(f"{path} is not {what}")
         check_choices(list(doc["bits"].values()))
         base = QuantSpec(**doc.pop("base_spec"))
         bits = doc.pop("bits")

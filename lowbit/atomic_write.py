@@ -73,3 +73,25 @@ def install_dir(tmp: Path, dest: Path) -> None:
         os.replace(old / "x", dest)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_document(path: str | os.PathLike, doc: dict) -> None:
+    """A JSON document (one of lowbit's measurement files), written atomically."""
+    import json
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=1))
+
+
+def read_document(path: str | os.PathLike, fmt: str, what: str) -> dict:
+    """The JSON document at ``path`` whose ``format`` is ``fmt``; one clear line naming ``what`` it should be
+    (e.g. "a lowbit allocation (from --save-allocation)") when it cannot be read or is something else."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"cannot read {path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise LowbitError(f"{path} is not {what}")
+    return doc

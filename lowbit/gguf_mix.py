@@ -11,7 +11,6 @@ as ``llama-quantize --tensor-type-file`` lines so llama.cpp's own tools can repr
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic_write import read_document, write_document
 from .errors import LowbitError
 from .formats.ggml import GGML_TYPES, GGMLType
 from .quantizer import QuantSpec, dequantize, quantize
@@ -74,21 +74,12 @@ class Sensitivity:
                            {k: v for k, v in self.meta.items() if k != "embeddings"})
 
     def save(self, path: str | Path) -> None:
-        from .atomic_write import atomic_path
-
-        doc = {"format": FORMAT, **self.meta, "shapes": {n: list(s) for n, s in self.shapes.items()},
-               "kld": self.kld}
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(doc, indent=1))
+        write_document(path, {"format": FORMAT, **self.meta, "shapes": {n: list(s) for n, s in self.shapes.items()},
+                              "kld": self.kld})
 
     @classmethod
     def load(cls, path: str | Path) -> Sensitivity:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise LowbitError(f"cannot read the GGUF sensitivity file {path}: {e}") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise LowbitError(f"{path} is not a lowbit GGUF sensitivity file (from --gguf-sensitivity)")
+        doc = read_document(path, FORMAT, "a lowbit GGUF sensitivity file (from --save-gguf-sensitivity)")
         shapes = {n: tuple(s) for n, s in doc.pop("shapes").items()}
         kld = doc.pop("kld")
         doc.pop("format")

@@ -13,7 +13,6 @@ Both are measured on calibration text (never the evaluation text).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -192,13 +191,9 @@ def sensitivity_table(model: nn.Module, samples: torch.Tensor, base: QuantSpec, 
 
 
 def load_table(path: str | Path) -> dict:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise LowbitError(f"cannot read sensitivity table {path}: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise LowbitError(f"{path} is not a lowbit sensitivity table (from lowbit sensitivity -o)")
-    return doc
+    from .atomic_write import read_document
+
+    return read_document(path, FORMAT, "a lowbit sensitivity table (from lowbit sensitivity -o)")
 
 
 def table_traces(doc: dict) -> dict[str, float]:

@@ -317,3 +317,21 @@ def test_an_auto_mix_of_a_moe_gives_each_stacked_expert_tensor_one_type(tmp_path
     assert held["token_embd.weight"] == mix.embed.upper()
     diff, scale = max_logit_diff(model, read_back(tmp_path / "m.gguf", "qwen3_moe", model), tok)
     assert diff < 1e-4 * scale
+
+
+def test_measurement_files_refuse_what_they_are_not(tmp_path):
+    """The three measurement files (GGUF sensitivity, bit allocation, sensitivity table) read through one helper:
+    unreadable, missing or another kind of file is one line naming what was expected."""
+    from lowbit.allocation import Allocation
+    from lowbit.sensitivity import load_table
+
+    bad, other = tmp_path / "bad.json", tmp_path / "other.json"
+    bad.write_text("{not json")
+    other.write_text(json.dumps({"format": "something-else"}))
+    for load, what in ((Sensitivity.load, "GGUF sensitivity file"), (Allocation.load, "allocation"),
+                       (load_table, "sensitivity table")):
+        for path in (bad, tmp_path / "missing.json"):
+            with pytest.raises(LowbitError, match="cannot read"):
+                load(path)
+        with pytest.raises(LowbitError, match=f"is not a lowbit {what}"):
+            load(other)
