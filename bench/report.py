@@ -320,6 +320,22 @@ def _gguf(model: str, table: str) -> Table:
         (Every("gguf_ppl", {"model": model, "table": table}),))
 
 
+# docs/gguf.md: --gguf AUTO against fixed recipes at the same file size (lowbit's protocol, then llama.cpp's)
+TABLES["gguf-auto"] = Table(
+    (Col("file", "recipe", right=False), Col("bytes", "file_bytes", "{:,}"),
+     Col("bits / linear weight", "bits_per_weight", "{:.4f}"), Col("PPL", "ppl", PPL),
+     Col("KLD mean", "kld_mean", "{:.4f}"), Col("KLD 99 %", "kld_p99", PPL),
+     Col("same top token", "top1_agreement", "{:.2%}"), Col("linear types", "linear_types", right=False),
+     Col("load at start", "load_avg", "{:.2f}"), MEASURED),
+    (Every("gguf_auto", {"model": "smollm2-135m"}),))
+TABLES["gguf-frontier"] = Table(
+    (Col("file", "label", right=False), Col("bytes", "file_bytes", "{:,}"),
+     Col("bits / linear weight", "bits_per_weight", "{:.3f}"), Col("PPL", "ppl", PPL),
+     Col("KLD mean", "kld_mean", "{:.5f}"), Col("KLD 99.9 %", "kld_p999", PPL),
+     Col("same top token", "top1_agreement", "{:.2%}"), Col("PPL Jargon File", "second_text.jargon.ppl", PPL),
+     Col("KLD Jargon File", "second_text.jargon.kld_mean", "{:.5f}"), Col("quantize s", "seconds", "{:.1f}"),
+     Col("load at start", "load_avg", "{:.2f}"), Col("linear types", "linear_types", right=False), MEASURED),
+    (Every("gguf_frontier", {"model": "smollm2-135m"}),))
 TABLES["gguf"] = _gguf("smollm2-135m", "recipes")
 TABLES["gguf-q2k-blockwise"] = _gguf("smollm2-135m", "q2k-blockwise")
 TABLES["gguf-gemma3"] = _gguf("gemma3-270m", "recipes")
