@@ -331,7 +331,8 @@ TABLES["gguf-auto"] = Table(
 TABLES["gguf-frontier"] = Table(
     (Col("file", "label", right=False), Col("bytes", "file_bytes", "{:,}"),
      Col("bits / linear weight", "bits_per_weight", "{:.3f}"), Col("PPL", "ppl", PPL),
-     Col("KLD mean", "kld_mean", "{:.5f}"), Col("KLD 99.9 %", "kld_p999", PPL),
+     Col("KLD mean", "kld_mean", "{:.5f}"), Col("predicted KLD", "predicted_kld", "{:.5f}"),
+     Col("KLD 99.9 %", "kld_p999", PPL),
      Col("same top token", "top1_agreement", "{:.2%}"), Col("PPL Jargon File", "second_text.jargon.ppl", PPL),
      Col("KLD Jargon File", "second_text.jargon.kld_mean", "{:.5f}"), Col("quantize s", "seconds", "{:.1f}"),
      Col("load at start", "load_avg", "{:.2f}"), Col("linear types", "linear_types", right=False), MEASURED),
