@@ -38,10 +38,11 @@ from llamacpp import ensure_llama_tools, run_tool
 
 RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q4_1", "Q5_1",
            "Q5_K_M", "Q6_K")
-# The default model's float reference is a dequantized Q4_1 file: Q4_1 (and Q5_1, whose grid holds Q4_1's) give
-# its linears back exactly. llama.cpp's Q4_1/Q5_1 recipes show that on its side of the frontier; on lowbit's, a
-# control mix without those types (--control-at) shows what the allocation gains without them.
-SOURCE_GRIDS = {"smollm2-135m": ("q4_1", "q5_1")}
+# Both float references are dequantized GGUF files. SmolLM2's linears are Q4_1: Q4_1 (and Q5_1, whose grid holds
+# Q4_1's) give them back exactly. Gemma 3's are a Q4_K_M file: Q5_0 on every 640-wide row (Q5_1 holds that grid),
+# Q4_K/Q6_K on the others. llama.cpp's recipes show that on its side of the frontier; on lowbit's, a control mix
+# without those types (--control-at) shows what the allocation gains without them.
+SOURCE_GRIDS = {"smollm2-135m": ("q4_1", "q5_1"), "gemma3-270m": ("q5_0", "q5_1")}
 AUTO_AT = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 BARS = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M")  # issue 35: lower KLD and PPL at no greater size
 STATS = {"ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", "kld_mean": r"Mean\s+KLD:\s+([0-9.]+)",
