@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import time
@@ -34,7 +33,7 @@ import harness
 import rows
 from gguf_auto import cli, linear_bytes
 from gguf_ppl import data_dir, prepare
-from llamacpp import ensure_llama_tools, run_tool
+from llamacpp import ensure_llama_tools, kld_stats, run_tool
 
 RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q4_1", "Q5_1",
            "Q5_K_M", "Q6_K")
@@ -45,20 +44,7 @@ RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "IQ4_NL", "IQ4_XS", "Q4
 SOURCE_GRIDS = {"smollm2-135m": ("q4_1", "q5_1"), "gemma3-270m": ("q5_0", "q5_1")}
 AUTO_AT = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 BARS = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M")  # issue 35: lower KLD and PPL at no greater size
-STATS = {"ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", "kld_mean": r"Mean\s+KLD:\s+([0-9.]+)",
-         "kld_p99": r"99\.0%\s+KLD:\s+([0-9.]+)", "kld_p999": r"99\.9%\s+KLD:\s+([0-9.]+)",
-         "top1_agreement": r"Same top p:\s+([0-9.]+)"}
-
-
-def kld_stats(out: str) -> dict:
-    """What ``llama-perplexity --kl-divergence`` prints: PPL(Q), KLD mean / 99 % / 99.9 %, same top token."""
-    stats = {}
-    for key, pattern in STATS.items():
-        m = re.search(pattern, out)
-        if m is None:
-            sys.exit(f"llama-perplexity printed no {key}:\n" + "\n".join(out.splitlines()[-20:]))
-        stats[key] = float(m.group(1)) / (100 if key == "top1_agreement" else 1)
-    return stats
+STATS = ("ppl", "kld_mean", "kld_p99", "kld_p999", "top1_agreement")
 
 
 def linear_types(path: Path) -> dict[str, str]:
@@ -121,7 +107,7 @@ def main() -> int:
             return cache[label]["row"]
         ctx = rows.context(command)
         scores = {name: kld_stats(run_tool(tools, "llama-perplexity", "-m", path, *common, "--kl-divergence-base",
-                                           bases[name], "--kl-divergence")) for name in texts}
+                                           bases[name], "--kl-divergence"), STATS) for name in texts}
         size, lbytes, weights, types = linear_bytes(path)
         main_text = scores["wikitext-2 test"]
         row = {**ctx, "split": f"wikitext-2 test (llama-perplexity --kl-divergence, -c 2048 --chunks {args.chunks})",

@@ -19,7 +19,6 @@ each chunk; lowbit's per-position values are cut to the same positions. Rows go 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -29,12 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: I001  (bench/ is not a package: the shared run arguments)
 import rows
-from llamacpp import ensure_llama_tools, llama_quantize, run_tool
+from llamacpp import ensure_llama_tools, kld_stats, llama_quantize, run_tool
 
 SEQ = 2048
-LLAMA_STATS = {"kld_mean": r"Mean\s+KLD:\s+([0-9.]+)", "kld_median": r"Median\s+KLD:\s+([0-9.]+)",
-               "kld_p99": r"99\.0%\s+KLD:\s+([0-9.]+)", "top1_agreement": r"Same top p:\s+([0-9.]+)",
-               "rms_dp": r"RMS Δp\s*:\s+([0-9.]+)"}
+LLAMA_STATS = ("kld_mean", "kld_median", "kld_p99", "top1_agreement", "rms_dp")
 
 
 def base_tokens(path: Path) -> np.ndarray:
@@ -44,17 +41,6 @@ def base_tokens(path: Path) -> np.ndarray:
             sys.exit(f"{path} is not a llama.cpp KL-divergence base file")
         n_ctx, n_vocab, n_chunk = np.frombuffer(f.read(12), dtype=np.int32)
         return np.frombuffer(f.read(4 * n_chunk * n_ctx), dtype=np.int32).reshape(n_chunk, n_ctx)
-
-
-def llama_stats(out: str) -> dict:
-    """The statistics ``llama-perplexity --kl-divergence`` prints (percentages turned into fractions)."""
-    stats = {}
-    for key, pattern in LLAMA_STATS.items():
-        m = re.search(pattern, out)
-        if m is None:
-            sys.exit(f"llama-perplexity printed no {key}:\n" + "\n".join(out.splitlines()[-20:]))
-        stats[key] = float(m.group(1)) / (100 if key in ("top1_agreement", "rms_dp") else 1)
-    return stats
 
 
 # The activation format ggml's CPU dot products convert to for each weight type (type_traits_cpu[].vec_dot_type):
@@ -154,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = rows.context(command)
         out = run_tool(tools, "llama-perplexity", "-m", qfile, *common, "--kl-divergence-base", base,
                        "--kl-divergence")
-        theirs = llama_stats(out)
+        theirs = kld_stats(out, LLAMA_STATS)
         model, _ = load_model(str(qfile))
         res = kl_divergence(reference, model, windows, progress=False)  # lowbit's: every position of each window
         half = second_half(res.per_token, windows.shape[0])

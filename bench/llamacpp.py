@@ -138,6 +138,28 @@ def llama_perplexity(bin_dir: Path, model: Path, text: Path, ctx: int = 2048, ch
     return float(m.group(1))
 
 
+# What ``llama-perplexity --kl-divergence`` prints; percentages (same top token, RMS of the probability change)
+# are turned into fractions.
+KLD_STATS = {"ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", "kld_mean": r"Mean\s+KLD:\s+([0-9.]+)",
+             "kld_median": r"Median\s+KLD:\s+([0-9.]+)", "kld_p99": r"99\.0%\s+KLD:\s+([0-9.]+)",
+             "kld_p999": r"99\.9%\s+KLD:\s+([0-9.]+)", "top1_agreement": r"Same top p:\s+([0-9.]+)",
+             "rms_dp": r"RMS Δp\s*:\s+([0-9.]+)"}
+PERCENT = ("top1_agreement", "rms_dp")
+
+
+def kld_stats(out: str, keys: tuple[str, ...]) -> dict[str, float]:
+    """The named statistics of a ``llama-perplexity --kl-divergence`` run; one line and exit if one is missing."""
+    import re
+
+    stats = {}
+    for key in keys:
+        m = re.search(KLD_STATS[key], out)
+        if m is None:
+            sys.exit(f"llama-perplexity printed no {key}:\n" + "\n".join(out.splitlines()[-20:]))
+        stats[key] = float(m.group(1)) / (100 if key in PERCENT else 1)
+    return stats
+
+
 def gguf_types(path: Path) -> dict[str, int]:
     """How many tensors of each GGML type a GGUF file holds (matrices only)."""
     import gguf

@@ -44,6 +44,6 @@ def test_base_file_tokens_and_the_scored_positions(tmp_path):
 def test_llama_perplexity_output_is_parsed():
     out = ("Mean    KLD:   0.058043 ±   0.001\nMedian  KLD:   0.037628\n99.0%   KLD:   0.387843\n"
            "RMS Δp    :  6.123 ± 0.1 %\nSame top p: 86.512 ± 0.3 %\n")
-    stats = kl.llama_stats(out)
+    stats = kl.kld_stats(out, kl.LLAMA_STATS)
     assert stats == {"kld_mean": 0.058043, "kld_median": 0.037628, "kld_p99": 0.387843,
                      "top1_agreement": 0.86512, "rms_dp": 0.06123}
