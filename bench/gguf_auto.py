@@ -42,13 +42,12 @@ def cli(*args: str) -> dict:
 
 def linear_bytes(path: Path) -> tuple[int, int, int, str]:
     """(file bytes, bytes of the quantized linears, their weights, their types as 'count TYPE, ...')."""
-    import gguf
+    from lowbit.export.gguf_table import tensor_table
 
-    reader = gguf.GGUFReader(path)
-    lin = [t for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(".weight")
+    lin = [t for t in tensor_table(path) if t.name.startswith("blk.") and t.name.endswith(".weight")
            and len(t.shape) >= 2]
-    types = Counter(t.tensor_type.name for t in lin)
-    return (path.stat().st_size, sum(int(t.n_bytes) for t in lin), sum(int(t.n_elements) for t in lin),
+    types = Counter(t.type_name for t in lin)
+    return (path.stat().st_size, sum(t.n_bytes for t in lin), sum(t.shape[0] * t.shape[1] for t in lin),
             ", ".join(f"{n} {k}" for k, n in types.most_common()))
 
 

@@ -49,9 +49,9 @@ STATS = ("ppl", "kld_mean", "kld_p99", "kld_p999", "top1_agreement")
 
 def linear_types(path: Path) -> dict[str, str]:
     """GGML type of every matrix of a GGUF file (the embedding and an output head too)."""
-    import gguf
+    from lowbit.export.gguf_table import tensor_table
 
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) >= 2}
+    return {t.name: t.type_name for t in tensor_table(path) if len(t.shape) >= 2}
 
 
 def main() -> int:
@@ -143,7 +143,8 @@ def main() -> int:
     sens = work / "sensitivity.json"
     if args.gguf_sensitivity and not sens.exists():
         shutil.copyfile(args.gguf_sensitivity, sens)
-    everything = ["q2_k", "q3_k", "iq4_xs", "q4_0", "q4_k", "iq4_nl", "q4_1", "q5_0", "q5_k", "q5_1", "q6_k", "q8_0"]
+    everything = ["q1_0", "q2_0", "q2_k", "q3_k", "iq4_xs", "q4_0", "q4_k", "iq4_nl", "q4_1", "q5_0", "q5_k", "q5_1",
+                  "q6_k", "q8_0"]
     control = [t for t in everything if t not in SOURCE_GRIDS.get(args.model, ())]
     targets = [(f"AUTO@{r}", recipe_bytes[r], everything) for r in args.auto_at]
     targets += [(f"AUTO@{f:g}xQ3_K_M", int(f * recipe_bytes["Q3_K_M"]), everything) for f in args.fractions]

@@ -28,7 +28,8 @@ from .quantizer import QuantSpec, dequantize, quantize
 from .specmap import SpecMap
 
 # Every type lowbit writes, narrowest first: a linear may take any of them that its rows allow.
-CANDIDATES = ("q2_k", "q3_k", "iq4_xs", "q4_0", "q4_k", "iq4_nl", "q4_1", "q5_0", "q5_k", "q5_1", "q6_k", "q8_0")
+CANDIDATES = ("q1_0", "q2_0", "q2_k", "q3_k", "iq4_xs", "q4_0", "q4_k", "iq4_nl", "q4_1", "q5_0", "q5_k", "q5_1",
+              "q6_k", "q8_0")
 FORMAT = "lowbit-gguf-sensitivity"
 
 
@@ -171,15 +172,7 @@ def measure(model: nn.Module, calib: torch.Tensor, dev: torch.Tensor, types: Seq
     family = family_for(model)
     linears = quantizable_linears(model, family)
     check_finite(model)
-    importance = channel_importances(model, linears, calib)
-    suffix = Suffix(model, dev)
-    ref = F.log_softmax(suffix.logits(len(suffix.layers)).double(), -1)
-    ref_p = ref.exp()
     embeddings = embedding_modules(model)
-    head = model.get_output_embeddings()
-    # where each tensor's change enters: its layer's input, the head's (len(layers)), or the embedding (-1)
-    start = {n: int(n[len(family.layers) + 1:].split(".")[0]) for n in linears}
-    start.update({n: len(suffix.layers) if m is head else -1 for n, m in embeddings.items()})
     modules = {**linears, **embeddings}
     have = known.kld if known is not None else {}
     if known is not None:
@@ -190,6 +183,15 @@ def measure(model: nn.Module, calib: torch.Tensor, dev: torch.Tensor, types: Seq
                               f"{list(calib.shape)}: its numbers and new ones would not add up; measure all again")
     todo = [(n, t) for n, m in modules.items() for t in fitting(types, m.weight.shape[1]) if t not in have.get(n, {})]
     values = torch.zeros(len(todo), dtype=torch.float64)
+    if todo:  # a complete file needs neither the importances nor the float model's logits
+        importance = channel_importances(model, linears, calib)
+        suffix = Suffix(model, dev)
+        ref = F.log_softmax(suffix.logits(len(suffix.layers)).double(), -1)
+        ref_p = ref.exp()
+        head = model.get_output_embeddings()
+        # where each tensor's change enters: its layer's input, the head's (len(layers)), or the embedding (-1)
+        start = {n: int(n[len(family.layers) + 1:].split(".")[0]) for n in linears}
+        start.update({n: len(suffix.layers) if m is head else -1 for n, m in embeddings.items()})
     mine = range(rank(), len(todo), world_size())
     bar = tqdm(total=len(mine), desc="GGUF sensitivity", unit="fwd", disable=not progress, leave=False)
     try:
@@ -207,7 +209,7 @@ def measure(model: nn.Module, calib: torch.Tensor, dev: torch.Tensor, types: Seq
             bar.update()
     finally:
         bar.close()
-    values = all_sum(values)  # each measurement was made by exactly one worker
+    values = all_sum(values) if todo else values  # each measurement was made by exactly one worker
     kld: dict[str, dict[str, float]] = {n: dict(have.get(n, {})) for n in modules}
     for (name, t), v in zip(todo, values.tolist()):
         kld[name][t] = v

@@ -20,6 +20,7 @@ from lowbit.formats.ggml import (
     block_params,
     block_range,
     fit_super_scale,
+    plain_weights,
     refine_signed,
     refine_unsigned,
     signed_extreme,
@@ -48,6 +49,22 @@ def hard_weights(rows: int = 8, cols: int = 512, seed: int = 0) -> torch.Tensor:
     return w
 
 
+def reference_dequantize(blocks: np.ndarray, name: str) -> np.ndarray:
+    """The gguf package's dequantizer; for the types it lacks, ggml-quants.c's dequantize_row_q1_0/_q2_0 ported
+    line by line (bench/gguf_decode_llamacpp.py checks every type against llama.cpp's own tools)."""
+    if name not in ("Q1_0", "Q2_0"):
+        return gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, name))
+    rows = blocks.shape[0]
+    b = blocks.reshape(-1, 18)
+    d = b[:, :2].copy().view(np.float16).astype(np.float32)  # block: ggml_half d; uint8_t qs[16]
+    qs = b[:, 2:]
+    if name == "Q2_0":  # y[j] = ((qs[j / 4] >> 2·(j % 4)) & 3) - 1) · d
+        q = np.stack([(qs >> (2 * k)) & 3 for k in range(4)], -1).reshape(-1, 64).astype(np.int32)
+        return ((q - 1) * d).astype(np.float32).reshape(rows, -1)
+    bit = np.stack([(qs >> k) & 1 for k in range(8)], -1).reshape(-1, 128)  # y[j] = bit j ? d : -d
+    return np.where(bit == 1, d, -d).astype(np.float32).reshape(rows, -1)
+
+
 @pytest.mark.parametrize("importance", [False, True], ids=["plain", "weighted"])
 @pytest.mark.parametrize("name", TYPES)
 def test_written_blocks_decode_to_lowbits_weights(name, importance):
@@ -59,7 +76,7 @@ def test_written_blocks_decode_to_lowbits_weights(name, importance):
     assert int(qt.q.min()) >= t.qmin and int(qt.q.max()) <= t.qmax
     blocks = to_blocks(qt.q, qt.scale, qt.zero, t)
     assert blocks.shape == (w.shape[0], w.shape[1] // t.span * t.type_size)
-    theirs = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, t.name))
+    theirs = reference_dequantize(blocks, t.name)
     assert np.array_equal(theirs, dequantize(qt).numpy())
     rel = float((dequantize(qt) - w)[3:].pow(2).mean().sqrt() / w[3:].std())
     assert rel < 2.0 ** -t.bits * 2.5, rel  # a grid of 2^b levels, not a broken one
@@ -194,7 +211,7 @@ def test_the_table_fit_beats_the_extreme_on_the_tables_end(name, importance):
     t = GGML_TYPES[name]
     wg = hard_weights(16, 512, seed=11).reshape(16, -1, t.block)
     imp = (torch.rand(512, generator=torch.Generator().manual_seed(12)) ** 4).reshape(1, -1, t.block)
-    weights = imp.expand_as(wg) if importance else wg * wg
+    weights = imp.expand_as(wg) if importance else plain_weights(wg, t)
     spec = QuantSpec(format=name)
     fit, _ = block_range(wg, t, 1.0, imp if importance else None)
     plain = signed_extreme(wg) / t.values[0]
@@ -358,6 +375,61 @@ def test_every_method_writes_its_codes_into_the_gguf_file(method, recipe, tmp_pa
         a, b = ours(ids).logits, theirs(ids).logits
         assert torch.equal(a, model(ids).logits)
     assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+
+
+def test_types_the_gguf_package_lacks_are_written_and_read_back(tmp_path):
+    """Q2_0 (which the gguf package 0.19.0 does not name) and Q1_0 (which it cannot decode), fitted with an
+    importance matrix: lowbit's own table reader gives each tensor the type it was given, its bytes decode (by
+    ggml-quants.c's dequantizers, ported) to lowbit's weights, and lowbit's table of a file the gguf package can
+    read is the package's, tensor for tensor and byte for byte. Loading the Q2_0 file is one clear line."""
+    import warnings
+
+    from lowbit.export import export_gguf
+    from lowbit.export.gguf import gguf_linear_names, rotary_order
+    from lowbit.export.gguf_table import tensor_table
+    from lowbit.methods import ImatrixConfig
+    from lowbit.models import load_model
+    from lowbit.pack.checkpoint import load_packed, pack_model_, save_packed
+    from lowbit.specmap import SpecMap
+
+    model = tiny_llama(hidden=128, layers=2, heads=4, kv_heads=2)
+    linears = list(quantizable_linears(model, family_for(model)))
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    files = {}
+    for label, spec in {"mixed": SpecMap(QuantSpec(format="q2_0"), {n: QuantSpec(format="q1_0")
+                                                                      for n in linears[::3]}),
+                        "q1_0": QuantSpec(format="q1_0")}.items():
+        m = tiny_llama(hidden=128, layers=2, heads=4, kv_heads=2)
+        quantize_(m, ImatrixConfig(spec) if label == "mixed" else RTNConfig(spec), calib)
+        src = save_packed(pack_model_(m, spec, method="imatrix", embed="fp32"), m.config, byte_tokenizer(),
+                          tmp_path / label)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_gguf(src, tmp_path / f"{label}.gguf")
+        files[label] = (src, tmp_path / f"{label}.gguf", spec)
+    src, path, spec = files["mixed"]
+    table = {e.name: e for e in tensor_table(path)}
+    ours, _ = load_packed(src, kernel="dequant")
+    raw = path.read_bytes()
+    heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
+    for name, gname in gguf_linear_names(ours, linears).items():
+        kind = spec.spec_for(name).ggml.name
+        entry = table[gname]
+        w = ours.get_submodule(name).weight.detach()
+        assert entry.type_name == kind and entry.shape == tuple(w.shape)
+        blocks = np.frombuffer(raw[entry.offset:entry.offset + entry.n_bytes], dtype=np.uint8).reshape(w.shape[0], -1)
+        short = name.split(".")[-1]
+        want = w[rotary_order(w.shape[0], heads[short])] if short in heads else w
+        assert np.array_equal(reference_dequantize(blocks, kind), want.numpy()), name
+    assert {"Q1_0", "Q2_0"} <= {e.type_name for e in table.values()}
+    with pytest.raises(LowbitError, match="Q2_0 tensors, which the gguf package"):
+        load_model(str(path))
+    readable = files["q1_0"][1]
+    raw = readable.read_bytes()
+    theirs = [(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)), int(t.n_bytes),
+               bytes(np.asarray(t.data).view(np.uint8).reshape(-1))) for t in gguf.GGUFReader(readable).tensors]
+    assert [(e.name, e.type_name, e.shape, e.n_bytes, raw[e.offset:e.offset + e.n_bytes])
+            for e in tensor_table(readable)] == theirs
 
 
 def test_iq4_xs_falls_back_to_iq4_nl_on_rows_a_super_block_does_not_divide():

@@ -14,6 +14,7 @@ from conftest import tiny_llama
 
 from lowbit.cli import main
 from lowbit.errors import LowbitError
+from lowbit.export.gguf_table import tensor_table
 from lowbit.formats.ggml import GGML_TYPES
 from lowbit.gguf_mix import CANDIDATES, Sensitivity, check_types, choose, fitting, measure, parse_size, tensor_bytes
 from lowbit.models.families import family_for
@@ -33,7 +34,8 @@ def test_type_names_are_checked_and_rows_decide_what_fits():
     assert check_types(["Q8_0", "q2_k", "iq4_xs"]) == ("q2_k", "iq4_xs", "q8_0")  # narrowest first
     with pytest.raises(LowbitError, match="unknown GGUF type Q7_K"):
         check_types(["q4_0", "Q7_K"])
-    assert fitting(CANDIDATES, 576) == ["q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0"]  # no 256-blocks
+    # rows of 576: no 256-weight super-block, no Q1_0 block of 128; Q2_0's blocks of 64 fit
+    assert fitting(CANDIDATES, 576) == ["q2_0", "q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0"]
     assert fitting(CANDIDATES, 1536) == list(CANDIDATES)
     assert tensor_bytes(GGML_TYPES["q4_k"], (10, 512)) == 10 * 2 * 144
 
@@ -98,9 +100,13 @@ def test_linears_stacked_into_one_tensor_take_one_type():
 def test_budgets_out_of_reach_are_one_line_naming_the_range():
     sens = synthetic()
     weights = sum(r * c for r, c in sens.shapes.values())
-    # Q2_K where rows allow (2.625 bits), Q4_0 on the rows of 96 (4.5): 2.85 bits per weight at the least
+    # Q1_0 where rows allow (1.125 bits), Q4_0 on the rows of 96 (4.5): 1.53 bits per weight at the least
+    with pytest.raises(LowbitError, match=r"reach .* MB \(1\.530 bits per linear weight\) to .* MB \(8\.500\)"):
+        choose(sens, CANDIDATES, weights * 3 // 16)
+    # without the small-block types: Q2_K where rows allow (2.625 bits): 2.85 bits per weight at the least
+    big = [t for t in CANDIDATES if t not in ("q1_0", "q2_0")]
     with pytest.raises(LowbitError, match=r"reach .* MB \(2\.850 bits per linear weight\) to .* MB \(8\.500\)"):
-        choose(sens, CANDIDATES, weights * 2 // 8)
+        choose(sens, big, weights * 2 // 8)
     with pytest.raises(LowbitError, match="more than with float16 linears"):
         choose(sens, CANDIDATES, weights * 17 // 8)
     with pytest.raises(LowbitError, match="none of Q2_K, Q3_K"):
@@ -201,6 +207,13 @@ def test_a_sensitivity_file_is_completed_not_measured_again(measured):
             assert done.kld[name][t] == pytest.approx(per_type[t], rel=1e-9), (name, t)
     with pytest.raises(LowbitError, match="would not add up"):
         measure(model, calib, dev[:1], ["q8_0"], progress=False, known=part)
+    calls = []  # a complete file runs the model not once (no importances, no float logits)
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        again = measure(model, calib, dev, ["q2_k", "q4_0"], progress=False, known=done)
+    finally:
+        hook.remove()
+    assert calls == [] and again.kld == {n: done.kld[n] for n in again.kld}
 
 
 def test_the_sensitivity_file_round_trips_and_refuses_another_model(measured, tmp_path):
@@ -232,11 +245,11 @@ def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data
     chosen = {line.split("=")[0].strip("^$").replace("\\", ""): line.split("=")[1].upper() for line in lines}
     assert len(set(chosen.values())) > 1  # between Q5_0 (5.5) and Q4_0 (4.5): a mix
     assert main(["export", "--model", str(out), "--to", "gguf", "-o", str(tmp_path / "m.gguf")]) == 0
-    reader = gguf.GGUFReader(tmp_path / "m.gguf")
-    written = {t.name: t.tensor_type.name for t in reader.tensors if t.name in chosen}
+    table = tensor_table(tmp_path / "m.gguf")  # (the gguf package cannot read a file that holds Q2_0)
+    written = {t.name: t.type_name for t in table if t.name in chosen}
     assert written == chosen
-    bits = sum(int(t.n_bytes) * 8 for t in reader.tensors if t.name in chosen) / \
-        sum(int(t.n_elements) for t in reader.tensors if t.name in chosen)
+    bits = sum(t.n_bytes * 8 for t in table if t.name in chosen) / \
+        sum(t.shape[0] * t.shape[1] for t in table if t.name in chosen)
     assert bits == pytest.approx(row["bits_per_weight"], abs=5e-5)  # the row rounds to 4 decimals
     capsys.readouterr()
     assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-bpw", "5.2",
@@ -251,21 +264,21 @@ def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data
     assert main(["export", "--model", str(tmp_path / "q5"), "--to", "gguf", "-o", str(tmp_path / "m5.gguf")]) == 0
     assert row["predicted_file_bytes"] == (tmp_path / "m5.gguf").stat().st_size <= budget
     # under a file budget the embedding and the untied head take one type chosen with the linears', named in the lines
-    held = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m5.gguf").tensors}
+    held = {t.name: t.type_name for t in tensor_table(tmp_path / "m5.gguf")}
     named = dict(line.split("=") for line in (tmp_path / "q5" / "tensor-types.txt").read_text().split())
     named = {k.strip("^$").replace("\\", ""): v.upper() for k, v in named.items()}
     assert {k: held[k] for k in named} == named and named["token_embd.weight"] == named["output.weight"]
     capsys.readouterr()
     # --embed fixes the embedding's storage: the linears are chosen for what is left, still byte for byte (the
     # budget is the first one less what Q5_0 saves on the Q8_0 embedding and head, so the linears get as much)
-    both = sum(int(t.n_elements) for t in reader.tensors if t.name in ("token_embd.weight", "output.weight"))
+    both = sum(t.shape[0] * t.shape[1] for t in table if t.name in ("token_embd.weight", "output.weight"))
     budget = budget - both * (34 - 22) // 32
     assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-size",
                  str(budget), "--embed", "q5_0", "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q7"),
                  *data]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["export", "--model", str(tmp_path / "q7"), "--to", "gguf", "-o", str(tmp_path / "m7.gguf")]) == 0
-    held = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m7.gguf").tensors}
+    held = {t.name: t.type_name for t in tensor_table(tmp_path / "m7.gguf")}
     assert held["token_embd.weight"] == held["output.weight"] == "Q5_0"
     assert row["predicted_file_bytes"] == (tmp_path / "m7.gguf").stat().st_size <= budget
     assert "token_embd" not in (tmp_path / "q7" / "tensor-types.txt").read_text()
@@ -273,7 +286,7 @@ def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data
     assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-size", "1M",
                  "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q6"), *data]) == 2
     assert "the file" in capsys.readouterr().err
-    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-bpw", "3",
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-bpw", "1",
                  "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q3"), *data]) == 2
     assert "reach" in capsys.readouterr().err
     assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--target-bpw", "3", "-o",

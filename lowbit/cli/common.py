@@ -116,14 +116,16 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                         "Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, ...), so lowbit export "
                         "--to gguf writes exactly the codes the method chose; replaces --w-bit/--group-size/--format. "
                         "AUTO: each linear's type chosen by its measured KLD under --target-bpw")
+    from ..gguf_mix import CANDIDATES as GGUF_CANDIDATES
+
     g = p.add_argument_group("GGUF at any size (--gguf AUTO; docs/gguf.md)")
     g.add_argument("--target-bpw", type=float, metavar="B",
                    help="bits per linear weight the AUTO mix may use (block scales included, as the file holds them)")
     g.add_argument("--target-size", metavar="SIZE",
                    help="bytes of the whole GGUF file the AUTO mix may take (K, M, G in powers of 1000: 93.5MB)")
     g.add_argument("--gguf-types", nargs="+", type=str.lower, metavar="TYPE",
-                   help="types a linear may take (default every type lowbit writes: Q2_K Q3_K IQ4_XS Q4_0 Q4_K IQ4_NL "
-                        "Q4_1 Q5_0 Q5_K Q5_1 Q6_K Q8_0; a linear takes only those its rows allow)")
+                   help="types a linear may take (default every type lowbit writes: "
+                        f"{' '.join(t.upper() for t in GGUF_CANDIDATES)}; a linear takes only those its rows allow)")
     g.add_argument("--gguf-sensitivity", metavar="FILE",
                    help="reuse the KLD measurements of an earlier run (from --save-gguf-sensitivity); with "
                         "--save-gguf-sensitivity too, what it lacks (a type, the embedding) is measured and added")

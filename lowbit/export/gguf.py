@@ -43,7 +43,7 @@ import torch
 from gguf import Keys
 
 from ..errors import LowbitError
-from ..formats.ggml import to_blocks
+from ..formats.ggml import GGUF_IDS_BEYOND_GGUF_PY, ggml_type, to_blocks
 from ..models.fold import config_head_dim
 from ..models.llamacpp import Arch
 from ..pack.tensor import PackedTensor
@@ -51,7 +51,7 @@ from ..pack.tensor import PackedTensor
 BLOCK = 32
 FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12,
               "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-              "Q2_K_S": 21, "IQ4_NL": 25, "IQ4_XS": 30}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+              "Q2_K_S": 21, "IQ4_NL": 25, "IQ4_XS": 30, "Q1_0": 40, "Q2_0": 41}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 PURE_FILE_TYPES = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}  # a single K type names its _S file type
 
 
@@ -451,7 +451,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_string("lowbit.method", str(doc.get("method")))
         for gname, data, kind in plan:
-            writer.add_tensor(gname, data, raw_dtype=None if kind is None else getattr(gguf.GGMLQuantizationType, kind))
+            add_tensor(writer, gname, data, kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -459,6 +459,19 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, force: boo
     return {"path": str(out), "bytes": out.stat().st_size, "types": sorted(types), "file_type": main_type,
             "max_change_steps": worst, "tensors": len(plan), "architecture": arch.gguf,
             "metadata": "source GGUF" if reader is not None else "Hugging Face config", "warnings": notes}
+
+
+def add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, kind: str | None) -> None:
+    """One tensor: float data as is, or a block type's bytes [rows, row bytes]. A type the gguf package does not
+    name yet (Q2_0) goes in by its ggml id with its shape in weights, as the package writes the others."""
+    if kind is None:
+        writer.add_tensor(name, data)
+    elif hasattr(gguf.GGMLQuantizationType, kind):
+        writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+    else:
+        t = ggml_type(kind)
+        shape = (*data.shape[:-1], data.shape[-1] // t.type_size * t.span)
+        writer.add_tensor(name, data.view(np.int8), raw_shape=shape, raw_dtype=GGUF_IDS_BEYOND_GGUF_PY[kind])
 
 
 def gguf_linear_names(model, linear_names: list[str]) -> dict[str, str]:
@@ -478,7 +491,8 @@ def file_type(doc: dict, types: set[str]) -> str:
     recipe = doc.get("gguf_recipe")
     if recipe in FILE_TYPES:
         return recipe
-    for t in ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+    for t in ("Q1_0", "Q2_0", "Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q4_0", "Q4_1", "Q5_0",
+              "Q5_1"):
         if t in types:
             return PURE_FILE_TYPES.get(t, t)
     return "Q8_0"

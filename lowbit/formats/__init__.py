@@ -11,9 +11,9 @@
     kmeans     a codebook of 2^b values learned per tensor or group
     binary ternary
                ±s and {-s, 0, s} with a per-group scale
-    q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k
-               llama.cpp's GGUF block types: integer grids whose parameters are stored as the file stores
-               them (float16, K-quants' integer sub-block scales on a float16 super-block scale)
+    q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k iq4_nl iq4_xs q2_0 q1_0
+               llama.cpp's GGUF block types: integer (or table) grids whose parameters are stored as the file
+               stores them (float16, K-quants' integer sub-block scales on a float16 super-block scale)
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def get_format(name: str, bits: int | None = None, block: int | None = None) -> 
         element = IntFormat(bits, symmetric=True, frac_bits=bits - 2, name=f"fixed{bits}")
         return BlockFormat(element, f"bfp{bits}", block or MX_BLOCK)
     if n == "int" or n in GGML_TYPES:  # GGUF block types are integer grids (lowbit.quantizer computes them)
-        return IntFormat(bits or width)
+        return get_format("binary") if width == 1 else IntFormat(bits or width)  # Q1_0: ±d, the binary grid
     if n == "log2":
         return Log2Format(bits)
     if n == "kmeans":

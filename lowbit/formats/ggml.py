@@ -11,6 +11,9 @@ round onto it like any integer spec, and the file holds exactly those codes:
                      sc a signed 6-bit (Q3_K) or 8-bit (Q6_K) integer, d float16 per super-block
     IQ4_NL           blocks of 32, x = d·T[q], T llama.cpp's 16-value non-linear table (-127 … 113), d float16
     IQ4_XS           super-blocks of 256 in sub-blocks of 32: x = (d·sc)·T[q], sc a signed 6-bit integer
+    Q2_0             blocks of 64, x = d·q, q signed over all four 2-bit codes (-2 … 1), d float16
+                     (the file stores -d and 1 - q: llama.cpp's codes -1 … 2)
+    Q1_0             blocks of 128, x = ±d (a sign bit per weight), d float16: the table grid T = (-1, 1)
 
 The table types keep lowbit's signed codes q in -8 … 7 and read T[q + 8], so packing, GPTQ's error feedback and
 the file's nibbles treat them as any 4-bit grid; only rounding (nearest table value) and decoding differ.
@@ -87,7 +90,11 @@ GGML_TYPES: dict[str, GGMLType] = {t.name.lower(): t for t in (
     GGMLType("Q6_K", 6, 16, True, 210, QK_K, 8),
     GGMLType("IQ4_NL", 4, 32, True, 18, values=IQ4_VALUES),
     GGMLType("IQ4_XS", 4, 32, True, 136, QK_K, 6, values=IQ4_VALUES),
+    GGMLType("Q2_0", 2, 64, True, 18),
+    GGMLType("Q1_0", 1, 128, True, 18, values=(-1, 1)),
 )}
+# GGUF type ids of the types the gguf package (0.19.0) does not name yet (ggml.h's enum ggml_type)
+GGUF_IDS_BEYOND_GGUF_PY = {"Q2_0": 42}
 
 
 def ggml_type(name: str) -> GGMLType | None:
@@ -169,6 +176,12 @@ def signed_extreme(t: torch.Tensor) -> torch.Tensor:
     return t.gather(-1, t.abs().argmax(dim=-1, keepdim=True))
 
 
+def plain_weights(wg: torch.Tensor, t: GGMLType) -> torch.Tensor:
+    """What a table grid's fit weighs each squared error by without an importance matrix, as llama.cpp does: x²
+    for IQ4_NL/IQ4_XS, none for Q1_0's sign grid (its scale then the mean |x|, quantize_row_q1_0_ref's)."""
+    return torch.ones_like(wg) if len(t.values) == 2 else wg * wg
+
+
 def block_range(wg: torch.Tensor, t: GGMLType, ratio, importance: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float scale and offset of every block of ``wg`` [..., block] before any storage rounding.
@@ -179,8 +192,8 @@ def block_range(wg: torch.Tensor, t: GGMLType, ratio, importance: torch.Tensor |
     ``wg``: the weight of each element's squared error) the scale (and offset) are refit by weighted least
     squares over candidate codes, the search of llama.cpp's make_qx_quants / make_qkx2_quants, vectorised.
     """
-    if t.values is not None:  # without importance, llama.cpp's own weights for the table types: x²
-        weights = wg * wg if importance is None else importance.expand_as(wg)
+    if t.values is not None:
+        weights = plain_weights(wg, t) if importance is None else importance.expand_as(wg)
         return table_fit(wg, t, ratio, weights), torch.zeros_like(wg[..., :1])
     if t.signed:
         scale = signed_extreme(wg) * ratio / t.qmin
@@ -393,6 +406,12 @@ def to_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, t: G
             lo = u & 0xF
             parts.append(_u8(lo[:, :16] | (lo[:, 16:] << 4)))
         return np.concatenate(parts, -1).reshape(rows, -1)
+    if name == "Q2_0":  # -d, then 2-bit codes 1 - q (llama.cpp's -1 … 2), element j at bits 2·(j % 4) of byte j / 4
+        c = (1 - (u + t.qmin)).reshape(nb, 16, 4) << (2 * torch.arange(4))
+        return np.concatenate([_fp16_bytes(-s), _u8(c.sum(-1))], -1).reshape(rows, -1)
+    if name == "Q1_0":  # d, then one bit per weight (1: +d), element j at bit j % 8 of byte j / 8
+        return np.concatenate([_fp16_bytes(s), _u8((u.reshape(nb, 16, 8) << torch.arange(8)).sum(-1))], -1
+                              ).reshape(rows, -1)
     if name == "IQ4_NL":  # d, then element j in the low nibble and j + 16 in the high one (as Q4_0)
         return np.concatenate([_fp16_bytes(s), _u8(u[:, :16] | (u[:, 16:] << 4))], -1).reshape(rows, -1)
     d, sc = split_scales(s, t)

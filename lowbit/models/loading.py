@@ -114,6 +114,13 @@ def builtin_gguf(name: str) -> Path:
 def _from_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..export.gguf_table import tensor_table
+    from ..formats.ggml import GGUF_IDS_BEYOND_GGUF_PY
+
+    beyond = sorted({e.type_name for e in tensor_table(path)} & set(GGUF_IDS_BEYOND_GGUF_PY))
+    if beyond:
+        raise LowbitError(f"{path} holds {', '.join(beyond)} tensors, which the gguf package (and so transformers) "
+                          "cannot read yet; score it with llama.cpp (llama-perplexity)")
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
