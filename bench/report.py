@@ -328,15 +328,21 @@ TABLES["gguf-auto"] = Table(
      Col("same top token", "top1_agreement", "{:.2%}"), Col("linear types", "linear_types", right=False),
      Col("load at start", "load_avg", "{:.2f}"), MEASURED),
     (Every("gguf_auto", {"model": "smollm2-135m"}),))
-TABLES["gguf-frontier"] = Table(
-    (Col("file", "label", right=False), Col("bytes", "file_bytes", "{:,}"),
-     Col("bits / linear weight", "bits_per_weight", "{:.3f}"), Col("PPL", "ppl", PPL),
-     Col("KLD mean", "kld_mean", "{:.5f}"), Col("predicted KLD", "predicted_kld", "{:.5f}"),
-     Col("KLD 99.9 %", "kld_p999", PPL),
-     Col("same top token", "top1_agreement", "{:.2%}"), Col("PPL Jargon File", "second_text.jargon.ppl", PPL),
-     Col("KLD Jargon File", "second_text.jargon.kld_mean", "{:.5f}"), Col("quantize s", "seconds", "{:.1f}"),
-     Col("load at start", "load_avg", "{:.2f}"), Col("linear types", "linear_types", right=False), MEASURED),
-    (Every("gguf_frontier", {"model": "smollm2-135m"}),))
+def _frontier(model: str) -> Table:
+    """bench/gguf_frontier.py's rows of one model: llama.cpp's recipes and lowbit's AUTO mixes, by llama.cpp."""
+    return Table(
+        (Col("file", "label", right=False), Col("bytes", "file_bytes", "{:,}"),
+         Col("bits / linear weight", "bits_per_weight", "{:.3f}"), Col("PPL", "ppl", PPL),
+         Col("KLD mean", "kld_mean", "{:.5f}"), Col("predicted KLD", "predicted_kld", "{:.5f}"),
+         Col("KLD 99.9 %", "kld_p999", PPL),
+         Col("same top token", "top1_agreement", "{:.2%}"), Col("PPL Jargon File", "second_text.jargon.ppl", PPL),
+         Col("KLD Jargon File", "second_text.jargon.kld_mean", "{:.5f}"), Col("quantize s", "seconds", "{:.1f}"),
+         Col("load at start", "load_avg", "{:.2f}"), Col("linear types", "linear_types", right=False), MEASURED),
+        (Every("gguf_frontier", {"model": model}),))
+
+
+TABLES["gguf-frontier"] = _frontier("smollm2-135m")
+TABLES["gguf-frontier-gemma3"] = _frontier("gemma3-270m")
 TABLES["gguf"] = _gguf("smollm2-135m", "recipes")
 TABLES["gguf-q2k-blockwise"] = _gguf("smollm2-135m", "q2k-blockwise")
 TABLES["gguf-gemma3"] = _gguf("gemma3-270m", "recipes")
