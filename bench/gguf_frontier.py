@@ -74,7 +74,7 @@ def main() -> int:
     p.add_argument("--out", default="gguf_frontier", help="row file name in bench/results")
     args = p.parse_args()
     from lowbit.data import eval_text
-    from lowbit.gguf_mix import parse_size
+    from lowbit.gguf_mix import CANDIDATES, parse_size
 
     command = "python bench/gguf_frontier.py " + " ".join(sys.argv[1:])
     data_dir()  # LOWBIT_DATA_DIR set, or one line
@@ -143,8 +143,7 @@ def main() -> int:
     sens = work / "sensitivity.json"
     if args.gguf_sensitivity and not sens.exists():
         shutil.copyfile(args.gguf_sensitivity, sens)
-    everything = ["q1_0", "q2_0", "q2_k", "q3_k", "iq4_xs", "q4_0", "q4_k", "iq4_nl", "q4_1", "q5_0", "q5_k", "q5_1",
-                  "q6_k", "q8_0"]
+    everything = list(CANDIDATES)  # every type lowbit writes
     control = [t for t in everything if t not in SOURCE_GRIDS.get(args.model, ())]
     targets = [(f"AUTO@{r}", recipe_bytes[r], everything) for r in args.auto_at]
     targets += [(f"AUTO@{f:g}xQ3_K_M", int(f * recipe_bytes["Q3_K_M"]), everything) for f in args.fractions]
