@@ -82,6 +82,20 @@ def test_written_blocks_decode_to_lowbits_weights(name, importance):
     assert rel < 2.0 ** -t.bits * 2.5, rel  # a grid of 2^b levels, not a broken one
 
 
+@pytest.mark.parametrize("importance", [False, True], ids=["plain", "weighted"])
+def test_a_q8_0_tensor_refit_onto_q8_0_is_llama_cpps_bytes(importance):
+    """A Q8_0 tensor (llama.cpp's reference quantizer, as the gguf package ports it: |max| on +127) re-fit onto Q8_0
+    gives back the same bytes, as re-quantizing with llama.cpp does. Putting the signed extreme on -128 instead, as
+    the 4- and 5-bit types do, moves every weight of most blocks (Gemma 3's Q8_0 embedding: KLD 0.00018)."""
+    w = hard_weights(8, 512, seed=7).numpy()
+    ours = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    source = torch.from_numpy(gguf.quants.dequantize(ours, gguf.GGMLQuantizationType.Q8_0))
+    imp = torch.rand(512, generator=torch.Generator().manual_seed(8)) ** 4 if importance else None
+    qt = quantize(source, QuantSpec(format="q8_0"), importance=imp)
+    assert np.array_equal(to_blocks(qt.q, qt.scale, qt.zero, GGML_TYPES["q8_0"]), ours)
+    assert torch.equal(dequantize(qt), source)
+
+
 @pytest.mark.parametrize("name", [n for n in TYPES if GGML_TYPES[n].super_block])
 def test_super_block_scales_are_recovered_exactly(name):
     t = GGML_TYPES[name]

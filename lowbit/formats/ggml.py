@@ -51,6 +51,7 @@ class GGMLType:
     super_block: int | None = None  # 256 for K-quants
     scale_bits: int | None = None  # width of a K-quant's integer sub-block scales (and mins)
     values: tuple[int, ...] | None = None  # a table grid: code q stands for s·values[q - qmin]
+    max_on_qmax: bool = False  # a signed plain fit puts |max| on +qmax (Q8_0), not the signed extreme on qmin
 
     @property
     def span(self) -> int:
@@ -82,7 +83,7 @@ GGML_TYPES: dict[str, GGMLType] = {t.name.lower(): t for t in (
     GGMLType("Q4_1", 4, 32, False, 20),
     GGMLType("Q5_0", 5, 32, True, 22),
     GGMLType("Q5_1", 5, 32, False, 24),
-    GGMLType("Q8_0", 8, 32, True, 34),
+    GGMLType("Q8_0", 8, 32, True, 34, max_on_qmax=True),
     GGMLType("Q2_K", 2, 16, False, 84, QK_K, 4),
     GGMLType("Q3_K", 3, 16, True, 110, QK_K, 6),
     GGMLType("Q4_K", 4, 32, False, 144, QK_K, 6),
@@ -186,7 +187,9 @@ def block_range(wg: torch.Tensor, t: GGMLType, ratio, importance: torch.Tensor |
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float scale and offset of every block of ``wg`` [..., block] before any storage rounding.
 
-    Signed types put the block's signed extreme (times ``ratio``) on the lowest code, as llama.cpp does.
+    Signed types put the block's signed extreme (times ``ratio``) on the lowest code, as llama.cpp's Q4_0/Q5_0
+    do; Q8_0 puts |max| on +127 as quantize_row_q8_0_ref does, so a Q8_0 tensor re-fit onto Q8_0 comes back
+    bit for bit (Gemma 3's embedding is one).
     Table types always search (:func:`table_fit`), weighted by x² without ``importance``, as llama.cpp does.
     Unsigned types span [min(min, 0), max(max, 0)] times ``ratio``. With ``importance`` (broadcastable to
     ``wg``: the weight of each element's squared error) the scale (and offset) are refit by weighted least
@@ -196,7 +199,7 @@ def block_range(wg: torch.Tensor, t: GGMLType, ratio, importance: torch.Tensor |
         weights = plain_weights(wg, t) if importance is None else importance.expand_as(wg)
         return table_fit(wg, t, ratio, weights), torch.zeros_like(wg[..., :1])
     if t.signed:
-        scale = signed_extreme(wg) * ratio / t.qmin
+        scale = (wg.abs().amax(-1, keepdim=True) / t.qmax if t.max_on_qmax else signed_extreme(wg) / t.qmin) * ratio
         if importance is None:
             return scale, torch.zeros_like(scale)
         return weighted_fit_signed(wg, t, scale, importance.expand_as(wg)), torch.zeros_like(scale)
