@@ -23,6 +23,7 @@ Rows: bench/results/gguf_frontier.jsonl; the bars of issue 35 and a plot of KLD 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -45,6 +46,14 @@ SOURCE_GRIDS = {"smollm2-135m": ("q4_1", "q5_1"), "gemma3-270m": ("q5_0", "q5_1"
 AUTO_AT = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 BARS = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M")  # issue 35: lower KLD and PPL at no greater size
 STATS = ("ppl", "kld_mean", "kld_p99", "kld_p999", "top1_agreement")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def linear_types(path: Path) -> dict[str, str]:
@@ -101,13 +110,19 @@ def main() -> int:
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
 
     def score(label: str, path: Path, extra: dict) -> dict:
-        """The row of one file (cached by label, file bytes and texts), appended to the row file once."""
-        key = {"bytes": path.stat().st_size, "texts": sorted(texts), "chunks": args.chunks}
+        """The row of one file, appended to the row file once. Cached by label and the file's SHA-256 (a file
+        re-made by changed code may keep its size); two labels whose files are the same bytes share one scoring."""
+        key = {"sha256": sha256(path), "texts": sorted(texts), "chunks": args.chunks}
         if label in cache and cache[label]["key"] == key:
             return cache[label]["row"]
         ctx = rows.context(command)
+        same = next((c for c in cache.values() if c["key"] == key), None)
         scores = {name: kld_stats(run_tool(tools, "llama-perplexity", "-m", path, *common, "--kl-divergence-base",
-                                           bases[name], "--kl-divergence"), STATS) for name in texts}
+                                           bases[name], "--kl-divergence"), STATS) for name in texts} \
+            if same is None else {"wikitext-2 test": {k: same["row"][k] for k in STATS},
+                                  **(same["row"]["second_text"] or {})}
+        if same is not None:
+            extra = {**extra, "same_file_as": same["row"]["label"]}
         size, lbytes, weights, types = linear_bytes(path)
         main_text = scores["wikitext-2 test"]
         row = {**ctx, "split": f"wikitext-2 test (llama-perplexity --kl-divergence, -c 2048 --chunks {args.chunks})",
