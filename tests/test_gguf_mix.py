@@ -294,6 +294,29 @@ def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data
     assert "add --gguf AUTO" in capsys.readouterr().err
 
 
+def test_a_block_wise_auto_mix_chooses_among_integer_types(tiny_ckpt, tmp_path, data_dir, capsys):
+    """Block-wise learns codes on an integer grid: its AUTO mix chooses among the integer types (said once) where
+    imatrix's, from the same measurements and budget, takes table types; the file holds the mix's types."""
+    data = ("--data-dir", str(data_dir), "--calib-samples", "4", "--calib-seq-len", "32", "--dev-windows", "1",
+            "--dev-seq-len", "32")
+    sens = tmp_path / "sens.json"
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "imatrix", "--gguf", "auto", "--target-bpw",
+                 "4.5", "--save-gguf-sensitivity", str(sens), "-o", str(tmp_path / "i"), *data]) == 0
+    lines = (tmp_path / "i" / "tensor-types.txt").read_text().split()
+    assert any(line.endswith(("=iq4_nl", "=iq4_xs", "=q1_0")) for line in lines)  # else this test shows nothing
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tiny_ckpt), "--method", "blockwise", "--gguf", "auto", "--target-bpw",
+                 "4.5", "--gguf-sensitivity", str(sens), "--bw-steps", "2", "--e2e-steps", "0", "--n-grid", "2",
+                 "-o", str(tmp_path / "b"), *data]) == 0
+    assert "integer grids only" in capsys.readouterr().err
+    chosen = dict(line.split("=") for line in (tmp_path / "b" / "tensor-types.txt").read_text().split())
+    assert all(GGML_TYPES[t].values is None for t in chosen.values()), chosen
+    assert main(["export", "--model", str(tmp_path / "b"), "--to", "gguf", "-o", str(tmp_path / "b.gguf")]) == 0
+    held = {t.name: t.type_name for t in tensor_table(tmp_path / "b.gguf")}
+    named = {k.strip("^$").replace("\\", ""): v.upper() for k, v in chosen.items()}
+    assert {k: held[k] for k in named} == named
+
+
 def test_an_auto_mix_of_a_moe_gives_each_stacked_expert_tensor_one_type(tmp_path):
     """Qwen3-MoE: every expert measured on its own, the experts of one projection (one tensor in llama.cpp's file)
     given one type; the file holds the mix and reads back with the model's logits."""

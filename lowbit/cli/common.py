@@ -444,9 +444,17 @@ def gguf_auto_spec(args, session):
     from collections import Counter
 
     from ..distributed import is_writer
+    from ..formats.ggml import GGML_TYPES
     from ..gguf_mix import CANDIDATES, parse_size
+    from ..methods import REGISTRY
 
-    mix = session.gguf_mix(args.gguf_types or CANDIDATES, target_bpw=args.target_bpw,
+    types = args.gguf_types
+    if not types:  # a method that learns codes on an integer grid chooses among the integer types
+        types = [t for t in CANDIDATES if REGISTRY[args.method].table_grids or GGML_TYPES[t].values is None]
+        if len(types) < len(CANDIDATES) and is_writer() and not args.json:
+            print(f"lowbit: GGUF AUTO: {args.method} rounds onto integer grids only; choosing among "
+                  f"{', '.join(t.upper() for t in types)}", file=sys.stderr)
+    mix = session.gguf_mix(types, target_bpw=args.target_bpw,
                            target_bytes=None if args.target_size is None else parse_size(args.target_size),
                            sensitivity=args.gguf_sensitivity, save_sensitivity=args.save_gguf_sensitivity,
                            dev_windows=args.dev_windows, dev_seq_len=args.dev_seq_len, source_model=args.model,

@@ -302,5 +302,5 @@ def build(spec, opts) -> tuple[BlockwiseConfig]:
 METHOD = Method("blockwise", BlockwiseConfig, apply_blockwise,
                 "AWQ+GPTQ-R, then each decoder layer trained to reproduce the float one, then the model end to end "
                 "(--fast: the short recipe)",
-                build=build, calibrates=always, chains=("awq", "gptq"), mixed=True, trains=True,
+                build=build, calibrates=always, chains=("awq", "gptq"), mixed=True, table_grids=False, trains=True,
                 options_title="blockwise (reconstruction per decoder layer from awq+gptq-r)", page="docs/blockwise.md")

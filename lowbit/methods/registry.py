@@ -43,6 +43,7 @@ class Method:
     calibrates: Callable[[Any], bool] = never  # whether a config of this method reads calibration activations
     chains: tuple[str, ...] = ()  # the methods it runs in order (its start, its rounding)
     mixed: bool = False  # takes a per-linear SpecMap (a bit allocation)
+    table_grids: bool = True  # rounds onto table grids (IQ4_NL, IQ4_XS, Q1_0); False: integer grids only
     packs: bool = True  # ``lowbit quantize`` writes it as a packed file
     refusal: str | None = None  # why ``lowbit quantize`` refuses it (a method that cannot pack)
     streams: bool = False  # ``lowbit quantize --stream`` runs it layer by layer from disk
