@@ -72,6 +72,8 @@ def main() -> int:
     p.add_argument("--sizes", nargs="*", default=[], help="more AUTO sizes (e.g. 100MB)")
     p.add_argument("--control-at", nargs="*", default=["Q3_K_M"],
                    help="also an AUTO mix without the model's source-grid types at these recipes' sizes")
+    p.add_argument("--source-row", action="store_true",
+                   help="also score the built-in model's own GGUF file, whose dequantized weights are the reference")
     p.add_argument("--method", default="imatrix", help="lowbit's rounding method (default imatrix)")
     p.add_argument("--dev-windows", type=harness.positive, default=2, help="dev windows of the KLD measurement")
     p.add_argument("--gguf-sensitivity", type=Path, help="a measured sensitivity file to reuse (same model)")
@@ -154,6 +156,12 @@ def main() -> int:
         row = score(f"llama.cpp {recipe}", out, {"source": "llama.cpp+imatrix", "recipe": recipe, "seconds": seconds,
                                                   "calib": f"{args.calib_samples} x 512 (llama-imatrix, not timed)"})
         table.append(row)
+
+    if args.source_row:  # the file the float reference was dequantized from: only llama.cpp's arithmetic differs
+        from lowbit.models.loading import builtin_gguf
+
+        table.append(score("source file", builtin_gguf(args.model), {
+            "source": "the reference's own GGUF file", "recipe": None, "seconds": None}))
 
     sens = work / "sensitivity.json"
     if args.gguf_sensitivity and not sens.exists():

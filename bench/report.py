@@ -56,9 +56,11 @@ class Pick:
 
 @dataclass(frozen=True)
 class Every:
-    """Every row of `file` whose keys equal `where`, in file order."""
+    """Every row of `file` whose keys equal `where`, in file order; with `latest_by`, only the last row of each value
+    of that key (a file re-measured by later code), where its first stood."""
     file: str
     where: dict = field(default_factory=dict)
+    latest_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -337,8 +339,9 @@ def _frontier(model: str) -> Table:
          Col("KLD 99.9 %", "kld_p999", PPL),
          Col("same top token", "top1_agreement", "{:.2%}"), Col("PPL Jargon File", "second_text.jargon.ppl", PPL),
          Col("KLD Jargon File", "second_text.jargon.kld_mean", "{:.5f}"), Col("quantize s", "seconds", "{:.1f}"),
-         Col("load at start", "load_avg", "{:.2f}"), Col("linear types", "linear_types", right=False), MEASURED),
-        (Every("gguf_frontier", {"model": model}),))
+         Col("load at start", "load_avg", "{:.2f}"), Col("linear types", "linear_types", right=False),
+         Col("commit", "commit", "{:.7}", right=False), MEASURED),
+        (Every("gguf_frontier", {"model": model}, latest_by="label"),))
 
 
 TABLES["gguf-frontier"] = _frontier("smollm2-135m")
@@ -378,6 +381,8 @@ def render(table: Table, rows_dir: Path) -> list[str]:
             if not found:
                 raise ValueError(f"no row in {item.file}.jsonl has {item.where}")
             found = [item.combine(found) if isinstance(item, Spread) else found[-1]]
+        if isinstance(item, Every) and item.latest_by:
+            found = list({r.get(item.latest_by): r for r in found}.values())
         fixed = getattr(item, "cells", {})
         for row in found:
             lines.append("| " + " | ".join(fixed.get(c.title, c.cell(row)) for c in table.columns) + " |")

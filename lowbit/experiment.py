@@ -321,6 +321,10 @@ class Session:
         if target_bpw is not None and (not math.isfinite(target_bpw) or target_bpw <= 0):
             raise LowbitError(f"--target-bpw must be a positive number of bits per weight, got {target_bpw:g}")
         self.restore()
+
+        def dev_tokens():
+            check_positions(self.model, dev_seq_len, "dev", "--dev-seq-len")
+            return tokenize_windows(self.tokenizer, dev_text(self.data_dir), dev_seq_len, dev_windows)
         linears = quantizable_linears(self.model, family_for(self.model))
         embeddings = gguf_mix.embedding_modules(self.model)
         known = None if sensitivity is None else gguf_mix.Sensitivity.load(sensitivity)
@@ -328,8 +332,7 @@ class Session:
             known.check_model(linears, types, embeddings)
             sens = known
         else:  # measured now, or what the file lacks measured and the whole saved
-            check_positions(self.model, dev_seq_len, "dev", "--dev-seq-len")
-            dev = tokenize_windows(self.tokenizer, dev_text(self.data_dir), dev_seq_len, dev_windows)
+            dev = dev_tokens()
             with placed(self.model, self.device):
                 sens = gguf_mix.measure(self.model, self.calibration(), dev, types, progress=progress, known=known)
             sens.meta.update(dev_text="WikiText-2 validation (dev part)",
@@ -346,7 +349,15 @@ class Session:
             for n in sens.embeddings:  # (another type's bytes may need up to 31 more of alignment padding)
                 rows = sens.shapes[n][0]
                 overhead += (31 if rows % 32 else 0) - gguf_mix.tensor_bytes(GGML_TYPES["q8_0"], sens.shapes[n])
-            mix = gguf_mix.choose(sens, types, target_bytes - overhead, overhead, groups=stacked)
+            mixes = gguf_mix.alternatives(sens, types, target_bytes - overhead, overhead, groups=stacked)
+            mix = mixes[0]
+            if len(mixes) > 1:  # the best predicted mix per embedding type, measured whole on dev: the best wins
+                with placed(self.model, self.device):
+                    klds = gguf_mix.whole_klds(self.model, self.calibration(), dev_tokens(), mixes)
+                mix = mixes[min(range(len(mixes)), key=klds.__getitem__)]
+                mix.meta.update(dev_kld=min(klds), candidates=[
+                    {"embedding": m.embed, "predicted_kld": m.meta["predicted_kld"], "dev_kld": k,
+                     "linear_bytes": m.meta["linear_bytes"]} for m, k in zip(mixes, klds)])
             mix.meta.update(target_bytes=target_bytes, predicted_file_bytes=mix.meta["chosen_bytes"] + overhead)
         else:
             mix = gguf_mix.choose(sens, types, math.floor(target_bpw * weights / 8), groups=stacked)

@@ -290,11 +290,11 @@ class Mix:
 
 
 def choose(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhead: int | None = None,
-           groups: Mapping[str, str] | None = None) -> Mix:
+           groups: Mapping[str, str] | None = None, fixed: Mapping[str, str] | None = None) -> Mix:
     """One type per linear minimising the summed measured KLD with the linears' bytes at most ``capacity_bytes``
     (exact multiple-choice knapsack); a budget outside what the types can give is one line naming the range (as
     file sizes, given the file's ``overhead`` outside the linears). Linears that ``groups`` maps to one key (the
-    experts llama.cpp stacks into one tensor) take one type together."""
+    experts llama.cpp stacks into one tensor) take one type together; ``fixed`` names tensors' types outright."""
     from .allocation import allocate
 
     types = check_types(types)
@@ -302,8 +302,9 @@ def choose(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhea
     items: dict[str, list[str]] = {}
     for n in sens.shapes:
         items.setdefault(groups.get(n, n), []).append(n)
-    options = [[t for t in types if all(sens.shapes[m][1] % GGML_TYPES[t].span == 0 for m in members)]
-               for members in items.values()]
+    fixed = fixed or {}
+    options = [[t for t in types if all(sens.shapes[m][1] % GGML_TYPES[t].span == 0 for m in members)
+                and fixed.get(members[0], t) == t] for members in items.values()]
     bare = [members[0] for members, o in zip(items.values(), options) if not o]
     if bare:
         raise LowbitError(f"{bare[0]} has rows of {sens.shapes[bare[0]][1]} weights, which none of "
@@ -339,3 +340,59 @@ def choose(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhea
                         "bits_per_weight": 8 * used / sum(r * c for n, (r, c) in sens.shapes.items() if n in linear),
                         "predicted_kld": sum(sens.kld[n][t] for n, t in chosen.items()), "exact": info["exact"],
                         "embeddings": sens.embeddings})
+
+
+# ---- the choice, checked on dev ---------------------------------------------------------------------------------
+
+VERIFIED = 3  # mixes measured whole on dev: the best predicted one for each of the embedding types predicted best
+
+
+def alternatives(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhead: int | None = None,
+                 groups: Mapping[str, str] | None = None, keep: int = VERIFIED) -> list[Mix]:
+    """The best mix (by predicted KLD) for each type the embedding can take, the ``keep`` best of them. The summed
+    KLDs of tensors measured alone are the knapsack's model; where it trades the embedding (one tensor, a large
+    share of the bytes) against many linears, it can misjudge the whole, so these few are measured whole."""
+    if not sens.embeddings:
+        return [choose(sens, types, capacity_bytes, overhead, groups)]
+    first = sens.embeddings[0]
+    mixes = []
+    for t in fitting(types, sens.shapes[first][1]):
+        try:
+            mixes.append(choose(sens, types, capacity_bytes, overhead, groups, fixed={first: t}))
+        except LowbitError:  # this embedding type leaves the linears out of reach
+            continue
+    if not mixes:  # names the reachable range
+        return [choose(sens, types, capacity_bytes, overhead, groups)]
+    return sorted(mixes, key=lambda m: m.meta["predicted_kld"])[:keep]
+
+
+@torch.no_grad()
+def whole_klds(model: nn.Module, calib: torch.Tensor, dev: torch.Tensor, mixes: Sequence[Mix]) -> list[float]:
+    """The KLD to the float model on the ``dev`` windows of the model with every tensor of each mix rounded onto
+    its type at once (the fits :func:`measure` uses); the weights are restored after each."""
+    from .models.families import family_for
+    from .models.inventory import quantizable_linears
+
+    linears = quantizable_linears(model, family_for(model))
+    modules = {**linears, **embedding_modules(model)}
+    importance = channel_importances(model, linears, calib)
+    device = next(model.parameters()).device
+    ref = F.log_softmax(model(dev.to(device), use_cache=False).logits.double(), -1)
+    ref_p = ref.exp()
+    rounded: dict[tuple[str, str], torch.Tensor] = {}  # the linears' fits, shared by the mixes
+    out = []
+    for mix in mixes:
+        originals = {n: modules[n].weight.detach().clone() for n in mix.types}
+        try:
+            for n, t in mix.types.items():
+                w = rounded.get((n, t)) if n in linears else None
+                if w is None:
+                    w = dequantize(quantize(originals[n], QuantSpec(format=t), importance=importance.get(n)))
+                    if n in linears:
+                        rounded[(n, t)] = w
+                modules[n].weight.copy_(w)
+            out.append(max(kl_to_reference(model(dev.to(device), use_cache=False).logits, ref, ref_p), 0.0))
+        finally:
+            for n, w in originals.items():
+                modules[n].weight.copy_(w)
+    return out

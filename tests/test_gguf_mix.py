@@ -152,6 +152,37 @@ def test_each_kld_is_the_whole_models_with_that_linear_alone_rounded(measured):
     assert all(k["q8_0"] < k["q4_0"] < k["q2_k"] for k in sens.kld.values())
 
 
+def test_mixes_measured_whole_on_dev(measured):
+    """whole_klds: one tensor rounded gives that tensor's measured KLD; a mix gives what a full forward of a copy
+    with all its tensors rounded gives (not the sum), and the weights are restored. alternatives: the best
+    predicted mix per embedding type, the unconstrained knapsack's first."""
+    model, calib, dev, before, sens = measured
+    name = "model.layers.1.mlp.down_proj"
+    linears = quantizable_linears(model, family_for(model))
+    from lowbit.gguf_mix import Mix, alternatives, channel_importances, whole_klds
+
+    weights = sum(r * c for r, c in sens.shapes.values())
+    mixes = alternatives(sens, ["q2_k", "q4_0", "q8_0"], weights * 5 // 8)
+    assert mixes[0].types == choose(sens, ["q2_k", "q4_0", "q8_0"], weights * 5 // 8).types
+    assert len(mixes) == 3 and len({m.embed for m in mixes}) == 3
+    assert all(m.meta["chosen_bytes"] <= weights * 5 // 8 for m in mixes)
+    assert [m.meta["predicted_kld"] for m in mixes] == sorted(m.meta["predicted_kld"] for m in mixes)
+    alone = whole_klds(model, calib, dev, [Mix({name: "q2_k"}, {})])[0]
+    assert alone == pytest.approx(sens.kld[name]["q2_k"], rel=1e-4)
+    got = whole_klds(model, calib, dev, mixes)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    imp = channel_importances(model, linears, calib)
+    with torch.no_grad():
+        ref = F.log_softmax(model(dev).logits.double(), -1)
+        m = copy.deepcopy(model)
+        for n, t in mixes[1].types.items():
+            lin = m.get_submodule(n)
+            lin.weight.copy_(dequantize(quantize(lin.weight, QuantSpec(format=t), importance=imp.get(n))))
+        full = float((ref.exp() * (ref - F.log_softmax(m(dev).logits.double(), -1))).sum(-1).mean())
+    assert got[1] == pytest.approx(full, rel=1e-4)
+    assert got[1] != pytest.approx(mixes[1].meta["predicted_kld"], rel=1e-3)  # the whole is not the sum
+
+
 def _measure_rank(rank: int, out: str) -> None:
     """One of two data-parallel workers: half the calibration windows each, the same dev windows; it counts its
     suffix re-runs."""
@@ -263,6 +294,8 @@ def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["export", "--model", str(tmp_path / "q5"), "--to", "gguf", "-o", str(tmp_path / "m5.gguf")]) == 0
     assert row["predicted_file_bytes"] == (tmp_path / "m5.gguf").stat().st_size <= budget
+    # the best predicted mix for each of the leading embedding types was measured whole on dev; the lowest won
+    assert len(row["candidates"]) >= 2 and row["dev_kld"] == min(c["dev_kld"] for c in row["candidates"])
     # under a file budget the embedding and the untied head take one type chosen with the linears', named in the lines
     held = {t.name: t.type_name for t in tensor_table(tmp_path / "m5.gguf")}
     named = dict(line.split("=") for line in (tmp_path / "q5" / "tensor-types.txt").read_text().split())

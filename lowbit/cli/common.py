@@ -469,6 +469,10 @@ def gguf_auto_spec(args, session):
         m = mix.meta
         target = (f"target {m['target_bpw']:g}" if "target_bpw" in m else
                   f"file {m['predicted_file_bytes'] / 1e6:.3f} MB of a target {m['target_bytes'] / 1e6:.3f} MB")
+        for c in m.get("candidates", []):
+            print(f"lowbit: GGUF AUTO candidate: embedding {c['embedding'].upper()}, linears "
+                  f"{c['linear_bytes'] / 1e6:.3f} MB, predicted KLD {c['predicted_kld']:.5f}, measured whole on dev "
+                  f"{c['dev_kld']:.5f}{'  <- chosen' if c['dev_kld'] == m['dev_kld'] else ''}", file=sys.stderr)
         print(f"lowbit: GGUF AUTO: {m['bits_per_weight']:.4f} bits per linear weight ({target}), "
               f"{m['linear_bytes'] / 1e6:.3f} MB of linears, predicted KLD (sum of each linear's alone) "
               f"{m['predicted_kld']:.5f}", file=sys.stderr)
