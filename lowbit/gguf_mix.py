@@ -344,14 +344,17 @@ def choose(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhea
 
 # ---- the choice, checked on dev ---------------------------------------------------------------------------------
 
-VERIFIED = 3  # mixes measured whole on dev: the best predicted one for each of the embedding types predicted best
+VERIFIED = 3  # mixes measured whole on dev: the best predicted one for each of the embedding types predicted best,
+CLOSE = 1.5  # those predicted within this factor of the best (the sum has missed the whole by about that much)
 
 
 def alternatives(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhead: int | None = None,
-                 groups: Mapping[str, str] | None = None, keep: int = VERIFIED) -> list[Mix]:
-    """The best mix (by predicted KLD) for each type the embedding can take, the ``keep`` best of them. The summed
-    KLDs of tensors measured alone are the knapsack's model; where it trades the embedding (one tensor, a large
-    share of the bytes) against many linears, it can misjudge the whole, so these few are measured whole."""
+                 groups: Mapping[str, str] | None = None, keep: int = VERIFIED, close: float | None = None
+                 ) -> list[Mix]:
+    """The best mix (by predicted KLD) for each type the embedding can take: the ``keep`` best of them predicted
+    within ``close`` times the best. The summed KLDs of tensors measured alone are the knapsack's model; where it
+    trades the embedding (one tensor, a large share of the bytes) against many linears, it can misjudge the whole
+    (0.0151 predicted, 0.0236 by llama.cpp on SmolLM2), so these few are measured whole."""
     if not sens.embeddings:
         return [choose(sens, types, capacity_bytes, overhead, groups)]
     first = sens.embeddings[0]
@@ -363,7 +366,9 @@ def alternatives(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, o
             continue
     if not mixes:  # names the reachable range
         return [choose(sens, types, capacity_bytes, overhead, groups)]
-    return sorted(mixes, key=lambda m: m.meta["predicted_kld"])[:keep]
+    mixes = sorted(mixes, key=lambda m: m.meta["predicted_kld"])[:keep]
+    close = CLOSE if close is None else close
+    return [m for m in mixes if m.meta["predicted_kld"] <= close * mixes[0].meta["predicted_kld"]]
 
 
 @torch.no_grad()

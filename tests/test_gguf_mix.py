@@ -162,7 +162,9 @@ def test_mixes_measured_whole_on_dev(measured):
     from lowbit.gguf_mix import Mix, alternatives, channel_importances, whole_klds
 
     weights = sum(r * c for r, c in sens.shapes.values())
-    mixes = alternatives(sens, ["q2_k", "q4_0", "q8_0"], weights * 5 // 8)
+    mixes = alternatives(sens, ["q2_k", "q4_0", "q8_0"], weights * 5 // 8, close=float("inf"))
+    assert [m.types for m in alternatives(sens, ["q2_k", "q4_0", "q8_0"], weights * 5 // 8, close=1.0)] == \
+        [mixes[0].types]  # only those predicted within `close` times the best are measured
     assert mixes[0].types == choose(sens, ["q2_k", "q4_0", "q8_0"], weights * 5 // 8).types
     assert len(mixes) == 3 and len({m.embed for m in mixes}) == 3
     assert all(m.meta["chosen_bytes"] <= weights * 5 // 8 for m in mixes)
@@ -262,7 +264,7 @@ def test_the_sensitivity_file_round_trips_and_refuses_another_model(measured, tm
 
 
 @pytest.mark.model
-def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data_dir, capsys):
+def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data_dir, capsys, monkeypatch):
     """quantize --gguf AUTO: the linears hold at most the target's bits; the exported file's tensor types are the
     tensor-types.txt lines; reusing the saved measurements gives the same mix; a target below reach is one line."""
     data = ("--data-dir", str(data_dir), "--calib-samples", "2", "--calib-seq-len", "32", "--dev-windows", "1",
@@ -289,6 +291,7 @@ def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data
     capsys.readouterr()
     # a whole-file budget: the file the mix predicts is the file written, byte for byte, within the budget
     budget = (tmp_path / "m.gguf").stat().st_size - 3000
+    monkeypatch.setattr("lowbit.gguf_mix.CLOSE", float("inf"))  # measure the leading candidates however far apart
     assert main(["quantize", "--model", str(tiny_ckpt), "--method", "rtn", "--gguf", "auto", "--target-size",
                  f"{budget / 1000}K", "--gguf-sensitivity", str(sens), "-o", str(tmp_path / "q5"), *data]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
