@@ -345,7 +345,7 @@ def choose(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhea
 # ---- the choice, checked on dev ---------------------------------------------------------------------------------
 
 VERIFIED = 3  # mixes measured whole on dev: the best predicted one for each of the embedding types predicted best,
-CLOSE = 1.5  # those predicted within this factor of the best (the sum has missed the whole by about that much)
+CLOSE = 1.5  # those predicted within this factor of the best (farther ones the whole would have to beat by 1.5x)
 
 
 def alternatives(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, overhead: int | None = None,
@@ -353,8 +353,8 @@ def alternatives(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, o
                  ) -> list[Mix]:
     """The best mix (by predicted KLD) for each type the embedding can take: the ``keep`` best of them predicted
     within ``close`` times the best. The summed KLDs of tensors measured alone are the knapsack's model; where it
-    trades the embedding (one tensor, a large share of the bytes) against many linears, it can misjudge the whole
-    (0.0151 predicted, 0.0236 by llama.cpp on SmolLM2), so these few are measured whole."""
+    trades the embedding (one tensor, a large share of the bytes) against many linears, it can misjudge the whole,
+    so these few are measured whole."""
     if not sens.embeddings:
         return [choose(sens, types, capacity_bytes, overhead, groups)]
     first = sens.embeddings[0]
