@@ -23,7 +23,6 @@ Rows: bench/results/gguf_frontier.jsonl; the bars of issue 35 and a plot of KLD 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -46,14 +45,6 @@ SOURCE_GRIDS = {"smollm2-135m": ("q4_1", "q5_1"), "gemma3-270m": ("q5_0", "q5_1"
 AUTO_AT = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 BARS = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M")  # issue 35: lower KLD and PPL at no greater size
 STATS = ("ppl", "kld_mean", "kld_p99", "kld_p999", "top1_agreement")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def linear_types(path: Path) -> dict[str, str]:
@@ -86,6 +77,7 @@ def main() -> int:
     args = p.parse_args()
     from lowbit.data import eval_text
     from lowbit.gguf_mix import CANDIDATES, parse_size
+    from lowbit.pack.checkpoint import file_sha256
 
     command = "python bench/gguf_frontier.py " + " ".join(sys.argv[1:])
     data_dir()  # LOWBIT_DATA_DIR set, or one line
@@ -114,7 +106,7 @@ def main() -> int:
     def score(label: str, path: Path, extra: dict) -> dict:
         """The row of one file, appended to the row file once. Cached by label and the file's SHA-256 (a file
         re-made by changed code may keep its size); two labels whose files are the same bytes share one scoring."""
-        key = {"sha256": sha256(path), "texts": sorted(texts), "chunks": args.chunks}
+        key = {"sha256": file_sha256(path), "texts": sorted(texts), "chunks": args.chunks}
         if label in cache and cache[label]["key"] == key:
             return cache[label]["row"]
         ctx = rows.context(command)

@@ -238,7 +238,8 @@ def pack_model_(model: nn.Module, spec: SpecLike, *, method: str = "unknown", em
 # ---- writing ------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -286,7 +287,7 @@ def save_shard(part: PackedModel, path: Path) -> dict:
     tensors = part.tensors()
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path), "tensors": sorted(tensors)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path), "tensors": sorted(tensors)}
 
 
 def write_index(directory: Path, shards: dict[str, dict]) -> None:
@@ -312,7 +313,7 @@ def finish_dir(tmp: Path, meta: dict, entries: dict, config, tokenizer, generati
     for f in sorted(tmp.iterdir()):
         k = known.get(f.name)
         files[f.name] = {"bytes": f.stat().st_size,
-                         "sha256": k["sha256"] if k and k["bytes"] == f.stat().st_size else _sha256(f)}
+                         "sha256": k["sha256"] if k and k["bytes"] == f.stat().st_size else file_sha256(f)}
     # A reader of version 1 would shift full-range codes by 2^(bits-1)-1 instead of 2^(bits-1): such files say 2,
     # so that reader refuses them; all others stay readable by it.
     full = any(isinstance(e, dict) and e.get("full_range") for e in entries.values())
@@ -353,7 +354,7 @@ def read_config(path: str | os.PathLike, verify: bool = True) -> dict:
             raise LowbitError(f"{p} is incomplete: {name} is missing")
         if f.stat().st_size != want["bytes"]:
             raise LowbitError(f"{f} has {f.stat().st_size} bytes, expected {want['bytes']} (truncated or replaced)")
-        if verify and _sha256(f) != want["sha256"]:
+        if verify and file_sha256(f) != want["sha256"]:
             raise LowbitError(f"{f} fails its SHA-256 check (corrupt or modified)")
     if WEIGHTS_NAME not in doc.get("files", {}) and INDEX_NAME not in doc.get("files", {}):
         raise LowbitError(f"{p / CONFIG_NAME} lists neither {WEIGHTS_NAME} nor {INDEX_NAME}")
