@@ -21,6 +21,11 @@ the file's nibbles treat them as any 4-bit grid; only rounding (nearest table va
 A K-quant's sub-block scale d·sc is exact in float32 (11 + 8 significant bits), so lowbit keeps it as the
 group's float scale and recovers (d, sc) when writing the file (:func:`split_scales`); every (d, sc) that
 reproduces the scales gives the same weights.
+
+Weights that already lie on a K-quant grid (a model dequantized from a GGUF file holds them) come back unchanged:
+:func:`on_grid` finds each sub-block's exact step and offset, and where a super-block's steps and offsets split
+into float16 d·sc and dmin·mn, :func:`block_params` keeps them instead of the fit (zero error is the optimum of
+every weighting). llama.cpp re-quantizing such a tensor moves 0.03-0.16 % of Gemma 3's Q4_K and Q6_K weights.
 """
 from __future__ import annotations
 
@@ -347,16 +352,59 @@ def block_params(wg: torch.Tensor, t: GGMLType, ratio=1.0, importance: torch.Ten
         a_min = w.sum(-1).reshape(rows, n // per, per)  # an offset error moves every weight of the block
     if t.signed:
         d, sc = fit_super_scale(s, a, signed_extreme(s) / lo_q, lo_q, hi_q)
-        return (d * sc).reshape(rows, n, 1), torch.zeros_like(scale)
-    d, sc = fit_super_scale(s, a, s.amax(-1, keepdim=True) / hi_q, lo_q, hi_q)
-    mins = (-off).reshape(rows, n // per, per)
-    dmin, mn = fit_super_scale(mins, a_min, mins.amax(-1, keepdim=True) / hi_q, lo_q, hi_q)
-    return (d * sc).reshape(rows, n, 1), (-(dmin * mn)).reshape(rows, n, 1)
+        scale, off = (d * sc).reshape(rows, n, 1), torch.zeros_like(scale)
+    else:
+        d, sc = fit_super_scale(s, a, s.amax(-1, keepdim=True) / hi_q, lo_q, hi_q)
+        mins = (-off).reshape(rows, n // per, per)
+        dmin, mn = fit_super_scale(mins, a_min, mins.amax(-1, keepdim=True) / hi_q, lo_q, hi_q)
+        scale, off = (d * sc).reshape(rows, n, 1), (-(dmin * mn)).reshape(rows, n, 1)
+    if not (isinstance(ratio, (int, float)) and ratio == 1):
+        return scale, off  # a clipped range was asked for (AWQ's clip search): no exact grid is sought
+    exact_scale, exact_off, found = exact_super_blocks(wg, t)
+    return torch.where(found, exact_scale, scale), torch.where(found, exact_off, off)
 
 
-def split_scales(s: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d [n_super], sc [n_super, per]) with d float16 and sc integers in the type's scale range such
-    that d·sc == s exactly, for float32 sub-block scales ``s`` [n_super, per]; raises if there is none."""
+GRID_PROBE = 64  # sub-blocks tried first: a tensor none of whose first ones lies on a grid is not searched
+
+
+def on_grid(wg: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, offset, found) per block of ``wg`` [..., block]: a step and offset that decode every weight of the
+    block bit for bit in float32 (as :func:`to_blocks`'s bytes decode), with codes in the type's range, where the
+    block's weights lie on such a grid. The step is the largest that works: the extreme (signed, on code -k
+    first, as llama.cpp's make_qx_quants puts it) or the range (unsigned) over k = 1, 2, … code steps; an unsigned
+    block's lowest weight takes code 0 (or the lowest code that keeps the offset at or below 0), as llama.cpp's
+    K-quant fits mostly give it (:func:`_agreed_values` mends the super-blocks where they do not)."""
+    wg = wg.float()
+    found = torch.zeros_like(wg[..., :1], dtype=torch.bool)
+    scale, off = torch.zeros_like(found, dtype=wg.dtype), torch.zeros_like(found, dtype=wg.dtype)
+    if t.signed:
+        ext = signed_extreme(wg)
+        tries = [(sign, k) for k in range(1, -t.qmin + 1) for sign in (-1, 1)]  # the extreme on -k first
+        found |= ext == 0  # an all-zero block: step 0
+    else:
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        tries = [(1, k) for k in range(1, t.qmax + 1)]
+        flat = (hi == lo) & (lo <= 0)  # one value at or below 0: step 0, the offset that value
+        found, off = found | flat, torch.where(flat, lo, off)
+    for sign, k in tries:
+        if bool(found.all()):
+            break
+        if t.signed:
+            s, o = sign * ext / k, torch.zeros_like(ext)
+            q = torch.round(wg / s.where(s != 0, 1))
+        else:
+            s = (hi - lo) / k
+            o = lo - s * torch.ceil(lo.clamp(min=0) / s.where(s > 0, 1))
+            q = torch.round((wg - o) / s.where(s > 0, 1))
+        exact = ((q * s + o) == wg).all(-1, keepdim=True) & (q >= t.qmin).all(-1, keepdim=True) \
+            & (q <= t.qmax).all(-1, keepdim=True) & (s != 0) & ~found
+        scale, off, found = torch.where(exact, s, scale), torch.where(exact, o, off), found | exact
+    return scale, off, found
+
+
+def _split(s: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d [n_super], sc [n_super, per], ok [n_super]): float16 d and integers sc in the type's scale range with
+    d·sc == s exactly, for float32 sub-block scales ``s`` [n_super, per], where there are such."""
     lo_q, hi_q = t.scale_range
     ext = signed_extreme(s) if t.signed else s.amax(-1, keepdim=True)
     ks = torch.tensor([k for k in range(hi_q if not t.signed else lo_q, 0 if not t.signed else hi_q + 1,
@@ -366,14 +414,84 @@ def split_scales(s: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tens
     ok = (_half(d) == d) & ((d.unsqueeze(-1) * sc) == s.unsqueeze(1)).all(-1) & \
          (sc >= lo_q).all(-1) & (sc <= hi_q).all(-1)
     zero = (s == 0).all(-1)
-    if not bool((ok.any(-1) | zero).all()):
-        raise LowbitError(f"scales not on a {t.name} super-block grid (d·sc with d float16): these weights were not "
-                          f"rounded on {t.name}'s grid")
     first = ok.float().argmax(-1, keepdim=True)
     d_best = torch.where(zero, 0.0, d.gather(-1, first).squeeze(-1))
     sc_best = torch.where(zero.unsqueeze(-1), 0.0, sc.gather(1, first.unsqueeze(-1).expand(-1, 1, s.shape[-1]))
                           .squeeze(1))
-    return d_best, sc_best.to(torch.int64)
+    return d_best, sc_best.to(torch.int64), ok.any(-1) | zero
+
+
+def split_scales(s: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d [n_super], sc [n_super, per]) with d float16 and sc integers in the type's scale range such
+    that d·sc == s exactly, for float32 sub-block scales ``s`` [n_super, per]; raises if there is none."""
+    d, sc, ok = _split(s, t)
+    if not bool(ok.all()):
+        raise LowbitError(f"scales not on a {t.name} super-block grid (d·sc with d float16): these weights were not "
+                          f"rounded on {t.name}'s grid")
+    return d, sc
+
+
+def exact_super_blocks(wg: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`on_grid` for a K-quant's [rows, n, block] weights, kept per super-block only where every sub-block
+    is on a grid and the steps and offsets split into the type's d·sc and dmin·mn: (scale, offset, found
+    [rows, n, 1]). Only the first :data:`GRID_PROBE` sub-blocks are searched when none of them is on a grid."""
+    rows, n, per = wg.shape[0], wg.shape[1], t.super_block // t.block
+    none = torch.zeros_like(wg[..., :1], dtype=torch.bool)
+    if t.values is not None or not bool(on_grid(wg.reshape(-1, t.block)[:GRID_PROBE], t)[2].any()):
+        return torch.zeros_like(none, dtype=torch.float32), torch.zeros_like(none, dtype=torch.float32), none
+    scale, off, found = on_grid(wg, t)
+    x, scale, off = wg.reshape(-1, per, t.block), scale.reshape(-1, per), off.reshape(-1, per)
+    ok = found.reshape(-1, per).all(-1)
+    for offsets in (False, True) if not t.signed else (False,):
+        values = -off if offsets else scale
+        mend = ok & ~_split(values, t)[2]
+        for idx in mend.nonzero().flatten().split(MEND_CHUNK) if bool(mend.any()) else ():  # [chunk, per, M, block]
+            fixed, good = _agreed_values(x[idx], scale[idx], off[idx], t, offsets)
+            values[idx] = torch.where(good.unsqueeze(-1), fixed, values[idx])
+            mend[idx] = ~good
+        ok &= ~mend
+        scale, off = (scale, -values) if offsets else (values, off)
+    return scale.reshape(rows, n, 1), off.reshape(rows, n, 1), ok.repeat_interleave(per).reshape(rows, n, 1)
+
+
+MEND_CHUNK = 256  # super-blocks mended at once
+AGREED_TRIES = 4  # the d candidates (most sub-blocks agreeing first) tried per super-block
+
+
+def _agreed_values(x: torch.Tensor, s: torch.Tensor, off: torch.Tensor, t: GGMLType, offsets: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-block steps (or, with ``offsets``, the offsets' magnitudes) for super-blocks ``x`` [F, per, block] whose
+    values from :func:`on_grid` do not split into a float16 d times the type's integers: a sub-block whose codes
+    share a factor (its step came out a multiple of the file's) or whose lowest weight sits above code 0. d is the
+    float16 value/integer that most sub-blocks' values are integer multiples of; then each sub-block takes the
+    first integer, largest first, whose step (or offset) decodes it bit for bit. Returns (values [F, per],
+    found [F])."""
+    per = s.shape[1]
+    lo_q, hi_q = t.scale_range
+    ints = torch.tensor([k for k in range(hi_q, lo_q - 1, -1) if k != 0], dtype=x.dtype)
+    values = -off if offsets else s
+    cands = (values.unsqueeze(-1) / ints).reshape(len(values), -1)  # [F, C]: some sub-block's value on some integer
+    ratio = values.unsqueeze(1) / cands.where(cands != 0, 1).unsqueeze(-1)  # [F, C, per]
+    near = torch.round(ratio)
+    agree = ((near * cands.unsqueeze(-1) == values.unsqueeze(1)) & (near >= lo_q) & (near <= hi_q)).sum(-1)
+    agree = torch.where((_half(cands) == cands) & (cands != 0), agree, -1)
+    order = agree.topk(min(AGREED_TRIES, agree.shape[1]), dim=-1).indices  # [F, T]
+    ints = torch.tensor([k for k in range(hi_q, lo_q - 1, -1) if k != 0 or offsets], dtype=x.dtype)
+    best, found = values.clone(), torch.zeros(s.shape[0], dtype=torch.bool)
+    xs = x.unsqueeze(2)  # [F, per, 1, block]
+    for i in range(order.shape[1]):
+        cand = cands.gather(-1, order[:, i:i + 1])[:, :, None] * ints  # [F, 1, M]
+        if offsets:
+            step, shift = s[..., None, None], -cand.unsqueeze(-1)
+        else:
+            step, shift = cand.unsqueeze(-1), off[..., None, None]
+        q = torch.round((xs - shift) / step.where(step != 0, 1))
+        exact = ((q * step + shift) == xs).all(-1) & (q >= t.qmin).all(-1) & (q <= t.qmax).all(-1)  # [F, per, M]
+        has = exact.any(-1).all(-1) & ~found
+        first = exact.float().argmax(-1, keepdim=True)
+        best = torch.where(has.unsqueeze(-1), cand.expand(-1, per, -1).gather(-1, first).squeeze(-1), best)
+        found |= has
+    return best, found
 
 
 def _u8(t: torch.Tensor) -> np.ndarray:
