@@ -558,3 +558,17 @@ def test_quantize_with_a_recipe_then_export_from_the_command_line(tiny_ckpt, tmp
     assert main(["eval", "--model", str(tmp_path / "m.gguf"), *data]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] == pytest.approx(packed["ppl"],
                                                                                                  rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "q8_0", "iq4_xs"])
+def test_fitting_rows_in_chunks_changes_nothing(name, monkeypatch):
+    """block_params fits a big tensor (a 262k-row embedding) a few rows at a time to bound memory; each row's
+    parameters are its own, so the codes and parameters are those of one fit."""
+    import lowbit.formats.ggml as ggml
+
+    w, imp = hard_weights(64, 1024), torch.rand(1024, generator=torch.Generator().manual_seed(5))
+    whole = quantize(w, QuantSpec(format=name), importance=imp)
+    monkeypatch.setattr(ggml, "FIT_CHUNK", 3000)  # three rows at a time
+    chunked = quantize(w, QuantSpec(format=name), importance=imp)
+    assert torch.equal(whole.q, chunked.q) and torch.equal(whole.scale, chunked.scale)
+    assert torch.equal(whole.zero, chunked.zero)

@@ -333,10 +333,25 @@ def fit_super_scale(v: torch.Tensor, a: torch.Tensor | None, d: torch.Tensor, lo
     return best, ints(best)
 
 
+FIT_CHUNK = 1 << 22  # weights fit at once: the weighted searches hold about 20 candidates per weight
+
+
 def block_params(wg: torch.Tensor, t: GGMLType, ratio=1.0, importance: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and offset per block of ``wg`` [rows, n_blocks, block] exactly as the file will hold them
-    (float16 for legacy types; d·sc and -dmin·mn on the super-block's grid for K-quants)."""
+    (float16 for legacy types; d·sc and -dmin·mn on the super-block's grid for K-quants). Rows are fit
+    :data:`FIT_CHUNK` weights at a time (a 262k-row embedding's weighted fit would otherwise hold 20 GB)."""
+    step = max(1, FIT_CHUNK // max(1, wg[0].numel()))
+    if wg.shape[0] <= step or not isinstance(ratio, (int, float)):
+        return _block_params(wg, t, ratio, importance)
+    per_row = importance is not None and importance.shape[0] == wg.shape[0] > 1
+    parts = [_block_params(wg[i:i + step], t, ratio, importance[i:i + step] if per_row else importance)
+             for i in range(0, wg.shape[0], step)]
+    return torch.cat([s for s, _ in parts]), torch.cat([o for _, o in parts])
+
+
+def _block_params(wg: torch.Tensor, t: GGMLType, ratio=1.0, importance: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     scale, off = block_range(wg.float(), t, ratio, importance)
     if t.super_block is None:
         return _half(scale), (torch.zeros_like(scale) if t.signed else _half(off))
