@@ -78,13 +78,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma3-270m", help="a built-in model whose source GGUF is read")
     p.add_argument("--compare", nargs="*", default=[], type=Path, help="other GGUF files of the same model")
+    p.add_argument("--weighted", action="store_true",
+                   help="also re-fit with a random importance per input channel (slow: the embedding's weighted fit)")
+    p.add_argument("--no-refit", action="store_true", help="only compare the --compare files")
     p.add_argument("--out", default="gguf_requant", help="row file (bench/results/<name>.jsonl)")
     args = p.parse_args()
     ctx = rows.context("python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     source = gguf.GGUFReader(builtin_gguf(args.model))
     print(rows.machine_line())
     print(f"{'who':<40} {'type':<7} {'tensors':>7} {'same bytes':>10} {'weights moved':>14} {'%':>8}")
-    runs = [("lowbit re-fit", lambda: refit(source, False)), ("lowbit re-fit, weighted", lambda: refit(source, True))]
+    runs = [] if args.no_refit else [("lowbit re-fit", lambda: refit(source, False))]
+    runs += [("lowbit re-fit, weighted", lambda: refit(source, True))] if args.weighted else []
     runs += [(f"file {path.name}", lambda path=path: compared(source, path)) for path in args.compare]
     for who, run in runs:
         start = time.perf_counter()
