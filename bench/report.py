@@ -187,7 +187,12 @@ _FULL = ("--bits 3 4 --max-windows 8 --lowbit-methods awq gptq-r awq+gptq-r bloc
          "--out results/peers_full.json --gptqmodel-venv /work/main/.venv-gptqmodel "
          "--autoround-venv /work/main/.venv-autoround")
 PEERS_FULL = tuple(f"python bench/peers.py --peers {peers} {args}" for peers in ("gptqmodel", "gptqmodel autoround")
-                   for args in (_FULL, _FULL.split(" --gptqmodel-venv")[0]))
+                   for args in (_FULL, _FULL.split(" --gptqmodel-venv")[0])) + (
+    # 2026-12-08 (295f9e8): AutoRound first, then the rest of the same run
+    "python bench/peers.py --peers autoround --bits 3 4 --lowbit-methods none --max-windows 8 "
+    "--out results/peers_full.json",
+    "python bench/peers.py --peers autoround gptqmodel --bits 3 4 --lowbit-methods awq gptq-r awq+gptq-r "
+    "blockwise-fast --max-windows 8 --out results/peers_full.json")
 HEADLINE = {"split": "wikitext-2 test", "windows": 16, "model": "smollm2-135m",
             "threads": None}  # rows at the machine's default thread count (--threads rows measure the spread)
 LOWBIT_METHODS = (("rtn", "RTN"), ("gptq-r", "GPTQ-R (act-order)"), ("awq", "AWQ"), ("awq+gptq-r", "AWQ+GPTQ-R"))
@@ -344,6 +349,12 @@ def _frontier(model: str) -> Table:
         (Every("gguf_frontier", {"model": model}, latest_by="label"),))
 
 
+# docs/gguf.md: a GGUF model's tensors re-fit onto their own types (bench/gguf_requant.py), and other files' tensors
+TABLES["gguf-requant"] = Table(
+    (Col("weights of", "who", right=False), Col("type", "type", right=False), Col("tensors", "tensors"),
+     Col("same bytes", "same_bytes"), Col("weights moved", "weights_moved", "{:,}"), Col("of", "weights", "{:,}"),
+     Col("commit", "commit", right=False), MEASURED),
+    (Every("gguf_requant", {"model": "gemma3-270m"}),))
 TABLES["gguf-frontier"] = _frontier("smollm2-135m")
 TABLES["gguf-frontier-gemma3"] = _frontier("gemma3-270m")
 TABLES["gguf"] = _gguf("smollm2-135m", "recipes")

@@ -5,6 +5,7 @@ The CLI and the benchmarks call these; they hold no parsing and no printing.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -322,7 +323,8 @@ class Session:
             raise LowbitError(f"--target-bpw must be a positive number of bits per weight, got {target_bpw:g}")
         self.restore()
 
-        def dev_tokens():
+        @functools.cache
+        def dev_tokens():  # read and tokenized once, for the measurement and the whole-mix check alike
             check_positions(self.model, dev_seq_len, "dev", "--dev-seq-len")
             return tokenize_windows(self.tokenizer, dev_text(self.data_dir), dev_seq_len, dev_windows)
         linears = quantizable_linears(self.model, family_for(self.model))
