@@ -351,10 +351,11 @@ def _frontier(model: str) -> Table:
 
 # docs/gguf.md: a GGUF model's tensors re-fit onto their own types (bench/gguf_requant.py), and other files' tensors
 TABLES["gguf-requant"] = Table(
-    (Col("weights of", "who", right=False), Col("type", "type", right=False), Col("tensors", "tensors"),
+    (Col("model", "model", right=False), Col("weights of", "who", right=False), Col("type", "type", right=False),
+     Col("tensors", "tensors"),
      Col("same bytes", "same_bytes"), Col("weights moved", "weights_moved", "{:,}"), Col("of", "weights", "{:,}"),
      Col("commit", "commit", right=False), MEASURED),
-    (Every("gguf_requant", {"model": "gemma3-270m"}),))
+    (Every("gguf_requant"),))
 TABLES["gguf-frontier"] = _frontier("smollm2-135m")
 TABLES["gguf-frontier-gemma3"] = _frontier("gemma3-270m")
 TABLES["gguf"] = _gguf("smollm2-135m", "recipes")
