@@ -303,12 +303,13 @@ class Session:
     def gguf_mix(self, types, target_bpw: float | None = None, target_bytes: int | None = None,
                  sensitivity: str | None = None, save_sensitivity: str | None = None, dev_windows: int = 2,
                  dev_seq_len: int = 512, source_model: str | None = None, embed: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, check_windows: int | None = None):
         """Each linear's GGUF type under ``target_bpw`` bits per linear weight or a whole file of ``target_bytes``
         (for the GGUF of ``source_model``), chosen by the KLD each type causes alone, measured on ``dev_windows``
         × ``dev_seq_len`` tokens of the dev text (or read from ``sensitivity``): a :class:`lowbit.gguf_mix.Mix`.
         Under ``target_bytes`` the embedding's type is chosen with the linears' unless ``embed`` fixes its
-        storage (``--embed``; int8 otherwise)."""
+        storage (``--embed``; int8 otherwise). The best predicted mixes are then measured whole on
+        ``check_windows`` dev windows (default :data:`lowbit.gguf_mix.CHECK_WINDOWS`) and the lowest wins."""
         from . import gguf_mix
         from .data import dev_text
         from .export.gguf import gguf_linear_names
@@ -323,10 +324,16 @@ class Session:
             raise LowbitError(f"--target-bpw must be a positive number of bits per weight, got {target_bpw:g}")
         self.restore()
 
+        check_windows = gguf_mix.CHECK_WINDOWS if check_windows is None else check_windows
+
         @functools.cache
-        def dev_tokens():  # read and tokenized once, for the measurement and the whole-mix check alike
+        def dev_windows_text():  # read and tokenized once, for the measurement and the whole-mix check alike
             check_positions(self.model, dev_seq_len, "dev", "--dev-seq-len")
-            return tokenize_windows(self.tokenizer, dev_text(self.data_dir), dev_seq_len, dev_windows)
+            return tokenize_windows(self.tokenizer, dev_text(self.data_dir), dev_seq_len,
+                                    max(dev_windows, check_windows))
+
+        def dev_tokens(n: int = dev_windows) -> torch.Tensor:
+            return dev_windows_text()[:n]
         linears = quantizable_linears(self.model, family_for(self.model))
         embeddings = gguf_mix.embedding_modules(self.model)
         known = None if sensitivity is None else gguf_mix.Sensitivity.load(sensitivity)
@@ -355,9 +362,9 @@ class Session:
             mix = mixes[0]
             if len(mixes) > 1:  # the best predicted mix per embedding type, measured whole on dev: the best wins
                 with placed(self.model, self.device):
-                    klds = gguf_mix.whole_klds(self.model, self.calibration(), dev_tokens(), mixes)
+                    klds = gguf_mix.whole_klds(self.model, self.calibration(), dev_tokens(check_windows), mixes)
                 mix = mixes[min(range(len(mixes)), key=klds.__getitem__)]
-                mix.meta.update(dev_kld=min(klds), candidates=[
+                mix.meta.update(dev_kld=min(klds), check_windows=len(dev_tokens(check_windows)), candidates=[
                     {"embedding": m.embed, "predicted_kld": m.meta["predicted_kld"], "dev_kld": k,
                      "linear_bytes": m.meta["linear_bytes"]} for m, k in zip(mixes, klds)])
             mix.meta.update(target_bytes=target_bytes, predicted_file_bytes=mix.meta["chosen_bytes"] + overhead)

@@ -371,10 +371,14 @@ def alternatives(sens: Sensitivity, types: Sequence[str], capacity_bytes: int, o
     return [m for m in mixes if m.meta["predicted_kld"] <= close * mixes[0].meta["predicted_kld"]]
 
 
+CHECK_WINDOWS = 16  # dev windows of the whole-mix check; one window ordered two SmolLM2 mixes wrong (16 agree)
+
+
 @torch.no_grad()
 def whole_klds(model: nn.Module, calib: torch.Tensor, dev: torch.Tensor, mixes: Sequence[Mix]) -> list[float]:
     """The KLD to the float model on the ``dev`` windows of the model with every tensor of each mix rounded onto
-    its type at once (the fits :func:`measure` uses); the weights are restored after each."""
+    its type at once (the fits :func:`measure` uses), window by window (many windows of a 262k-token vocabulary's
+    logits would not fit at once); the weights are restored afterwards. Each rounded tensor is fit once."""
     from .models.families import family_for
     from .models.inventory import quantizable_linears
 
@@ -382,22 +386,24 @@ def whole_klds(model: nn.Module, calib: torch.Tensor, dev: torch.Tensor, mixes: 
     modules = {**linears, **embedding_modules(model)}
     importance = channel_importances(model, linears, calib)
     device = next(model.parameters()).device
-    ref = F.log_softmax(model(dev.to(device), use_cache=False).logits.double(), -1)
-    ref_p = ref.exp()
-    rounded: dict[tuple[str, str], torch.Tensor] = {}  # the linears' fits, shared by the mixes
-    out = []
-    for mix in mixes:
-        originals = {n: modules[n].weight.detach().clone() for n in mix.types}
-        try:
-            for n, t in mix.types.items():
-                w = rounded.get((n, t)) if n in linears else None
-                if w is None:
-                    w = dequantize(quantize(originals[n], QuantSpec(format=t), importance=importance.get(n)))
-                    if n in linears:
-                        rounded[(n, t)] = w
-                modules[n].weight.copy_(w)
-            out.append(max(kl_to_reference(model(dev.to(device), use_cache=False).logits, ref, ref_p), 0.0))
-        finally:
-            for n, w in originals.items():
-                modules[n].weight.copy_(w)
-    return out
+    originals = {n: modules[n].weight.detach().clone() for mix in mixes for n in mix.types}
+    rounded: dict[tuple[str, str], torch.Tensor] = {}  # shared by the mixes and the windows
+    totals = [0.0] * len(mixes)
+    try:
+        for window in dev.split(1):
+            ids = window.to(device)
+            ref = F.log_softmax(model(ids, use_cache=False).logits.double(), -1)
+            ref_p = ref.exp()
+            for i, mix in enumerate(mixes):
+                for n, t in mix.types.items():
+                    if (n, t) not in rounded:
+                        rounded[(n, t)] = dequantize(quantize(originals[n], QuantSpec(format=t),
+                                                              importance=importance.get(n)))
+                    modules[n].weight.copy_(rounded[(n, t)])
+                totals[i] += kl_to_reference(model(ids, use_cache=False).logits, ref, ref_p)
+                for n in mix.types:
+                    modules[n].weight.copy_(originals[n])
+    finally:
+        for n, w in originals.items():
+            modules[n].weight.copy_(w)
+    return [max(total / len(dev), 0.0) for total in totals]

@@ -299,6 +299,7 @@ def test_auto_mix_from_the_command_line_to_a_gguf_file(tiny_ckpt, tmp_path, data
     assert row["predicted_file_bytes"] == (tmp_path / "m5.gguf").stat().st_size <= budget
     # the best predicted mix for each of the leading embedding types was measured whole on dev; the lowest won
     assert len(row["candidates"]) >= 2 and row["dev_kld"] == min(c["dev_kld"] for c in row["candidates"])
+    assert row["check_windows"] > 1  # on more dev windows than the sensitivities' one (--dev-windows 1)
     # under a file budget the embedding and the untied head take one type chosen with the linears', named in the lines
     held = {t.name: t.type_name for t in tensor_table(tmp_path / "m5.gguf")}
     named = dict(line.split("=") for line in (tmp_path / "q5" / "tensor-types.txt").read_text().split())

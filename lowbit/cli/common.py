@@ -133,6 +133,9 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dev-windows", type=positive, default=2,
                    help="dev windows the KLD of each linear and type is measured on (default 2)")
     g.add_argument("--dev-seq-len", type=positive, default=512, help="tokens per dev window (default 512)")
+    g.add_argument("--check-windows", type=positive, default=None,
+                   help="dev windows the best predicted mixes are measured whole on, one at a time (default "
+                        "16: one window put two of the default model's mixes in the wrong order)")
 
 
 CALIB_HELP = ("calibration data: a text file, a JSONL file of chats ({\"messages\": [...]}, rendered with the "
@@ -458,7 +461,8 @@ def gguf_auto_spec(args, session):
                            target_bytes=None if args.target_size is None else parse_size(args.target_size),
                            sensitivity=args.gguf_sensitivity, save_sensitivity=args.save_gguf_sensitivity,
                            dev_windows=args.dev_windows, dev_seq_len=args.dev_seq_len, source_model=args.model,
-                           embed=getattr(args, "embed", None), progress=not args.json)
+                           embed=getattr(args, "embed", None), progress=not args.json,
+                           check_windows=args.check_windows)
     if is_writer() and not args.json:
         layers: dict[str, Counter] = {}
         for name, t in mix.types.items():
@@ -471,7 +475,8 @@ def gguf_auto_spec(args, session):
                   f"file {m['predicted_file_bytes'] / 1e6:.3f} MB of a target {m['target_bytes'] / 1e6:.3f} MB")
         for c in m.get("candidates", []):
             print(f"lowbit: GGUF AUTO candidate: embedding {c['embedding'].upper()}, linears "
-                  f"{c['linear_bytes'] / 1e6:.3f} MB, predicted KLD {c['predicted_kld']:.5f}, measured whole on dev "
+                  f"{c['linear_bytes'] / 1e6:.3f} MB, predicted KLD {c['predicted_kld']:.5f}, measured whole on "
+                  f"{m['check_windows']} dev windows "
                   f"{c['dev_kld']:.5f}{'  <- chosen' if c['dev_kld'] == m['dev_kld'] else ''}", file=sys.stderr)
         print(f"lowbit: GGUF AUTO: {m['bits_per_weight']:.4f} bits per linear weight ({target}), "
               f"{m['linear_bytes'] / 1e6:.3f} MB of linears, predicted KLD (sum of each linear's alone) "

@@ -172,7 +172,7 @@ def run(args) -> int:
     if session.last_mix is not None:
         meta = session.last_mix.meta
         row.update({k: meta[k] for k in ("target_bpw", "target_bytes", "predicted_file_bytes", "predicted_kld",
-                                            "dev_kld", "candidates")
+                                            "dev_kld", "check_windows", "candidates")
                     if k in meta}, gguf_linear_mb=round(meta["linear_bytes"] / 1e6, 4))
     if args.output:
         row.update(save_packed_from_session(session, spec, args))
