@@ -202,6 +202,8 @@ def main() -> int:
                                   "seconds": q["wall_seconds"], "quant_seconds": q.get("seconds"),
                                   "includes_sensitivity_measurement": q["includes_sensitivity_measurement"],
                                   "predicted_kld": q.get("predicted_kld"), "dev_windows": args.dev_windows,
+                                  # the whole-mix check's candidates (embedding type, predicted and dev KLD), if any
+                                  **{k: q[k] for k in ("dev_kld", "check_windows", "candidates") if k in q},
                                   "calib": f"{args.calib_samples} x 512, seed {args.seed}",
                                   "llama_quantize_reproduces_types": not differ,
                                   "types_differing": differ[:5]})
