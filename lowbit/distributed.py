@@ -11,6 +11,7 @@ single-process path is unchanged bit for bit.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from collections.abc import Callable
@@ -54,8 +55,17 @@ def _bounds(n: int) -> list[int]:
 
 
 def finish() -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group (if this process joined one), after every rank got here: gloo tearing down while
+    another rank still talks to it aborts the process ("terminate called without an active exception"). A rank
+    that never arrives (it failed) is waited for one minute at most (gloo's monitored barrier), then left."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass  # a rank failed: leave anyway, its own error is the one to report
         dist.destroy_process_group()
 
 
