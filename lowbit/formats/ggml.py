@@ -484,15 +484,16 @@ def _agreed_values(x: torch.Tensor, s: torch.Tensor, off: torch.Tensor, t: GGMLT
     found [F])."""
     per = s.shape[1]
     lo_q, hi_q = t.scale_range
-    ints = torch.tensor([k for k in range(hi_q, lo_q - 1, -1) if k != 0], dtype=x.dtype)
+    every = torch.arange(hi_q, lo_q - 1, -1, dtype=x.dtype)  # largest first
+    nonzero = every[every != 0]
     values = -off if offsets else s
-    cands = (values.unsqueeze(-1) / ints).reshape(len(values), -1)  # [F, C]: some sub-block's value on some integer
+    cands = (values.unsqueeze(-1) / nonzero).reshape(len(values), -1)  # [F, C]: some sub-block's value on some integer
     ratio = values.unsqueeze(1) / cands.where(cands != 0, 1).unsqueeze(-1)  # [F, C, per]
     near = torch.round(ratio)
     agree = ((near * cands.unsqueeze(-1) == values.unsqueeze(1)) & (near >= lo_q) & (near <= hi_q)).sum(-1)
     agree = torch.where((_half(cands) == cands) & (cands != 0), agree, -1)
     order = agree.topk(min(AGREED_TRIES, agree.shape[1]), dim=-1).indices  # [F, T]
-    ints = torch.tensor([k for k in range(hi_q, lo_q - 1, -1) if k != 0 or offsets], dtype=x.dtype)
+    ints = every if offsets else nonzero  # an offset may be 0, a step may not
     best, found = values.clone(), torch.zeros(s.shape[0], dtype=torch.bool)
     xs = x.unsqueeze(2)  # [F, per, 1, block]
     for i in range(order.shape[1]):
